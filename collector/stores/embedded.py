@@ -1,0 +1,95 @@
+"""`chdb:PATH`: ClickHouse inside this process (chdb), data in a directory.
+
+Only one process may open a directory: the collector. Others reach the data
+through the collector's query endpoint (an `http://` store).
+A chdb query blocks its thread; async callers run these methods in an executor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from collector.stores.base import Store, StoreError, insert_columns_sql
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "meshlens" / "chdb"
+
+
+class EmbeddedStore(Store):
+    def __init__(self, path: str | os.PathLike[str], database: str = "meshlens") -> None:
+        from chdb import session  # imported here: ~1 s and ~200 MB, only where used
+
+        self.path = Path(path)
+        self.url = f"chdb:{self.path}"
+        self.database = database
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".meshlens-write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise StoreError(f"cannot use data directory {self.path}: {e.strerror or e}") from None
+        try:
+            self._session = session.Session(str(self.path))
+        except Exception as e:  # chdb raises its own error types
+            raise StoreError(f"cannot open embedded store at {self.path}: {_first_line(e)}") from None
+        # chdb sessions are safe from several threads, but a statement and the
+        # insert that depends on it must not interleave with a DROP elsewhere;
+        # one lock keeps the embedded store's behaviour simple and predictable.
+        self._lock = threading.Lock()
+
+    def raw_query(self, sql: str, fmt: str = "TabSeparated") -> bytes:
+        """Run any statement and return its output in `fmt` (the query endpoint's entry)."""
+        with self._lock:
+            try:
+                res = self._session.query(sql, fmt)
+            except Exception as e:
+                raise StoreError(_first_line(e)) from None
+        return res.bytes() if res is not None else b""
+
+    def command(self, sql: str, settings: dict[str, Any] | None = None) -> None:
+        self.raw_query(sql + _settings_clause(settings), "TabSeparated")
+
+    def query_table(self, sql: str) -> tuple[list[str], list[tuple]]:
+        doc = json.loads(self.raw_query(sql, "JSONCompact") or b'{"meta":[],"data":[]}')
+        return [m["name"] for m in doc["meta"]], [tuple(r) for r in doc["data"]]
+
+    def query_arrow(self, sql: str) -> pa.Table:
+        data = self.raw_query(sql, "ArrowStream")
+        return pa.ipc.open_stream(data).read_all()
+
+    def insert(self, table: str, data: pa.Table, token: str) -> None:
+        batch = data  # noqa: F841 - chdb's Python() table function finds it by name
+        sql = f"{insert_columns_sql(table, data)} SELECT * FROM Python(batch)"
+        sql += _settings_clause({"insert_deduplication_token": token})
+        with self._lock:
+            try:
+                self._session.query(sql)
+            except Exception as e:
+                raise StoreError(_first_line(e)) from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._session.close()
+
+
+def _settings_clause(settings: dict[str, Any] | None) -> str:
+    if not settings:
+        return ""
+    parts = []
+    for k, v in settings.items():
+        val = str(v) if isinstance(v, (int, float)) else "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+        parts.append(f"{k} = {val}")
+    return " SETTINGS " + ", ".join(parts)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]

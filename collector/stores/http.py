@@ -1,0 +1,94 @@
+"""`http(s)://user:pass@host:8123/?database=db`: any ClickHouse HTTP interface.
+
+A real server, or the collector's own query endpoint over the embedded store
+(which is read-only: inserts go to the collector's ingest endpoints instead).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+from urllib.parse import urlencode
+
+import pyarrow as pa
+import urllib3
+
+from collector.stores.base import MIN_VERSION, Store, StoreError, StoreUnavailable, insert_columns_sql, parse_version
+
+
+class HttpStore(Store):
+    def __init__(self, url: str, base: str, user: str, password: str, database: str,
+                 cluster: str = "", timeout: float = 300.0, connect_timeout: float = 5.0) -> None:
+        self.url = url
+        self.database = database
+        self.cluster = cluster
+        self._base = base.rstrip("/") + "/"
+        self._headers = {"X-ClickHouse-User": user or "default"}
+        if password:
+            self._headers["X-ClickHouse-Key"] = password
+        self._pool = urllib3.PoolManager(
+            num_pools=2, maxsize=4, retries=False,
+            timeout=urllib3.Timeout(connect=connect_timeout, read=timeout),
+        )
+        self._arrow_inserts: bool | None = None
+
+    def _post(self, sql: str, body: bytes | None = None, params: dict[str, Any] | None = None) -> bytes:
+        query = {"database": self.database, **(params or {})}
+        if body is None:
+            body, target = sql.encode(), self._base + "?" + urlencode(query)
+        else:
+            target = self._base + "?" + urlencode({"query": sql, **query})
+        try:
+            resp = self._pool.request("POST", target, body=body, headers=self._headers)
+        except urllib3.exceptions.HTTPError as e:
+            raise StoreUnavailable(f"cannot reach {self!r}: {e}") from None
+        if resp.status != 200:
+            text = resp.data.decode("utf-8", "replace").strip()
+            if resp.status in (502, 503, 504):
+                raise StoreUnavailable(f"{self!r} answered {resp.status}: {_first_line(text)}")
+            raise StoreError(_first_line(text) or f"HTTP {resp.status}")
+        return resp.data
+
+    def command(self, sql: str, settings: dict[str, Any] | None = None) -> None:
+        self._post(sql, params=settings)
+
+    def query_table(self, sql: str) -> tuple[list[str], list[tuple]]:
+        doc = json.loads(self._post(sql, params={"default_format": "JSONCompact"}) or b'{"meta":[],"data":[]}')
+        return [m["name"] for m in doc["meta"]], [tuple(r) for r in doc["data"]]
+
+    def query_arrow(self, sql: str) -> pa.Table:
+        data = self._post(sql, params={"default_format": "ArrowStream"})
+        return pa.ipc.open_stream(data).read_all()
+
+    def insert(self, table: str, data: pa.Table, token: str) -> None:
+        params = {"insert_deduplication_token": token}
+        if self.cluster:
+            params["distributed_foreground_insert"] = 1
+        if self._arrow_inserts is None:
+            self._arrow_inserts = parse_version(self.server_version())[:2] >= MIN_VERSION
+        if self._arrow_inserts:
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, data.schema) as writer:
+                writer.write_table(data)
+            self._post(f"{insert_columns_sql(table, data)} FORMAT ArrowStream", sink.getvalue().to_pybytes(), params)
+        else:
+            # Servers older than MIN_VERSION read no Arrow; plain columns go as TSV.
+            # (Only reached by tooling that talks to such a server before refusing it.)
+            del params["insert_deduplication_token"]
+            self._post(f"{insert_columns_sql(table, data)} FORMAT TabSeparated", _tsv(data), params)
+
+    def close(self) -> None:
+        self._pool.clear()
+
+
+def _tsv(data: pa.Table) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE, escapechar="\\")
+    for row in zip(*(c.to_pylist() for c in data.columns)):
+        writer.writerow(row)
+    return out.getvalue().encode()
+
+
+def _first_line(text: str) -> str:
+    return text.splitlines()[0] if text else ""

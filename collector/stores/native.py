@@ -1,0 +1,91 @@
+"""`clickhouse://user:pass@host:9000/db`: a ClickHouse server over the native protocol.
+
+clickhouse-driver with columnar inserts and LZ4 compression on the wire.
+"""
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pyarrow as pa
+
+from collector.stores.base import Store, StoreError, StoreUnavailable, insert_columns_sql
+
+
+class NativeStore(Store):
+    def __init__(self, url: str, host: str, port: int, user: str, password: str,
+                 database: str, cluster: str = "", secure: bool = False,
+                 connect_timeout: float = 5.0) -> None:
+        from clickhouse_driver import Client
+
+        self.url = url
+        self.database = database
+        self.cluster = cluster
+        self._client = Client(
+            host=host, port=port, user=user or "default", password=password,
+            database="default", secure=secure, compression="lz4",
+            connect_timeout=connect_timeout, send_receive_timeout=300,
+            settings={"use_numpy": False},
+        )
+
+    def _execute(self, sql: str, params: Any = None, **kw: Any) -> Any:
+        from clickhouse_driver import errors
+
+        try:
+            return self._client.execute(sql, params, **kw)
+        except errors.ServerException as e:
+            raise StoreError(_first_line(e.message)) from None
+        except (errors.NetworkError, errors.SocketTimeoutError, socket.error, EOFError) as e:
+            self._client.disconnect()
+            raise StoreUnavailable(f"cannot reach {self!r}: {e}") from None
+        except errors.Error as e:
+            raise StoreError(_first_line(str(e))) from None
+
+    def command(self, sql: str, settings: dict[str, Any] | None = None) -> None:
+        self._execute(sql, settings=settings or {})
+
+    def query_table(self, sql: str) -> tuple[list[str], list[tuple]]:
+        rows, types = self._execute(sql, with_column_types=True)
+        return [name for name, _ in types], [tuple(r) for r in rows]
+
+    def query_arrow(self, sql: str) -> pa.Table:
+        names, rows = self.query_table(sql)
+        return pa.table({n: [r[i] for r in rows] for i, n in enumerate(names)})
+
+    def insert(self, table: str, data: pa.Table, token: str) -> None:
+        columns = [_to_driver(col) for col in data.columns]
+        settings = {"insert_deduplication_token": token}
+        if self.cluster:
+            # A token only protects a Distributed insert when it is forwarded synchronously.
+            settings["distributed_foreground_insert"] = 1
+        self._execute(f"{insert_columns_sql(table, data)} VALUES", columns,
+                      columnar=True, settings=settings)
+
+    def close(self) -> None:
+        self._client.disconnect()
+
+
+def _to_driver(col: pa.ChunkedArray) -> list:
+    """Arrow column to the Python values clickhouse-driver writes: ints for times, dicts for maps."""
+    return _convert(col.type, col)
+
+
+def _convert(typ: pa.DataType, arr: Any) -> list:
+    if pa.types.is_timestamp(typ):
+        return arr.cast(pa.int64()).to_pylist()
+    if pa.types.is_map(typ):
+        return [dict(x) if x is not None else {} for x in arr.to_pylist()]
+    if pa.types.is_list(typ) and (pa.types.is_timestamp(typ.value_type) or pa.types.is_map(typ.value_type)):
+        inner = typ.value_type
+        out = []
+        for item in arr.to_pylist():
+            if pa.types.is_timestamp(inner):
+                out.append([int(pa.scalar(v, inner).cast(pa.int64()).as_py()) if v is not None else 0 for v in item or []])
+            else:
+                out.append([dict(m) if m else {} for m in item or []])
+        return out
+    return arr.to_pylist()
+
+
+def _first_line(text: str) -> str:
+    return (text.strip() or "ClickHouse error").splitlines()[0]
