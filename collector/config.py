@@ -1,0 +1,54 @@
+"""The collector's settings: typed, with a default for each that works on one laptop."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from collector.stores import default_store_url
+
+# The OpenTelemetry Collector's confighttp default max_request_body_size is 20 MiB;
+# the same bound applies after gzip is undone, so a small bomb cannot blow up memory.
+MAX_BODY_BYTES = 20 * 1024 * 1024
+
+
+def default_spool_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return str(Path(base) / "meshlens" / "spool")
+
+
+@dataclass
+class CollectorConfig:
+    """Settings of `meshlens collector` (flags > MESHLENS_* environment > --config file)."""
+
+    store: str = field(default_factory=default_store_url, metadata={"help": "store URL: chdb:PATH, clickhouse://…, http://…"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address the OTLP and call-batch listeners bind"})
+    otlp_http_port: int = field(default=4318, metadata={"help": "OTLP/HTTP and /v1/calls port"})
+    otlp_grpc_port: int = field(default=4317, metadata={"help": "OTLP/gRPC port"})
+    query_host: str = field(default="127.0.0.1", metadata={"help": "address of the ClickHouse HTTP query endpoint (embedded store only)"})
+    query_port: int = field(default=8123, metadata={"help": "port of the query endpoint; 0 picks a free one, -1 disables it"})
+    query_user: str = field(default="", metadata={"help": "basic-auth user for the query endpoint ('' = no auth)"})
+    query_password: str = field(default="", metadata={"help": "basic-auth password for the query endpoint"})
+    spool_dir: str = field(default_factory=default_spool_dir, metadata={"help": "where accepted batches wait for the store"})
+    spool_max_bytes: int = field(default=1 << 30, metadata={"help": "spool size limit; beyond it producers get 503"})
+    batch_rows: int = field(default=50_000, metadata={"help": "rows per insert (a batch is also cut every flush interval)"})
+    flush_interval: float = field(default=1.0, metadata={"help": "seconds before a partial batch is inserted"})
+    max_backlog_bytes: int = field(default=256 << 20, metadata={"help": "backlog at which producers get 429 while the store is up"})
+    max_body_bytes: int = field(default=MAX_BODY_BYTES, metadata={"help": "largest request body, before and after gzip"})
+    calls_retention_days: int = field(default=30, metadata={"help": "days of calls kept (0 = forever)"})
+    traces_retention_days: int = field(default=7, metadata={"help": "days of spans kept (0 = forever)"})
+
+    def validate(self) -> None:
+        for name in ("otlp_http_port", "otlp_grpc_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} must be 0..65535, got {getattr(self, name)}")
+        if not -1 <= self.query_port <= 65535:
+            raise ValueError(f"query_port must be -1..65535, got {self.query_port}")
+        for name in ("spool_max_bytes", "batch_rows", "max_backlog_bytes", "max_body_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.flush_interval <= 0:
+            raise ValueError(f"flush_interval must be positive, got {self.flush_interval}")
+        for name in ("calls_retention_days", "traces_retention_days"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")

@@ -1,0 +1,56 @@
+"""OTLP/gRPC on 4317: the same decoding and spool as OTLP/HTTP, over grpcio."""
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from collector.columns import to_table
+from collector.config import MAX_BODY_BYTES
+from collector.ingest import Ingest, Overloaded
+from collector.otlp import decode_request
+
+
+class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, ingest: Ingest) -> None:
+        self.ingest = ingest
+
+    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,  # noqa: N802 - gRPC's name
+               context: grpc.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
+        metrics = self.ingest.metrics
+        try:
+            decoded = decode_request(request)
+            if decoded.accepted:
+                tables = {"otel_traces": to_table("otel_traces", decoded.traces)}
+                if decoded.calls:
+                    tables["calls"] = to_table("calls", decoded.calls)
+                self.ingest.submit(tables, "otlp_grpc")
+        except ValueError as e:
+            metrics.requests.labels("grpc", "invalid_argument").inc()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Overloaded as e:
+            # UNAVAILABLE is the code OTLP exporters retry without RetryInfo.
+            metrics.requests.labels("grpc", "unavailable").inc()
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{e} (retry after {e.retry_after}s)")
+        metrics.requests.labels("grpc", "ok").inc()
+        reply = trace_service_pb2.ExportTraceServiceResponse()
+        if decoded.rejected:
+            metrics.rejected_spans.inc(decoded.rejected)
+            reply.partial_success.rejected_spans = decoded.rejected
+            reply.partial_success.error_message = decoded.error
+        return reply
+
+
+def start_grpc(ingest: Ingest, host: str, port: int, workers: int = 4) -> tuple[grpc.Server, int]:
+    """Start the OTLP/gRPC server; return it and the port it bound (for port 0)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otlp-grpc"),
+        options=[("grpc.max_receive_message_length", MAX_BODY_BYTES)],
+    )
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(ingest), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen for OTLP/gRPC on {host}:{port}")
+    server.start()
+    return server, bound

@@ -1,0 +1,120 @@
+"""`meshlens collector`: open the store and spool, then serve ingest, OTLP/gRPC and queries until signalled."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from collector.config import CollectorConfig
+from collector.grpc_ingest import start_grpc
+from collector.http_ingest import make_ingest_app
+from collector.ingest import BatchPolicy, Ingest
+from collector.metrics import CollectorMetrics
+from collector.schema import Layout, Retention, migrate
+from collector.spool import Spool
+from collector.stores import Store, StoreError, connect, redact
+from collector.stores.embedded import EmbeddedStore
+
+log = logging.getLogger("meshlens.collector")
+
+
+class StartupError(Exception):
+    """The collector cannot start (bad store, unreachable store, unwritable directory)."""
+
+
+@dataclass
+class Opened:
+    store: Store
+    spool: Spool
+    ingest: Ingest
+
+
+def open_store(url: str, retention: Retention) -> Store:
+    """Connect, refuse a too-old server, and bring the schema up to date."""
+    try:
+        store = connect(url)
+    except ValueError as e:
+        raise StartupError(str(e)) from None
+    except StoreError as e:
+        raise StartupError(f"cannot open store {redact(url)}: {e}") from None
+    try:
+        store.check_version()
+        migrate(store, Layout(store.database, store.cluster, retention))
+    except StoreError as e:
+        store.close()
+        raise StartupError(str(e) if "too old" in str(e) else f"store {redact(url)}: {e}") from None
+    return store
+
+
+def open_collector(cfg: CollectorConfig) -> Opened:
+    retention = Retention(cfg.calls_retention_days, cfg.traces_retention_days)
+    try:
+        spool = Spool(cfg.spool_dir, cfg.spool_max_bytes)
+    except OSError as e:
+        raise StartupError(f"cannot use spool directory {cfg.spool_dir}: {e.strerror or e}") from None
+    store = open_store(cfg.store, retention)
+    policy = BatchPolicy(cfg.batch_rows, cfg.flush_interval, cfg.max_backlog_bytes)
+    ingest = Ingest(store, spool, store.database, CollectorMetrics(), policy)
+    return Opened(store, spool, ingest)
+
+
+async def serve(cfg: CollectorConfig, opened: Opened) -> None:
+    """Serve until SIGTERM/SIGINT, then stop listening, drain the spool and close."""
+    ingest = opened.ingest
+    ingest.start()
+    runner = web.AppRunner(make_ingest_app(ingest, cfg.max_body_bytes), access_log=None)
+    await runner.setup()
+    sites = [web.TCPSite(runner, cfg.host, cfg.otlp_http_port, reuse_address=True)]
+    query_runner = None
+    if isinstance(opened.store, EmbeddedStore) and cfg.query_port >= 0:
+        from collector.query_http import make_query_app
+
+        query_runner = web.AppRunner(make_query_app(opened.store, user=cfg.query_user,
+                                                    password=cfg.query_password), access_log=None)
+        await query_runner.setup()
+        sites.append(web.TCPSite(query_runner, cfg.query_host, cfg.query_port, reuse_address=True))
+    try:
+        for site in sites:
+            await site.start()
+        grpc_server, grpc_port = start_grpc(ingest, cfg.host, cfg.otlp_grpc_port)
+    except OSError as e:
+        await runner.cleanup()
+        if query_runner:
+            await query_runner.cleanup()
+        ingest.stop(drain_timeout=0)
+        raise StartupError(f"cannot listen: {e.strerror or e}") from None
+
+    ports = [s._server.sockets[0].getsockname()[1] for s in sites]  # type: ignore[union-attr]
+    ready = f"otlp_http={cfg.host}:{ports[0]} otlp_grpc={cfg.host}:{grpc_port}"
+    if query_runner:
+        ready += f" query=http://{cfg.query_host}:{ports[1]}/"
+    print(f"meshlens collector ready {ready} store={redact(opened.store.url)} spool={cfg.spool_dir}",
+          flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: no new requests, draining spool")
+    grpc_server.stop(grace=5).wait()
+    await runner.cleanup()
+    if query_runner:
+        await query_runner.cleanup()
+    await loop.run_in_executor(None, ingest.stop)
+    opened.store.close()
+    print("meshlens collector stopped", file=sys.stderr, flush=True)
+
+
+def run(cfg: CollectorConfig) -> None:
+    opened = open_collector(cfg)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(cfg, opened))
+    else:
+        uvloop.run(serve(cfg, opened))

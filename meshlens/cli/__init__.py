@@ -1,0 +1,1 @@
+"""The `meshlens` command: the composition root that wires every part together."""

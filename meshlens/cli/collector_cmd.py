@@ -1,0 +1,47 @@
+"""`meshlens collector`: receive calls and spans, store them, serve queries."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from meshlens.config import resolve
+
+EPILOG = """examples:
+  meshlens collector
+      embedded store under ~/.local/share/meshlens, OTLP on 127.0.0.1:4317/4318,
+      ClickHouse HTTP query endpoint on 127.0.0.1:8123
+  meshlens collector --store clickhouse://default:secret@ch1:9000/meshlens --host 0.0.0.0
+  meshlens collector --store 'http://ch1:8123/?database=meshlens&cluster=prod'
+  MESHLENS_STORE=chdb:/data/meshlens meshlens collector --config collector.yaml
+
+every option can also be given as MESHLENS_<OPTION> (e.g. MESHLENS_OTLP_HTTP_PORT=14318)
+or in the --config YAML file (otlp_http_port: 14318); flags win over the environment,
+which wins over the file."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from collector.config import CollectorConfig
+
+    p = sub.add_parser("collector", help="receive OTLP spans and call batches into ClickHouse",
+                       description="Receive OTLP spans (HTTP 4318, gRPC 4317) and call batches from "
+                                   "sidecars and taps (/v1/calls), spool them, and insert them into the store.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="YAML file of settings")
+    for f in dataclasses.fields(CollectorConfig):
+        kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else "", str)
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
+                       metavar=f.name.upper(), help=f.metadata.get("help", ""))
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from collector.config import CollectorConfig
+    from collector.service import StartupError, run as run_collector
+    from meshlens.cli.errors import UserError
+
+    cfg = resolve(CollectorConfig, vars(args), config_file=args.config)
+    try:
+        run_collector(cfg)
+    except StartupError as e:
+        raise UserError(str(e)) from None
+    return 0

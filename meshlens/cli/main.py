@@ -1,0 +1,59 @@
+"""`meshlens SUBCOMMAND …`: parse, dispatch, and turn user errors into one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from meshlens.cli import collector_cmd, query_cmd, schema_cmd
+from meshlens.cli.errors import UserError
+from meshlens.config import ConfigError
+
+EXIT_USAGE = 2
+
+DESCRIPTION = """meshlens — an observability-first service mesh.
+
+Record every inter-service call into ClickHouse (sidecar proxies, a passive tap,
+OpenTelemetry spans), then let analysis recommend timeouts, retries, circuit
+breakers and mTLS before anything is enforced."""
+
+EPILOG = """examples:
+  meshlens collector                      # OTLP on 4317/4318, queries on 8123, embedded store
+  meshlens query "SELECT count() FROM calls"
+  meshlens schema --store clickhouse://ch1:9000/meshlens --cluster prod
+
+Run `meshlens SUBCOMMAND --help` for each subcommand's options and examples."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshlens", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="log verbosity (logs go to stderr as key=value)")
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    for mod in (collector_cmd, query_cmd, schema_cmd):
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.run(args) or 0)
+    except (UserError, ConfigError) as e:
+        print(f"meshlens {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Resolve a settings dataclass from flags, MESHLENS_* environment and a YAML file, in that order."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+T = TypeVar("T")
+ENV_PREFIX = "MESHLENS_"
+
+
+class ConfigError(ValueError):
+    """A setting cannot be used; the message names the setting and where it came from."""
+
+
+def resolve(cls: type[T], flags: Mapping[str, Any], env: Mapping[str, str] | None = None,
+            config_file: str | None = None) -> T:
+    """Build `cls`: a flag that was given wins, then MESHLENS_<NAME>, then the file, then the default."""
+    env = os.environ if env is None else env
+    file_values = _read_file(config_file, cls) if config_file else {}
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if flags.get(f.name) is not None:
+            values[f.name] = _convert(f, flags[f.name], f"--{f.name.replace('_', '-')}")
+        elif ENV_PREFIX + f.name.upper() in env:
+            key = ENV_PREFIX + f.name.upper()
+            values[f.name] = _convert(f, env[key], key)
+        elif f.name in file_values:
+            values[f.name] = _convert(f, file_values[f.name], f"{config_file}: {f.name}")
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)
+    if validate:
+        try:
+            validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return obj
+
+
+def _read_file(path: str, cls: type) -> dict[str, Any]:
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping of setting: value")
+    known = {f.name for f in dataclasses.fields(cls)}
+    doc = {str(k).replace("-", "_"): v for k, v in doc.items()}
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s): {', '.join(unknown)}")
+    return doc
+
+
+def _convert(f: dataclasses.Field, value: Any, origin: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            return int(str(value).replace("_", ""), 0) if isinstance(value, str) else int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "str":
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{origin}: expected {kind}, got {value!r}") from None
+    return value
