@@ -66,7 +66,8 @@ async def serve(cfg: CollectorConfig, opened: Opened) -> None:
     """Serve until SIGTERM/SIGINT, then stop listening, drain the spool and close."""
     ingest = opened.ingest
     ingest.start()
-    runner = web.AppRunner(make_ingest_app(ingest, cfg.max_body_bytes), access_log=None)
+    # auto_decompress off: the ingest app undoes gzip itself, with a size bound.
+    runner = web.AppRunner(make_ingest_app(ingest, cfg.max_body_bytes), access_log=None, auto_decompress=False)
     await runner.setup()
     sites = [web.TCPSite(runner, cfg.host, cfg.otlp_http_port, reuse_address=True)]
     query_runner = None

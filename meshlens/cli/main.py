@@ -25,8 +25,15 @@ EPILOG = """examples:
 Run `meshlens SUBCOMMAND --help` for each subcommand's options and examples."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (not the whole usage block) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshlens", description=DESCRIPTION, epilog=EPILOG,
+    parser = Parser(prog="meshlens", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log verbosity (logs go to stderr as key=value)")

@@ -73,6 +73,7 @@ def calls_batch(ids: range, service: str = "checkout", trace: bool = False) -> b
 def test_spans_from_the_otel_sdk_over_http_and_grpc_are_queryable_with_clickhouse_connect(tmp_path):
     clickhouse_connect = pytest.importorskip("clickhouse_connect")
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+    from opentelemetry.exporter.otlp.proto.http import Compression
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -80,7 +81,8 @@ def test_spans_from_the_otel_sdk_over_http_and_grpc_are_queryable_with_clickhous
     from opentelemetry.trace import SpanKind
 
     with CollectorProcess(tmp_path) as col:
-        for name, exporter in (("http-svc", HttpExporter(endpoint=f"{col.base}/v1/traces")),
+        for name, exporter in (("http-svc", HttpExporter(endpoint=f"{col.base}/v1/traces",
+                                                               compression=Compression.Gzip)),
                                ("grpc-svc", GrpcExporter(endpoint=f"127.0.0.1:{col.grpc_port}", insecure=True))):
             provider = TracerProvider(resource=Resource.create({"service.name": name}))
             provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -271,10 +273,11 @@ def test_store_outage_spools_then_replays_in_order_and_a_full_spool_answers_503(
                     break
                 i += 500
             assert statuses[-1] == 503, "the spool never filled"
-            with urllib.request.urlopen(f"{col.base}/metrics", timeout=5) as resp:
-                metrics = resp.read().decode()
-            assert "meshlens_collector_store_up 0.0" in metrics
-            assert "meshlens_collector_spool_errors_total 1.0" in metrics
+            def metrics() -> str:
+                with urllib.request.urlopen(f"{col.base}/metrics", timeout=5) as resp:
+                    return resp.read().decode()
+            assert "meshlens_collector_spool_errors_total 1.0" in metrics()
+            wait_for(lambda: "meshlens_collector_store_up 0.0" in metrics(), what="store_up 0")
 
             store_proc = _start_store_server(tmp_path / "server-data", port)
             expected = 100 + len(accepted)
