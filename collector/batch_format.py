@@ -35,12 +35,13 @@ def decode(body: bytes) -> dict[str, list[Any]]:
     """Parse and check the envelope; value types are checked when the Arrow table is built."""
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
         raise BatchFormatError(f"invalid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise BatchFormatError("batch must be a JSON object with v, n and columns")
-    if doc.get("v") != VERSION:
-        raise BatchFormatError(f"unsupported batch version {doc.get('v')!r}: this collector reads v{VERSION}")
+    v = doc.get("v")
+    if type(v) is not int or v != VERSION:  # not True, not 1.0
+        raise BatchFormatError(f"unsupported batch version {v!r}: this collector reads v{VERSION}")
     n, columns = doc.get("n"), doc.get("columns")
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise BatchFormatError("'n' must be the number of rows (a non-negative integer)")

@@ -61,6 +61,8 @@ class CallRecorder:
         # shared between the caller and the shipping thread
         self._buffer: deque[Call] = deque()  # append and popleft are atomic: no lock needed
         self._pending: deque[tuple[bytes, int]] = deque()
+        # held while a batch is cut: its calls are then in neither deque, and flush() must not see "empty"
+        self._cutting = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._failing = False
@@ -97,28 +99,29 @@ class CallRecorder:
         buf = self._buffer
         if not buf:
             return
-        calls = [buf.popleft() for _ in range(min(len(buf), self.batch_rows * 4))]
-        columns: dict[str, list[Any]] = {name: [getattr(c, name) for c in calls] for name in _NAMES}
-        body = encode(columns)
-        if len(self._pending) >= self.max_pending_batches:
-            _, n = self._pending.popleft()
-            self.dropped["collector_unavailable"] += n
-        self._pending.append((body, len(calls)))
+        with self._cutting:
+            calls = [buf.popleft() for _ in range(min(len(buf), self.batch_rows * 4))]
+            columns: dict[str, list[Any]] = {name: [getattr(c, name) for c in calls] for name in _NAMES}
+            body = encode(columns)
+            if len(self._pending) >= self.max_pending_batches:
+                _, n = self._pending.popleft()
+                self.dropped["collector_unavailable"] += n
+            self._pending.append((body, len(calls)))
 
     def _ship(self) -> None:
         while self._pending and time.monotonic() >= self._retry_at:
             body, n = self._pending[0]
             status, retry_after, text = self._post(body)
             if status == 200:
-                self._pending.popleft()
-                self.sent_calls += n
+                self.sent_calls += n  # counted before the batch leaves _pending, where flush() looks
                 self.sent_batches += 1
+                self._pending.popleft()
                 if self._failing:
                     log.info("collector accepting again url=%s", self.url)
                 self._failing = False
             elif status in (400, 413, 415):
-                self._pending.popleft()
                 self.dropped["rejected"] += n
+                self._pending.popleft()
                 log.error("collector refused a batch status=%d rows=%d error=%s", status, n, text)
             else:
                 if not self._failing:
@@ -150,15 +153,21 @@ class CallRecorder:
         return 0, 1.0, "unreachable"
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Ship everything recorded so far; False if the collector did not take it in time."""
+        """Ship everything recorded so far; False if the collector did not take it in time.
+
+        Retry-After still holds: flushing (as `close` does) must not hammer a collector that is behind.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self._buffer and not self._pending:
+            if self._settled():
                 return True
-            self._retry_at = min(self._retry_at, time.monotonic())
             self._wake.set()
             time.sleep(0.02)
-        return not self._buffer and not self._pending
+        return self._settled()
+
+    def _settled(self) -> bool:
+        with self._cutting:
+            return not self._buffer and not self._pending
 
     def close(self, timeout: float = 5.0) -> None:
         self.flush(timeout)

@@ -163,7 +163,7 @@ class Ingest:
     def _insert(self, seg: Segment) -> bool:
         try:
             tables = self.spool.read(seg)
-        except (OSError, pa.ArrowInvalid) as e:
+        except (OSError, ValueError) as e:  # pa.ArrowInvalid is a ValueError
             log.error("spool segment unreadable path=%s error=%s", seg.path, e)
             self.spool.quarantine(seg)
             return True

@@ -52,12 +52,6 @@ class Spool:
         self.dir = Path(directory)
         self.max_bytes = max_bytes
         self.dir.mkdir(parents=True, exist_ok=True)
-        id_file = self.dir / "spool-id"
-        if not id_file.exists():
-            tmp = id_file.with_suffix(".tmp")
-            tmp.write_text(uuid.uuid4().hex[:16] + "\n")
-            os.replace(tmp, id_file)
-        self.id = id_file.read_text().strip()
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._open_seq = 0
@@ -65,6 +59,14 @@ class Spool:
         self._open_size = 0
         self._sealed_bytes = 0
         self._recover()
+        id_file = self.dir / "spool-id"
+        if self._next_seq == 1 or not id_file.exists():
+            # With no segment on disk numbering restarts at 1; a fresh id keeps the
+            # tokens from repeating ones the store still deduplicates against.
+            tmp = id_file.with_suffix(".tmp")
+            tmp.write_text(uuid.uuid4().hex[:16] + "\n")
+            os.replace(tmp, id_file)
+        self.id = id_file.read_text().strip()
 
     # -- recovery --------------------------------------------------------------
 
@@ -112,9 +114,12 @@ class Spool:
             if self._sealed_bytes + self._open_size + len(frame) > self.max_bytes:
                 raise SpoolFull(f"spool at its limit of {self.max_bytes} bytes")
             if self._fd is None:
-                self._open_seq = self._next_seq
+                try:
+                    fd = os.open(self._path(self._next_seq, _OPEN), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                except OSError as e:  # no inode left, or the directory went read-only
+                    raise SpoolFull(f"cannot write spool: {e.strerror}") from None
+                self._fd, self._open_seq = fd, self._next_seq
                 self._next_seq += 1
-                self._fd = os.open(self._path(self._open_seq, _OPEN), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
                 written = os.write(self._fd, frame)
             except OSError as e:
@@ -166,13 +171,20 @@ class Spool:
         return sorted(out, key=lambda s: s.seq)
 
     def read(self, seg: Segment) -> dict[str, pa.Table]:
-        """All rows of a segment, one Arrow table per target table."""
+        """All rows of a segment, one Arrow table per target table.
+
+        Raises ValueError when a frame fails its length or checksum (the disk
+        changed it): such a segment is quarantined whole, never stored wrong.
+        """
         data = seg.path.read_bytes()
         parts: dict[str, list[pa.Table]] = {}
         pos = 0
-        while pos + _FRAME.size <= len(data):
-            length, _crc = _FRAME.unpack_from(data, pos)
-            for name, table in decode_payload(data[pos + _FRAME.size:pos + _FRAME.size + length]).items():
+        while pos < len(data):
+            length, crc = _FRAME.unpack_from(data, pos) if pos + _FRAME.size <= len(data) else (-1, 0)
+            payload = data[pos + _FRAME.size:pos + _FRAME.size + length]
+            if len(payload) != length or zlib.crc32(payload) != crc:
+                raise ValueError(f"corrupt frame at byte {pos} of {seg.path}")
+            for name, table in decode_payload(payload).items():
                 parts.setdefault(name, []).append(table)
             pos += _FRAME.size + length
         return {name: pa.concat_tables(ts) for name, ts in parts.items()}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -20,21 +21,28 @@ def resolve(cls: type[T], flags: Mapping[str, Any], env: Mapping[str, str] | Non
     env = os.environ if env is None else env
     file_values = _read_file(config_file, cls) if config_file else {}
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if flags.get(f.name) is not None:
-            values[f.name] = _convert(f, flags[f.name], f"--{f.name.replace('_', '-')}")
+            origin, value = f"--{f.name.replace('_', '-')}", flags[f.name]
         elif ENV_PREFIX + f.name.upper() in env:
-            key = ENV_PREFIX + f.name.upper()
-            values[f.name] = _convert(f, env[key], key)
+            origin = ENV_PREFIX + f.name.upper()
+            value = env[origin]
         elif f.name in file_values:
-            values[f.name] = _convert(f, file_values[f.name], f"{config_file}: {f.name}")
+            origin, value = f"{config_file}: {f.name}", file_values[f.name]
+        else:
+            continue
+        values[f.name] = _convert(f, value, origin)
+        origins[f.name] = origin
     obj = cls(**values)
     validate = getattr(obj, "validate", None)
     if validate:
         try:
             validate()
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            # validate() starts with the setting's name ("port must be ..."): add where it came from
+            where = origins.get(str(e).split(" ", 1)[0])
+            raise ConfigError(f"{where}: {e}" if where else str(e)) from None
     return obj
 
 
@@ -46,11 +54,13 @@ def _read_file(path: str, cls: type) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
-        doc = yaml.safe_load(text) or {}
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    if doc is None:  # empty, or only comments
+        doc = {}
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping of setting: value")
     known = {f.name for f in dataclasses.fields(cls)}
@@ -64,12 +74,14 @@ def _read_file(path: str, cls: type) -> dict[str, Any]:
 def _convert(f: dataclasses.Field, value: Any, origin: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
+        if value is None:  # `key:` with nothing after it in YAML
+            raise ValueError
         if kind == "int":
-            if isinstance(value, bool):
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(str(value).replace("_", ""), 0) if isinstance(value, str) else int(value)
         if kind == "float":
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(float(value)):
                 raise ValueError
             return float(value)
         if kind == "bool":

@@ -32,6 +32,7 @@ class CollectorProcess:
                "--spool-dir", str(self.spool_dir), "--otlp-http-port", "0", "--otlp-grpc-port", "0",
                "--query-port", "0" if self.query else "-1", "--flush-interval", "0.2", *self.args]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLENS_")}
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self._err = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._err, env=env)
         deadline = time.monotonic() + timeout
