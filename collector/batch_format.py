@@ -47,6 +47,8 @@ def decode(body: bytes) -> dict[str, list[Any]]:
         raise BatchFormatError("'n' must be the number of rows (a non-negative integer)")
     if not isinstance(columns, dict):
         raise BatchFormatError("'columns' must be an object of column name to list of values")
+    if n and not columns:
+        raise BatchFormatError(f"'n' is {n} but no columns were sent")
     unknown = sorted(set(columns) - _KNOWN)
     if unknown:
         raise BatchFormatError(f"unknown column(s): {', '.join(map(str, unknown[:5]))}")

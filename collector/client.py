@@ -9,7 +9,7 @@ turns it into columns, and POSTs it. Telemetry never slows traffic:
   - a batch the collector cannot take now (unreachable, 429, 503) is kept and
     retried after Retry-After, at most `max_pending_batches` of them; the oldest
     is dropped beyond that (`dropped["collector_unavailable"]`);
-  - a batch the collector refuses as malformed (4xx) is dropped and counted
+  - a batch the collector refuses (4xx other than 429) is dropped and counted
     (`dropped["rejected"]`): sending it again would not help.
 
 Failures are logged once per burst, never raised to the caller.
@@ -119,7 +119,7 @@ class CallRecorder:
                 if self._failing:
                     log.info("collector accepting again url=%s", self.url)
                 self._failing = False
-            elif status in (400, 413, 415):
+            elif 400 <= status < 500 and status != 429:
                 self.dropped["rejected"] += n
                 self._pending.popleft()
                 log.error("collector refused a batch status=%d rows=%d error=%s", status, n, text)

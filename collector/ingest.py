@@ -65,6 +65,7 @@ class Ingest:
         self._thread: threading.Thread | None = None
         self._opened_at: float | None = None
         self._store_up = True
+        self._retrying = False  # the last insert failed: wait _backoff before the next
         self._backoff = BACKOFF_MIN
         self._refusals: dict[int, int] = {}
         self._idle = threading.Condition()
@@ -130,7 +131,7 @@ class Ingest:
             self._wake.clear()
             if self._due():
                 self._seal()
-            if not self._store_up:
+            if self._retrying:
                 self._stopping.wait(self._backoff)
             while not self._stopping.is_set() and self._drain_once():
                 pass
@@ -176,14 +177,14 @@ class Ingest:
                 self.metrics.rows_inserted.labels(name).inc(table.num_rows)
         except StoreUnavailable as e:
             self.metrics.insert_errors.labels("unavailable").inc()
-            self._failing(f"store unavailable, spooling: {e}")
+            self._failing(f"store unavailable, spooling: {e}", reachable=False)
             return False
         except StoreError as e:
             self.metrics.insert_errors.labels("refused").inc()
             count = self._refusals.get(seg.seq, 0) + 1
             self._refusals[seg.seq] = count
             if count < MAX_REFUSALS:
-                self._failing(f"store refused segment {seg.seq} ({count}/{MAX_REFUSALS}): {e}")
+                self._failing(f"store refused segment {seg.seq} ({count}/{MAX_REFUSALS}): {e}", reachable=True)
                 return False
             dest = self.spool.quarantine(seg)
             rows = sum(t.num_rows for t in tables.values())
@@ -191,22 +192,28 @@ class Ingest:
             log.error("segment quarantined after %d refusals path=%s rows=%d error=%s",
                       count, dest, rows, e)
             self._refusals.pop(seg.seq, None)
+            self._retrying = False
+            self._backoff = BACKOFF_MIN
             return True
         self.spool.remove(seg)
         self._refusals.pop(seg.seq, None)
         if not self._store_up:
             log.info("store is back, draining spool segments=%d", len(self.spool.sealed()))
         self._store_up = True
+        self._retrying = False
         self._backoff = BACKOFF_MIN
         self.metrics.store_up.set(1)
         return True
 
-    def _failing(self, message: str) -> None:
-        if self._store_up:
-            log.warning(message)  # once per outage, not per attempt
-        self._store_up = False
+    def _failing(self, message: str, reachable: bool) -> None:
+        """Back off before the next attempt; a store that answered (and refused) is still up."""
+        if not self._retrying:
+            log.warning(message)  # once per burst of failures, not per attempt
+        self._retrying = True
         self._backoff = min(BACKOFF_MAX, self._backoff * 2)
-        self.metrics.store_up.set(0)
+        if not reachable:
+            self._store_up = False
+            self.metrics.store_up.set(0)
 
     def _update_gauges(self) -> None:
         self.metrics.spool_bytes.set(self.spool.depth_bytes)
