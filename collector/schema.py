@@ -13,7 +13,6 @@ with ALTER ... MODIFY TTL whenever it differs from what the table has.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -220,11 +219,12 @@ def migrate(store: Executes, lay: Layout) -> list[int]:
             continue
         for stmt in m.statements:
             store.command(stmt)
-        now = time.time()
         name = m.name.replace("\\", "\\\\").replace("'", "\\'")
+        # INSERT ... SELECT, not VALUES: over the native protocol the server does not
+        # parse inline VALUES but waits for data blocks the client never sends.
         store.command(
             f"INSERT INTO {db}.`{MIGRATIONS_TABLE}` (version, name, applied_at) "
-            f"VALUES ({m.version}, '{name}', {now:.3f})"
+            f"SELECT {m.version}, '{name}', now64(3)"
         )
         applied.append(m.version)
     apply_retention(store, lay)

@@ -2,6 +2,8 @@
 
 A real server, or the collector's own query endpoint over the embedded store
 (which is read-only: inserts go to the collector's ingest endpoints instead).
+As with the other stores, callers qualify table names with `database`: it is
+not sent as the session's database, which a server refuses until it exists.
 """
 from __future__ import annotations
 
@@ -27,14 +29,15 @@ class HttpStore(Store):
         self._headers = {"X-ClickHouse-User": user or "default"}
         if password:
             self._headers["X-ClickHouse-Key"] = password
-        self._pool = urllib3.PoolManager(
-            num_pools=2, maxsize=4, retries=False,
+        # One host, so one pool: its close() closes the sockets (PoolManager.clear() leaves that to GC).
+        self._pool = urllib3.connection_from_url(
+            self._base, maxsize=4, retries=False,
             timeout=urllib3.Timeout(connect=connect_timeout, read=timeout),
         )
-        self._arrow_inserts: bool | None = None
+        self._arrow: bool | None = None
 
     def _post(self, sql: str, body: bytes | None = None, params: dict[str, Any] | None = None) -> bytes:
-        query = {"database": self.database, **(params or {})}
+        query = dict(params or {})
         if body is None:
             body, target = sql.encode(), self._base + "?" + urlencode(query)
         else:
@@ -54,10 +57,15 @@ class HttpStore(Store):
         self._post(sql, params=settings)
 
     def query_table(self, sql: str) -> tuple[list[str], list[tuple]]:
-        doc = json.loads(self._post(sql, params={"default_format": "JSONCompact"}) or b'{"meta":[],"data":[]}')
+        # Older servers quote (U)Int64 in JSON by default (18.16 does, 26.9 not): ask for numbers.
+        params = {"default_format": "JSONCompact", "output_format_json_quote_64bit_integers": 0}
+        doc = json.loads(self._post(sql, params=params) or b'{"meta":[],"data":[]}')
         return [m["name"] for m in doc["meta"]], [tuple(r) for r in doc["data"]]
 
     def query_arrow(self, sql: str) -> pa.Table:
+        if not self._speaks_arrow():
+            names, rows = self.query_table(sql)
+            return pa.table({n: [r[i] for r in rows] for i, n in enumerate(names)})
         data = self._post(sql, params={"default_format": "ArrowStream"})
         return pa.ipc.open_stream(data).read_all()
 
@@ -65,21 +73,25 @@ class HttpStore(Store):
         params = {"insert_deduplication_token": token}
         if self.cluster:
             params["distributed_foreground_insert"] = 1
-        if self._arrow_inserts is None:
-            self._arrow_inserts = parse_version(self.server_version())[:2] >= MIN_VERSION
-        if self._arrow_inserts:
+        if self._speaks_arrow():
             sink = pa.BufferOutputStream()
             with pa.ipc.new_stream(sink, data.schema) as writer:
                 writer.write_table(data)
             self._post(f"{insert_columns_sql(table, data)} FORMAT ArrowStream", sink.getvalue().to_pybytes(), params)
         else:
-            # Servers older than MIN_VERSION read no Arrow; plain columns go as TSV.
+            # Servers older than MIN_VERSION may read no Arrow; plain columns go as TSV.
             # (Only reached by tooling that talks to such a server before refusing it.)
             del params["insert_deduplication_token"]
             self._post(f"{insert_columns_sql(table, data)} FORMAT TabSeparated", _tsv(data), params)
 
+    def _speaks_arrow(self) -> bool:
+        """Whether the server reads and writes ArrowStream (servers older than MIN_VERSION may not)."""
+        if self._arrow is None:
+            self._arrow = parse_version(self.server_version())[:2] >= MIN_VERSION
+        return self._arrow
+
     def close(self) -> None:
-        self._pool.clear()
+        self._pool.close()
 
 
 def _tsv(data: pa.Table) -> bytes:

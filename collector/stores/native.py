@@ -75,15 +75,12 @@ def _convert(typ: pa.DataType, arr: Any) -> list:
         return arr.cast(pa.int64()).to_pylist()
     if pa.types.is_map(typ):
         return [dict(x) if x is not None else {} for x in arr.to_pylist()]
-    if pa.types.is_list(typ) and (pa.types.is_timestamp(typ.value_type) or pa.types.is_map(typ.value_type)):
-        inner = typ.value_type
-        out = []
-        for item in arr.to_pylist():
-            if pa.types.is_timestamp(inner):
-                out.append([int(pa.scalar(v, inner).cast(pa.int64()).as_py()) if v is not None else 0 for v in item or []])
-            else:
-                out.append([dict(m) if m else {} for m in item or []])
-        return out
+    if pa.types.is_list(typ) and pa.types.is_timestamp(typ.value_type):
+        # Cast in Arrow: to_pylist() of ns timestamps needs pandas (a dev-only dependency).
+        ints = arr.cast(pa.list_(pa.int64())).to_pylist()
+        return [[v if v is not None else 0 for v in item or []] for item in ints]
+    if pa.types.is_list(typ) and pa.types.is_map(typ.value_type):
+        return [[dict(m) if m else {} for m in item or []] for item in arr.to_pylist()]
     return arr.to_pylist()
 
 
