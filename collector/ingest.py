@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from collector.metrics import CollectorMetrics
-from collector.schema import quote_ident
+from collector.stores.base import quote_ident
 from collector.spool import Segment, Spool, SpoolFull
 from collector.stores import Store, StoreError, StoreUnavailable
 

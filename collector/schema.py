@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from collector.record import CALL_COLUMNS
+from collector.stores.base import quote_ident
 
 # Rows a plain MergeTree remembers insert_deduplication_token for. A replayed
 # spool segment is at most a few hundred batches behind; 10,000 is generous.
@@ -50,12 +51,6 @@ class Layout:
 
     def engine(self, kind: str = "MergeTree") -> str:
         return f"Replicated{kind}" if self.cluster else f"{kind}()"
-
-
-def quote_ident(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise ValueError(f"invalid identifier {name!r}: use letters, digits and _")
-    return f"`{name}`"
 
 
 def _ttl(expr: str, days: int) -> str:
@@ -204,6 +199,7 @@ def full_ddl(lay: Layout) -> list[str]:
 class Executes(Protocol):
     def command(self, sql: str, settings: dict | None = None) -> None: ...
     def query_rows(self, sql: str) -> list[tuple]: ...
+    def use_database(self) -> None: ...
 
 
 def migrate(store: Executes, lay: Layout) -> list[int]:
@@ -228,6 +224,7 @@ def migrate(store: Executes, lay: Layout) -> list[int]:
         )
         applied.append(m.version)
     apply_retention(store, lay)
+    store.use_database()
     return applied
 
 

@@ -56,6 +56,10 @@ class Store(ABC):
     def insert(self, table: str, data: pa.Table, token: str) -> None:
         """Insert `data` into `table`; a second insert with the same token is dropped."""
 
+    @abstractmethod
+    def use_database(self) -> None:
+        """From now on, resolve unqualified table names in `self.database` (which must exist)."""
+
     def close(self) -> None:
         """Release connections."""
 
@@ -80,6 +84,13 @@ class Store(ABC):
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
     return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def quote_ident(name: str) -> str:
+    """`name` as a ClickHouse identifier; only plain names are accepted."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"invalid identifier {name!r}: use letters, digits and _")
+    return f"`{name}`"
 
 
 def insert_columns_sql(table: str, data: pa.Table) -> str:

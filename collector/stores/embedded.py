@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from collector.stores.base import Store, StoreError, insert_columns_sql
+from collector.stores.base import Store, StoreError, insert_columns_sql, quote_ident
 
 
 def default_data_dir() -> Path:
@@ -74,6 +74,9 @@ class EmbeddedStore(Store):
                 self._session.query(sql)
             except Exception as e:
                 raise StoreError(_first_line(e)) from None
+
+    def use_database(self) -> None:
+        self.command(f"USE {quote_ident(self.database)}")
 
     def close(self) -> None:
         with self._lock:

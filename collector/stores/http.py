@@ -2,8 +2,9 @@
 
 A real server, or the collector's own query endpoint over the embedded store
 (which is read-only: inserts go to the collector's ingest endpoints instead).
-As with the other stores, callers qualify table names with `database`: it is
-not sent as the session's database, which a server refuses until it exists.
+Statements are sent without a session database (a server refuses any
+statement, even CREATE DATABASE, naming one that does not exist yet) until
+`use_database()` says it exists; from then on reads resolve unqualified names in it.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class HttpStore(Store):
             timeout=urllib3.Timeout(connect=connect_timeout, read=timeout),
         )
         self._arrow: bool | None = None
+        self._read_params: dict[str, Any] = {}
 
     def _post(self, sql: str, body: bytes | None = None, params: dict[str, Any] | None = None) -> bytes:
         query = dict(params or {})
@@ -58,7 +60,8 @@ class HttpStore(Store):
 
     def query_table(self, sql: str) -> tuple[list[str], list[tuple]]:
         # Older servers quote (U)Int64 in JSON by default (18.16 does, 26.9 not): ask for numbers.
-        params = {"default_format": "JSONCompact", "output_format_json_quote_64bit_integers": 0}
+        params = {"default_format": "JSONCompact", "output_format_json_quote_64bit_integers": 0,
+                  **self._read_params}
         doc = json.loads(self._post(sql, params=params) or b'{"meta":[],"data":[]}')
         return [m["name"] for m in doc["meta"]], [tuple(r) for r in doc["data"]]
 
@@ -66,7 +69,7 @@ class HttpStore(Store):
         if not self._speaks_arrow():
             names, rows = self.query_table(sql)
             return pa.table({n: [r[i] for r in rows] for i, n in enumerate(names)})
-        data = self._post(sql, params={"default_format": "ArrowStream"})
+        data = self._post(sql, params={"default_format": "ArrowStream", **self._read_params})
         return pa.ipc.open_stream(data).read_all()
 
     def insert(self, table: str, data: pa.Table, token: str) -> None:
@@ -83,6 +86,12 @@ class HttpStore(Store):
             # (Only reached by tooling that talks to such a server before refusing it.)
             del params["insert_deduplication_token"]
             self._post(f"{insert_columns_sql(table, data)} FORMAT TabSeparated", _tsv(data), params)
+
+    def use_database(self) -> None:
+        self._read_params = {"database": self.database}
+
+    def server_version(self) -> str:
+        return json.loads(self._post("SELECT version() FORMAT JSONCompact"))["data"][0][0]
 
     def _speaks_arrow(self) -> bool:
         """Whether the server reads and writes ArrowStream (servers older than MIN_VERSION may not)."""

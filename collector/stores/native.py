@@ -61,6 +61,11 @@ class NativeStore(Store):
         self._execute(f"{insert_columns_sql(table, data)} VALUES", columns,
                       columnar=True, settings=settings)
 
+    def use_database(self) -> None:
+        # The database is part of the native handshake: reconnect naming it.
+        self._client.connection.database = self.database
+        self._client.disconnect()
+
     def close(self) -> None:
         self._client.disconnect()
 

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     except StoreError as e:
         raise UserError(str(e)) from None
     try:
+        store.use_database()
         names, rows = store.query_table(sql)
     except StoreError as e:
         raise UserError(str(e)) from None
