@@ -34,6 +34,11 @@ _PART = struct.Struct("<BI")
 _OPEN, _SEALED = ".open", ".seg"
 
 
+# Sealed segments whose tables stay in memory for the inserter: enough for the
+# one being inserted and the next; a longer backlog is read back from disk.
+RECENT_SEGMENTS = 2
+
+
 class SpoolFull(Exception):
     """No room left in the spool (its byte limit or the disk): producers get 503."""
 
@@ -58,6 +63,11 @@ class Spool:
         self._open_rows = 0
         self._open_size = 0
         self._sealed_bytes = 0
+        # The tables of the open segment and of the last few sealed ones, so the
+        # inserter need not read back and decode what this process just wrote;
+        # older segments (a backlog, or a previous run's) are read from disk.
+        self._open_tables: list[dict[str, pa.Table]] = []
+        self._recent: dict[int, list[dict[str, pa.Table]]] = {}
         self._recover()
         id_file = self.dir / "spool-id"
         if self._next_seq == 1 or not id_file.exists():
@@ -130,6 +140,7 @@ class Spool:
                 raise SpoolFull("cannot write spool: short write (disk full?)")
             self._open_rows += rows
             self._open_size += len(frame)
+            self._open_tables.append(tables)
         return rows
 
     def _cut_back(self) -> None:
@@ -153,6 +164,8 @@ class Spool:
             self._fd = None
             self._open_rows = self._open_size = 0
             self._sealed_bytes += size
+            self._remember(seq, self._open_tables)
+            self._open_tables = []
         os.fsync(fd)
         os.close(fd)
         path = self._path(seq, _SEALED)
@@ -170,8 +183,26 @@ class Spool:
                 continue
         return sorted(out, key=lambda s: s.seq)
 
+    def _remember(self, seq: int, tables: list[dict[str, pa.Table]]) -> None:
+        self._recent[seq] = tables
+        while len(self._recent) > RECENT_SEGMENTS:
+            del self._recent[min(self._recent)]
+
     def read(self, seg: Segment) -> dict[str, pa.Table]:
-        """All rows of a segment, one Arrow table per target table.
+        """All rows of a segment, one Arrow table per target table."""
+        with self._lock:
+            recent = self._recent.pop(seg.seq, None)
+        if recent is None:
+            return self._read_file(seg)
+        parts: dict[str, list[pa.Table]] = {}
+        for tables in recent:
+            for name, table in tables.items():
+                if table.num_rows:
+                    parts.setdefault(name, []).append(table)
+        return {name: pa.concat_tables(ts) for name, ts in parts.items()}
+
+    def _read_file(self, seg: Segment) -> dict[str, pa.Table]:
+        """A segment's rows as written on disk.
 
         Raises ValueError when a frame fails its length or checksum (the disk
         changed it): such a segment is quarantined whole, never stored wrong.

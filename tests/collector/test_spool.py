@@ -130,8 +130,9 @@ def test_read_refuses_a_sealed_segment_the_disk_changed(tmp_path: Path, offset: 
     data[offset] ^= 0x01
     seg.path.write_bytes(bytes(data))
 
+    reopened = Spool(tmp_path, BIG)  # after a restart the segment is read back from disk
     with pytest.raises(ValueError, match=f"corrupt frame at byte [0-9]+ of {seg.path}"):
-        spool.read(seg)
+        reopened.read(reopened.sealed()[0])
 
 
 def test_read_refuses_a_sealed_segment_cut_short(tmp_path: Path) -> None:
@@ -142,8 +143,20 @@ def test_read_refuses_a_sealed_segment_cut_short(tmp_path: Path) -> None:
     first = frame_sizes(seg.path)[0]
     os.truncate(seg.path, first + 5)  # a whole frame and 5 bytes of the next header
 
+    reopened = Spool(tmp_path, BIG)
     with pytest.raises(ValueError, match=f"corrupt frame at byte {first} of"):
-        spool.read(seg)
+        reopened.read(reopened.sealed()[0])
+
+
+def test_the_last_sealed_segments_are_read_from_memory_and_match_the_disk(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, BIG)
+    spool.append({"calls": calls(2), "otel_traces": spans(1)})
+    spool.append({"calls": calls(3)})
+    seg = spool.seal()
+    from_disk = Spool(tmp_path / "unused", BIG)._read_file(seg)
+    from_memory = spool.read(seg)
+    assert {k: t.num_rows for k, t in from_memory.items()} == {"calls": 5, "otel_traces": 1}
+    assert all(from_memory[k].equals(from_disk[k]) for k in from_disk)
 
 
 # -- tokens ------------------------------------------------------------------------
