@@ -212,9 +212,9 @@ def calls_to_spans(calls: dict[str, list[Any]]) -> dict[str, list[Any]]:
             attrs["network.protocol.name"], attrs["network.protocol.version"] = "http", "2"
             failed = grpc_status > 0 and (client or grpc_status in GRPC_SERVER_ERRORS)
         elif version is not None:
-            # HTTP semconv span name "{method} {route}"; with no route the path stands in.
-            target = route or path
-            name = f"{method or 'HTTP'} {target}" if target else (method or "HTTP")
+            # HTTP semconv span name: "{method} {route}", or "{method}" alone when the
+            # route is unknown - a raw path would make SpanName (in the ORDER BY) unbounded.
+            name = f"{method or 'HTTP'} {route}" if route else (method or "HTTP")
             if method:
                 attrs["http.request.method"] = method
             if status:
