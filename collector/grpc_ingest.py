@@ -1,31 +1,35 @@
-"""OTLP/gRPC on 4317: the same decoding and spool as OTLP/HTTP, over grpcio."""
+"""OTLP/gRPC on 4317: the same decoding and spool as OTLP/HTTP, over grpcio.
+
+The Export method is registered by hand with an identity request deserializer:
+the request arrives as bytes and goes through the same partial protobuf parse
+as OTLP/HTTP, instead of a full parse into messages and a re-serialisation.
+"""
 from __future__ import annotations
 
 from concurrent import futures
 
 import grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from collector.columns import to_table
 from collector.config import MAX_BODY_BYTES
 from collector.ingest import Ingest, Overloaded
-from collector.otlp import decode_request
+from collector.otlp import decode_traces
+
+SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 
 
-class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, ingest: Ingest) -> None:
-        self.ingest = ingest
+def _export_handler(ingest: Ingest):  # type: ignore[no-untyped-def]
+    metrics = ingest.metrics
 
-    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,  # noqa: N802 - gRPC's name
-               context: grpc.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
-        metrics = self.ingest.metrics
+    def export(body: bytes, context: grpc.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
         try:
-            decoded = decode_request(request)
+            decoded = decode_traces(body, "protobuf")
             if decoded.accepted:
                 tables = {"otel_traces": to_table("otel_traces", decoded.traces)}
                 if decoded.calls:
                     tables["calls"] = to_table("calls", decoded.calls)
-                self.ingest.submit(tables, "otlp_grpc")
+                ingest.submit(tables, "otlp_grpc")
         except ValueError as e:
             metrics.requests.labels("grpc", "invalid_argument").inc()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -41,6 +45,10 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
             reply.partial_success.error_message = decoded.error
         return reply
 
+    return grpc.unary_unary_rpc_method_handler(
+        export, request_deserializer=None,
+        response_serializer=trace_service_pb2.ExportTraceServiceResponse.SerializeToString)
+
 
 def start_grpc(ingest: Ingest, host: str, port: int, workers: int = 4) -> tuple[grpc.Server, int]:
     """Start the OTLP/gRPC server; return it and the port it bound (for port 0)."""
@@ -48,7 +56,8 @@ def start_grpc(ingest: Ingest, host: str, port: int, workers: int = 4) -> tuple[
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otlp-grpc"),
         options=[("grpc.max_receive_message_length", MAX_BODY_BYTES)],
     )
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(ingest), server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        SERVICE, {"Export": _export_handler(ingest)}),))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen for OTLP/gRPC on {host}:{port}")

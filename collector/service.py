@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -113,6 +114,10 @@ async def serve(cfg: CollectorConfig, opened: Opened) -> None:
 
 def run(cfg: CollectorConfig) -> None:
     opened = open_collector(cfg)
+    # Decoding allocates millions of short-lived tuples and no cycles: move what
+    # start-up built out of the collector's way and run generation 0 less often.
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
     try:
         import uvloop
     except ImportError:

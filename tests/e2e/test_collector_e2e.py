@@ -183,6 +183,13 @@ def test_bad_requests_get_4xx_with_a_message_and_the_collector_keeps_serving(tmp
         status, _, _ = post(calls, b"{}", "text/csv")
         assert status == 415
 
+        import grpc  # malformed protobuf over OTLP/gRPC: INVALID_ARGUMENT with the decoder's message
+        with grpc.insecure_channel(f"127.0.0.1:{col.grpc_port}") as channel:
+            export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+            with pytest.raises(grpc.RpcError) as err:
+                export(b"\xff\xff\xff\xff garbage", timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details()
+
         with urllib.request.urlopen(f"{col.base}/healthz", timeout=5) as resp:
             assert json.loads(resp.read())["status"] == "ok"
         store = connect(col.query_url)
