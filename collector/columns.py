@@ -49,36 +49,39 @@ TRACES_COLUMNS: tuple[str, ...] = tuple(TRACES_SCHEMA.names)
 SCHEMAS: dict[str, pa.Schema] = {"calls": CALLS_SCHEMA, "otel_traces": TRACES_SCHEMA}
 
 
+def _type_default(t: pa.DataType) -> Any:
+    if pa.types.is_map(t) or pa.types.is_list(t):
+        return []
+    if pa.types.is_string(t):
+        return ""
+    return False if pa.types.is_boolean(t) else 0
+
+
+# What an absent column holds: the record's own defaults for calls (grpc_status is
+# -1, "not gRPC"), the zero value of the type for otel_traces.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "calls": {c.name: c.default() for c in CALL_COLUMNS},
+    "otel_traces": {f.name: _type_default(f.type) for f in TRACES_SCHEMA},
+}
+
+
 def to_table(table: str, columns: dict[str, list[Any]]) -> pa.Table:
     """Column lists to an Arrow table of `table`'s schema; absent columns take their defaults.
 
     Raises ValueError (with the column's name) when a value has the wrong type.
     """
-    schema = SCHEMAS[table]
+    schema, defaults = SCHEMAS[table], DEFAULTS[table]
     n = max((len(v) for v in columns.values()), default=0)
     arrays = []
     for f in schema:
         values = columns.get(f.name)
         if values is None:
-            values = [_default(f.type)] * n
-        elif len(values) != n:
+            arrays.append(pa.repeat(pa.scalar(defaults[f.name], f.type), n) if n else pa.array([], f.type))
+            continue
+        if len(values) != n:
             raise ValueError(f"column {f.name!r} has {len(values)} values, expected {n}")
         try:
             arrays.append(pa.array(values, f.type))
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as e:
             raise ValueError(f"column {f.name!r}: {e}") from None
     return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def _default(t: pa.DataType) -> Any:
-    if pa.types.is_map(t):
-        return []
-    if pa.types.is_list(t):
-        return []
-    if pa.types.is_string(t):
-        return ""
-    if pa.types.is_boolean(t):
-        return False
-    if t == pa.int16():
-        return -1
-    return 0
