@@ -34,7 +34,7 @@ def main(data_dir: str, port: int) -> None:
                 return web.Response(body=b"")
             text = sql if sql is not None else body.decode()
             if clause and text.lstrip().upper().startswith("ALTER"):
-                sess.query(f"SET materialize_ttl_after_modify = 0")
+                sess.query("SET materialize_ttl_after_modify = 0")
                 clause = ""
             res = sess.query(text + clause, fmt)
             return web.Response(body=res.bytes() if res is not None else b"")

@@ -15,24 +15,8 @@ from collector.stores import connect
 from tests.collector_process import CollectorProcess
 
 
-# Parts of the collector written alongside these tests; until they import, the collector cannot start.
-IN_PROGRESS = ("otlp.py", "spans.py", "query_http.py")
-
-
 def start_collector(workdir: Path, *args: str) -> CollectorProcess:
-    workdir.mkdir(parents=True, exist_ok=True)
-    proc = CollectorProcess(workdir, None, *args)
-    try:
-        return proc.start()
-    except RuntimeError as e:
-        text = str(e)
-        unfinished = "No module named 'collector." in text or (
-            any(f'/collector/{name}", line' in text for name in IN_PROGRESS)
-            and any(err in text for err in ("SyntaxError", "ImportError", "IndentationError")))
-        if unfinished:
-            last = [ln.strip() for ln in text.splitlines() if "Error" in ln][-1]
-            pytest.skip(f"the collector cannot start yet: {last}")
-        raise
+    return CollectorProcess(workdir, None, *args).start()
 
 
 @pytest.fixture
