@@ -1,0 +1,1 @@
+"""Passive capture: pcap/live packets, TCP reassembly, protocol parsers, call pairing."""
