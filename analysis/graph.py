@@ -1,0 +1,74 @@
+"""The traffic model: service graph edges, per-route breakdown and time series, aggregated in SQL."""
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.evidence import quantile_confidence
+from analysis.scope import FAILED_SQL, Scope
+
+QUANTILES: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999)
+Q_NAMES: tuple[str, ...] = ("p50_ms", "p90_ms", "p99_ms", "p999_ms")
+
+
+def _stats(scope: Scope, keys: list[str], side: str) -> pd.DataFrame:
+    qs = ", ".join(str(q) for q in QUANTILES)
+    group = ", ".join(keys)
+    sql = f"""SELECT {group}, any(toString(observer)) AS observer, count() AS n, countIf({FAILED_SQL}) AS errors,
+       quantilesTDigest({qs})(duration_ns) AS q
+FROM {scope.calls(side=side)} GROUP BY {group} ORDER BY n DESC"""
+    df = scope.frame(sql)
+    q = pd.DataFrame(df.pop("q").tolist(), columns=list(Q_NAMES), index=df.index) / 1e6 if len(df) else \
+        pd.DataFrame(columns=list(Q_NAMES))
+    df = pd.concat([df, q], axis=1)
+    df["rate_per_s"] = df["n"] / scope.seconds
+    df["error_rate"] = df["errors"] / df["n"]
+    df["confidence"] = [f"p99.9 {quantile_confidence(int(n), 0.999)}, p99 {quantile_confidence(int(n), 0.99)}"
+                        for n in df["n"]]
+    return df
+
+
+def edges(scope: Scope) -> pd.DataFrame:
+    """caller → callee with rate, error rate, p50/p90/p99/p99.9 (ms) and how far the tail can be trusted."""
+    df = _stats(scope, ["caller", "toString(dst_service) AS callee"], "either")
+    return df[["caller", "callee", "observer", "n", "rate_per_s", "errors", "error_rate", *Q_NAMES, "confidence"]]
+
+
+def routes(scope: Scope) -> pd.DataFrame:
+    """The same figures per caller → callee, method and templated route."""
+    df = _stats(scope, ["caller", "toString(dst_service) AS callee", "toString(method) AS method", "route_t AS route"],
+                "either")
+    return df[["caller", "callee", "method", "route", "observer", "n", "rate_per_s", "errors", "error_rate",
+               *Q_NAMES, "confidence"]]
+
+
+def timeseries(scope: Scope, bucket_s: int = 60) -> pd.DataFrame:
+    """Per edge and time bucket: calls, errors and p99 (ms)."""
+    sql = f"""SELECT toStartOfInterval(time, INTERVAL {int(bucket_s)} SECOND) AS bucket, caller,
+       toString(dst_service) AS callee, count() AS n, countIf({FAILED_SQL}) AS errors,
+       quantileTDigest(0.99)(duration_ns) / 1e6 AS p99_ms
+FROM {scope.calls(side='either')} GROUP BY bucket, caller, callee ORDER BY bucket, caller, callee"""
+    return scope.frame(sql)
+
+
+def downstream_depth(pairs) -> dict[str, int]:
+    """For each service, the longest chain of calls it starts (0 = calls nobody); cycles are cut.
+
+    `pairs`: (caller, callee) tuples, or an edges() frame.
+    """
+    if isinstance(pairs, pd.DataFrame):
+        pairs = zip(pairs["caller"], pairs["callee"])
+    out: dict[str, list[str]] = {}
+    for a, b in pairs:
+        if a != b:
+            out.setdefault(a, []).append(b)
+    memo: dict[str, int] = {}
+
+    def depth(s: str, seen: frozenset[str]) -> int:
+        if s in memo:
+            return memo[s]
+        d = max((1 + depth(c, seen | {s}) for c in out.get(s, []) if c not in seen), default=0)
+        memo[s] = d
+        return d
+
+    services = set(out) | {c for cs in out.values() for c in cs}
+    return {s: depth(s, frozenset()) for s in services}

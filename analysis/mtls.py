@@ -1,0 +1,72 @@
+"""mTLS readiness per destination service: who calls it over TLS, who in plaintext, who has no sidecar.
+
+A caller is meshed when it appears as the `client` observer of some call in the
+window (its own sidecar recorded it). A caller seen only by the tap (`wire`)
+or by the callee's sidecar (`server`) has no sidecar: under STRICT its
+plaintext calls would be refused. Verdicts:
+
+- STRICT-ready: every caller is meshed and already uses TLS;
+- PERMISSIVE first: every caller is meshed, some still send plaintext;
+- blocked by <callers>: the named callers have no sidecar.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.evidence import Evidence, Recommendation, confidence_from_n, not_enough
+from analysis.scope import Scope
+from analysis.window import CALLER_SQL
+
+MTLS_MIN_N = 100  # calls to a service before calling it STRICT-ready
+
+
+def caller_frame(scope: Scope) -> pd.DataFrame:
+    """Per callee and caller (one observer per edge): calls, TLS and plaintext calls, meshed or not."""
+    w = scope.window.where()
+    sql = f"""SELECT toString(dst_service) AS callee, caller, any(toString(observer)) AS observer, count() AS n,
+       countIf(tls) AS tls_n, countIf(NOT tls) AS plain_n,
+       caller IN (SELECT DISTINCT {CALLER_SQL} FROM calls WHERE {w} AND observer = 'client') AS meshed,
+       callee IN (SELECT DISTINCT toString(dst_service) FROM calls WHERE {w} AND observer = 'server'
+                  UNION ALL SELECT DISTINCT toString(src_service) FROM calls WHERE {w} AND observer = 'client')
+           AS callee_meshed
+FROM {scope.calls()} GROUP BY callee, caller ORDER BY callee, caller"""
+    return scope.frame(sql)
+
+
+def verdict(g: pd.DataFrame) -> tuple[str, str, list[str]]:
+    """(verdict, PeerAuthentication mode, blocking callers) for one callee's callers."""
+    blockers = sorted(g.loc[~g["meshed"].astype(bool), "caller"])
+    if blockers:
+        return f"blocked by {', '.join(blockers)}", "PERMISSIVE", blockers
+    if int(g["plain_n"].sum()):
+        return "PERMISSIVE first", "PERMISSIVE", []
+    return "STRICT-ready", "STRICT", []
+
+
+def recommend_mtls(scope: Scope, frame: pd.DataFrame | None = None) -> list[Recommendation]:
+    df = caller_frame(scope) if frame is None else frame
+    out = []
+    for callee, g in df.groupby("callee", sort=True):
+        n = int(g["n"].sum())
+        target = {"callee": str(callee)}
+        v, mode, blockers = verdict(g)
+        figures = {"callers": {r.caller: {"n": int(r.n), "tls": int(r.tls_n), "plaintext": int(r.plain_n),
+                                          "meshed": bool(r.meshed), "seen_by": r.observer} for r in g.itertuples()},
+                   "blockers": blockers, "verdict": v}
+        if mode == "STRICT" and n < MTLS_MIN_N:
+            out.append(Recommendation("mtls", target, None, not_enough(scope.label(), n, MTLS_MIN_N, "calls")))
+            continue
+        plain = sorted(g.loc[g["plain_n"] > 0, "caller"])
+        if blockers:
+            reason = (f"{', '.join(blockers)} {'has' if len(blockers) == 1 else 'have'} no sidecar (seen only by "
+                      "the tap or the server side); STRICT would refuse their plaintext calls")
+        elif plain:
+            reason = (f"every caller is meshed but {', '.join(plain)} still send(s) plaintext: enable PERMISSIVE, "
+                      "then STRICT once plaintext is gone")
+        else:
+            reason = f"all {len(g)} caller(s) are meshed and every one of {n} calls used TLS"
+        warns = () if bool(g["callee_meshed"].iloc[0]) else (
+            f"{callee} has no sidecar of its own in the records: a PeerAuthentication cannot be enforced there yet",)
+        out.append(Recommendation("mtls", target, {"mode": mode, "verdict": v}, Evidence(
+            scope.label(), n, figures, confidence_from_n(n, MTLS_MIN_N, 10 * MTLS_MIN_N), reason), warns))
+    return out

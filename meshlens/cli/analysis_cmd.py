@@ -1,0 +1,146 @@
+"""`meshlens analyze` (traffic model) and `meshlens recommend` (policies with evidence)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from meshlens.cli.errors import UserError
+
+ANALYZE_EPILOG = """examples:
+  meshlens analyze                               # service graph and routes, all recorded calls
+  meshlens analyze --window 1h --service catalog # last hour, calls to or from catalog
+  meshlens analyze --since 2026-11-25T08:00 --until 2026-11-25T09:00 --format json
+
+latencies are from one observer per caller → callee edge (the caller's sidecar
+first, then the callee's, then the tap, then OTLP spans), never double counted."""
+
+RECOMMEND_EPILOG = """examples:
+  meshlens recommend                              # a table of every recommendation
+  meshlens recommend --service payments --window 6h
+  meshlens recommend --format yaml > policies.yaml  # Istio VirtualService/DestinationRule/PeerAuthentication
+  meshlens recommend --format json --store http://collector:8123/
+
+each recommendation carries its evidence (window, n, figures, confidence, reason);
+where the data is too thin it says "not enough data (n=…)" instead of guessing."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="store URL (default: MESHLENS_STORE, the local collector, else the embedded store)")
+    p.add_argument("--service", help="only this destination service (analyze: calls to or from it)")
+    p.add_argument("--window", help="the last DURATION of calls, e.g. 15m, 1h, 7d (default: all recorded calls)")
+    p.add_argument("--since", help="start: ISO 8601 time (UTC unless zoned) or a duration ago, e.g. 2h")
+    p.add_argument("--until", help="end: ISO 8601 time or a duration ago (default: now)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    a = sub.add_parser("analyze", help="service graph and per-route traffic model",
+                       description="Show the service graph (rate, error rate, p50/p90/p99/p99.9 per caller → callee) "
+                                   "and the per-route breakdown with templated routes.",
+                       epilog=ANALYZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(a)
+    a.add_argument("--format", choices=["table", "json"], default="table", help="aligned tables (default) or JSON")
+    a.set_defaults(run=run_analyze)
+    r = sub.add_parser("recommend", help="timeouts, retries, outlier detection and mTLS, with evidence",
+                       description="Recommend timeouts, retries, circuit breaking and mTLS from recorded calls.",
+                       epilog=RECOMMEND_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(r)
+    r.add_argument("--format", choices=["table", "yaml", "json"], default="table",
+                   help="table (default), Istio YAML with evidence as comments, or JSON")
+    r.set_defaults(run=run_recommend)
+
+
+def window_from(args: argparse.Namespace):
+    from analysis.window import Window, parse_duration, parse_time
+
+    try:
+        if args.window and (args.since or args.until):
+            raise UserError("use either --window or --since/--until, not both")
+        if args.window:
+            return Window.last(parse_duration(args.window))
+        return Window(parse_time(args.since) if args.since else None,
+                      parse_time(args.until) if args.until else None)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _open(args: argparse.Namespace):
+    from collector.stores import StoreError, StoreUnavailable, connect, redact
+    from meshlens.cli.query_cmd import default_query_store
+
+    url = args.store or default_query_store()
+    try:
+        store = connect(url)
+        store.use_database()
+        store.query_rows("SELECT 1 FROM calls LIMIT 0")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    except StoreUnavailable as e:
+        raise UserError(f"cannot reach the store at {redact(url)}: {e}") from None
+    except StoreError as e:
+        raise UserError(f"store {redact(url)} has no calls table ({e}); start the collector once to create it") from None
+    return store
+
+
+def _scoped(args: argparse.Namespace, fn) -> Any:
+    from analysis.scope import NoData, UnknownService
+    from collector.stores import StoreError
+
+    window = window_from(args)
+    store = _open(args)
+    try:
+        return fn(store, window, args.service)
+    except (NoData, UnknownService) as e:
+        raise UserError(str(e)) from None
+    except StoreError as e:
+        raise UserError(f"query failed: {e}") from None
+    finally:
+        store.close()
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    from analysis.recommend import analyze
+    from meshlens.cli.query_cmd import format_table
+
+    model = _scoped(args, analyze)
+    if args.format == "json":
+        print(json.dumps({"window": model.window, "n": model.n,
+                          "edges": model.edges.to_dict(orient="records"),
+                          "routes": model.routes.to_dict(orient="records")}, default=str, indent=1))
+        return 0
+    out = sys.stdout
+    out.write(f"window {model.window}, {model.n} calls (all observers)\n\nservice graph\n")
+    out.write(format_table(*_rows(model.edges)))
+    out.write("\nroutes\n")
+    out.write(format_table(*_rows(model.routes)))
+    return 0
+
+
+def run_recommend(args: argparse.Namespace) -> int:
+    from analysis.istio import istio_yaml
+    from analysis.recommend import recommend
+    from meshlens.cli.query_cmd import format_table
+
+    report = _scoped(args, recommend)
+    if args.format == "yaml":
+        sys.stdout.write(istio_yaml(report))
+    elif args.format == "json":
+        sys.stdout.write(report.as_json() + "\n")
+    else:
+        df = report.frame()
+        warnings = [w for ws in df["warnings"] if ws for w in ws.split(" | ")]
+        shown = df[["kind", "caller", "callee", "method", "route", "recommendation", "confidence", "n", "reason"]]
+        sys.stdout.write(f"window {report.window}, {report.n} calls\n")
+        sys.stdout.write(format_table(*_rows(shown)))
+        for w in warnings:
+            sys.stdout.write(f"warning: {w}\n")
+    return 0
+
+
+def _rows(df) -> tuple[list[str], list[tuple]]:
+    def cell(v: Any) -> Any:
+        if isinstance(v, float):
+            return round(v, 4 if abs(v) < 10 else 1)
+        return v.item() if hasattr(v, "item") else v
+    return list(df.columns), [tuple(cell(v) for v in row) for row in df.itertuples(index=False)]

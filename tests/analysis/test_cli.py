@@ -1,0 +1,113 @@
+"""`meshlens analyze` / `meshlens recommend` through their own parsers (main.py wiring is separate)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import yaml
+
+from collector.schema import Layout, migrate
+from collector.stores.embedded import EmbeddedStore
+from meshlens.cli import analysis_cmd
+from meshlens.cli.errors import UserError
+from tests.analysis import traffic as gt
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshlens")
+    analysis_cmd.add_parser(p.add_subparsers(dest="command"))
+    return p
+
+
+def run(*argv: str) -> int:
+    args = parser().parse_args(list(argv))
+    return args.run(args)
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    """A generated store, closed again: each command opens it itself, as the CLI does."""
+    path = tmp_path_factory.mktemp("cli") / "chdb"
+    s = EmbeddedStore(path)
+    gt.generate(s)
+    s.close()
+    return f"chdb:{path}"
+
+
+@pytest.fixture(scope="module")
+def empty_url(tmp_path_factory, url):
+    path = tmp_path_factory.mktemp("empty") / "chdb"
+    s = EmbeddedStore(path)
+    migrate(s, Layout())
+    s.close()
+    return f"chdb:{path}"
+
+
+SINCE, UNTIL = gt.WINDOW.since.isoformat(), gt.WINDOW.until.isoformat()
+
+
+@pytest.mark.parametrize("sub", ["analyze", "recommend"])
+def test_help_has_examples(sub, capsys):
+    with pytest.raises(SystemExit):
+        run(sub, "--help")
+    assert "examples:" in capsys.readouterr().out
+
+
+def test_recommend_table(url, capsys):
+    assert run("recommend", "--store", url, "--since", SINCE, "--until", UNTIL) == 0
+    out = capsys.readouterr().out
+    assert "eject 10.0.2.3:8080" in out and "blocked by legacy-batch" in out
+    assert "not enough data (n=50, need" in out
+    assert "warning: retry amplification" in out
+
+
+def test_recommend_yaml_and_json(url, capsys):
+    assert run("recommend", "--store", url, "--service", "payments", "--format", "yaml") == 0
+    docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    assert {d["kind"] for d in docs} == {"VirtualService", "DestinationRule", "PeerAuthentication"}
+    assert run("recommend", "--store", url, "--service", "inventory", "--format", "json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {r["target"]["callee"] for r in doc["recommendations"]} == {"inventory"}
+
+
+def test_analyze_table_and_json(url, capsys):
+    assert run("analyze", "--store", url, "--service", "catalog") == 0
+    out = capsys.readouterr().out
+    assert "service graph" in out and "/products/{id}" in out and "/stock/{id}" in out
+    assert run("analyze", "--store", url, "--format", "json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["edges"]) == 10
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--service", "nope"], "no calls to or from service 'nope'"),
+    (["--since", "2020-01-01", "--until", "2020-01-02"], "no calls in the window"),
+    (["--window", "1x"], "invalid duration"),
+    (["--window", "1h", "--since", "2h"], "either --window or --since"),
+])
+def test_user_errors_are_one_line(url, argv, message):
+    with pytest.raises(UserError, match=message) as e:
+        run("recommend", "--store", url, *argv)
+    assert "\n" not in str(e.value)
+
+
+def test_an_empty_store_is_an_error(empty_url):
+    with pytest.raises(UserError, match="holds no calls yet"):
+        run("analyze", "--store", empty_url)
+
+
+def test_an_unreachable_store_is_an_error():
+    with pytest.raises(UserError, match="cannot reach the store"):
+        run("recommend", "--store", "http://127.0.0.1:9/")
+
+
+def test_recommend_through_the_collectors_read_only_query_endpoint(url, capsys, tmp_path):
+    """The default deployment: the collector owns the embedded store, analysis reads over HTTP."""
+    from tests.collector_process import CollectorProcess
+
+    with CollectorProcess(tmp_path, url) as col:
+        assert run("recommend", "--store", col.query_url, "--service", "inventory", "--format", "json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    [outlier] = [r for r in doc["recommendations"] if r["kind"] == "outlier"]
+    assert outlier["policy"]["eject"] == [gt.BAD_INSTANCE]
