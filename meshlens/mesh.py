@@ -1,0 +1,218 @@
+"""The mesh definition: services, their instances, the subsets labels define, protocol and mode.
+
+Read from `mesh.yaml` (later served by the control plane, same model). The tap
+turns addresses into service names with it, the proxy routes outbound calls by
+service name, analysis tells meshed from unmeshed callers. Addresses that match
+nothing are recorded as `ip:port`, never dropped.
+
+    services:
+      catalog:
+        protocol: http            # http (default), grpc, tcp, tls
+        mode: observe             # observe (default), dry-run, enforce
+        instances:
+          - address: 10.0.0.5:8080
+            labels: {version: v1}
+          - address: "[fd00::7]:8080"
+            labels: {version: v2}
+        subsets:
+          v1: {version: v1}
+          v2: {version: v2}
+
+Unknown fields are refused by name, with the path to them, never ignored.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Protocol = Literal["http", "grpc", "tcp", "tls"]
+Mode = Literal["observe", "dry-run", "enforce"]
+PROTOCOLS: tuple[str, ...] = ("http", "grpc", "tcp", "tls")
+MODES: tuple[str, ...] = ("observe", "dry-run", "enforce")
+
+_SERVICE_KEYS = {"protocol", "mode", "instances", "subsets"}
+_INSTANCE_KEYS = {"address", "labels"}
+
+
+class MeshError(ValueError):
+    """The mesh definition cannot be used; the message names the file and the path inside it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One running copy of a service, at an address."""
+
+    host: str
+    """IP address in canonical text form (or a host name, which the tap cannot match)."""
+    port: int
+    labels: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    protocol: str = "http"
+    mode: str = "observe"
+    instances: tuple[Instance, ...] = ()
+    subsets: dict[str, dict[str, str]] = field(default_factory=dict, hash=False, compare=False)
+
+    def subset_of(self, instance: Instance) -> str:
+        """The first subset (in file order) whose labels the instance carries, else ''."""
+        for name, labels in self.subsets.items():
+            if all(instance.labels.get(k) == v for k, v in labels.items()):
+                return name
+        return ""
+
+
+@dataclass(frozen=True, slots=True)
+class Mesh:
+    services: dict[str, Service] = field(default_factory=dict)
+    _by_address: dict[tuple[str, int], tuple[Service, Instance]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, services: list[Service], source: str = "mesh") -> "Mesh":
+        index: dict[tuple[str, int], tuple[Service, Instance]] = {}
+        for svc in services:
+            for inst in svc.instances:
+                other = index.get((inst.host, inst.port))
+                if other is not None and other[0].name != svc.name:
+                    raise MeshError(f"{source}: address {inst.address} is listed under both "
+                                    f"{other[0].name!r} and {svc.name!r}")
+                index[(inst.host, inst.port)] = (svc, inst)
+        return cls({s.name: s for s in services}, index)
+
+    def lookup(self, host: str, port: int) -> tuple[Service, Instance] | None:
+        """The service and instance at this address, if the mesh names one."""
+        return self._by_address.get((_canonical_host(host), port))
+
+    def name_of(self, host: str, port: int) -> tuple[str, str]:
+        """(service, subset) for an address; unknown addresses are named `ip:port` with no subset."""
+        found = self.lookup(host, port)
+        if found is None:
+            h = _canonical_host(host)
+            return (f"[{h}]:{port}" if ":" in h else f"{h}:{port}"), ""
+        svc, inst = found
+        return svc.name, svc.subset_of(inst)
+
+    def service(self, name: str) -> Service:
+        try:
+            return self.services[name]
+        except KeyError:
+            known = ", ".join(sorted(self.services)) or "none"
+            raise MeshError(f"no service {name!r} in the mesh (known: {known})") from None
+
+
+def load(path: str | Path) -> Mesh:
+    """Read and validate a mesh.yaml file."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise MeshError(f"cannot read mesh file {path}: {e.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise MeshError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    return parse(doc, str(path))
+
+
+def parse(doc: Any, source: str = "mesh") -> Mesh:
+    """Validate a mesh document already read from YAML or JSON."""
+    if doc is None:
+        return Mesh.build([], source)
+    if not isinstance(doc, dict):
+        raise MeshError(f"{source}: expected a mapping with 'services'")
+    unknown = sorted(map(str, set(doc) - {"services"}))
+    if unknown:
+        raise MeshError(f"{source}: unknown field(s) {', '.join(unknown)} (expected: services)")
+    services = doc.get("services") or {}
+    if not isinstance(services, dict):
+        raise MeshError(f"{source}: services: expected a mapping of service name to its definition")
+    return Mesh.build([_service(str(name), body, f"{source}: services.{name}")
+                       for name, body in services.items()], source)
+
+
+def _service(name: str, body: Any, where: str) -> Service:
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise MeshError(f"{where}: service names use letters, digits, '-', '_' and '.'")
+    body = {} if body is None else body
+    if not isinstance(body, dict):
+        raise MeshError(f"{where}: expected a mapping")
+    unknown = sorted(map(str, set(body) - _SERVICE_KEYS))
+    if unknown:
+        raise MeshError(f"{where}: unknown field(s) {', '.join(unknown)} "
+                        f"(expected: {', '.join(sorted(_SERVICE_KEYS))})")
+    protocol = _choice(body.get("protocol", "http"), PROTOCOLS, f"{where}.protocol")
+    mode = _choice(body.get("mode", "observe"), MODES, f"{where}.mode")
+    raw_instances = body.get("instances") or []
+    if not isinstance(raw_instances, list):
+        raise MeshError(f"{where}.instances: expected a list")
+    instances = tuple(_instance(item, f"{where}.instances[{i}]") for i, item in enumerate(raw_instances))
+    raw_subsets = body.get("subsets") or {}
+    if not isinstance(raw_subsets, dict):
+        raise MeshError(f"{where}.subsets: expected a mapping of subset name to labels")
+    subsets = {str(k): _labels(v, f"{where}.subsets.{k}") for k, v in raw_subsets.items()}
+    return Service(name, protocol, mode, instances, subsets)
+
+
+def _instance(item: Any, where: str) -> Instance:
+    if isinstance(item, str):
+        item = {"address": item}
+    if not isinstance(item, dict):
+        raise MeshError(f"{where}: expected an address string or a mapping with address and labels")
+    unknown = sorted(map(str, set(item) - _INSTANCE_KEYS))
+    if unknown:
+        raise MeshError(f"{where}: unknown field(s) {', '.join(unknown)} (expected: address, labels)")
+    host, port = parse_address(item.get("address"), f"{where}.address")
+    return Instance(host, port, _labels(item.get("labels") or {}, f"{where}.labels"))
+
+
+def parse_address(value: Any, where: str = "address") -> tuple[str, int]:
+    """'10.0.0.5:8080', '[fd00::7]:8080' or 'host:8080' to (canonical host, port)."""
+    if not isinstance(value, str) or not value:
+        raise MeshError(f"{where}: expected 'host:port', got {value!r}")
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise MeshError(f"{where}: expected '[ipv6]:port', got {value!r}")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep or not host or ":" in host:
+            raise MeshError(f"{where}: expected 'host:port' (IPv6 in brackets), got {value!r}")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise MeshError(f"{where}: port must be 1..65535, got {port_text!r}")
+    return _canonical_host(host), int(port_text)
+
+
+def _canonical_host(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.lower()
+
+
+def _labels(value: Any, where: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise MeshError(f"{where}: expected a mapping of label to value")
+    out = {}
+    for k, v in value.items():
+        if isinstance(v, (dict, list)) or v is None:
+            raise MeshError(f"{where}.{k}: a label value is a string, got {v!r}")
+        out[str(k)] = str(v).lower() if isinstance(v, bool) else str(v)
+    return out
+
+
+def _choice(value: Any, allowed: tuple[str, ...], where: str) -> str:
+    if value not in allowed:
+        raise MeshError(f"{where}: expected one of {', '.join(allowed)}, got {value!r}")
+    return str(value)
