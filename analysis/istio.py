@@ -5,7 +5,8 @@ destination_rule.proto, security/v1beta1 peer_authentication.proto). Istio's
 `retries.attempts` counts retries after the first try, as our `attempts` does.
 Istio retries by default (2 attempts on connect-failure, refused-stream,
 unavailable, cancelled and 503 — pilot's route/retry/retry.go), so a route
-where retrying is unsafe gets an explicit `attempts: 0`. Routes are matched per
+where retrying is unsafe or useless (not idempotent, or failing persistently) gets an
+explicit `attempts: 0`. Routes are matched per
 caller with `sourceLabels: {app: <caller>}`, assuming the usual `app` label.
 """
 from __future__ import annotations
@@ -45,8 +46,7 @@ def _virtual_service(callee: str, recs: list[Recommendation]) -> list[str]:
     skipped = []
     for r in recs:
         key = (r.target["caller"], r.target["method"], r.target["route"])
-        if r.policy is not None or (r.kind == "retry" and r.evidence.reason.startswith("no retries: ")
-                                    and "not idempotent" in r.evidence.reason):
+        if r.policy is not None or r.evidence.figures.get("retries_off"):
             by_route[key][r.kind] = r
         else:
             skipped.append(f"# {r.kind} {r.target['caller']} -> {r.target['method']} {r.target['route']}: "

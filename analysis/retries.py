@@ -72,6 +72,7 @@ def recommend_retries(scope: Scope, per_try: dict[tuple[str, str, str, str], flo
                       f"idempotency key ({'/'.join(IDEMPOTENCY_KEYS)}); a retry could apply the request twice")
             warn = (f"non-idempotent route {r['method']} {r['route']}: {transient} transient failures "
                     "are not retried; add an idempotency key to make retries safe",) if transient else ()
+            figures["retries_off"] = True
             out.append(Recommendation("retry", target, None, Evidence(scope.label(), n, figures, "high", reason),
                                       warn))
             continue
@@ -90,6 +91,7 @@ def recommend_retries(scope: Scope, per_try: dict[tuple[str, str, str, str], flo
                     "window_s": RETRY_WINDOW_S}
         conf = confidence_from_n(informed, RETRY_MIN_FAILURES, 10 * RETRY_MIN_FAILURES)
         if p < P_RETRY_MIN:
+            figures["retries_off"] = True
             out.append(Recommendation("retry", target, None, Evidence(
                 scope.label(), n, figures, conf,
                 f"no retries: failures are persistent — only {p:.0%} of other calls around a failure succeeded, "

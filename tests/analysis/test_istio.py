@@ -37,6 +37,13 @@ def test_unsafe_routes_turn_istios_default_retries_off(docs):
     assert route["retries"] == {"attempts": 0}
 
 
+def test_persistently_failing_routes_turn_istios_default_retries_off(docs):
+    # frontend -> cart fails every call during an outage: retrying would only add load
+    vs = find(docs[1], "VirtualService", "cart")
+    routes = [h for h in vs["spec"]["http"] if "match" in h and h["match"][0]["sourceLabels"] == {"app": "frontend"}]
+    assert routes and all(h["retries"] == {"attempts": 0} for h in routes)
+
+
 def test_destination_rule_ejects_with_istio_field_names(docs):
     od = find(docs[1], "DestinationRule", "inventory")["spec"]["trafficPolicy"]["outlierDetection"]
     assert set(od) == {"consecutive5xxErrors", "consecutiveGatewayErrors", "interval", "baseEjectionTime",
