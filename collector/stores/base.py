@@ -86,6 +86,12 @@ def redact(url: str) -> str:
     return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
+def first_line(error: BaseException | str, default: str = "ClickHouse error") -> str:
+    """The first non-empty line of an error: ClickHouse messages carry stack traces after it."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else default
+
+
 def quote_ident(name: str) -> str:
     """`name` as a ClickHouse identifier; only plain names are accepted."""
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):

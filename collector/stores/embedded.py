@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from collector.stores.base import Store, StoreError, insert_columns_sql, quote_ident
+from collector.stores.base import Store, StoreError, first_line, insert_columns_sql, quote_ident
 
 
 def default_data_dir() -> Path:
@@ -39,7 +39,7 @@ class EmbeddedStore(Store):
         try:
             self._session = session.Session(str(self.path))
         except Exception as e:  # chdb raises its own error types
-            raise StoreError(f"cannot open embedded store at {self.path}: {_first_line(e)}") from None
+            raise StoreError(f"cannot open embedded store at {self.path}: {first_line(e)}") from None
         # chdb sessions are safe from several threads, but a statement and the
         # insert that depends on it must not interleave with a DROP elsewhere;
         # one lock keeps the embedded store's behaviour simple and predictable.
@@ -51,7 +51,7 @@ class EmbeddedStore(Store):
             try:
                 res = self._session.query(sql, fmt)
             except Exception as e:
-                raise StoreError(_first_line(e)) from None
+                raise StoreError(first_line(e)) from None
         return res.bytes() if res is not None else b""
 
     def command(self, sql: str, settings: dict[str, Any] | None = None) -> None:
@@ -73,7 +73,7 @@ class EmbeddedStore(Store):
             try:
                 self._session.query(sql)
             except Exception as e:
-                raise StoreError(_first_line(e)) from None
+                raise StoreError(first_line(e)) from None
 
     def use_database(self) -> None:
         self.command(f"USE {quote_ident(self.database)}")
@@ -92,7 +92,3 @@ def _settings_clause(settings: dict[str, Any] | None) -> str:
         parts.append(f"{k} = {val}")
     return " SETTINGS " + ", ".join(parts)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]

@@ -17,7 +17,8 @@ from urllib.parse import urlencode
 import pyarrow as pa
 import urllib3
 
-from collector.stores.base import MIN_VERSION, Store, StoreError, StoreUnavailable, insert_columns_sql, parse_version
+from collector.stores.base import (MIN_VERSION, Store, StoreError, StoreUnavailable, first_line,
+                                   insert_columns_sql, parse_version)
 
 
 class HttpStore(Store):
@@ -51,8 +52,8 @@ class HttpStore(Store):
         if resp.status != 200:
             text = resp.data.decode("utf-8", "replace").strip()
             if resp.status in (502, 503, 504):
-                raise StoreUnavailable(f"{self!r} answered {resp.status}: {_first_line(text)}")
-            raise StoreError(_first_line(text) or f"HTTP {resp.status}")
+                raise StoreUnavailable(f"{self!r} answered {resp.status}: {first_line(text)}")
+            raise StoreError(first_line(text, f"HTTP {resp.status}"))
         return resp.data
 
     def command(self, sql: str, settings: dict[str, Any] | None = None) -> None:
@@ -110,6 +111,3 @@ def _tsv(data: pa.Table) -> bytes:
         writer.writerow(row)
     return out.getvalue().encode()
 
-
-def _first_line(text: str) -> str:
-    return text.splitlines()[0] if text else ""

@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from collector.stores.base import Store, StoreError, StoreUnavailable, insert_columns_sql
+from collector.stores.base import Store, StoreError, StoreUnavailable, first_line, insert_columns_sql
 
 
 class NativeStore(Store):
@@ -34,12 +34,12 @@ class NativeStore(Store):
         try:
             return self._client.execute(sql, params, **kw)
         except errors.ServerException as e:
-            raise StoreError(_first_line(e.message)) from None
+            raise StoreError(first_line(e.message)) from None
         except (errors.NetworkError, errors.SocketTimeoutError, socket.error, EOFError) as e:
             self._client.disconnect()
             raise StoreUnavailable(f"cannot reach {self!r}: {e}") from None
         except errors.Error as e:
-            raise StoreError(_first_line(str(e))) from None
+            raise StoreError(first_line(str(e))) from None
 
     def command(self, sql: str, settings: dict[str, Any] | None = None) -> None:
         self._execute(sql, settings=settings or {})
@@ -88,6 +88,3 @@ def _convert(typ: pa.DataType, arr: Any) -> list:
         return [[dict(m) if m else {} for m in item or []] for item in arr.to_pylist()]
     return arr.to_pylist()
 
-
-def _first_line(text: str) -> str:
-    return (text.strip() or "ClickHouse error").splitlines()[0]
