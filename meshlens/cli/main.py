@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from meshlens.cli import analysis_cmd, collector_cmd, query_cmd, schema_cmd
+from meshlens.cli import analysis_cmd, collector_cmd, proxy_cmd, query_cmd, schema_cmd
 from meshlens.cli.errors import UserError
 from meshlens.config import ConfigError
 
@@ -21,6 +21,7 @@ EPILOG = """examples:
   meshlens collector                      # OTLP on 4317/4318, queries on 8123, embedded store
   meshlens query "SELECT count() FROM calls"
   meshlens schema --store clickhouse://ch1:9000/meshlens --cluster prod
+  meshlens proxy --service web --mesh mesh.yaml --app-port 8080   # sidecar: inbound 15006, outbound 15001
   meshlens analyze --window 1h            # service graph: rate, errors, latency quantiles
   meshlens recommend --format yaml        # timeouts, retries, outlier detection, mTLS, with evidence
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log verbosity (logs go to stderr as key=value)")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
-    for mod in (collector_cmd, query_cmd, schema_cmd, analysis_cmd):
+    for mod in (collector_cmd, query_cmd, schema_cmd, analysis_cmd, proxy_cmd):
         mod.add_parser(sub)
     return parser
 

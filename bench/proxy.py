@@ -1,0 +1,146 @@
+"""The sidecar's hot path against nginx, in the same run: wrk through one proxy process.
+
+Run: .venv/bin/python bench/proxy.py [--duration 5] [--connections 32]
+Upstream: nginx (1 worker) `return 200`. Reference: nginx (1 worker) `proxy_pass` with
+upstream keepalive to the same upstream. Measured: meshlens proxy (inbound listener)
+with recording off, and on (shipping to a real collector subprocess). Prints req/s,
+p50/p99 and the ratios, and the proxy's RSS after the load. Reported, not asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.collector_process import CollectorProcess  # noqa: E402
+from tests.proxy.processes import ProxyProcess  # noqa: E402
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nginx(workdir: Path, server_block: str, http_extra: str = "") -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {workdir}/body; proxy_temp_path {workdir}/proxy;
+  fastcgi_temp_path {workdir}/fcgi; uwsgi_temp_path {workdir}/uwsgi; scgi_temp_path {workdir}/scgi;
+  keepalive_requests 1000000;
+  {http_extra}
+  server {{ listen 127.0.0.1:{port}; {server_block} }}
+}}""")
+    proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(workdir)], stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def wrk(port: int, duration: int, connections: int) -> dict[str, float]:
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+                          f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=duration + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+
+    def pct(p: str) -> float:
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        v, unit = float(m.group(1)), m.group(2)
+        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+
+    return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"), "errors": errors.group(0) if errors else ""}
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--connections", type=int, default=32)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="meshlens-bench-proxy-"))
+    procs: list[subprocess.Popen] = []
+    proxies: list[ProxyProcess] = []
+    col = None
+    results: dict[str, dict[str, float]] = {}
+    try:
+        up, up_port = nginx(tmp / "upstream", 'location / { return 200 "ok\\n"; }')
+        procs.append(up)
+        ref, ref_port = nginx(tmp / "reference",
+                              "location / { proxy_pass http://up; proxy_http_version 1.1; "
+                              'proxy_set_header Connection ""; }',
+                              f"upstream up {{ server 127.0.0.1:{up_port}; keepalive 32; }}")
+        procs.append(ref)
+        col = CollectorProcess(tmp / "collector").start()
+        mesh = json.dumps({"services": {"bench": {}}})
+        for name, extra in (("meshlens (recording off)", ["--no-record"]),
+                            ("meshlens (recording on)", ["--collector", f"{col.base}/v1/calls"])):
+            p = ProxyProcess(tmp / name.split()[1].strip("(") / name[-4:-1], mesh, "bench",
+                             "--app-port", str(up_port), "--admin-port", "-1", "--metrics-port", "-1", *extra)
+            proxies.append(p.start())
+        wrk(up_port, 1, args.connections)  # warm-up
+        results["nginx return 200 (direct)"] = wrk(up_port, args.duration, args.connections)
+        results["nginx proxy_pass"] = wrk(ref_port, args.duration, args.connections)
+        rss = {}
+        for name, p in zip(("meshlens (recording off)", "meshlens (recording on)"), proxies):
+            wrk(p.inbound, 1, args.connections)  # warm-up: pool filled, code paths hot
+            results[name] = wrk(p.inbound, args.duration, args.connections)
+            rss[name] = rss_mb(p.proc.pid)
+        nginx_ref = results["nginx proxy_pass"]
+        print(f"wrk -t1 -c{args.connections} -d{args.duration}s, {__import__('os').cpu_count()} CPUs")
+        print(f"{'':28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs nginx':>9} {'p99 vs':>7}  RSS MB")
+        for name, r in results.items():
+            print(f"{name:28} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
+                  f"{r['rps'] / nginx_ref['rps']:8.2f}x {r['p99_ms'] / nginx_ref['p99_ms']:6.2f}x"
+                  f"  {rss.get(name, float('nan')):.1f} {r['errors']}")
+        off, on = results["meshlens (recording off)"]["rps"], results["meshlens (recording on)"]["rps"]
+        print(f"recording costs {100 * (1 - on / off):.1f}% of throughput")
+    finally:
+        for p in proxies:
+            p.stop()
+            p.kill()
+        if col is not None:
+            col.stop()
+            col.kill()
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Istio-style request metrics (per process), rendered in the Prometheus text format.
+
+Names follow Istio's standard set under a `meshlens_` prefix: requests_total,
+request_duration_milliseconds (histogram), request_bytes and response_bytes (sums),
+labelled by reporter, source/destination service and response code. Updating is a
+few dict operations per exchange; rendering happens only when scraped.
+"""
+from __future__ import annotations
+
+import bisect
+
+__all__ = ["DURATION_BUCKETS_MS", "Metrics"]
+
+# Istio's default request_duration_milliseconds buckets.
+DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000,
+                       1800000, 3600000)
+
+Key = tuple[str, str, str, int, str]  # reporter, source, destination, code, flags
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: dict[Key, int] = {}
+        self.buckets: dict[Key, list[int]] = {}
+        self.duration_sum: dict[Key, float] = {}
+        self.request_bytes: dict[Key, int] = {}
+        self.response_bytes: dict[Key, int] = {}
+
+    def observe(self, key: Key, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
+        n = self.requests.get(key)
+        if n is None:
+            self.requests[key] = 1
+            self.buckets[key] = [0] * (len(DURATION_BUCKETS_MS) + 1)
+            self.duration_sum[key] = 0.0
+            self.request_bytes[key] = self.response_bytes[key] = 0
+        else:
+            self.requests[key] = n + 1
+        self.buckets[key][bisect.bisect_left(DURATION_BUCKETS_MS, duration_ms)] += 1
+        self.duration_sum[key] += duration_ms
+        self.request_bytes[key] += request_bytes
+        self.response_bytes[key] += response_bytes
+
+    def render(self, gauges: dict[str, float]) -> str:
+        out: list[str] = []
+
+        def labels(k: Key, extra: str = "") -> str:
+            reporter, src, dst, code, flags = k
+            return (f'{{reporter="{reporter}",source_workload="{_esc(src)}",destination_service="{_esc(dst)}",'
+                    f'response_code="{code}",response_flags="{flags}"{extra}}}')
+
+        out += ["# HELP meshlens_requests_total Requests handled by this sidecar.", "# TYPE meshlens_requests_total counter"]
+        out += [f"meshlens_requests_total{labels(k)} {v}" for k, v in self.requests.items()]
+        out += ["# HELP meshlens_request_duration_milliseconds First request byte to last response byte.",
+                "# TYPE meshlens_request_duration_milliseconds histogram"]
+        for k, counts in self.buckets.items():
+            acc = 0
+            for le, c in zip(DURATION_BUCKETS_MS, counts):
+                acc += c
+                bucket = labels(k, f',le="{le}"')
+                out.append(f"meshlens_request_duration_milliseconds_bucket{bucket} {acc}")
+            bucket = labels(k, ',le="+Inf"')
+            out.append(f"meshlens_request_duration_milliseconds_bucket{bucket} {acc + counts[-1]}")
+            out.append(f"meshlens_request_duration_milliseconds_sum{labels(k)} {self.duration_sum[k]:.3f}")
+            out.append(f"meshlens_request_duration_milliseconds_count{labels(k)} {self.requests[k]}")
+        for name, table in (("request_bytes", self.request_bytes), ("response_bytes", self.response_bytes)):
+            out += [f"# HELP meshlens_{name}_total Body bytes ({name.split('_')[0]}).", f"# TYPE meshlens_{name}_total counter"]
+            out += [f"meshlens_{name}_total{labels(k)} {v}" for k, v in table.items()]
+        typed: set[str] = set()
+        for name, value in gauges.items():  # a name may carry labels: recorder_dropped_total{reason="x"}
+            base = name.split("{", 1)[0]
+            if base not in typed:
+                typed.add(base)
+                out.append(f"# TYPE meshlens_{base} {'counter' if base.endswith('_total') else 'gauge'}")
+            out.append(f"meshlens_{name} {value:g}")
+        return "\n".join(out) + "\n"
+
+
+def _esc(s: str) -> str:
+    return s.replace("\\", "\\\\").replace('"', '\\"')

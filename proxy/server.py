@@ -1,0 +1,266 @@
+"""The sidecar process: configuration, routing, recording, listeners and graceful drain.
+
+State here lives as long as the process: the upstream pool, the open downstream
+connections, counters and metrics, the recorder. Connections and requests keep
+their own state (proxy/downstream.py, proxy/upstream.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from collector.record import Call
+from meshlens.mesh import Mesh, parse_address
+from proxy.downstream import HEADER_TIMEOUT, IDLE_TIMEOUT, Downstream
+from proxy.request import Request
+from proxy.metrics import Metrics
+from proxy.upstream import Pool
+
+if TYPE_CHECKING:
+    from collector.client import CallRecorder
+
+__all__ = ["DRAIN_TIMEOUT", "ProxyConfig", "Proxy", "Route", "run"]
+
+log = logging.getLogger("meshlens.proxy")
+
+# Time in-flight exchanges get after SIGTERM: below Kubernetes' 30 s terminationGracePeriod,
+# so the sidecar exits on its own before it is killed.
+DRAIN_TIMEOUT = 25.0
+# Listen backlog: Envoy and nginx (on Linux) use the kernel's somaxconn cap; 1024 is its usual value.
+BACKLOG = 1024
+# Resolved non-service authorities kept: far more than one app talks to; bounded against odd Host values.
+ROUTE_CACHE_SIZE = 4096
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """What one sidecar needs; validated by the CLI before the proxy starts. Port 0 = ephemeral, -1 = off."""
+
+    service: str
+    mesh: Mesh
+    inbound_port: int = 15006
+    outbound_port: int = 15001
+    admin_port: int = 15000
+    metrics_port: int = 15090
+    app_port: int | None = None
+    """The local application's port; without it there is no inbound listener."""
+    app_host: str = "127.0.0.1"
+    inbound_host: str = "0.0.0.0"
+    """Inbound must be reachable by other services' sidecars; everything else binds loopback."""
+    local_host: str = "127.0.0.1"
+    header_timeout: float = HEADER_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
+    drain_timeout: float = DRAIN_TIMEOUT
+    observer_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one request goes, and how the record names it."""
+
+    addr: tuple[str, int]
+    dst_service: str
+    dst_subset: str
+
+
+class Proxy:
+    """One sidecar: its listeners, pool, connections, counters, metrics and recorder."""
+
+    def __init__(self, config: ProxyConfig, recorder: CallRecorder | None) -> None:
+        # per process
+        self.config = config
+        self.service = config.mesh.service(config.service)
+        self.recorder = recorder
+        self.stats: dict[str, int] = {
+            "downstream_cx_total": 0, "downstream_cx_active": 0, "downstream_rq_total": 0,
+            "downstream_rq_header_timeout": 0, "upstream_cx_total": 0, "upstream_cx_reused": 0,
+            "upstream_rq_refused": 0, "upstream_rq_reset": 0, "downstream_rq_local_reply": 0,
+        }
+        self.pool = Pool(self.stats)
+        self.metrics = Metrics()
+        self.conns: set[Downstream] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.ports: dict[str, int] = {}
+        self.draining = False
+        self._rr: dict[str, int] = {}
+        self._routes: dict[bytes, Route] = {}
+        self._inbound_route: Route | None = None
+        if config.app_port is not None:
+            _, subset = config.mesh.name_of(config.app_host, config.app_port)
+            self._inbound_route = Route((config.app_host, config.app_port), self.service.name, subset)
+
+    def __repr__(self) -> str:
+        return f"<Proxy {self.service.name} conns={len(self.conns)} draining={self.draining}>"
+
+    # -- routing --------------------------------------------------------------------------------
+
+    def route(self, inbound: bool, authority: bytes) -> Route | tuple[int, str, str]:
+        """The upstream for a request, or (status, reason, error) to answer it locally."""
+        if inbound:
+            assert self._inbound_route is not None
+            return self._inbound_route
+        cached = self._routes.get(authority)
+        if cached is not None:
+            return cached
+        text = authority.decode("latin-1").strip()
+        if not text:
+            return 400, "no Host header and no absolute-form target", "protocol_error"
+        name, _, port_text = text.rpartition(":") if not text.endswith("]") and ":" in text else (text, "", "")
+        svc = self.config.mesh.services.get(name)
+        if svc is not None:
+            if not svc.instances:
+                return 503, f"service {name} has no instances", "no_healthy_upstream"
+            i = self._rr.get(name, 0)
+            self._rr[name] = i + 1
+            inst = svc.instances[i % len(svc.instances)]
+            return Route((inst.host, inst.port), svc.name, svc.subset_of(inst))
+        try:
+            host, port = parse_address(text if port_text else f"{text}:80")
+        except ValueError:
+            return 400, f"cannot route to {text!r}", "protocol_error"
+        if port == self.ports.get("outbound") and host in _LOOPBACK:
+            return 508, "request would loop back into the outbound listener", "loop"
+        dst, subset = self.config.mesh.name_of(host, port)
+        route = Route((host, port), dst, subset)
+        if len(self._routes) < ROUTE_CACHE_SIZE:
+            self._routes[authority] = route
+        return route
+
+    # -- connections and records -------------------------------------------------------------------
+
+    def opened(self, conn: Downstream) -> None:
+        self.conns.add(conn)
+        self.stats["downstream_cx_total"] += 1
+        if self.draining:
+            conn.drain()
+
+    def closed(self, conn: Downstream) -> None:
+        self.conns.discard(conn)
+
+    def record(self, req: Request, conn: Downstream) -> None:
+        stats = self.stats
+        stats["downstream_rq_total"] += 1
+        if req.error == "refused":
+            stats["upstream_rq_refused"] += 1
+        elif req.error == "reset":
+            stats["upstream_rq_reset"] += 1
+        if req.local is not None:
+            stats["downstream_rq_local_reply"] += 1
+        end = time.monotonic_ns()
+        route = req.route
+        inbound = conn.inbound
+        dst = route.dst_service if route is not None else ""
+        src = "" if inbound else self.service.name
+        self.metrics.observe(("destination" if inbound else "source", src, dst, req.status, req.error),
+                             (end - req.t0) / 1e6, req.request_bytes, req.response_bytes)
+        if self.recorder is None:
+            return
+        trace = req.trace
+        self.recorder.record(Call(
+            time=req.t_wall, duration_ns=end - req.t0,
+            observer="server" if inbound else "client", observer_id=self.config.observer_id,
+            trace_id=trace.trace_id if trace else "", span_id=trace.span_id if trace else "",
+            parent_span_id=trace.parent_span_id if trace else "",
+            src_service=src, src_instance="" if inbound else self.config.observer_id,
+            src_addr=conn.peer[0], src_port=conn.peer[1],
+            dst_service=dst, dst_subset=route.dst_subset if route else "",
+            dst_addr=route.addr[0] if route else "", dst_port=route.addr[1] if route else 0,
+            protocol="http/1.1", method=req.method, authority=req.authority, path=req.path,
+            status=req.status, request_bytes=req.request_bytes, response_bytes=req.response_bytes,
+            error=req.error, mode=self.service.mode,
+            attributes={"x_request_id": req.request_id.decode("latin-1")} if req.request_id else {},
+        ))
+
+    def snapshot(self) -> dict[str, object]:
+        """Counters for /stats."""
+        out: dict[str, object] = dict(self.stats)
+        out["downstream_cx_active"] = len(self.conns)
+        out["upstream_cx_idle"] = sum(len(d) for d in self.pool.idle.values())
+        out["draining"] = self.draining
+        rec = self.recorder
+        if rec is not None:
+            out["recorder_sent_calls"] = rec.sent_calls
+            out["recorder_buffered"] = rec.buffered
+            for reason, n in rec.dropped.items():
+                out[f"recorder_dropped_{reason}"] = n
+        return out
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        listeners = [("outbound", cfg.local_host, cfg.outbound_port, False)]
+        if cfg.app_port is not None:
+            listeners.append(("inbound", cfg.inbound_host, cfg.inbound_port, True))
+        for name, host, port, inbound in listeners:
+            if port < 0:
+                continue
+            server = await loop.create_server(lambda inbound=inbound: Downstream(self, inbound), host, port,
+                                              backlog=BACKLOG, reuse_address=True)
+            self.servers.append(server)
+            self.ports[name] = server.sockets[0].getsockname()[1]
+
+    async def drain(self) -> None:
+        """Stop accepting, let in-flight exchanges finish (up to drain_timeout), close the rest."""
+        self.draining = True
+        for server in self.servers:
+            server.close()
+        for conn in list(self.conns):
+            conn.drain()
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self.conns and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.conns):
+            conn.transport.abort()
+        self.pool.close()
+
+
+def ready_line(proxy: Proxy, admin_ports: dict[str, int]) -> str:
+    ports = {**proxy.ports, **admin_ports}
+    fields = " ".join(f"{k}={proxy.config.local_host if k != 'inbound' else proxy.config.inbound_host}:{v}"
+                      for k, v in ports.items())
+    return f"meshlens proxy ready service={proxy.service.name} {fields}"
+
+
+async def serve(config: ProxyConfig, recorder: CallRecorder | None) -> None:
+    """Run until SIGTERM/SIGINT, then drain."""
+    from proxy.admin import start_admin
+
+    proxy = Proxy(config, recorder)
+    await proxy.start()
+    runners, admin_ports = await start_admin(proxy)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(ready_line(proxy, admin_ports), flush=True)
+    log.info("proxy started service=%s ports=%s loop=%s", proxy.service.name, {**proxy.ports, **admin_ports},
+             type(loop).__module__)
+    await stop.wait()
+    log.info("draining in_flight_connections=%d", len(proxy.conns))
+    await proxy.drain()
+    for runner in runners:
+        await runner.cleanup()
+
+
+def run(config: ProxyConfig, recorder: CallRecorder | None) -> None:
+    """Serve on uvloop when installed, else asyncio's default loop."""
+    try:
+        import uvloop
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is optional
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(config, recorder))
+    if recorder is not None:
+        recorder.close()
+    sys.stdout.flush()
