@@ -12,8 +12,9 @@ Rules, as the receiving stack applies them:
   delivered or already buffered are never replaced: the first copy wins, as in
   the receiving kernel, so retransmissions, overlaps and the second copy of
   every packet in a loopback capture are counted once.
-- A hole that will not be filled -- the buffer behind it passes its limit, or
-  the connection ends or idles with it -- is skipped and reported as
+- A hole that will not be filled -- the buffer behind it passes its limit, the
+  other end acknowledges bytes past it (the receiver got them: only the
+  capture missed them), or the connection ends or idles with it -- is skipped and reported as
   `Gap(direction, nbytes)` so that the protocol parser can resynchronise.
 - FIN ends a direction once every byte before it is delivered; both ended is
   `Close("fin")`. RST is `Close("rst")` at once. A SYN with a new initial
@@ -159,7 +160,12 @@ class _Conn:
 class Reassembler:
     """Every TCP connection of a capture: `feed` segments in capture order, read events."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, ack_gaps: bool = False) -> None:
+        """`ack_gaps`: a hole the other end has acknowledged is a gap at once (as Zeek's
+        "ack above hole"), instead of when the buffer fills or the connection ends. Right
+        for captures on the path (data is captured before the ACK for it); wrong for
+        files whose two directions were merged out of order."""
+        self.ack_gaps = ack_gaps
         # Both orientations of each 4-tuple -> (connection, direction index 0=c2s, 1=s2c).
         self._table: dict[tuple, tuple[_Conn, int]] = {}
         self._closed: dict[tuple, int] = {}  # 4-tuple -> end of its TIME_WAIT
@@ -176,7 +182,7 @@ class Reassembler:
         self.stats.segments += 1
         if t >= self._next_sweep:
             self._sweep(t, out)
-        src, dst, sport, dport, seq, _ack, flags, payload = seg
+        src, dst, sport, dport, seq, ack, flags, payload = seg
         entry = self._table.get((src, sport, dst, dport))
         if entry is None:
             entry = self._open(seg, (src, sport, dst, dport), t, out)
@@ -184,6 +190,11 @@ class Reassembler:
                 return out
         c, d = entry
         c.last = t
+        if flags & ACK and self.ack_gaps:
+            # first: the sender of this segment had received what it acknowledges
+            other = c.halves[1 - d]
+            if ack != other.next_seq and other.next_seq >= 0 and not other.done:
+                self._acked(c, 1 - d, ack, t, out)
         if flags & (SYN | FIN | RST):
             self._control(c, d, seg, t, out)
         elif payload:
@@ -325,6 +336,25 @@ class Reassembler:
         self._insert(h, start, payload)
         self._drain(c, d, t, out, skip_holes=False)
 
+    def _acked(self, c: _Conn, d: int, ack: int, t: int, out: list[Event]) -> None:
+        """Direction `d`'s receiver acknowledged up to `ack`: holes below it were lost in capture only."""
+        h = c.halves[d]
+        ack_off = h.next_off + ((ack - h.next_seq + _HALF) & _MOD) - _HALF
+        if ack_off <= h.next_off:
+            return  # the usual case: acknowledging bytes already delivered
+        if h.fin_off >= 0:
+            ack_off = min(ack_off, h.fin_off)  # the FIN's own sequence number is no data
+        if h.pending:
+            if h.pending[0][0] <= ack_off:
+                self._drain(c, d, t, out, skip_holes=True, until=ack_off)
+        elif h.next_off < ack_off <= h.next_off + MAX_PENDING_BYTES:
+            # acknowledged but never captured, nothing behind it yet: lost now, not at close
+            hole = ack_off - h.next_off
+            out.append(Gap(c.conn, _DIRECTIONS[d], hole, t))
+            self.stats.gaps += 1
+            self.stats.gap_bytes += hole
+            h.advance(hole)
+
     def _insert(self, h: _Half, start: int, payload: memoryview) -> None:
         """Buffer the bytes of [start, start+len) that nobody delivered or buffered yet."""
         end = start + len(payload)
@@ -358,7 +388,7 @@ class Reassembler:
             pend[i:j] = sorted(pend[i:j] + pieces)
             h.pending_bytes += added
 
-    def _drain(self, c: _Conn, d: int, t: int, out: list[Event], skip_holes: bool) -> None:
+    def _drain(self, c: _Conn, d: int, t: int, out: list[Event], skip_holes: bool, until: int = -1) -> None:
         """Deliver what is contiguous; skip holes when told to or when the buffer is over its limits."""
         h = c.halves[d]
         pend = h.pending
@@ -371,9 +401,10 @@ class Reassembler:
                     piece = pd[h.next_off - ps:]
                     pieces.append(piece)
                     h.advance(len(piece))
-            if pend and (skip_holes or h.pending_bytes > MAX_PENDING_BYTES or len(pend) > MAX_PENDING_SEGMENTS):
+            if pend and ((skip_holes and (until < 0 or pend[0][0] <= until))
+                         or h.pending_bytes > MAX_PENDING_BYTES or len(pend) > MAX_PENDING_SEGMENTS):
                 hole = pend[0][0] - h.next_off
-            elif skip_holes and h.fin_off > h.next_off:
+            elif skip_holes and until < 0 and h.fin_off > h.next_off:
                 hole = h.fin_off - h.next_off  # the bytes before the FIN were lost
             else:
                 break

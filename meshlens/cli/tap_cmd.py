@@ -170,6 +170,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
+    if args.workers > 1 and not args.pcap:
+        raise UserError("--workers applies to --pcap (a live capture is one process)")
+    if args.duration is not None and not args.iface:
+        raise UserError("--duration applies to --iface")
     if args.out and os.path.splitext(args.out)[1].lower() not in (".parquet", ".csv"):
         raise UserError(f"--out must end in .parquet or .csv, not {args.out!r}")
     if args.pcap and args.workers > 1:

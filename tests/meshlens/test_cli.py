@@ -21,7 +21,7 @@ def meshlens(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
                           text=True, env=env, timeout=120, input=stdin)
 
 
-@pytest.mark.parametrize("sub", ["collector", "query", "schema", "analyze", "recommend", "proxy"])
+@pytest.mark.parametrize("sub", ["collector", "query", "schema", "analyze", "recommend", "proxy", "tap"])
 def test_every_subcommand_has_help_with_examples(sub):
     proc = meshlens(sub, "--help")
     assert proc.returncode == 0 and "examples:" in proc.stdout

@@ -319,3 +319,20 @@ def test_lost_segments_are_gaps_of_exactly_their_size(capture: tuple[Flow, list[
                 assert e.data == stream[pos:pos + len(e.data)]  # every delivered byte where it belongs
                 pos += len(e.data)
         assert pos == len(stream)  # and every byte delivered or counted in a gap
+
+
+def test_ack_past_a_hole_is_a_gap_at_once_with_ack_gaps() -> None:
+    # the request's second segment is lost; the server's answer acknowledges it: the capture missed it
+    flow = Flow()
+    conv = flow.conversation([(0, REQ * 200), (1, RESP)])  # the request in four segments
+    lost = conv[4]
+    segs = [s for s in conv if s is not lost]
+    first_resp = next(i for i, s in enumerate(segs) if s.direction == 1 and s.payload)
+    events = run([(flow, s) for s in segs[:first_resp + 1]], r=Reassembler(ack_gaps=True))
+    assert ("gap", "c2s", len(lost.payload)) in kinds(events)
+    gap_at = kinds(events).index(("gap", "c2s", len(lost.payload)))
+    assert kinds(events)[gap_at + 1][:2] == ("data", "c2s")  # the bytes behind the hole, before the answer
+    assert kinds(events)[-1][:2] == ("data", "s2c")
+    # without ack_gaps the hole waits (for a retransmission, the buffer limit or the close)
+    plain = run([(flow, s) for s in segs[:first_resp + 1]])
+    assert not [k for k in kinds(plain) if k[0] == "gap"]

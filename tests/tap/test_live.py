@@ -1,0 +1,217 @@
+"""Live capture of real traffic: nginx in one network namespace, curl and wrk in another, the tap
+on the client's veth; its calls are compared with nginx's access log, count for count and status
+for status."""
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+SUFFIX = f"{os.getpid() % 100000}"
+NS_SERVER, NS_CLIENT = f"mlsrv{SUFFIX}", f"mlcli{SUFFIX}"
+VETH_SERVER, VETH_CLIENT = f"mls{SUFFIX}", f"mlc{SUFFIX}"
+# A private /30 nobody routes: 10.213.7.1 (nginx) and 10.213.7.2 (clients, tap).
+SERVER_IP, CLIENT_IP = "10.213.7.1", "10.213.7.2"
+PORT = 8080
+
+NGINX_CONF = """
+daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    log_format tap '$status $request_method $request_uri';
+    access_log {d}/access.log tap;
+    client_body_temp_path {d}/tmp;
+    server {{
+        listen {ip}:{port};
+        keepalive_requests 100000;
+        location / {{ return 200 "ok\\n"; }}
+        location /missing {{ return 404; }}
+        location /teapot {{ return 418 "short and stout"; }}
+    }}
+}}
+"""
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=30)
+
+
+def in_ns(ns: str, *cmd: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, *cmd]
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[None]:
+    for tool in ("ip", "nginx", "curl", "wrk"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    made: list[str] = []
+    try:
+        for ns in (NS_SERVER, NS_CLIENT):
+            r = sh("ip", "netns", "add", ns, check=False)
+            if r.returncode:
+                pytest.skip(f"ip netns add not permitted here: {r.stderr.strip()}")
+            made.append(ns)
+        sh("ip", "link", "add", VETH_SERVER, "type", "veth", "peer", "name", VETH_CLIENT)
+        sh("ip", "link", "set", VETH_SERVER, "netns", NS_SERVER)
+        sh("ip", "link", "set", VETH_CLIENT, "netns", NS_CLIENT)
+        for ns, dev, ip in ((NS_SERVER, VETH_SERVER, SERVER_IP), (NS_CLIENT, VETH_CLIENT, CLIENT_IP)):
+            sh(*in_ns(ns, "ip", "addr", "add", f"{ip}/30", "dev", dev))
+            sh(*in_ns(ns, "ip", "link", "set", dev, "up"))
+            sh(*in_ns(ns, "ip", "link", "set", "lo", "up"))
+        yield
+    finally:
+        for ns in made:  # deleting a namespace deletes its end of the veth, and so the pair
+            sh("ip", "netns", "del", ns, check=False)
+
+
+@pytest.fixture
+def nginx(netns: None, tmp_path: Path) -> Iterator[Path]:
+    d = tmp_path / "nginx"
+    (d / "tmp").mkdir(parents=True)
+    conf = d / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(d=d, ip=SERVER_IP, port=PORT))
+    proc = subprocess.Popen(in_ns(NS_SERVER, "nginx", "-c", str(conf), "-p", str(d)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while sh(*in_ns(NS_CLIENT, "curl", "-s", "-o", "/dev/null", f"http://{SERVER_IP}:{PORT}/ready"),
+                 check=False).returncode:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "nginx did not start"
+            time.sleep(0.1)
+        yield d
+    finally:
+        proc.send_signal(signal.SIGQUIT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+AIOHTTP_SERVER = """
+import logging, sys
+from aiohttp import web
+
+async def ok(request):
+    await request.read()
+    return web.Response(text="ok")
+
+async def missing(request):
+    return web.Response(status=404)
+
+async def teapot(request):
+    return web.Response(status=418, text="short and stout")
+
+app = web.Application()
+app.router.add_route("*", "/missing", missing)
+app.router.add_route("*", "/teapot", teapot)
+app.router.add_route("*", "/{tail:.*}", ok)
+log = logging.getLogger("access")
+log.setLevel(logging.INFO)
+log.addHandler(logging.FileHandler(sys.argv[1]))
+web.run_app(app, host=sys.argv[2], port=int(sys.argv[3]), access_log=log, access_log_format="%s %r", print=None)
+"""
+
+
+@pytest.fixture
+def aiohttp_server(netns: None, tmp_path: Path) -> Iterator[Path]:
+    script, log = tmp_path / "server.py", tmp_path / "aiohttp-access.log"
+    script.write_text(AIOHTTP_SERVER)
+    proc = subprocess.Popen(in_ns(NS_SERVER, sys.executable, str(script), str(log), SERVER_IP, str(PORT + 1)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while sh(*in_ns(NS_CLIENT, "curl", "-s", "-o", "/dev/null", f"http://{SERVER_IP}:{PORT + 1}/ready"),
+                 check=False).returncode:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "aiohttp server did not start"
+            time.sleep(0.1)
+        yield log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_live_capture_matches_nginx_access_log(nginx: Path, tmp_path: Path) -> None:
+    capture_and_compare(nginx / "access.log", PORT, tmp_path, NS_CLIENT, VETH_CLIENT, CLIENT_IP)
+
+
+def test_live_capture_matches_aiohttp_access_log(aiohttp_server: Path, tmp_path: Path) -> None:
+    # curl only: aiohttp logs nothing for a request whose client (wrk, at its end) went away
+    capture_and_compare(aiohttp_server, PORT + 1, tmp_path, NS_CLIENT, VETH_CLIENT, CLIENT_IP, wrk=False)
+
+
+def test_loopback_sees_each_packet_twice_and_counts_it_once(nginx: Path, tmp_path: Path) -> None:
+    # inside the server's namespace its own address is reached over lo
+    # curl's sequential keep-alive requests, not wrk: wrk on lo outruns one Python process (the issue's
+    # live target is 5,000 calls/s on loopback, not measured yet)
+    err = capture_and_compare(nginx / "access.log", PORT, tmp_path, NS_SERVER, "lo", SERVER_IP, wrk=False)
+    fields = dict(f.split("=", 1) for f in err.strip().splitlines()[-1].split()[2:])
+    assert int(fields["kernel_received"]) >= 2 * int(fields["calls"])
+
+
+def capture_and_compare(log: Path, port: int, tmp_path: Path, ns: str, iface: str, client_ip: str,
+                        wrk: bool = True) -> str:
+    """Tap `iface` in `ns` while curl and wrk (from `ns`) talk to the server; compare calls with its log
+    (lines starting `STATUS METHOD URI`)."""
+    log.write_text("")  # the readiness probes happened before the tap started (the server appends)
+    out = tmp_path / "calls.parquet"
+    tap = subprocess.Popen(in_ns(ns, sys.executable, "-m", "meshlens.cli.tap_cmd", "--no-progress",
+                                 "--iface", iface, "--filter", f"tcp port {port}", "--out", str(out)),
+                           stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    try:
+        assert tap.stderr is not None
+        lines = [tap.stderr.readline()]
+        while lines[-1] and "capturing" not in lines[-1]:
+            lines.append(tap.stderr.readline())
+        assert "capturing" in lines[-1], "".join(lines)
+        base = f"http://{SERVER_IP}:{port}"
+        # keep-alive: several URLs on one connection; a 404, a 418, a POST with a body, a HEAD
+        sh(*in_ns(ns, "curl", "-s", "-o", "/dev/null", f"{base}/a", f"{base}/missing", f"{base}/teapot",
+                  f"{base}/b?q=1"))
+        sh(*in_ns(ns, "curl", "-s", "-o", "/dev/null", "-X", "POST", "--data", "x" * 3000, f"{base}/post"))
+        sh(*in_ns(ns, "curl", "-s", "-o", "/dev/null", "-I", f"{base}/head"))
+        if wrk:
+            done = sh(*in_ns(ns, "wrk", "-t1", "-c4", "-d2s", f"{base}/wrk"))
+            assert "requests in" in done.stdout, done.stdout + done.stderr
+        else:
+            sh(*in_ns(ns, "curl", "-s", "-o", "/dev/null", f"{base}/glob/[1-1000]"))
+        time.sleep(1.0)
+    finally:
+        tap.send_signal(signal.SIGTERM)
+        _, err = tap.communicate(timeout=60)
+    assert tap.returncode == 0, err
+    served = collections.Counter()
+    for entry in log.read_text().splitlines():
+        status, method, uri = entry.split(" ")[:3]
+        # 499: the client (wrk, at its end) closed before the answer; the tap sees a request with no response
+        served[(method, uri.split("?")[0], 0 if status == "499" else int(status))] += 1
+    calls = pq.read_table(out).to_pylist()
+    # wrk opens a connection to check the server before its run: a tcp call without bytes, no request
+    assert [(c["request_bytes"], c["response_bytes"]) for c in calls if c["protocol"] == "tcp"] in ([], [(0, 0)])
+    calls = [c for c in calls if c["protocol"] == "http/1.1"]
+    seen = collections.Counter((c["method"], c["path"], c["status"]) for c in calls)
+    assert sum(served.values()) > 100  # the load really ran
+    assert seen == served, err
+    assert all(c["dst_addr"] == SERVER_IP and c["dst_port"] == port and c["src_addr"] == client_ip for c in calls)
+    assert {c["error"] for c in calls if c["status"]} == {""}
+    assert "kernel_dropped=0" in err
+    return err
