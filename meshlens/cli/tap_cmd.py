@@ -141,8 +141,6 @@ class _Progress:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tap.calls import Tap
-
     mesh = None
     if args.mesh:
         from meshlens.mesh import MeshError, load

@@ -4,54 +4,37 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import re
-import select
-import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 from aiohttp import web
 
+from tests.server_process import ServerProcess
+
 READY = re.compile(r"meshlens proxy ready service=(\S+) (.*)")
 
 
-class ProxyProcess:
+class ProxyProcess(ServerProcess):
     """`meshlens proxy` on ephemeral ports; stopped (SIGTERM, then kill) by the test."""
 
+    name = "proxy"
+
     def __init__(self, workdir: Path, mesh: str, service: str, *args: str) -> None:
-        self.workdir = Path(workdir)
+        super().__init__(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mesh_file = self.workdir / "mesh.yaml"
         self.mesh_file.write_text(mesh)
         self.service = service
         self.args = list(args)
-        self.proc: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}
-        self.log = self.workdir / "proxy.log"
 
     def start(self, timeout: float = 20.0) -> "ProxyProcess":
-        cmd = [sys.executable, "-m", "meshlens.cli.proxy_cmd", "--service", self.service, "--mesh", str(self.mesh_file),
-               "--inbound-port", "0", "--outbound-port", "0", "--admin-port", "0", "--metrics-port", "0", *self.args]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLENS_")}
-        self._err = open(self.log, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._err, env=env)
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                m = READY.search(self.proc.stdout.readline().decode())
-                if m:
-                    self.ports = {k: int(v.rsplit(":", 1)[1]) for k, v in (f.split("=") for f in m.group(2).split())}
-                    return self
-            if self.proc.poll() is not None:
-                break
-        self.kill()
-        raise RuntimeError(f"proxy did not start:\n{self.log.read_text()[-3000:]}")
+        m = self.launch(["meshlens.cli.proxy_cmd", "--service", self.service, "--mesh", str(self.mesh_file),
+                         "--inbound-port", "0", "--outbound-port", "0", "--admin-port", "0", "--metrics-port", "0",
+                         *self.args], READY, timeout)
+        self.ports = {k: int(v.rsplit(":", 1)[1]) for k, v in (f.split("=") for f in m.group(2).split())}
+        return self
 
     @property
     def inbound(self) -> int:
@@ -60,26 +43,6 @@ class ProxyProcess:
     @property
     def outbound(self) -> int:
         return self.ports["outbound"]
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return -9
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 def sample_app() -> web.Application:

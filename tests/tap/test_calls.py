@@ -4,7 +4,6 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
