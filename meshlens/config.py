@@ -4,8 +4,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from pathlib import Path
 from typing import Any, Mapping, TypeVar
+
+from meshlens.yamlfile import read_yaml
 
 T = TypeVar("T")
 ENV_PREFIX = "MESHLENS_"
@@ -47,18 +48,7 @@ def resolve(cls: type[T], flags: Mapping[str, Any], env: Mapping[str, str] | Non
 
 
 def _read_file(path: str, cls: type) -> dict[str, Any]:
-    import yaml
-
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    doc = read_yaml(path, "config file", ConfigError)
     if doc is None:  # empty, or only comments
         doc = {}
     if not isinstance(doc, dict):

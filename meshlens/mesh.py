@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from meshlens.yamlfile import read_yaml
+
 Protocol = Literal["http", "grpc", "tcp", "tls"]
 Mode = Literal["observe", "dry-run", "enforce"]
 PROTOCOLS: tuple[str, ...] = ("http", "grpc", "tcp", "tls")
@@ -110,19 +112,7 @@ class Mesh:
 
 def load(path: str | Path) -> Mesh:
     """Read and validate a mesh.yaml file."""
-    import yaml
-
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise MeshError(f"cannot read mesh file {path}: {e.strerror}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise MeshError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
-    return parse(doc, str(path))
+    return parse(read_yaml(path, "mesh file", MeshError), str(path))
 
 
 def parse(doc: Any, source: str = "mesh") -> Mesh:
