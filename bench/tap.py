@@ -97,7 +97,7 @@ def main() -> int:
     rows = []
     for workers in sorted({1, args.workers}):
         out = d / f"calls-{workers}.parquet"
-        secs, r = timed([sys.executable, "-m", "meshlens.cli.tap_cmd", "--pcap", str(pcap), "--out", str(out),
+        secs, r = timed([sys.executable, "-m", "meshlens.cli.main", "tap", "--pcap", str(pcap), "--out", str(out),
                          "--no-progress", "--workers", str(workers)])
         if r.returncode:
             print(r.stderr, file=sys.stderr)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from meshlens.cli.errors import UserError
 
@@ -100,27 +99,3 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UserError(f"cannot listen: {e.strerror or e}") from None
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m meshlens.cli.proxy_cmd`) until `meshlens proxy` is registered."""
-    import logging
-
-    from meshlens.cli.main import Parser
-
-    p = Parser(prog="meshlens proxy", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level="INFO", stream=sys.stderr,
-                        format="time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"meshlens proxy: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,4 @@
-"""`meshlens tap`: passive capture (live interface or pcap/pcapng file) into call records.
-
-Until `meshlens tap` is registered in meshlens/cli/main.py this also runs as
-`python -m meshlens.cli.tap_cmd ARGS`.
-"""
+"""`meshlens tap`: passive capture (live interface or pcap/pcapng file) into call records."""
 from __future__ import annotations
 
 import argparse
@@ -373,25 +369,3 @@ def _close_output(sink: FileSink | None, recorder: Any) -> str:
     if not ok:
         return f"the collector at {recorder.url} did not take {left or 'some'} calls (is it running?)"
     return ""
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point until `meshlens tap` is registered in meshlens/cli/main.py."""
-    import logging
-
-    p = argparse.ArgumentParser(prog="meshlens tap", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    configure(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level="WARNING", stream=sys.stderr,
-                        format="time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
-    try:
-        return int(run(args) or 0)
-    except UserError as e:
-        print(f"meshlens tap: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,7 +30,7 @@ class ProxyProcess(ServerProcess):
         self.ports: dict[str, int] = {}
 
     def start(self, timeout: float = 20.0) -> "ProxyProcess":
-        m = self.launch(["meshlens.cli.proxy_cmd", "--service", self.service, "--mesh", str(self.mesh_file),
+        m = self.launch(["meshlens.cli.main", "proxy", "--service", self.service, "--mesh", str(self.mesh_file),
                          "--inbound-port", "0", "--outbound-port", "0", "--admin-port", "0", "--metrics-port", "0",
                          *self.args], READY, timeout)
         self.ports = {k: int(v.rsplit(":", 1)[1]) for k, v in (f.split("=") for f in m.group(2).split())}

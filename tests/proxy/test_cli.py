@@ -13,7 +13,7 @@ import pytest
 from tests.proxy.processes import ProxyProcess, mesh_yaml
 from tests.proxy.conftest import free_port
 
-CMD = [sys.executable, "-m", "meshlens.cli.proxy_cmd"]
+CMD = [sys.executable, "-m", "meshlens.cli.main", "proxy"]
 
 
 def test_help_has_examples():

@@ -174,7 +174,7 @@ def capture_and_compare(log: Path, port: int, tmp_path: Path, ns: str, iface: st
     (lines starting `STATUS METHOD URI`)."""
     log.write_text("")  # the readiness probes happened before the tap started (the server appends)
     out = tmp_path / "calls.parquet"
-    tap = subprocess.Popen(in_ns(ns, sys.executable, "-m", "meshlens.cli.tap_cmd", "--no-progress",
+    tap = subprocess.Popen(in_ns(ns, sys.executable, "-m", "meshlens.cli.main", "tap", "--no-progress",
                                  "--iface", iface, "--filter", f"tcp port {port}", "--out", str(out)),
                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
     try:
@@ -242,7 +242,7 @@ def test_a_pcap_of_real_traffic_gives_the_calls_in_the_access_log(nginx: Path, t
         dump.send_signal(signal.SIGINT)
         _, dump_err = dump.communicate(timeout=20)
     assert "0 packets dropped by kernel" in dump_err, dump_err
-    r = subprocess.run([sys.executable, "-m", "meshlens.cli.tap_cmd", "--no-progress", "--pcap", str(pcap),
+    r = subprocess.run([sys.executable, "-m", "meshlens.cli.main", "tap", "--no-progress", "--pcap", str(pcap),
                         "--out", str(out)], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).parents[2])
     assert r.returncode == 0, r.stderr

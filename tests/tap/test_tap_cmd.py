@@ -25,7 +25,7 @@ MESH = """services:
 
 
 def tap(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "meshlens.cli.tap_cmd", "--no-progress", *args],
+    return subprocess.run([sys.executable, "-m", "meshlens.cli.main", "tap", "--no-progress", *args],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -93,7 +93,7 @@ def test_truncated_pcap_keeps_calls_read_before(tmp_path: Path) -> None:
     (["--pcap", "/dev/null", "--out", "x.json"], "meshlens tap: --out must end in .parquet or .csv, not 'x.json'"),
 ])
 def test_user_errors_are_one_line_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "meshlens.cli.tap_cmd", *args], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "meshlens.cli.main", "tap", *args], capture_output=True, text=True,
                        timeout=30, cwd=tmp_path)
     assert (r.returncode, r.stderr) == (2, message + "\n")
 
