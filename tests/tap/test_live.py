@@ -77,6 +77,16 @@ def netns() -> Iterator[None]:
             sh("ip", "netns", "del", ns, check=False)
 
 
+def wait_ready(proc: subprocess.Popen, port: int, what: str, timeout: float) -> None:
+    """Until the server in the server namespace answers /ready from the client namespace."""
+    deadline = time.monotonic() + timeout
+    while sh(*in_ns(NS_CLIENT, "curl", "-s", "-o", "/dev/null", f"http://{SERVER_IP}:{port}/ready"),
+             check=False).returncode:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        assert time.monotonic() < deadline, f"{what} did not start"
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def nginx(netns: None, tmp_path: Path) -> Iterator[Path]:
     d = tmp_path / "nginx"
@@ -86,12 +96,7 @@ def nginx(netns: None, tmp_path: Path) -> Iterator[Path]:
     proc = subprocess.Popen(in_ns(NS_SERVER, "nginx", "-c", str(conf), "-p", str(d)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 10
-        while sh(*in_ns(NS_CLIENT, "curl", "-s", "-o", "/dev/null", f"http://{SERVER_IP}:{PORT}/ready"),
-                 check=False).returncode:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline, "nginx did not start"
-            time.sleep(0.1)
+        wait_ready(proc, PORT, "nginx", 10)
         yield d
     finally:
         proc.send_signal(signal.SIGQUIT)
@@ -134,12 +139,7 @@ def aiohttp_server(netns: None, tmp_path: Path) -> Iterator[Path]:
     proc = subprocess.Popen(in_ns(NS_SERVER, sys.executable, str(script), str(log), SERVER_IP, str(PORT + 1)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 20
-        while sh(*in_ns(NS_CLIENT, "curl", "-s", "-o", "/dev/null", f"http://{SERVER_IP}:{PORT + 1}/ready"),
-                 check=False).returncode:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline, "aiohttp server did not start"
-            time.sleep(0.1)
+        wait_ready(proc, PORT + 1, "aiohttp server", 20)
         yield log
     finally:
         proc.terminate()
