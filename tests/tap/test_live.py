@@ -168,6 +168,18 @@ def test_loopback_sees_each_packet_twice_and_counts_it_once(nginx: Path, tmp_pat
     assert int(fields["kernel_received"]) >= 2 * int(fields["calls"])
 
 
+def served_calls(log: Path) -> collections.Counter:
+    """(method, path, status) counts from a server log of `STATUS METHOD URI` lines."""
+    served: collections.Counter = collections.Counter()
+    for entry in log.read_text().splitlines():
+        status, method, uri = entry.split(" ")[:3]
+        if uri == "/ready":  # a readiness probe from before the capture, logged after the log was emptied
+            continue
+        # 499: the client (wrk, at its end) closed before the answer; the tap sees a request with no response
+        served[(method, uri.split("?")[0], 0 if status == "499" else int(status))] += 1
+    return served
+
+
 def capture_and_compare(log: Path, port: int, tmp_path: Path, ns: str, iface: str, client_ip: str,
                         wrk: bool = True) -> str:
     """Tap `iface` in `ns` while curl and wrk (from `ns`) talk to the server; compare calls with its log
@@ -199,13 +211,7 @@ def capture_and_compare(log: Path, port: int, tmp_path: Path, ns: str, iface: st
         tap.send_signal(signal.SIGTERM)
         _, err = tap.communicate(timeout=60)
     assert tap.returncode == 0, err
-    served = collections.Counter()
-    for entry in log.read_text().splitlines():
-        status, method, uri = entry.split(" ")[:3]
-        if uri == "/ready":  # a readiness probe from before the capture, logged after the log was emptied
-            continue
-        # 499: the client (wrk, at its end) closed before the answer; the tap sees a request with no response
-        served[(method, uri.split("?")[0], 0 if status == "499" else int(status))] += 1
+    served = served_calls(log)
     calls = pq.read_table(out).to_pylist()
     # wrk opens a connection to check the server before its run: a tcp call without bytes, no request
     assert [(c["request_bytes"], c["response_bytes"]) for c in calls if c["protocol"] == "tcp"] in ([], [(0, 0)])
@@ -246,12 +252,7 @@ def test_a_pcap_of_real_traffic_gives_the_calls_in_the_access_log(nginx: Path, t
                         "--out", str(out)], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).parents[2])
     assert r.returncode == 0, r.stderr
-    served = collections.Counter()
-    for entry in log.read_text().splitlines():
-        status, method, uri = entry.split(" ")[:3]
-        if uri == "/ready":  # a readiness probe from before the capture, logged after the log was emptied
-            continue
-        served[(method, uri.split("?")[0], 0 if status == "499" else int(status))] += 1
+    served = served_calls(log)
     calls = [c for c in pq.read_table(out).to_pylist() if c["protocol"] == "http/1.1"]
     assert sum(served.values()) > 100
     assert collections.Counter((c["method"], c["path"], c["status"]) for c in calls) == served
