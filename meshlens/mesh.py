@@ -93,6 +93,13 @@ class Mesh:
         """The service and instance at this address, if the mesh names one."""
         return self._by_address.get((_canonical_host(host), port))
 
+    def service_at(self, host: str) -> str | None:
+        """The one service with an instance at this IP, on any port (a caller's source port is
+        ephemeral); None when none is, or several are (e.g. everything on 127.0.0.1)."""
+        h = _canonical_host(host)
+        names = {svc.name for (ih, _), (svc, _) in self._by_address.items() if ih == h}
+        return names.pop() if len(names) == 1 else None
+
     def name_of(self, host: str, port: int) -> tuple[str, str]:
         """(service, subset) for an address; unknown addresses are named `ip:port` with no subset."""
         found = self.lookup(host, port)

@@ -4,10 +4,14 @@ Requests are parsed with httptools as they arrive and queued in order (pipelinin
 the first in the queue owns an upstream connection, later ones buffer at most
 `request.PIPELINE_BUFFER_BYTES` before reading pauses. Bodies stream through as they come,
 with flow control both ways: a slow reader on one side pauses reading on the other.
+A connection's first bytes are sniffed once: what is not HTTP/1.x is passed through
+(proxy/passthrough.py). An Upgrade request keeps its Upgrade field and a 101 turns the
+connection into a tunnel (proxy/tunnel.py), as does CONNECT to the outbound listener.
 """
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -15,11 +19,15 @@ import httptools
 
 from meshlens.protocols.errors import PeerError
 from meshlens.protocols.http1 import MAX_HEADER_BYTES, MAX_HEADER_COUNT
-from proxy.headers import forwardable, new_request_id, trace_for
-from proxy.request import Flow, Request, plain_response
+from meshlens.protocols.sniff import sniff
+from proxy.headers import PEER_HEADER, forwardable, new_request_id, trace_for, upgrade_fields
+from proxy.passthrough import SNIFF_TIMEOUT, Passthrough, connect_method
+from proxy.request import PIPELINE_BUFFER_BYTES, Flow, Request, plain_response
+from proxy.tunnel import CLIENT, SERVER, Tunnel
 
 if TYPE_CHECKING:
     from proxy.server import Proxy
+    from proxy.upstream import Upstream
 
 __all__ = ["HEADER_TIMEOUT", "IDLE_TIMEOUT", "Downstream"]
 
@@ -49,6 +57,13 @@ class Downstream(asyncio.Protocol):
         self.on_deadline = self._idle_expired
         self.wbuf: list[bytes] = []  # writes gathered while corked: one send per upstream read
         self.corked = False
+        self.original_dst: tuple[str, int] | None = None  # where iptables meant it to go (transparent outbound)
+        self.t_wall = self.t0 = 0  # when it was accepted: a passthrough's record starts there
+        self.sniffing = True  # until the first bytes tell HTTP/1.x (parsed from then on) from the rest
+        self.sniffed = b""  # first bytes while they cannot tell yet (< SNIFF_MAX_BYTES)
+        self.held: bytearray | None = None  # bytes after an Upgrade request head, until its response decides
+        self.tunnel: Tunnel | None = None  # the connection is a tunnel now (passthrough or upgraded)
+        self.client_eof = False
         # per request being parsed
         self.current: Request | None = None
         self.url = bytearray()
@@ -67,8 +82,9 @@ class Downstream(asyncio.Protocol):
         self.flow = Flow(self.transport)
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0], peer[1]) if peer else ("", 0)
+        self.t_wall, self.t0 = time.time_ns(), time.monotonic_ns()
         self.proxy.opened(self)
-        self._arm(self.proxy.config.idle_timeout, self._idle_expired)
+        self._arm(min(SNIFF_TIMEOUT, self.proxy.config.idle_timeout), self._sniff_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.deadline = 0.0
@@ -88,6 +104,7 @@ class Downstream(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         """The client half-closed: answer what it sent, then close (returning None closes now)."""
         self.closing = True
+        self.client_eof = True
         return True if self.queue or self.current is not None else None
 
     def pause_writing(self) -> None:
@@ -102,15 +119,27 @@ class Downstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.broken:
+            if self.held is not None:
+                self._hold(data)
             return
+        if self.sniffing:
+            data = self._sniff(data)  # type: ignore[assignment]
+            if not data:
+                return
         if self.current is None and self.deadline and self.on_deadline == self._idle_expired:
             self._arm(self.proxy.config.header_timeout, self._header_expired)  # the first bytes of a request head
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # Upgrade/CONNECT are not tunnelled yet: the request was forwarded without its
-            # Upgrade field and answered as plain HTTP; what follows is not ours to parse.
-            self._stop_reading()
+        except httptools.HttpParserUpgrade as e:
+            req = self.queue[-1] if self.queue else None
+            if req is not None and req.upgrade and not req.done:
+                # llhttp stops at an Upgrade head (a declared body included: Node reads it the same
+                # way): what follows belongs to the new protocol if the answer is 101, else is HTTP again
+                self.broken = True
+                self.held = bytearray()
+                self._hold(data[e.args[0]:])
+            else:  # CONNECT (answered 405), or an upgrade answered locally: nothing more is read
+                self._stop_reading()
         except httptools.HttpParserError as e:
             cause = e.__context__
             err = cause if isinstance(cause, PeerError) else PeerError(f"malformed request: {e}")
@@ -163,10 +192,17 @@ class Downstream(asyncio.Protocol):
         target = bytes(self.url)
         self.queue.append(req)
         if req.method == "CONNECT":
-            self._set_local(req, 405, "CONNECT is not supported by this proxy", "protocol_error")
-            self.closing = True
+            req.keep_alive = False  # after a CONNECT the connection is a tunnel, or closed
+            if self.inbound or self.original_dst is not None:
+                self._set_local(req, 405, "CONNECT is served only by the outbound listener as an explicit proxy",
+                                "protocol_error")
+            else:
+                self._prepare_connect(req, target)
         else:
             self._prepare(req, target)
+            if req.head and parser.should_upgrade():  # RFC 9110 7.8: Upgrade crosses this hop on purpose
+                req.upgrade = True
+                req.head = req.head[:-2] + upgrade_fields(self.headers) + b"\r\n"
         if not req.keep_alive:
             self.closing = True
         if len(self.queue) == 1:
@@ -175,6 +211,7 @@ class Downstream(asyncio.Protocol):
     def _prepare(self, req: Request, target: bytes) -> None:
         host = b""
         traceparent = request_id = None
+        peer = b""
         kept: list[tuple[bytes, bytes]] = []
         for n, v in self.headers:  # the three fields the proxy reads; the rest pass as they are
             c = n[:1]
@@ -182,6 +219,9 @@ class Downstream(asyncio.Protocol):
                 ln = n.lower()
                 if ln == b"traceparent":
                     traceparent = v
+                    continue
+                if ln == PEER_HEADER:  # sidecar to sidecar: read, never forwarded as received
+                    peer = v
                     continue
                 if ln == b"host":
                     host = v
@@ -200,14 +240,26 @@ class Downstream(asyncio.Protocol):
             request_id = new_request_id()
             out.append(b"x-request-id: " + request_id + b"\r\n")
         req.request_id = request_id
+        if not self.inbound:
+            out.append(self.proxy.peer_field)
         if req.chunked:
             out.append(b"transfer-encoding: chunked\r\n")
-        route = self.proxy.route(self.inbound, authority or host)
+        route = self.proxy.route(self, authority or host, peer)
         if isinstance(route, tuple):
             self._set_local(req, *route)
             return
         req.route = route
         req.head = b"%b %b HTTP/1.1\r\n%b\r\n" % (req.method.encode(), path_target, b"".join(out))
+
+    def _prepare_connect(self, req: Request, target: bytes) -> None:
+        """CONNECT host:port from the app to its sidecar (an explicit proxy): routed like a Host."""
+        req.authority = target.decode("latin-1")
+        req.upgrade = True
+        route = self.proxy.route(self, target)
+        if isinstance(route, tuple):
+            self._set_local(req, *route)
+        else:
+            req.route = route
 
     def on_body(self, body: bytes) -> None:
         if self.current is not None:
@@ -228,6 +280,9 @@ class Downstream(asyncio.Protocol):
             self.finished(req)
             return
         assert req.route is not None
+        if req.method == "CONNECT":
+            asyncio.get_running_loop().create_task(connect_method(self, req))
+            return
         up = self.proxy.pool.take(req.route.addr)
         if up is not None:
             req.attach(up)
@@ -285,6 +340,13 @@ class Downstream(asyncio.Protocol):
         # whatever paused reading on behalf of this exchange is over; the next one pauses anew if it must
         self.flow.resume("upstream")
         self.flow.resume("buffer")
+        if self.held is not None:  # an Upgrade answered without 101: what the client sent after it is HTTP
+            held, self.held = bytes(self.held), None
+            self.broken = False
+            self.flow.resume("upgrade")
+            if held:
+                self.data_received(held)
+                return
         if self.queue:
             self._start(self.queue[0])
         elif self.current is None:
@@ -296,7 +358,9 @@ class Downstream(asyncio.Protocol):
         self.flow.pause("closing")
 
     def drain(self) -> None:
-        """Graceful shutdown: finish what is in flight, then close."""
+        """Graceful shutdown: finish what is in flight, then close (tunnels run until the drain timeout)."""
+        if self.tunnel is not None:
+            return
         self.closing = True
         if not self.queue and self.current is None:
             self.transport.close()
@@ -346,6 +410,78 @@ class Downstream(asyncio.Protocol):
         if wbuf:
             self.transport.write(wbuf[0] if len(wbuf) == 1 else b"".join(wbuf))
             wbuf.clear()
+
+    # -- not HTTP, or not any more ---------------------------------------------------------------
+
+    def _sniff(self, data: bytes) -> bytes | None:
+        """The first bytes: HTTP/1.x is returned to be parsed (from then on, unsniffed); the rest passes through."""
+        head = self.sniffed + data if self.sniffed else data
+        proto = sniff(head)
+        if proto == "http/1.1":
+            self.sniffing = False
+            self.sniffed = b""
+            return head
+        if proto == "need_more":  # a prefix of a method or of the h2 preface: the header timeout bounds the wait
+            if not self.sniffed:
+                self._arm(self.proxy.config.header_timeout, self._header_expired)
+            self.sniffed = head
+            return None
+        self._pass(proto, head)
+        return None
+
+    def _pass(self, protocol: str, first: bytes) -> None:
+        self.sniffing = False
+        self.sniffed = b""
+        self.broken = True  # the HTTP parser never sees this connection
+        self._disarm()
+        Passthrough(self, protocol).start(first)
+
+    def _sniff_expired(self) -> None:
+        """Nothing sent yet: a server-first protocol, passed through if there is a destination; else idle."""
+        if not self.sniffing or self.sniffed or self.current is not None:
+            return
+        remaining = self.proxy.config.idle_timeout - SNIFF_TIMEOUT
+        if remaining <= 0:
+            self._idle_expired()
+        elif (self.inbound or self.original_dst is not None) and not self.proxy.draining:
+            self._pass("tcp", b"")
+        else:
+            self._arm(remaining, self._idle_expired)
+
+    def _hold(self, data: bytes) -> None:
+        held = self.held
+        assert held is not None
+        held += data
+        if len(held) > PIPELINE_BUFFER_BYTES:
+            self.flow.pause("upgrade")
+
+    def upgraded(self, req: Request, up: Upstream | None, rest: bytes, tunnel: Tunnel | None = None) -> None:
+        """The upstream answered 101 (head already written): both connections become one tunnel.
+
+        `rest`: the upstream's bytes after its head; `tunnel`: one whose server end is already
+        connected (CONNECT), instead of `up`. Recorded as `req` when the tunnel ends."""
+        self._disarm()
+        held, self.held = bytes(self.held or b""), None
+        if tunnel is None:
+            assert up is not None and up.transport is not None
+            tunnel = Tunnel(self.proxy.config.idle_timeout, lambda t: self.tunnel_closed(req, t))
+            tunnel.server.adopt(up.transport, up.write_paused)
+        self.tunnel = tunnel
+        tunnel.client.adopt(self.transport, self.write_paused)
+        tunnel.send(CLIENT, rest)
+        tunnel.send(SERVER, held)
+        if self.client_eof:  # half-closed while the upgrade was pending: the upstream is told now
+            tunnel.client.eof_received()
+        tunnel.start()
+
+    def tunnel_closed(self, req: Request, tunnel: Tunnel) -> None:
+        req.request_bytes += tunnel.bytes[CLIENT]
+        req.response_bytes += tunnel.bytes[SERVER]
+        req.error = req.error or tunnel.error
+        req.done = True
+        self.queue.clear()
+        self.proxy.record(req, self)
+        self.proxy.closed(self)
 
     def _idle_expired(self) -> None:
         if not self.queue and self.current is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from random import getrandbits
 
-__all__ = ["HOP_BY_HOP", "Trace", "forwardable", "hop_by_hop_names", "new_request_id", "trace_for"]
+__all__ = ["HOP_BY_HOP", "Trace", "forwardable", "hop_by_hop_names", "new_request_id", "trace_for", "upgrade_fields"]
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te",
                         b"transfer-encoding", b"upgrade"})
@@ -55,6 +55,14 @@ def hop_by_hop_names(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     return HOP_BY_HOP.union(t for t in extra if t) if extra else HOP_BY_HOP
 
 
+def upgrade_fields(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The Upgrade field(s) of a head and `connection: upgrade`, serialized.
+
+    RFC 9110 7.8: an intermediary that takes part in an upgrade forwards these two
+    hop-by-hop fields (request and 101 alike), else the next hop cannot switch."""
+    return b"".join(n + b": " + v + b"\r\n" for n, v in headers if n.lower() == b"upgrade") + b"connection: upgrade\r\n"
+
+
 def forwardable(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bool, bool]:
     """One pass over a head: (the fields to forward, serialized; chunked?; has Content-Length?).
 
@@ -77,3 +85,18 @@ def forwardable(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bool, bool]:
         drop = hop_by_hop_names(headers)
         out = [n + b": " + v + b"\r\n" for n, v in headers if n.lower() not in drop]
     return b"".join(out), chunked, has_length
+
+
+# -- the caller's service, sidecar to sidecar ------------------------------------------------------
+# An outbound sidecar adds `x-meshlens-peer: SERVICE` (its own service) to every request it
+# forwards; the callee's inbound sidecar reads it to fill the record's src_service when the
+# caller's address does not name a service (loopback, NAT), and strips it before the app sees
+# it. Outbound sidecars strip any copy the app sent, and answer 508 to a request carrying their
+# own name (it already went through them: a redirect loop). Like Istio's x-envoy-peer-metadata,
+# it is a claim, not an identity: mTLS peer identities are what enforcement will trust.
+PEER_HEADER = b"x-meshlens-peer"
+
+
+def peer_field(service: str) -> bytes:
+    """The serialized `x-meshlens-peer` field an outbound sidecar of `service` adds."""
+    return PEER_HEADER + b": " + service.encode("ascii") + b"\r\n"

@@ -1,9 +1,12 @@
-"""Istio-style request metrics (per process), rendered in the Prometheus text format.
+"""Istio-style request and TCP metrics (per process), rendered in the Prometheus text format.
 
 Names follow Istio's standard set under a `meshlens_` prefix: requests_total,
 request_duration_milliseconds (histogram), request_bytes and response_bytes (sums),
-labelled by reporter, source/destination service and response code. Updating is a
-few dict operations per exchange; rendering happens only when scraped.
+labelled by reporter, source/destination service and response code; for connections
+passed through as tunnels (tcp, tls, h2), tcp_connections_opened_total and
+tcp_connections_closed_total, tcp_received_bytes_total (client to destination) and
+tcp_sent_bytes_total (destination to client), added when the connection closes.
+Updating is a few dict operations per exchange; rendering happens only when scraped.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 1
                        1800000, 3600000)
 
 Key = tuple[str, str, str, int, str]  # reporter, source, destination, code, flags
+TcpKey = tuple[str, str, str]  # reporter, source, destination
 
 
 class Metrics:
@@ -25,6 +29,10 @@ class Metrics:
         self.duration_sum: dict[Key, float] = {}
         self.request_bytes: dict[Key, int] = {}
         self.response_bytes: dict[Key, int] = {}
+        self.tcp_opened_total: dict[TcpKey, int] = {}
+        self.tcp_closed_total: dict[tuple[str, str, str, str], int] = {}  # + response_flags (the error)
+        self.tcp_received: dict[TcpKey, int] = {}
+        self.tcp_sent: dict[TcpKey, int] = {}
 
     def observe(self, key: Key, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
         n = self.requests.get(key)
@@ -39,6 +47,16 @@ class Metrics:
         self.duration_sum[key] += duration_ms
         self.request_bytes[key] += request_bytes
         self.response_bytes[key] += response_bytes
+
+    def tcp_opened(self, key: TcpKey) -> None:
+        self.tcp_opened_total[key] = self.tcp_opened_total.get(key, 0) + 1
+
+    def tcp_closed(self, key: TcpKey, flags: str, received: int, sent: int) -> None:
+        """A tunnel ended: `received` bytes came from the client, `sent` went back to it."""
+        closed = (*key, flags)
+        self.tcp_closed_total[closed] = self.tcp_closed_total.get(closed, 0) + 1
+        self.tcp_received[key] = self.tcp_received.get(key, 0) + received
+        self.tcp_sent[key] = self.tcp_sent.get(key, 0) + sent
 
     def render(self, gauges: dict[str, float]) -> str:
         out: list[str] = []
@@ -65,6 +83,7 @@ class Metrics:
         for name, table in (("request_bytes", self.request_bytes), ("response_bytes", self.response_bytes)):
             out += [f"# HELP meshlens_{name}_total Body bytes ({name.split('_')[0]}).", f"# TYPE meshlens_{name}_total counter"]
             out += [f"meshlens_{name}_total{labels(k)} {v}" for k, v in table.items()]
+        out += _tcp_lines(self)
         typed: set[str] = set()
         for name, value in gauges.items():  # a name may carry labels: recorder_dropped_total{reason="x"}
             base = name.split("{", 1)[0]
@@ -73,6 +92,23 @@ class Metrics:
                 out.append(f"# TYPE meshlens_{base} {'counter' if base.endswith('_total') else 'gauge'}")
             out.append(f"meshlens_{name} {value:g}")
         return "\n".join(out) + "\n"
+
+
+def _tcp_lines(m: Metrics) -> list[str]:
+    def labels(k: tuple[str, ...]) -> str:
+        text = f'reporter="{k[0]}",source_workload="{_esc(k[1])}",destination_service="{_esc(k[2])}"'
+        return "{" + text + (f',response_flags="{_esc(k[3])}"' if len(k) > 3 else "") + "}"
+
+    out: list[str] = []
+    for name, help_text, table in (
+            ("tcp_connections_opened_total", "Connections passed through as tunnels (tcp, tls, h2).", m.tcp_opened_total),
+            ("tcp_connections_closed_total", "Tunnelled connections closed, by error.", m.tcp_closed_total),
+            ("tcp_received_bytes_total", "Bytes received from the client of a tunnel.", m.tcp_received),
+            ("tcp_sent_bytes_total", "Bytes sent to the client of a tunnel.", m.tcp_sent)):
+        if table:
+            out += [f"# HELP meshlens_{name} {help_text}", f"# TYPE meshlens_{name} counter"]
+            out += [f"meshlens_{name}{labels(k)} {v}" for k, v in table.items()]
+    return out
 
 
 def _esc(s: str) -> str:

@@ -10,7 +10,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from proxy.headers import Trace, forwardable
+from proxy.headers import Trace, forwardable, upgrade_fields
 
 if TYPE_CHECKING:
     from proxy.downstream import Downstream
@@ -25,7 +25,7 @@ PIPELINE_BUFFER_BYTES = 64 * 1024
 
 _REASONS = {400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
             431: b"Request Header Fields Too Large", 502: b"Bad Gateway", 503: b"Service Unavailable",
-            508: b"Loop Detected"}
+            504: b"Gateway Timeout", 508: b"Loop Detected"}
 
 
 def plain_response(status: int, text: str, close: bool) -> bytes:
@@ -62,7 +62,7 @@ class Request:
     __slots__ = ("conn", "t_wall", "t0", "method", "path", "authority", "version", "keep_alive", "chunked",
                  "head", "trace", "request_id", "route", "local", "error", "pending", "pending_bytes",
                  "upstream", "body_done", "request_sent", "status", "request_bytes", "response_bytes",
-                 "response_started", "client_chunked", "close_after", "done")
+                 "response_started", "client_chunked", "close_after", "done", "upgrade")
 
     def __init__(self, conn: Downstream) -> None:
         self.conn = conn
@@ -89,6 +89,7 @@ class Request:
         self.client_chunked = False
         self.close_after = False
         self.done = False
+        self.upgrade = False  # forwarded with its Upgrade field: a 101 turns the connection into a tunnel
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.path} status={self.status} done={self.done}>"
@@ -135,6 +136,11 @@ class Request:
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], final: bool) -> None:
         conn = self.conn
         if not final:
+            if status == 101 and self.upgrade:  # the switch: the tunnel starts after this head (Upstream)
+                self.status = 101
+                self.response_started = True
+                conn.write(b"HTTP/1.1 101 %b\r\n%b%b\r\n" % (reason, forwardable(headers)[0], upgrade_fields(headers)))
+                return
             if self.version == "1.1" and status != 101:  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client
                 conn.write(b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, forwardable(headers)[0]))
             return
@@ -165,6 +171,11 @@ class Request:
         if self.client_chunked:
             self.conn.write(b"0\r\n%b\r\n" % forwardable(trailers)[0])
         self.conn.finished(self)
+
+    def switched(self, up: Upstream, rest: bytes) -> None:
+        """The upstream switched protocols (101 sent on): `rest` is its first tunnel bytes."""
+        self.upstream = None
+        self.conn.upgraded(self, up, rest)
 
     def upstream_lost(self, protocol_error: bool = False) -> None:
         if self.done:

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from collector.record import Call
-from meshlens.mesh import Mesh, parse_address
+from meshlens.mesh import Mesh, Service, parse_address
 from proxy.downstream import HEADER_TIMEOUT, IDLE_TIMEOUT, Downstream
+from proxy.headers import peer_field
 from proxy.request import Request
 from proxy.metrics import Metrics
+from proxy.transparent import original_dst
 from proxy.upstream import Pool
 
 if TYPE_CHECKING:
@@ -37,7 +39,7 @@ DRAIN_TIMEOUT = 25.0
 BACKLOG = 1024
 # Resolved non-service authorities kept: far more than one app talks to; bounded against odd Host values.
 ROUTE_CACHE_SIZE = 4096
-_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost", "0.0.0.0", "::"})
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class Route:
     addr: tuple[str, int]
     dst_service: str
     dst_subset: str
+    src_service: str = ""
+    """Inbound only: the calling service, when the mesh or the caller's sidecar says (else '')."""
 
 
 class Proxy:
@@ -92,21 +96,39 @@ class Proxy:
         self.draining = False
         self._rr: dict[str, int] = {}
         self._routes: dict[bytes, Route] = {}
-        self._inbound_route: Route | None = None
+        self._dst_routes: dict[tuple[str, int], Route] = {}
+        self._inbound_routes: dict[str, Route] = {}  # by calling service; at most one per mesh service
+        self._src_by_host: dict[str, str | None] = {}  # caller address -> the mesh service there
+        self._inbound_subset = ""
         if config.app_port is not None:
-            _, subset = config.mesh.name_of(config.app_host, config.app_port)
-            self._inbound_route = Route((config.app_host, config.app_port), self.service.name, subset)
+            _, self._inbound_subset = config.mesh.name_of(config.app_host, config.app_port)
+        self._own_name = self.service.name.encode()
+        self.peer_field = peer_field(self.service.name)
+        """The field outbound requests carry so that the callee's sidecar can name this service."""
 
     def __repr__(self) -> str:
         return f"<Proxy {self.service.name} conns={len(self.conns)} draining={self.draining}>"
 
     # -- routing --------------------------------------------------------------------------------
 
-    def route(self, inbound: bool, authority: bytes) -> Route | tuple[int, str, str]:
-        """The upstream for a request, or (status, reason, error) to answer it locally."""
-        if inbound:
-            assert self._inbound_route is not None
-            return self._inbound_route
+    def route(self, conn: Downstream, authority: bytes, peer: bytes = b"") -> Route | tuple[int, str, str]:
+        """The upstream for a request, or (status, reason, error) to answer it locally.
+
+        `authority` is the absolute-form target's or else the Host field; `peer` is the caller's
+        `x-meshlens-peer` field (proxy/headers.py). Inbound goes to the local app. Outbound on a
+        transparently redirected connection goes to the service the Host names if the mesh has
+        it (balanced), else where the app was connecting; explicit outbound needs a Host."""
+        if conn.inbound:
+            return self._inbound(conn.peer[0], peer)
+        if peer and peer.strip() == self._own_name:
+            # our own field on an outbound request: it already went through this sidecar once
+            return 508, "request came back into the outbound listener (proxy traffic redirected?)", "loop"
+        dst = conn.original_dst
+        if dst is not None:
+            text = authority.decode("latin-1").strip()
+            name = text.rpartition(":")[0] if ":" in text and not text.endswith("]") else text
+            svc = self.config.mesh.services.get(name)
+            return self.route_to(dst) if svc is None else self._balanced(svc)
         cached = self._routes.get(authority)
         if cached is not None:
             return cached
@@ -116,27 +138,72 @@ class Proxy:
         name, _, port_text = text.rpartition(":") if not text.endswith("]") and ":" in text else (text, "", "")
         svc = self.config.mesh.services.get(name)
         if svc is not None:
-            if not svc.instances:
-                return 503, f"service {name} has no instances", "no_healthy_upstream"
-            i = self._rr.get(name, 0)
-            self._rr[name] = i + 1
-            inst = svc.instances[i % len(svc.instances)]
-            return Route((inst.host, inst.port), svc.name, svc.subset_of(inst))
+            return self._balanced(svc)
         try:
             host, port = parse_address(text if port_text else f"{text}:80")
         except ValueError:
             return 400, f"cannot route to {text!r}", "protocol_error"
-        if port == self.ports.get("outbound") and host in _LOOPBACK:
+        route = self.route_to((host, port))
+        if isinstance(route, Route) and len(self._routes) < ROUTE_CACHE_SIZE:
+            self._routes[authority] = route
+        return route
+
+    def route_to(self, addr: tuple[str, int]) -> Route | tuple[int, str, str]:
+        """A route to one address (named by the mesh), or 508 if it is our own outbound listener."""
+        cached = self._dst_routes.get(addr)
+        if cached is not None:
+            return cached
+        host, port = addr
+        if port == self.ports.get("outbound") and (host in _LOOPBACK or host == self.config.local_host):
             return 508, "request would loop back into the outbound listener", "loop"
         dst, subset = self.config.mesh.name_of(host, port)
         route = Route((host, port), dst, subset)
-        if len(self._routes) < ROUTE_CACHE_SIZE:
-            self._routes[authority] = route
+        if len(self._dst_routes) < ROUTE_CACHE_SIZE:
+            self._dst_routes[addr] = route
+        return route
+
+    def _balanced(self, svc: Service) -> Route | tuple[int, str, str]:
+        """The next instance of a mesh service, round robin."""
+        if not svc.instances:
+            return 503, f"service {svc.name} has no instances", "no_healthy_upstream"
+        i = self._rr.get(svc.name, 0)
+        self._rr[svc.name] = i + 1
+        inst = svc.instances[i % len(svc.instances)]
+        return Route((inst.host, inst.port), svc.name, svc.subset_of(inst))
+
+    def _inbound(self, peer_host: str, peer: bytes) -> Route:
+        """The route to the local app, naming the caller: by its address when the mesh lists exactly one
+        service there (loopback names no one), else by its sidecar's field if that names a mesh service."""
+        mesh = self.config.mesh
+        if peer_host in self._src_by_host:
+            src = self._src_by_host[peer_host]
+        else:
+            src = mesh.service_at(peer_host) if peer_host not in _LOOPBACK else None
+            if len(self._src_by_host) < ROUTE_CACHE_SIZE:
+                self._src_by_host[peer_host] = src
+        if src is None and peer:
+            name = peer.decode("latin-1").strip()
+            src = name if name in mesh.services else None
+        src = src or ""
+        route = self._inbound_routes.get(src)
+        if route is None:
+            cfg = self.config
+            assert cfg.app_port is not None
+            route = Route((cfg.app_host, cfg.app_port), self.service.name, self._inbound_subset, src)
+            self._inbound_routes[src] = route
         return route
 
     # -- connections and records -------------------------------------------------------------------
 
     def opened(self, conn: Downstream) -> None:
+        """A new downstream connection; outbound ones learn where iptables meant to send them."""
+        conn.original_dst = None
+        if not conn.inbound:
+            sock = conn.transport.get_extra_info("socket")
+            try:
+                conn.original_dst = original_dst(sock) if sock is not None else None
+            except OSError as e:  # the connection is already gone, or the kernel refuses: route by Host
+                log.debug("no original destination peer=%s error=%s", conn.peer, e)
         self.conns.add(conn)
         self.stats["downstream_cx_total"] += 1
         if self.draining:
@@ -158,7 +225,7 @@ class Proxy:
         route = req.route
         inbound = conn.inbound
         dst = route.dst_service if route is not None else ""
-        src = "" if inbound else self.service.name
+        src = (route.src_service if route is not None else "") if inbound else self.service.name
         self.metrics.observe(("destination" if inbound else "source", src, dst, req.status, req.error),
                              (end - req.t0) / 1e6, req.request_bytes, req.response_bytes)
         if self.recorder is None:

@@ -95,6 +95,18 @@ class Upstream(asyncio.Protocol):
                 self._feed_head_only(data)
             else:
                 self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            req, self.request = self.request, None
+            if req is not None and req.upgrade and req.status == 101:
+                # this connection now belongs to the tunnel: out of the pool's sight for good
+                self.closed = True
+                self.pool.forget(self)
+                conn.uncork()  # the 101 head first, then the tunnel's bytes
+                req.switched(self, data[e.args[0]:])
+            else:  # a 101 nobody asked for
+                self.close()
+                if req is not None:
+                    req.upstream_lost(protocol_error=True)
         except (httptools.HttpParserError, PeerError):
             req, self.request = self.request, None
             self.close()

@@ -1,4 +1,5 @@
-"""`meshlens proxy`: run one sidecar (inbound, outbound, admin, metrics) next to one application."""
+"""`meshlens proxy`: run one sidecar (inbound, outbound, admin, metrics) next to one application;
+`meshlens proxy-iptables`: the rules that send the application's traffic through it transparently."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,28 @@ EPILOG = """examples:
 
 every exchange is recorded as a call (observer client on outbound, server on inbound)
 and shipped to the collector; --no-record turns that off. SIGTERM drains: in-flight
-requests finish (up to --drain-timeout), new connections are refused, then it exits."""
+requests finish (up to --drain-timeout), new connections are refused, then it exits.
+
+transparent mode (see `meshlens proxy-iptables --help`): the application's TCP is
+redirected to the outbound listener by iptables, and the proxy sends each connection
+where the application meant it to go (SO_ORIGINAL_DST). The proxy must then run as the
+uid or gid the rules exempt (1337 by default, as Istio's), or its own upstream
+connections would be redirected back into it; it needs no root:
+  setpriv --reuid 1337 --regid 1337 --clear-groups meshlens proxy --service web --mesh mesh.yaml --app-port 8080"""
+
+IPTABLES_EPILOG = """examples:
+  meshlens proxy-iptables --print --app-port 8080
+      show the iptables commands, change nothing
+  meshlens proxy-iptables --apply --app-port 8080 --exclude-port 22 --exclude-port 4318
+      outgoing TCP -> 127.0.0.1:15001 except from uid/gid 1337 (the proxy), loopback and
+      ports 22 and 4318 (ssh, the collector); incoming TCP to 8080 -> :15006
+  meshlens proxy-iptables --remove
+      delete the MESHLENS_OUTPUT and MESHLENS_INBOUND chains and the jumps to them
+
+rules go in the nat table, in chains of their own (MESHLENS_OUTPUT from OUTPUT,
+MESHLENS_INBOUND from PREROUTING); --apply is idempotent and leaves other chains alone.
+Needs root or CAP_NET_ADMIN in the network namespace (a pod, or `ip netns exec NS ...`).
+IPv4 only for now."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +49,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(run=run)
+    t = sub.add_parser("proxy-iptables", help="print, apply or remove the iptables rules of transparent mode",
+                       description="The iptables rules that redirect an application's TCP through its sidecar "
+                                   "(Istio-style REDIRECT; the proxy recovers the original destination).",
+                       epilog=IPTABLES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_iptables_arguments(t)
+    t.set_defaults(run=run_iptables)
 
 
 def _port(text: str) -> int:
@@ -71,6 +99,72 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"close client connections idle this long (default {IDLE_TIMEOUT:g})")
     p.add_argument("--drain-timeout", type=_seconds, default=DRAIN_TIMEOUT,
                    help=f"seconds in-flight requests get after SIGTERM (default {DRAIN_TIMEOUT:g})")
+
+
+def _id(text: str) -> int | None:
+    """A uid/gid, or 'none' for no exemption by that id."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a numeric id: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"ids are >= 0, got {value}")
+    return value
+
+
+def _real_port(text: str) -> int:
+    value = _port(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"port must be 1..65535 here, got {value}")
+    return value
+
+
+def add_iptables_arguments(p: argparse.ArgumentParser) -> None:
+    from proxy.transparent import DEFAULT_PROXY_GID, DEFAULT_PROXY_UID
+
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--print", action="store_true", help="print the iptables commands --apply would run")
+    what.add_argument("--apply", action="store_true", help="install the rules (idempotent)")
+    what.add_argument("--remove", action="store_true", help="remove our chains and the jumps to them")
+    p.add_argument("--outbound-port", type=_real_port, default=15001,
+                   help="the proxy's outbound listener (default 15001)")
+    p.add_argument("--inbound-port", type=_real_port, default=15006,
+                   help="the proxy's inbound listener (default 15006)")
+    p.add_argument("--app-port", type=_real_port, action="append", default=[], metavar="PORT",
+                   help="incoming TCP to this port goes to the inbound listener (repeatable; none = no inbound)")
+    p.add_argument("--proxy-uid", type=_id, default=DEFAULT_PROXY_UID, metavar="UID",
+                   help=f"the proxy's uid, whose traffic is not redirected (default {DEFAULT_PROXY_UID}; 'none')")
+    p.add_argument("--proxy-gid", type=_id, default=DEFAULT_PROXY_GID, metavar="GID",
+                   help=f"the proxy's gid, whose traffic is not redirected (default {DEFAULT_PROXY_GID}; 'none')")
+    p.add_argument("--exclude-port", type=_real_port, action="append", default=[], metavar="PORT",
+                   help="never redirect outgoing TCP to this port (repeatable: ssh, the collector)")
+    p.add_argument("--no-outbound", action="store_true", help="redirect inbound traffic only")
+
+
+def run_iptables(args: argparse.Namespace) -> int:
+    from proxy.transparent import IptablesError, IptablesPlan, apply, remove, rules
+
+    if args.proxy_uid is None and args.proxy_gid is None and not args.no_outbound:
+        raise UserError("--proxy-uid none and --proxy-gid none would redirect the proxy's own connections "
+                        "back into it; exempt one of them")
+    plan = IptablesPlan(outbound_port=args.outbound_port, inbound_port=args.inbound_port,
+                        app_ports=tuple(dict.fromkeys(args.app_port)), proxy_uid=args.proxy_uid,
+                        proxy_gid=args.proxy_gid, exclude_ports=tuple(dict.fromkeys(args.exclude_port)),
+                        outbound=not args.no_outbound)
+    try:
+        if args.print:
+            ran = rules(plan)
+        elif args.apply:
+            ran = apply(plan)
+        else:
+            ran = remove()
+    except IptablesError as e:
+        raise UserError(str(e)) from None
+    for argv in ran:
+        print(" ".join(argv))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

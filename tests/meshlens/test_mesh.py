@@ -103,3 +103,16 @@ def test_any_document_is_a_mesh_or_a_mesh_error(doc) -> None:
         parse(doc)
     except MeshError:
         pass
+
+
+def test_service_at_names_the_one_service_on_an_ip_whatever_the_port() -> None:
+    mesh = parse({"services": {
+        "a": {"instances": ["10.200.0.1:8080", "10.200.0.1:9090"]},
+        "b": {"instances": ["10.200.0.2:8080", "[fd00::2]:8080"]},
+        "c": {"instances": ["127.0.0.1:7001"]},
+        "d": {"instances": ["127.0.0.1:7002"]},
+    }})
+    assert mesh.service_at("10.200.0.1") == "a"
+    assert mesh.service_at("fd00:0::2") == "b"  # canonical form, as name_of
+    assert mesh.service_at("10.200.0.9") is None  # unmeshed caller
+    assert mesh.service_at("127.0.0.1") is None  # two services there: the address names no one

@@ -158,3 +158,168 @@ def mesh_yaml(upstream_port: int, dead_port: int) -> str:
         "backend": {"instances": [f"127.0.0.1:{upstream_port}"]},
         "dead": {"instances": [f"127.0.0.1:{dead_port}"]},
     }})
+
+
+# -- upstreams that are not plain HTTP: raw echo (with an HTTP Upgrade), TLS echo, WebSocket echo ----------
+# (appended: imports kept here so that the file's head stays as others edit it)
+import socket  # noqa: E402
+import ssl  # noqa: E402
+import struct  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread, for servers the tests run in-process."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+class _Echo(asyncio.Protocol):
+    """Echoes bytes; `RESET` in them resets the connection. A connection opening with `GET `
+    is HTTP first: /upgrade answers 101 (then `SERVER-FIRST`, then echo), /refuse 426, /ok 200."""
+
+    def __init__(self, seen: list[bytes]) -> None:
+        self.seen = seen
+        self.buf = b""
+        self.mode = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.mode == "echo":
+            self._echo(data)
+            return
+        self.buf += data
+        if not self.mode and len(self.buf) >= 4:
+            self.mode = "http" if self.buf.startswith(b"GET ") else "echo"
+            if self.mode == "echo":
+                data, self.buf = self.buf, b""
+                self._echo(data)
+                return
+        while self.mode == "http" and b"\r\n\r\n" in self.buf:
+            head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+            self.seen.append(head)
+            path = head.split(b" ")[1]
+            upgrade = [ln.split(b":", 1)[1].strip() for ln in head.split(b"\r\n")[1:] if ln.lower().startswith(b"upgrade:")]
+            if path == b"/upgrade":
+                self.t.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: %b\r\nConnection: Upgrade\r\n"
+                             b"X-Seen-Upgrade: %b\r\n\r\nSERVER-FIRST" % (upgrade[0] if upgrade else b"-", b",".join(upgrade) or b"-"))
+                self.mode = "echo"
+                rest, self.buf = self.buf, b""
+                if rest:
+                    self._echo(rest)
+            elif path == b"/refuse":
+                self.t.write(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 2\r\n\r\nno")
+            else:
+                self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Seen-Upgrade: %b\r\n\r\nok" % (b",".join(upgrade) or b"-"))
+
+    def _echo(self, data: bytes) -> None:
+        if b"RESET" in data:
+            sock = self.t.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+            self.t.abort()
+            return
+        self.t.write(data)
+
+    def eof_received(self) -> bool | None:
+        if self.mode != "http" and self.buf:  # fewer than 4 bytes, ever: still echoed
+            self._echo(self.buf)
+        self.t.close()  # the client is done: what was echoed is flushed, then FIN
+        return True
+
+
+class EchoService(LoopThread):
+    """`_Echo` on an ephemeral port, optionally over TLS (`tls`: (certfile, keyfile)); `sni` lists the names seen."""
+
+    def __init__(self, tls: tuple[Path, Path] | None = None, alpn: list[str] | None = None) -> None:
+        super().__init__()
+        self.heads: list[bytes] = []
+        self.sni: list[str | None] = []
+        ctx = None
+        if tls is not None:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(*tls)
+            ctx.set_alpn_protocols(alpn or ["http/1.1"])
+            ctx.sni_callback = lambda sslobj, name, _ctx: self.sni.append(name)
+        self.server = self.run(self.loop.create_server(lambda: _Echo(self.heads), "127.0.0.1", 0, ssl=ctx))
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        self.server.close()
+        super().stop()
+
+
+def self_signed_cert(workdir: Path, name: str) -> tuple[Path, Path]:
+    """A throwaway certificate for `name` (openssl req), as (certfile, keyfile)."""
+    cert, key = workdir / "cert.pem", workdir / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def ws_app() -> web.Application:
+    """WebSocket echo at /ws (text and bytes; `close` from the client ends it)."""
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        async for msg in sock:
+            if msg.type == web.WSMsgType.TEXT:
+                await sock.send_str("echo:" + msg.data)
+            elif msg.type == web.WSMsgType.BINARY:
+                await sock.send_bytes(msg.data[::-1])
+        return sock
+
+    app = web.Application()
+    app.router.add_get("/ws", ws)
+    return app
+
+
+class WsService(LoopThread):
+    """`ws_app` on an ephemeral port."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runner = web.AppRunner(ws_app(), access_log=None)
+        self.run(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.run(site.start())
+        self.port = self.runner.addresses[0][1]
+
+    def stop(self) -> None:
+        self.run(self.runner.cleanup())
+        super().stop()
+
+
+CALL_COLUMNS = ("observer", "src_service", "dst_service", "dst_port", "protocol", "method", "path", "authority",
+                "status", "request_bytes", "response_bytes", "error", "tls", "duration_ns", "attributes")
+
+
+def recorded_calls(query_url: str, where: str, n: int = 1, timeout: float = 30.0) -> list[dict]:
+    """Rows of meshlens.calls matching `where` (SQL), once at least `n` arrived (or the timeout passed)."""
+    from collector.stores import connect
+
+    store = connect(query_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = store.query_rows(f"SELECT {', '.join(CALL_COLUMNS)} FROM meshlens.calls WHERE {where} ORDER BY time")
+            if len(rows) >= n or time.monotonic() > deadline:
+                return [dict(zip(CALL_COLUMNS, r)) for r in rows]
+            time.sleep(0.3)
+    finally:
+        store.close()

@@ -26,7 +26,8 @@ def _poke(port: int, data: bytes) -> bytes:
 @given(data=st.one_of(requestish, st.binary(max_size=300)))
 def test_garbage_never_breaks_the_proxy(proxy, data):
     out = _poke(proxy.inbound, data)
-    assert out == b"" or out.startswith(b"HTTP/1.1 ")
+    # bytes that are not HTTP pass through to the app (tests/proxy/test_sniff.py), which may answer in its own version
+    assert out == b"" or out.startswith((b"HTTP/1.1 ", b"HTTP/1.0 "))
     assert proxy.alive()
 
 

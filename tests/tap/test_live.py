@@ -16,7 +16,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-SUFFIX = f"{os.getpid() % 100000}"
+from tests.netns import Namespaces
+
+SUFFIX = f"{os.getpid() % 100000}"  # as tests.netns.Namespaces names them
 NS_SERVER, NS_CLIENT = f"mlsrv{SUFFIX}", f"mlcli{SUFFIX}"
 VETH_SERVER, VETH_CLIENT = f"mls{SUFFIX}", f"mlc{SUFFIX}"
 # A private /30 nobody routes: 10.213.7.1 (nginx) and 10.213.7.2 (clients, tap).
@@ -48,33 +50,21 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=30)
 
 
-def in_ns(ns: str, *cmd: str) -> list[str]:
-    return ["ip", "netns", "exec", ns, *cmd]
+in_ns = Namespaces.argv
 
 
 @pytest.fixture(scope="module")
 def netns() -> Iterator[None]:
-    for tool in ("ip", "nginx", "curl", "wrk"):
+    for tool in ("nginx", "curl", "wrk"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
-    made: list[str] = []
-    try:
-        for ns in (NS_SERVER, NS_CLIENT):
-            r = sh("ip", "netns", "add", ns, check=False)
-            if r.returncode:
-                pytest.skip(f"ip netns add not permitted here: {r.stderr.strip()}")
-            made.append(ns)
-        sh("ip", "link", "add", VETH_SERVER, "type", "veth", "peer", "name", VETH_CLIENT)
-        sh("ip", "link", "set", VETH_SERVER, "netns", NS_SERVER)
-        sh("ip", "link", "set", VETH_CLIENT, "netns", NS_CLIENT)
-        for ns, dev, ip in ((NS_SERVER, VETH_SERVER, SERVER_IP), (NS_CLIENT, VETH_CLIENT, CLIENT_IP)):
-            sh(*in_ns(ns, "ip", "addr", "add", f"{ip}/30", "dev", dev))
-            sh(*in_ns(ns, "ip", "link", "set", dev, "up"))
-            sh(*in_ns(ns, "ip", "link", "set", "lo", "up"))
+    with Namespaces("ml") as ns:  # deletes both namespaces, and with them the veth pair, on the way out
+        assert (ns.add("srv"), ns.add("cli")) == (NS_SERVER, NS_CLIENT)
+        ns.veth(NS_SERVER, VETH_SERVER, NS_CLIENT, VETH_CLIENT)
+        for name, dev, ip in ((NS_SERVER, VETH_SERVER, SERVER_IP), (NS_CLIENT, VETH_CLIENT, CLIENT_IP)):
+            ns.run(name, "ip", "addr", "add", f"{ip}/30", "dev", dev)
+            ns.run(name, "ip", "link", "set", dev, "up")
         yield
-    finally:
-        for ns in made:  # deleting a namespace deletes its end of the veth, and so the pair
-            sh("ip", "netns", "del", ns, check=False)
 
 
 def wait_ready(proc: subprocess.Popen, port: int, what: str, timeout: float) -> None:
