@@ -306,7 +306,8 @@ class Downstream(asyncio.Protocol):
                 req.attach(up)
 
     def _set_local(self, req: Request, status: int, text: str, error: str) -> None:
-        close = status in (400, 408, 431) or not req.keep_alive
+        # 508: the connection itself loops back into this proxy; keeping it would loop again.
+        close = status in (400, 408, 431, 508) or not req.keep_alive
         req.local = plain_response(status, text, close)
         req.status, req.error = status, error
         if close:

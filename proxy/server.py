@@ -231,6 +231,9 @@ class Proxy:
         if self.recorder is None:
             return
         trace = req.trace
+        attributes = {"x_request_id": req.request_id.decode("latin-1")} if req.request_id else {}
+        if req.status == 101:
+            attributes["upgraded"] = "true"  # the tap's attribute for an exchange that became a tunnel
         self.recorder.record(Call(
             time=req.t_wall, duration_ns=end - req.t0,
             observer="server" if inbound else "client", observer_id=self.config.observer_id,
@@ -243,7 +246,7 @@ class Proxy:
             protocol="http/1.1", method=req.method, authority=req.authority, path=req.path,
             status=req.status, request_bytes=req.request_bytes, response_bytes=req.response_bytes,
             error=req.error, mode=self.service.mode,
-            attributes={"x_request_id": req.request_id.decode("latin-1")} if req.request_id else {},
+            attributes=attributes,
         ))
 
     def snapshot(self) -> dict[str, object]:

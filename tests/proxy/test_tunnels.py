@@ -104,6 +104,7 @@ def test_upgrade_fields_cross_and_buffered_bytes_are_not_lost(env):
     assert b"connection: upgrade" in sent.lower()
     (call,) = _calls(env, port)
     assert (call["status"], call["path"], call["error"]) == (101, "/upgrade", "")
+    assert call["attributes"].get("upgraded") == "true"
     assert (call["request_bytes"], call["response_bytes"]) == (len(b"EARLYmore"), len(b"SERVER-FIRSTEARLYmore"))
 
 
