@@ -5,7 +5,10 @@
 OpenTelemetry semantic conventions under both their old and their current
 attribute names. `calls_to_spans` turns call records that carry trace context
 into `otel_traces` rows written with the current names, so a request through
-several sidecars shows up as one trace.
+several sidecars shows up as one trace. Only sidecar records (client, server) become
+spans: the `traceparent` the tap reads off the wire names the sender's span, which
+that sender (a sidecar or an instrumented app) reports itself; a span from the tap
+would duplicate its id.
 """
 from __future__ import annotations
 
@@ -196,7 +199,7 @@ def calls_to_spans(calls: dict[str, list[Any]]) -> dict[str, list[Any]]:
          src_addr, src_port, dst_service, dst_addr, dst_port, protocol, method, authority, path, route, status,
          grpc_status, request_bytes, response_bytes, error, tls, mode, action, peer_identity, attempt,
          extra) in zip(*columns):
-        if not trace_id or not span_id or observer not in ("client", "server", "wire"):
+        if not trace_id or not span_id or observer not in ("client", "server"):
             continue
         client = observer == "client"
         attrs: dict[str, str] = {}
@@ -268,10 +271,8 @@ def calls_to_spans(calls: dict[str, list[Any]]) -> dict[str, list[Any]]:
 
         if client:
             service, instance = src_service, src_instance or observer_id
-        elif observer == "server":
+        else:
             service, instance = dst_service, observer_id
-        else:  # the tap knows the callee only by its address
-            service, instance = dst_service, f"{dst_addr}:{dst_port}" if dst_addr else ""
         resource = (("service.name", service), ("service.instance.id", instance)) if instance else (
             ("service.name", service),)
         append((time, trace_id, span_id, parent_span_id, "", name, "Client" if client else "Server", service,

@@ -88,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outbound-port", type=_port, default=15001, help="outbound listener (default 15001)")
     p.add_argument("--admin-port", type=_port, default=15000, help="admin: /healthz /stats /config (default 15000)")
     p.add_argument("--metrics-port", type=_port, default=15090, help="Prometheus metrics (default 15090)")
+    p.add_argument("--inbound-host", default="0.0.0.0", metavar="ADDR",
+                   help="address of the inbound listener (default 0.0.0.0: other services' sidecars reach it; "
+                        "127.0.0.1 keeps it on this machine)")
     p.add_argument("--app-port", type=_port, default=None,
                    help="the local application's port; inbound is off without it")
     p.add_argument("--collector", default=DEFAULT_URL, metavar="URL",
@@ -184,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(str(e)) from None
     config = ProxyConfig(service=args.service, mesh=mesh, inbound_port=args.inbound_port,
+                         inbound_host=args.inbound_host,
                          outbound_port=args.outbound_port, admin_port=args.admin_port,
                          metrics_port=args.metrics_port, app_port=args.app_port,
                          header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,

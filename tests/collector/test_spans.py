@@ -210,7 +210,7 @@ def test_a_server_call_becomes_a_server_span_of_the_callee_and_5xx_is_an_error()
 
 @pytest.mark.parametrize("observer, status, error, code", [
     ("client", 404, "", "Error"), ("server", 404, "", "Unset"), ("server", 500, "", "Error"),
-    ("client", 0, "timeout", "Error"), ("server", 200, "reset", "Error"), ("wire", 200, "", "Unset"),
+    ("client", 0, "timeout", "Error"), ("server", 200, "reset", "Error"),
 ])
 def test_status_code_follows_the_http_semconv_per_side(observer, status, error, code):
     [s] = spans(calls({**CLIENT_CALL, "observer": observer, "status": status, "error": error}))
@@ -219,11 +219,8 @@ def test_status_code_follows_the_http_semconv_per_side(observer, status, error, 
     assert dict(s["SpanAttributes"]).get("error.type", "") == error
 
 
-def test_a_wire_call_is_a_server_span_whose_instance_is_the_callee_address():
-    [s] = spans(calls({**CLIENT_CALL, "observer": "wire", "observer_id": "tap-1"}))
-    assert (s["SpanKind"], s["ServiceName"]) == ("Server", "checkout")
-    assert s["ResourceAttributes"] == (("service.name", "checkout"), ("service.instance.id", "10.0.0.9:8080"))
-    assert dict(s["SpanAttributes"])["meshlens.observer"] == "wire"
+def test_a_wire_call_is_not_a_span_because_its_traceparent_names_the_senders_span():
+    assert spans(calls({**CLIENT_CALL, "observer": "wire", "observer_id": "tap-1"})) == []
 
 
 def test_grpc_and_tcp_calls_are_named_by_method_or_protocol():
