@@ -34,9 +34,13 @@ class Recommendation:
         return asdict(self)
 
 
-def not_enough(window: str, n: int, minimum: int, what: str) -> Evidence:
-    """The honest refusal: too few samples to say anything, with the named minimum."""
-    return Evidence(window, n, {"minimum": minimum}, "none",
+def not_enough(window: str, n: int, minimum: int, what: str, figures: dict[str, Any] | None = None) -> Evidence:
+    """The honest refusal: too few samples to say anything, with the named minimum.
+
+    `figures` keeps what was seen (e.g. the callers of a thin service) for people to look at;
+    it never turns into a policy.
+    """
+    return Evidence(window, n, {**(figures or {}), "minimum": minimum}, "none",
                     f"not enough data (n={n}, need {minimum} {what})")
 
 

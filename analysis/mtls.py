@@ -7,7 +7,8 @@ plaintext calls would be refused. Verdicts:
 
 - STRICT-ready: every caller is meshed and already uses TLS;
 - PERMISSIVE first: every caller is meshed, some still send plaintext;
-- blocked by <callers>: the named callers have no sidecar.
+- blocked by <callers>: the named callers have no sidecar;
+- not enough data (n=…): fewer than MTLS_MIN_N inbound calls, whatever the callers look like.
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from analysis.evidence import Evidence, Recommendation, confidence_from_n, not_e
 from analysis.scope import Scope
 from analysis.window import CALLER_SQL
 
-MTLS_MIN_N = 100  # calls to a service before calling it STRICT-ready
+# Inbound calls to a service before any verdict. A caller that calls a few times an hour (a cron job, a
+# batch) is exactly the one STRICT would break, and with fewer than 100 calls in the window such a
+# caller is likely to be missing from it altogether; below this the answer is "not enough data".
+MTLS_MIN_N = 100
 
 
 def caller_frame(scope: Scope) -> pd.DataFrame:
@@ -44,6 +48,7 @@ def verdict(g: pd.DataFrame) -> tuple[str, str, list[str]]:
 
 
 def recommend_mtls(scope: Scope, frame: pd.DataFrame | None = None) -> list[Recommendation]:
+    """One verdict per destination service, or the honest refusal when it has too few inbound calls."""
     df = caller_frame(scope) if frame is None else frame
     out = []
     for callee, g in df.groupby("callee", sort=True):
@@ -53,13 +58,14 @@ def recommend_mtls(scope: Scope, frame: pd.DataFrame | None = None) -> list[Reco
         figures = {"callers": {r.caller: {"n": int(r.n), "tls": int(r.tls_n), "plaintext": int(r.plain_n),
                                           "meshed": bool(r.meshed), "seen_by": r.observer} for r in g.itertuples()},
                    "blockers": blockers, "verdict": v}
-        if mode == "STRICT" and n < MTLS_MIN_N:
-            out.append(Recommendation("mtls", target, None, not_enough(scope.label(), n, MTLS_MIN_N, "calls")))
+        if n < MTLS_MIN_N:
+            out.append(Recommendation("mtls", target, None, not_enough(
+                scope.label(), n, MTLS_MIN_N, "inbound calls", figures)))
             continue
         plain = sorted(g.loc[g["plain_n"] > 0, "caller"])
         if blockers:
             reason = (f"{', '.join(blockers)} {'has' if len(blockers) == 1 else 'have'} no sidecar (seen only by "
-                      "the tap or the server side); STRICT would refuse their plaintext calls")
+                      "the tap, its own spans or the callee's sidecar); STRICT would refuse their plaintext calls")
         elif plain:
             reason = (f"every caller is meshed but {', '.join(plain)} still send(s) plaintext: enable PERMISSIVE, "
                       "then STRICT once plaintext is gone")

@@ -52,7 +52,7 @@ class Scope:
     def calls(self, prefer: tuple[str, ...] = CALLER_SIDE, side: str = "dst") -> str:
         """SQL subquery: the calls in scope, one observer per edge, with caller, instance and route_t."""
         return (f"(SELECT *, {CALLER_SQL} AS caller, {INSTANCE_SQL} AS instance, {self.route_expr} AS route_t "
-                f"FROM calls WHERE {self.where(side)} AND {observer_filter(self.edges, prefer)})")
+                f"FROM calls WHERE {self.where(side)} AND {observer_filter(self.edges, prefer, self.window.where())})")
 
     def frame(self, sql: str) -> pd.DataFrame:
         """Run an aggregating query and hand its (small) result to pandas."""

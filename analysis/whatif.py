@@ -4,11 +4,9 @@
 - retry: transient failures, the ones a retry would likely have recovered and the
   retries it would have sent, from P(success on retry) estimated as in
   analysis.retries, with a 95% Wilson interval on that probability;
-- circuit breaker: requests that would have met an ejected instance. The
-  replay works on INTERVAL buckets: a bucket with at least `consecutive`
-  failures making at least half its calls trips the instance, which stays
-  ejected for the following base_ejection_s; its calls in that time are
-  counted as rejected (sent elsewhere by the load balancer).
+- timeout curve: calls cut for a list of timeout values, in one pass;
+- circuit breaker: calls that an ejected instance would not have received,
+  replayed call by call in time order per instance (analysis.runs.breaker_replay_sql).
 """
 from __future__ import annotations
 
@@ -17,8 +15,10 @@ import math
 import pandas as pd
 
 from analysis.evidence import wilson
+from analysis.outliers import BASE_EJECTION_S
 from analysis.retries import expected_recovered, expected_retries_sent, retry_frame
-from analysis.scope import FAILED_SQL, HEALTHY_SQL, Scope
+from analysis.runs import breaker_replay_sql
+from analysis.scope import HEALTHY_SQL, Scope
 from analysis.window import quote
 
 
@@ -38,6 +38,24 @@ FROM {scope.calls()} WHERE {_callee(callee)} GROUP BY caller, callee, method, ro
     df["cut_share_lo"] = [b[0] for b in bounds]
     df["cut_share_hi"] = [b[1] for b in bounds]
     return df
+
+
+def timeout_curve(scope: Scope, timeouts_s: list[float], callee: str | None = None) -> pd.DataFrame:
+    """Per caller → callee route and timeout value: calls cut and successful calls cut, all values in one pass.
+
+    Long form (one row per route and value), ready to plot as "calls cut vs timeout".
+    """
+    ts = "[" + ", ".join(str(int(round(t * 1e9))) for t in timeouts_s) + "]"
+    sql = f"""SELECT caller, toString(dst_service) AS callee, toString(method) AS method, route_t AS route,
+       count() AS n, sumForEach(arrayMap(t -> toUInt64(duration_ns > t), {ts})) AS cut,
+       sumForEach(arrayMap(t -> toUInt64(duration_ns > t AND {HEALTHY_SQL}), {ts})) AS cut_ok
+FROM {scope.calls()} WHERE {_callee(callee)} GROUP BY caller, callee, method, route ORDER BY caller, callee, route"""
+    df = scope.frame(sql)
+    rows = [{"caller": r.caller, "callee": r.callee, "method": r.method, "route": r.route, "n": int(r.n),
+             "timeout_s": t, "cut": int(c), "cut_ok": int(ok), "cut_share": int(c) / int(r.n)}
+            for r in df.itertuples() for t, c, ok in zip(timeouts_s, r.cut, r.cut_ok)]
+    return pd.DataFrame(rows, columns=["caller", "callee", "method", "route", "n", "timeout_s", "cut", "cut_ok",
+                                       "cut_share"])
 
 
 def retry_whatif(scope: Scope, attempts: int, callee: str | None = None) -> pd.DataFrame:
@@ -60,18 +78,12 @@ def retry_whatif(scope: Scope, attempts: int, callee: str | None = None) -> pd.D
     return pd.DataFrame(rows)
 
 
-def breaker_whatif(scope: Scope, consecutive: int, interval_s: int = 10, base_ejection_s: int = 30,
-                   callee: str | None = None) -> pd.DataFrame:
-    """Per instance: calls, intervals that trip the breaker, and calls that would have been rejected."""
-    span = math.ceil(base_ejection_s / interval_s)
-    sql = f"""SELECT callee, instance, sum(bn) AS n, countIf(trip) AS trips,
-       sumIf(bn, arrayExists(t -> t < b AND b <= t + {span}, tripped)) AS rejected
-FROM (SELECT *, groupArrayIf(b, trip) OVER (PARTITION BY callee, instance) AS tripped
-      FROM (SELECT toString(dst_service) AS callee, instance,
-                   intDiv(toUnixTimestamp64Nano(time), {int(interval_s) * 10**9}) AS b, count() AS bn,
-                   countIf({FAILED_SQL}) AS bf, bf >= {int(consecutive)} AND bf * 2 >= bn AS trip
-            FROM {scope.calls()} WHERE dst_port != 0 AND {_callee(callee)} GROUP BY callee, instance, b))
-GROUP BY callee, instance ORDER BY callee, instance"""
+def breaker_whatif(scope: Scope, consecutive: int, base_ejection_s: float = BASE_EJECTION_S,
+                   callee: str | None = None, gateway: bool = False) -> pd.DataFrame:
+    """Per instance: calls, failures, ejections (trips), calls that would have been rejected, and the
+    failures among them, from a call-by-call replay of the consecutive-errors rule (analysis.runs)."""
+    sql = breaker_replay_sql(scope.calls(), f"dst_port != 0 AND {_callee(callee)}", consecutive, base_ejection_s,
+                             gateway)
     df = scope.frame(sql)
     df["rejected_share"] = df["rejected"] / df["n"]
     return df

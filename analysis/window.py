@@ -11,6 +11,11 @@ order that has rows for that edge in the window is used, and only its rows:
 
 mTLS readiness is the one question that looks at every observer, because
 *which* observers saw a caller is what tells a meshed caller from an unmeshed one.
+
+Callers that the recorder could not name (UNNAMED_SQL: the tap on loopback or
+behind NAT sees only addresses, a server span may carry no peer service) are
+named by IP, and their tap/span rows are dropped for callees whose own sidecar
+saw the same calls (observer_filter): otherwise each would be a second edge.
 """
 from __future__ import annotations
 
@@ -21,8 +26,14 @@ from datetime import datetime, timedelta, timezone
 CALLER_SIDE: tuple[str, ...] = ("client", "server", "wire", "otlp")
 SERVICE_SIDE: tuple[str, ...] = ("server", "client", "wire", "otlp")
 
-# A caller with no service name (seen by the tap from an unknown address) is named by its address.
-CALLER_SQL = "if(src_service != '', toString(src_service), src_addr)"
+# A caller the recorder could not name: no service, or its address standing in for the name (the tap
+# records an address that matches nothing in mesh.yaml as it is, "10.1.2.3:41234", usually with an
+# ephemeral port). Such a caller is named by its IP address alone, so that its connections are one caller.
+UNNAMED_SQL = ("(src_service = '' OR (match(toString(src_service), '^[0-9a-fA-F.:\\\\[\\\\]]+$') "
+               "AND match(toString(src_service), '[.:]')))")
+CALLER_SQL = f"if({UNNAMED_SQL}, if(src_addr != '', src_addr, '(unknown)'), toString(src_service))"
+# Observers that see a call from outside both sidecars (and so may not know who called).
+OUTSIDE_OBSERVERS = ("wire", "otlp")
 INSTANCE_SQL = "concat(dst_addr, ':', toString(dst_port))"
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -95,13 +106,14 @@ def edge_observers_sql(where: str) -> str:
             f"FROM calls WHERE {where} GROUP BY c, d")
 
 
-def observer_filter(edges: EdgeObservers, prefer: tuple[str, ...] = CALLER_SIDE) -> str:
+def observer_filter(edges: EdgeObservers, prefer: tuple[str, ...] = CALLER_SIDE, where: str = "1") -> str:
     """SQL condition keeping, for each caller → callee edge, only its first preferred observer's rows.
 
     Written as literal sets, because a literal `observer = 'client'` costs
     nothing where an IN-subquery over every row cost 2-3 s on 10M calls:
     rows of the first preferred observer always qualify; rows of a later
-    observer only for the edges that the earlier ones never saw.
+    observer only for the edges that the earlier ones never saw. `where` is
+    the window, for the one subquery (pairing spans with sidecar copies).
     """
     chosen: dict[str, list[tuple[str, str]]] = {}
     for edge, seen in sorted(edges.items()):
@@ -113,4 +125,23 @@ def observer_filter(edges: EdgeObservers, prefer: tuple[str, ...] = CALLER_SIDE)
         if chosen.get(obs):
             pairs = ", ".join(f"({quote(c)}, {quote(d)})" for c, d in chosen[obs])
             conds.append(f"(observer = {quote(obs)} AND ({CALLER_SQL}, toString(dst_service)) IN ({pairs}))")
-    return "(" + " OR ".join(conds) + ")"
+    keep = "(" + " OR ".join(conds) + ")"
+    # A callee with its own (server-side) sidecar records every inbound call, unnamed callers included;
+    # the tap's or a span's copy of such a call names its caller differently (by address), so the edge
+    # rule above cannot pair them: they are dropped here instead, or the call would count twice.
+    sidecars = sorted({d for (_, d), seen in edges.items() if "server" in seen})
+    if not sidecars:
+        return keep
+    outside = ", ".join(quote(o) for o in OUTSIDE_OBSERVERS)
+    callees = ", ".join(quote(d) for d in sidecars)
+    drop = [f"(observer IN ({outside}) AND toString(dst_service) IN ({callees}) AND {UNNAMED_SQL})"]
+    # The other way round: a caller without a sidecar that names itself in its own spans, while the
+    # callee's sidecar saw it only by address. The sidecar's copy is the span's child (same trace,
+    # parent = the span): the named span is kept, its unnamed copy dropped.
+    spanned = [(c, d) for o in OUTSIDE_OBSERVERS for c, d in chosen.get(o, []) if d in sidecars]
+    if spanned:
+        pairs = ", ".join(f"({quote(c)}, {quote(d)})" for c, d in spanned)
+        drop.append(f"(observer = 'server' AND {UNNAMED_SQL} AND parent_span_id != '' AND "
+                    f"(trace_id, parent_span_id) IN (SELECT trace_id, span_id FROM calls WHERE {where} AND "
+                    f"observer IN ({outside}) AND ({CALLER_SQL}, toString(dst_service)) IN ({pairs})))")
+    return f"({keep} AND NOT ({' OR '.join(drop)}))"

@@ -1,6 +1,6 @@
 """Benchmark: a full `meshlens recommend` run against a plain scan and the naive pandas approach.
 
-    .venv/bin/python bench/analysis.py [--calls 10000000] [--naive-sample 1000000]
+    .venv/bin/python bench/analysis.py [--calls 10000000] [--naive-sample 1000000] [--repeat 2] [--write-routes]
 
 N calls are generated inside ClickHouse (INSERT … SELECT … FROM numbers(N)) into
 a fresh embedded store. Then, in the same run:
@@ -12,6 +12,10 @@ a fresh embedded store. Then, in the same run:
   (route templating, per-edge quantiles, per-route retry buckets, per-instance
   failure rates). Run on --naive-sample rows and scaled linearly to N (said so
   in the output) when the sample is smaller than N.
+
+With --write-routes the templated routes are then written back into the
+`route` column (one ALTER TABLE … UPDATE, as a background job could) and
+recommend is timed again: what re-templating in SQL on every run costs.
 
 Targets (issue 5): meshlens ≤ 10 s on 10M calls, within 5× the plain scan, ≥ 10× faster than naive.
 """
@@ -100,12 +104,31 @@ def naive(store: EmbeddedStore, sample: int) -> tuple[float, float, int]:
     return load_s, compute_s, len(df)
 
 
+def write_routes(path: str) -> float:
+    """Fill the `route` column with the templated route once (a mutation), as a write-back job would; seconds."""
+    from analysis import Window, open_scope
+
+    store = EmbeddedStore(path)
+    store.use_database()
+    try:
+        t = time.perf_counter()
+        scope = open_scope(store, Window())
+        store.command(f"ALTER TABLE calls UPDATE route = {scope.route_expr} WHERE route = ''",
+                      {"mutations_sync": 1})
+        return time.perf_counter() - t
+    finally:
+        store.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=10_000_000)
     ap.add_argument("--naive-sample", type=int, default=1_000_000,
                     help="rows loaded into pandas for the naive approach (scaled to --calls)")
     ap.add_argument("--dir", help="data directory, kept afterwards (default: a temporary one, removed)")
+    ap.add_argument("--repeat", type=int, default=1, help="run recommend this many times and keep the best")
+    ap.add_argument("--write-routes", action="store_true",
+                    help="then write the templated routes back into `route` and time recommend again")
     args = ap.parse_args()
     path = args.dir or os.path.join(tempfile.mkdtemp(prefix="meshlens-bench-"), "chdb")
     store = EmbeddedStore(path)
@@ -130,10 +153,19 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="meshlens")
     analysis_cmd.add_parser(p.add_subparsers(dest="command"))
     cli = p.parse_args(["recommend", "--store", f"chdb:{path}", "--format", "json"])
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink):
-        rec_s, _ = timed(lambda: cli.run(cli))
-    recs = sink.getvalue().count('"kind"')
+
+    def run_recommend() -> tuple[float, int]:
+        sink = io.StringIO()
+        with contextlib.redirect_stdout(sink):
+            s, _ = timed(lambda: cli.run(cli))
+        return s, sink.getvalue().count('"kind"')
+
+    rec_s, recs = min(run_recommend() for _ in range(args.repeat))
+    if args.write_routes:
+        write_s, after_s = write_routes(path), min(run_recommend()[0] for _ in range(args.repeat))
+        print(f"route write-back (ALTER TABLE calls UPDATE route, mutations_sync=1): {write_s:8.2f} s")
+        print(f"meshlens recommend, routes templated in SQL / written back: {rec_s:.2f} s / {after_s:.2f} s"
+              f"   = {rec_s / after_s:.2f}x")
 
     scale = n / rows
     naive_s = (load_s + compute_s) * scale

@@ -77,7 +77,7 @@ def test_analyze_table_and_json(url, capsys):
     assert "service graph" in out and "/products/{id}" in out and "/stock/{id}" in out
     assert run("analyze", "--store", url, "--format", "json") == 0
     doc = json.loads(capsys.readouterr().out)
-    assert len(doc["edges"]) == 10
+    assert len(doc["edges"]) == 12
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -111,3 +111,36 @@ def test_recommend_through_the_collectors_read_only_query_endpoint(url, capsys, 
     doc = json.loads(capsys.readouterr().out)
     [outlier] = [r for r in doc["recommendations"] if r["kind"] == "outlier"]
     assert outlier["policy"]["eject"] == [gt.BAD_INSTANCE]
+
+
+def test_analyze_on_an_empty_window_and_an_unknown_service(url):
+    with pytest.raises(UserError, match="no calls in the window"):
+        run("analyze", "--store", url, "--since", "2020-01-01", "--until", "2020-01-02")
+    with pytest.raises(UserError, match="no calls to or from service 'nope' .*services seen: "):
+        run("analyze", "--store", url, "--service", "nope")
+
+
+def test_a_store_without_the_schema_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="has no calls table"):
+        run("recommend", "--store", f"chdb:{tmp_path / 'fresh'}")
+
+
+@pytest.mark.parametrize("case", ["empty store", "empty window", "unknown service", "unreachable store"])
+def test_the_command_exits_non_zero_with_one_line(case, url, empty_url):
+    """Through `meshlens` itself: the message on stderr, one line, no traceback, exit code 2."""
+    import subprocess
+    import sys
+
+    argv = {"empty store": ["analyze", "--store", empty_url],
+            "empty window": ["recommend", "--store", url, "--since", "2020-01-01", "--until", "2020-01-02"],
+            "unknown service": ["recommend", "--store", url, "--service", "nope"],
+            "unreachable store": ["analyze", "--store", "http://127.0.0.1:9/"]}[case]
+    expected = {"empty store": "holds no calls yet", "empty window": "no calls in the window",
+                "unknown service": "no calls to or from service 'nope'",
+                "unreachable store": "cannot reach the store at http://127.0.0.1:9/"}[case]
+    p = subprocess.run([sys.executable, "-m", "meshlens.cli.main", *argv], capture_output=True, text=True,
+                       timeout=120)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and p.stdout == ""
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in p.stderr
+

@@ -26,6 +26,15 @@ def test_an_exchange_seen_by_two_observers_is_counted_once(model, store):
     assert (e["n"], e["observer"]) == (gt.CATALOG_N, "client")
 
 
+def test_unnamed_copies_of_calls_a_sidecar_saw_are_not_counted_again(model, store):
+    """The tap's and the spans' copies of frontend → accounts name no caller: no extra edge, no double count."""
+    seen = store.query_rows("SELECT count() FROM calls WHERE dst_service = 'accounts'")[0][0]
+    assert seen == 3 * gt.ACCOUNTS_N + 500 + 2 * gt.REPORTS_N
+    into = model.edges[model.edges["callee"] == "accounts"]
+    assert dict(zip(into["caller"], into["n"])) == {"frontend": gt.ACCOUNTS_N, "cron": 500, "reports": gt.REPORTS_N}
+    assert into.set_index("caller").loc["reports", "observer"] == "otlp"
+
+
 def test_edges_fall_back_to_the_server_then_the_wire_observer(model):
     assert edge(model, "cron", "accounts")["observer"] == "server"
     assert edge(model, "legacy-batch", "payments")["observer"] == "wire"
@@ -50,7 +59,7 @@ def test_routes_are_templated_from_numeric_uuid_hex_and_high_cardinality_segment
     routes = set(zip(model.routes["callee"], model.routes["route"]))
     assert {("catalog", "/products/{id}"), ("cart", "/cart/{id}"), ("inventory", "/stock/{id}"),
             ("accounts", "/users/{id}"), ("checkout", "/orders"), ("notifications", "/events/stream")} <= routes
-    assert len(model.routes) == 10
+    assert len(model.routes) == 12
 
 
 @pytest.mark.parametrize("path, route", [
@@ -72,3 +81,18 @@ def test_depth_and_timeseries(model, store):
     assert depth["frontend"] == 2 and depth["catalog"] == 1 and depth["inventory"] == 0
     ts = timeseries(open_scope(store, gt.WINDOW, "catalog"), 60)
     assert ts["n"].sum() == gt.CATALOG_N + 15_000
+
+
+@pytest.mark.parametrize("src_service, src_addr, caller", [
+    ("cart", "10.0.0.5", "cart"),
+    ("10.1.2.3:41234", "10.1.2.3", "10.1.2.3"),     # the tap's stand-in name: one caller per IP, not per port
+    ("[fd00::1]:8080", "fd00::1", "fd00::1"),
+    ("", "10.1.2.3", "10.1.2.3"),
+    ("", "", "(unknown)"),
+    ("cafe", "10.1.2.3", "cafe"),                   # hex-looking names are still names
+])
+def test_callers_the_recorder_could_not_name_are_named_by_ip(store, src_service, src_addr, caller):
+    from analysis.window import CALLER_SQL, quote
+
+    sql = f"SELECT {CALLER_SQL} FROM (SELECT {quote(src_service)} AS src_service, {quote(src_addr)} AS src_addr)"
+    assert store.query_rows(sql)[0][0] == caller

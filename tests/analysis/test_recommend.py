@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 
 from analysis import Window, open_scope, recommend
+from analysis.outliers import instance_frame
 from analysis.retries import IDEMPOTENT_METHODS
+from analysis.runs import MAX_RUN
 from tests.analysis import traffic as gt
 
 
@@ -78,7 +80,32 @@ def test_the_bad_instance_is_the_one_ejected(report):
     r = pick(report, "outlier", callee="inventory")
     assert r.policy["eject"] == [gt.BAD_INSTANCE]
     assert r.policy["maxEjectionPercent"] >= 25 and r.policy["interval"] == "10s"
+    assert r.policy["baseEjectionTime"] == "30s"
     assert pick(report, "outlier", callee="catalog").policy is None
+
+
+def test_the_consecutive_threshold_comes_from_the_measured_runs(report, store):
+    """Longer than any run on a healthy instance; reached by the bad one; the runs match a direct count."""
+    r = pick(report, "outlier", callee="inventory")
+    k, figs = r.policy["consecutive5xxErrors"], r.evidence.figures
+    assert 3 <= k <= 10 and k > figs["longest_healthy_run"]
+    assert figs["runs_of_k_on_ejected"][gt.BAD_INSTANCE] > 0
+    # 503s only: the gateway counter is recommended as well.
+    assert r.policy["consecutiveGatewayErrors"] >= 3
+    addr = gt.BAD_INSTANCE.split(":")[0]
+    rows = store.query_rows(f"SELECT toUnixTimestamp64Nano(time), status >= 500 OR error != '' FROM calls WHERE "
+                            f"observer = 'client' AND dst_addr = '{addr}' AND {gt.WINDOW.where()}")
+    lengths, run = [], 0
+    for _, failed in sorted(rows) + [(None, 0)]:
+        if failed:
+            run += 1
+        elif run:
+            lengths, run = lengths + [run], 0
+    assert figs["instances"][gt.BAD_INSTANCE]["longest_run"] == max(lengths)
+    [row] = [r for _, r in instance_frame(open_scope(store, gt.WINDOW, "inventory")).iterrows()
+             if r["instance"] == gt.BAD_INSTANCE]
+    assert row["failed"] == sum(lengths)
+    assert list(row["runs_ge"]) == [sum(n >= k for n in lengths) for k in range(1, MAX_RUN + 1)]
 
 
 def test_mtls_blockers_are_exactly_the_unmeshed_callers(report):
@@ -87,9 +114,18 @@ def test_mtls_blockers_are_exactly_the_unmeshed_callers(report):
     assert blockers == gt.UNMESHED
     verdicts = {r.target["callee"]: r.policy["verdict"] for r in recs}
     assert verdicts["payments"] == "blocked by legacy-batch"
-    assert verdicts["accounts"] == "blocked by cron"
+    assert verdicts["accounts"] == "blocked by cron, reports"
     assert verdicts["catalog"] == "STRICT-ready"
     assert verdicts["notifications"] == "PERMISSIVE first"
+
+
+def test_mtls_refuses_thin_services_whatever_their_callers(report):
+    """audit is called in plaintext by the unmeshed cron, but only THIN_MTLS_N times: no verdict."""
+    for callee, n in (("audit", gt.THIN_MTLS_N), ("search", gt.THIN_N)):
+        r = pick(report, "mtls", callee=callee)
+        assert r.policy is None and r.evidence.confidence == "none"
+        assert r.evidence.reason == f"not enough data (n={n}, need 100 inbound calls)"
+    assert set(pick(report, "mtls", callee="audit").evidence.figures["callers"]) == {"cron"}
 
 
 def test_service_filter_keeps_only_that_destination(store):

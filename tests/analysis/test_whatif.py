@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from analysis import open_scope
-from analysis.whatif import breaker_whatif, retry_whatif, timeout_whatif
+from analysis.whatif import breaker_whatif, retry_whatif, timeout_curve, timeout_whatif
 from tests.analysis import traffic as gt
 
 CLIENT_CATALOG = f"observer = 'client' AND dst_service = 'catalog' AND {gt.WINDOW.where()}"
@@ -58,20 +58,64 @@ def test_retry_probability_equals_a_direct_replay(scope, store):
     assert retry_whatif(scope, 1, callee="catalog").iloc[0]["p_success_on_retry"] == pytest.approx(num / den)
 
 
-def test_breaker_rejections_equal_a_direct_replay_and_hit_only_the_bad_instance(scope, store):
-    df = breaker_whatif(scope, consecutive=3, interval_s=10, base_ejection_s=30, callee="inventory")
-    tripped = df[df["trips"] > 0]
-    assert list(tripped["instance"]) == [gt.BAD_INSTANCE]
+INVENTORY = f"observer = 'client' AND dst_service = 'inventory' AND {gt.WINDOW.where()}"
+
+
+def replay(rows: list[tuple[int, int, int]], consecutive: int, base_ns: int) -> tuple[int, int, int]:
+    """The consecutive-errors rule, call by call in Python: (trips, rejected, rejected failures).
+
+    rows: (time ns, counted as an error, failed), in time order.
+    """
+    count, until, trips, rejected, rejected_failed = 0, -1, 0, 0, 0
+    for t, err, failed in rows:
+        if t < until:
+            rejected += 1
+            rejected_failed += failed
+        elif not err:
+            count = 0
+        elif count + 1 >= consecutive:
+            count, until, trips = 0, t + base_ns, trips + 1
+        else:
+            count += 1
+    return trips, rejected, rejected_failed
+
+
+def instance_rows(store, instance: str, err_sql: str) -> list[tuple[int, int, int]]:
+    addr, port = instance.split(":")
     rows = store.query_rows(
-        f"SELECT intDiv(toUnixTimestamp64Nano(time), 10000000000), status >= 500 OR error != '' FROM calls "
-        f"WHERE observer = 'client' AND dst_service = 'inventory' AND dst_addr = '10.0.2.3' AND {gt.WINDOW.where()}")
-    per: dict[int, list[int]] = {}
-    for b, failed in rows:
-        per.setdefault(b, [0, 0])
-        per[b][0] += 1
-        per[b][1] += int(failed)
-    trips = [b for b, (n, f) in per.items() if f >= 3 and 2 * f >= n]
-    rejected = sum(n for b, (n, _) in per.items() if any(t < b <= t + 3 for t in trips))
-    row = tripped.iloc[0]
-    assert (row["trips"], row["rejected"]) == (len(trips), rejected)
-    assert rejected > 0
+        f"SELECT toUnixTimestamp64Nano(time), toUInt8({err_sql}), toUInt8(status >= 500 OR error != '') FROM calls "
+        f"WHERE {INVENTORY} AND dst_addr = '{addr}' AND dst_port = {port}")
+    return sorted((int(t), int(e), int(f)) for t, e, f in rows)
+
+
+@pytest.mark.parametrize("consecutive, base_s", [(3, 30), (5, 10), (2, 60)])
+def test_breaker_rejections_equal_a_direct_replay_over_the_rows(scope, store, consecutive, base_s):
+    df = breaker_whatif(scope, consecutive=consecutive, base_ejection_s=base_s, callee="inventory")
+    assert len(df) == 4
+    for r in df.itertuples():
+        rows = instance_rows(store, r.instance, "status >= 500 OR error != ''")
+        trips, rejected, rejected_failed = replay(rows, consecutive, base_s * 10**9)
+        assert (r.n, r.trips, r.rejected, r.rejected_failed) == (len(rows), trips, rejected, rejected_failed)
+
+
+def test_the_breaker_trips_only_on_the_bad_instance(scope):
+    df = breaker_whatif(scope, consecutive=3, callee="inventory")
+    assert list(df[df["trips"] > 0]["instance"]) == [gt.BAD_INSTANCE]
+    bad = df[df["instance"] == gt.BAD_INSTANCE].iloc[0]
+    assert bad["rejected"] > 0 and 0 < bad["rejected_failed"] < bad["rejected"]
+
+
+def test_the_gateway_counter_replays_gateway_errors(scope, store):
+    df = breaker_whatif(scope, consecutive=3, callee="inventory", gateway=True)
+    r = df[df["instance"] == gt.BAD_INSTANCE].iloc[0]
+    rows = instance_rows(store, gt.BAD_INSTANCE, "status IN (502, 503, 504) OR error != ''")
+    assert (r["trips"], r["rejected"]) == replay(rows, 3, 30 * 10**9)[:2]
+
+
+def test_the_timeout_curve_equals_single_timeouts(scope):
+    curve = timeout_curve(scope, [0.01, 0.05, 0.1], callee="catalog")
+    assert list(curve["timeout_s"]) == [0.01, 0.05, 0.1]
+    assert list(curve["cut"]) == sorted(curve["cut"], reverse=True)
+    for r in curve.itertuples():
+        one = timeout_whatif(scope, r.timeout_s, callee="catalog").iloc[0]
+        assert (r.cut, r.cut_ok, r.n) == (one["cut"], one["cut_ok"], one["n"])
