@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from meshlens.cli import analysis_cmd, collector_cmd, proxy_cmd, query_cmd, schema_cmd, tap_cmd
+from meshlens.cli import analysis_cmd, collector_cmd, dashboards_cmd, demo_cmd, proxy_cmd, query_cmd, schema_cmd, tap_cmd
 from meshlens.cli.errors import UserError
 from meshlens.config import ConfigError
 
@@ -18,13 +18,16 @@ OpenTelemetry spans), then let analysis recommend timeouts, retries, circuit
 breakers and mTLS before anything is enforced."""
 
 EPILOG = """examples:
+  meshlens demo                           # the whole story on one machine: shop, sidecars, tap, faults, recommendations
   meshlens collector                      # OTLP on 4317/4318, queries on 8123, embedded store
   meshlens query "SELECT count() FROM calls"
   meshlens schema --store clickhouse://ch1:9000/meshlens --cluster prod
   meshlens proxy --service web --mesh mesh.yaml --app-port 8080   # sidecar: inbound 15006, outbound 15001
+  meshlens proxy-iptables --apply --app-port 8080   # transparent mode: redirect this namespace's TCP
   meshlens tap --iface eth0 --filter "tcp port 80" --mesh mesh.yaml   # passive: calls off the wire
   meshlens analyze --window 1h            # service graph: rate, errors, latency quantiles
   meshlens recommend --format yaml        # timeouts, retries, outlier detection, mTLS, with evidence
+  meshlens dashboards provision --grafana-url http://127.0.0.1:3000 --token "$TOKEN"
 
 Run `meshlens SUBCOMMAND --help` for each subcommand's options and examples."""
 
@@ -42,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log verbosity (logs go to stderr as key=value)")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
-    for mod in (collector_cmd, query_cmd, schema_cmd, analysis_cmd, proxy_cmd, tap_cmd):
+    for mod in (collector_cmd, query_cmd, schema_cmd, analysis_cmd, proxy_cmd, tap_cmd, demo_cmd, dashboards_cmd):
         mod.add_parser(sub)
     return parser
 
