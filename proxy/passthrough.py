@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from collector.record import Call
 from meshlens.protocols.errors import PeerError
-from meshlens.protocols.tls import ClientHello, HelloParser, ServerHello, version_name
+from meshlens.protocols.tls import ClientHello, HelloParser, ServerHello, hello_attributes
 from proxy.tunnel import SERVER, Tunnel
 from proxy.upstream import CONNECT_TIMEOUT
 
@@ -77,19 +77,9 @@ class TlsWatch:
     def fill(self, call: Call) -> None:
         """Authority and attributes as the tap names them."""
         call.tls = True
-        attrs = call.attributes
-        ch, sh = self.client_hello, self.server_hello
-        if ch is not None:
-            call.authority = ch.sni or ""
-            attrs["tls_client_versions"] = ",".join(version_name(v) for v in ch.versions)
-            if ch.alpn:
-                attrs["tls_client_alpn"] = ",".join(ch.alpn)
-        if sh is not None:
-            attrs["tls_version"] = version_name(sh.version)
-            if sh.alpn:
-                attrs["tls_alpn"] = sh.alpn
-        if self.error:
-            attrs["tls_parse_error"] = self.error
+        if self.client_hello is not None:
+            call.authority = self.client_hello.sni or ""
+        call.attributes.update(hello_attributes(self.client_hello, self.server_hello, self.error))
 
 
 def destination(conn: Downstream) -> Route | tuple[int, str, str]:

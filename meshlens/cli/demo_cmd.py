@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+from meshlens.cli.argtypes import port, positive
 from meshlens.cli.errors import UserError
 
 DEFAULT_DURATION = 180.0
@@ -35,16 +36,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "tap and a load with known faults; show what each observer recorded, then the "
                                    "recommendations that name the faults.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--duration", type=_positive("seconds"), default=DEFAULT_DURATION, metavar="SECONDS",
+    p.add_argument("--duration", type=positive("seconds"), default=DEFAULT_DURATION, metavar="SECONDS",
                    help=f"seconds of load (default {DEFAULT_DURATION:g}; 60 is enough for every recommendation)")
     p.add_argument("--store", metavar="chdb:PATH",
                    help="embedded store directory (default: a new one, ~/.local/share/meshlens/demo/TIMESTAMP, kept)")
-    p.add_argument("--rate", type=_positive("requests/s"), default=DEFAULT_RATE, metavar="N",
+    p.add_argument("--rate", type=positive("requests/s"), default=DEFAULT_RATE, metavar="N",
                    help=f"shopper requests per second (default {DEFAULT_RATE:g}, at most {MAX_RATE:g}); "
                         "lower rates need a longer --duration")
-    p.add_argument("--otlp-http-port", type=_port, default=4318, metavar="PORT", help="OTLP/HTTP (default 4318)")
-    p.add_argument("--otlp-grpc-port", type=_port, default=4317, metavar="PORT", help="OTLP/gRPC (default 4317)")
-    p.add_argument("--query-port", type=_port, default=8123, metavar="PORT",
+    p.add_argument("--otlp-http-port", type=port(0), default=4318, metavar="PORT", help="OTLP/HTTP (default 4318)")
+    p.add_argument("--otlp-grpc-port", type=port(0), default=4317, metavar="PORT", help="OTLP/gRPC (default 4317)")
+    p.add_argument("--query-port", type=port(0), default=8123, metavar="PORT",
                    help="ClickHouse HTTP query endpoint (default 8123)")
     p.add_argument("--any-ports", action="store_true",
                    help="free ports for the collector too (when another collector runs, and in tests)")
@@ -52,28 +53,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-running", action="store_true",
                    help="after the recommendations, keep the collector serving queries until Ctrl-C")
     p.set_defaults(run=run)
-
-
-def _positive(unit: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number of {unit}: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be more than 0 {unit}, got {text}")
-        return value
-    return parse
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0..65535 (0 = any free port), got {value}")
-    return value
 
 
 def default_store_path() -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from meshlens.cli.argtypes import port, positive
 from meshlens.cli.errors import UserError
 
 EPILOG = """examples:
@@ -57,26 +58,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(run=run_iptables)
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not -1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0..65535 (0 = any free port, -1 = off), got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from collector.client import DEFAULT_URL
     from proxy.downstream import HEADER_TIMEOUT, IDLE_TIMEOUT
@@ -84,23 +65,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--service", required=True, help="this sidecar's service, as named in the mesh file")
     p.add_argument("--mesh", required=True, metavar="FILE", help="mesh definition (mesh.yaml)")
-    p.add_argument("--inbound-port", type=_port, default=15006, help="inbound listener (default 15006)")
-    p.add_argument("--outbound-port", type=_port, default=15001, help="outbound listener (default 15001)")
-    p.add_argument("--admin-port", type=_port, default=15000, help="admin: /healthz /stats /config (default 15000)")
-    p.add_argument("--metrics-port", type=_port, default=15090, help="Prometheus metrics (default 15090)")
+    p.add_argument("--inbound-port", type=port(-1), default=15006, help="inbound listener (default 15006)")
+    p.add_argument("--outbound-port", type=port(-1), default=15001, help="outbound listener (default 15001)")
+    p.add_argument("--admin-port", type=port(-1), default=15000, help="admin: /healthz /stats /config (default 15000)")
+    p.add_argument("--metrics-port", type=port(-1), default=15090, help="Prometheus metrics (default 15090)")
     p.add_argument("--inbound-host", default="0.0.0.0", metavar="ADDR",
                    help="address of the inbound listener (default 0.0.0.0: other services' sidecars reach it; "
                         "127.0.0.1 keeps it on this machine)")
-    p.add_argument("--app-port", type=_port, default=None,
+    p.add_argument("--app-port", type=port(-1), default=None,
                    help="the local application's port; inbound is off without it")
     p.add_argument("--collector", default=DEFAULT_URL, metavar="URL",
                    help=f"where call records go (default {DEFAULT_URL})")
     p.add_argument("--no-record", action="store_true", help="do not record calls (metrics are still kept)")
-    p.add_argument("--header-timeout", type=_seconds, default=HEADER_TIMEOUT,
+    p.add_argument("--header-timeout", type=positive("seconds"), default=HEADER_TIMEOUT,
                    help=f"seconds for a whole request head once it started (default {HEADER_TIMEOUT:g}); 408 after")
-    p.add_argument("--idle-timeout", type=_seconds, default=IDLE_TIMEOUT,
+    p.add_argument("--idle-timeout", type=positive("seconds"), default=IDLE_TIMEOUT,
                    help=f"close client connections idle this long (default {IDLE_TIMEOUT:g})")
-    p.add_argument("--drain-timeout", type=_seconds, default=DRAIN_TIMEOUT,
+    p.add_argument("--drain-timeout", type=positive("seconds"), default=DRAIN_TIMEOUT,
                    help=f"seconds in-flight requests get after SIGTERM (default {DRAIN_TIMEOUT:g})")
 
 
@@ -117,13 +98,6 @@ def _id(text: str) -> int | None:
     return value
 
 
-def _real_port(text: str) -> int:
-    value = _port(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"port must be 1..65535 here, got {value}")
-    return value
-
-
 def add_iptables_arguments(p: argparse.ArgumentParser) -> None:
     from proxy.transparent import DEFAULT_PROXY_GID, DEFAULT_PROXY_UID
 
@@ -131,17 +105,17 @@ def add_iptables_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--print", action="store_true", help="print the iptables commands --apply would run")
     what.add_argument("--apply", action="store_true", help="install the rules (idempotent)")
     what.add_argument("--remove", action="store_true", help="remove our chains and the jumps to them")
-    p.add_argument("--outbound-port", type=_real_port, default=15001,
+    p.add_argument("--outbound-port", type=port(1), default=15001,
                    help="the proxy's outbound listener (default 15001)")
-    p.add_argument("--inbound-port", type=_real_port, default=15006,
+    p.add_argument("--inbound-port", type=port(1), default=15006,
                    help="the proxy's inbound listener (default 15006)")
-    p.add_argument("--app-port", type=_real_port, action="append", default=[], metavar="PORT",
+    p.add_argument("--app-port", type=port(1), action="append", default=[], metavar="PORT",
                    help="incoming TCP to this port goes to the inbound listener (repeatable; none = no inbound)")
     p.add_argument("--proxy-uid", type=_id, default=DEFAULT_PROXY_UID, metavar="UID",
                    help=f"the proxy's uid, whose traffic is not redirected (default {DEFAULT_PROXY_UID}; 'none')")
     p.add_argument("--proxy-gid", type=_id, default=DEFAULT_PROXY_GID, metavar="GID",
                    help=f"the proxy's gid, whose traffic is not redirected (default {DEFAULT_PROXY_GID}; 'none')")
-    p.add_argument("--exclude-port", type=_real_port, action="append", default=[], metavar="PORT",
+    p.add_argument("--exclude-port", type=port(1), action="append", default=[], metavar="PORT",
                    help="never redirect outgoing TCP to this port (repeatable: ssh, the collector)")
     p.add_argument("--no-outbound", action="store_true", help="redirect inbound traffic only")
 

@@ -21,6 +21,7 @@ __all__ = [
     "HelloParser",
     "ServerHello",
     "State",
+    "hello_attributes",
     "version_name",
 ]
 
@@ -86,6 +87,24 @@ class ServerHello:
     """ALPN chosen, when visible in cleartext (TLS <= 1.2)."""
     hello_retry: bool
     """True for a HelloRetryRequest: another ServerHello follows the client's second hello."""
+
+
+def hello_attributes(client: ClientHello | None, server: ServerHello | None, error: str = "") -> dict[str, str]:
+    """What a call records of a TLS handshake seen in cleartext (tap and sidecar name them alike).
+
+    The SNI goes to the call's authority, not here."""
+    attrs: dict[str, str] = {}
+    if client is not None:
+        attrs["tls_client_versions"] = ",".join(version_name(v) for v in client.versions)
+        if client.alpn:
+            attrs["tls_client_alpn"] = ",".join(client.alpn)
+    if server is not None:
+        attrs["tls_version"] = version_name(server.version)
+        if server.alpn:
+            attrs["tls_alpn"] = server.alpn
+    if error:
+        attrs["tls_parse_error"] = error
+    return attrs
 
 
 class State(enum.Enum):

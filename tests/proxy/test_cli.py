@@ -24,7 +24,7 @@ def test_help_has_examples():
 @pytest.mark.parametrize("args, message", [
     (["--service", "web", "--mesh", "/nonexistent.yaml"], "cannot read mesh file /nonexistent.yaml"),
     (["--service", "nope", "--mesh", "MESH"], "no service 'nope' in the mesh"),
-    (["--service", "web", "--mesh", "MESH", "--admin-port", "99999"], "port must be 0..65535"),
+    (["--service", "web", "--mesh", "MESH", "--admin-port", "99999"], "port must be -1..65535"),
     (["--service", "web", "--mesh", "MESH", "--collector", "ftp://x"], "collector URL must be http://"),
 ])
 def test_user_errors_are_one_line(tmp_path, args, message):

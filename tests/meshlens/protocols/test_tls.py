@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from meshlens.protocols.errors import LocalError, PeerError
-from meshlens.protocols.tls import MAX_HELLO_BYTES, ClientHello, HelloParser, ServerHello, State, version_name
+from meshlens.protocols.tls import (MAX_HELLO_BYTES, ClientHello, HelloParser, ServerHello, State, hello_attributes,
+                                    version_name)
 from tests.meshlens.protocols.tls_builder import (
     alpn_ext,
     client_hello,
@@ -167,3 +168,12 @@ def test_feeding_after_done_is_our_bug() -> None:
     assert parser.feed(hand_built_client_hello()) is not None
     with pytest.raises(LocalError, match="DONE"):
         parser.feed(b"\x17\x03\x03")
+
+
+def test_hello_attributes_name_what_both_hellos_showed():
+    client = ClientHello(0x0303, (0x0304, 0x0303), "shop.example", ("h2", "http/1.1"), (0x1301,))
+    server = ServerHello(0x0303, 0x0303, 0xC02F, "h2", False)
+    assert hello_attributes(client, server) == {
+        "tls_client_versions": "TLSv1.3,TLSv1.2", "tls_client_alpn": "h2,http/1.1",
+        "tls_version": "TLSv1.2", "tls_alpn": "h2"}
+    assert hello_attributes(None, None, "record too large") == {"tls_parse_error": "record too large"}
