@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from collector.record import CALL_COLUMN_NAMES
+from collector.record import CALL_COLUMN_NAMES, CALL_COLUMNS
 
 CONTENT_TYPE = "application/x-meshlens-calls+json"
 VERSION = 1
 _KNOWN = frozenset(CALL_COLUMN_NAMES)
+_DEFAULTS: dict[str, Any] = {c.name: c.default() for c in CALL_COLUMNS}
+_NO_DEFAULT = object()  # an unknown column is never omitted: the collector must refuse it by name
 
 
 class BatchFormatError(ValueError):
@@ -27,8 +29,36 @@ class BatchFormatError(ValueError):
 
 
 def encode(columns: dict[str, list[Any]]) -> bytes:
+    # Measured and not kept: ensure_ascii=False (no faster on proxy batches) and one json
+    # call per column so the shipping thread lets go of the GIL between columns (no
+    # measurable p99 change in bench/proxy.py). omit_defaults() is what made this cheaper.
     n = len(next(iter(columns.values()))) if columns else 0
     return json.dumps({"v": VERSION, "n": n, "columns": columns}, separators=(",", ":")).encode()
+
+
+def omit_defaults(columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """`columns` without those whose every value is the column's default.
+
+    The collector fills an absent column with exactly that default (collector.columns
+    DEFAULTS for the table and collector.spans for the spans it derives both come from
+    the same `Column.default()`), so stored rows and spans are identical; about half the columns of a proxy batch (no gRPC, no
+    TLS, no retries, no route) go, and with them ~40% of the encode time (1.97 to
+    1.16 µs a call, plus 0.22 to check) and a quarter of the body, measured.
+    A column is kept unless its values equal the default *and* have its type: 0.0 or
+    False are not 0 to the collector's type checks, and must still reach them.
+    """
+    out: dict[str, list[Any]] = {}
+    for name, values in columns.items():
+        default = _DEFAULTS.get(name, _NO_DEFAULT)
+        if values and values.count(default) == len(values):  # C-speed ==, then the exact-type check
+            kind = type(default)
+            if kind is str or kind is dict or set(map(type, values)) == {kind}:
+                continue  # == "" is only ever a str; == {} an empty dict (JSON cannot carry other mappings)
+        out[name] = values
+    if columns and not out:  # every column default: one must stay to carry n (decode refuses n rows of nothing)
+        name = next(iter(columns))
+        out[name] = columns[name]
+    return out
 
 
 def decode(body: bytes) -> dict[str, list[Any]]:

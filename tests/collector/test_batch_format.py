@@ -9,9 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector.batch_format import CONTENT_TYPE, VERSION, BatchFormatError, decode, encode
+from collector.batch_format import CONTENT_TYPE, VERSION, BatchFormatError, decode, encode, omit_defaults
 from collector.columns import CALLS_SCHEMA, to_table
-from collector.record import CALL_COLUMN_NAMES, Call
+from collector.record import CALL_COLUMN_NAMES, CALL_COLUMNS, Call
+from collector.spans import calls_to_spans
 
 
 def body(doc: object) -> bytes:
@@ -180,3 +181,90 @@ def test_fuzz_round_trip_of_calls(calls: list[Call]) -> None:
     assert table.num_rows == len(calls)
     assert [dict(a) for a in table["attributes"].to_pylist()] == [c.attributes for c in calls]
     assert table["dst_service"].to_pylist() == [c.dst_service for c in calls]
+
+
+# -- the encoder's shortcuts: what reaches the collector does not change ---------------
+
+
+def columns_of(calls: list[Call]) -> dict:
+    return {name: [getattr(c, name) for c in calls] for name in CALL_COLUMN_NAMES}
+
+
+def test_columns_that_hold_only_their_default_are_left_out() -> None:
+    columns = columns_of([Call(time=1, dst_service="a", status=200), Call(time=2, dst_service="b", status=0)])
+
+    kept = omit_defaults(columns)
+
+    assert list(kept) == ["time", "dst_service", "status"]
+    assert kept["status"] is columns["status"]
+
+
+def test_a_batch_without_its_default_columns_stores_identical_rows() -> None:
+    calls = [Call(time=1, observer="server", dst_service="a", status=200, grpc_status=-1, attributes={},
+                  trace_id="t" * 32, span_id="s" * 16),
+             Call(time=2, observer="server", dst_service="b", method="GET", grpc_status=-1, attempt=0)]
+    columns = columns_of(calls)
+
+    full, trimmed = decode(encode(columns)), decode(encode(omit_defaults(columns)))
+
+    assert len(trimmed) < len(full)
+    assert to_table("calls", trimmed).equals(to_table("calls", full))
+    assert to_table("calls", trimmed).to_pylist() == to_table("calls", full).to_pylist()
+    # the collector also derives spans from the decoded columns, before the table: same spans
+    assert calls_to_spans(trimmed) == calls_to_spans(full) and calls_to_spans(full)["TraceId"] == ["t" * 32]
+
+
+@pytest.mark.parametrize("column, values", [
+    ("attempt", [0, False]),         # == 0 but a bool: the collector's type check decides, not the encoder
+    ("status", [0.0, 0]),            # == 0 but a float
+    ("tls", [False, 0]),             # == False but an int
+    ("grpc_status", [-1, -1.0]),
+    ("attempt", [0, 1]),             # simply not all default
+    ("attributes", [{}, {"k": "v"}]),
+])
+def test_a_column_is_left_out_only_when_every_value_is_the_default_of_its_type(column: str, values: list) -> None:
+    assert omit_defaults({"time": [1, 2], column: values}) == {"time": [1, 2], column: values}
+
+
+def test_an_all_default_batch_keeps_one_column_to_carry_its_rows() -> None:
+    columns = columns_of([Call(), Call()])
+
+    kept = omit_defaults(columns)
+
+    assert kept == {"time": [0, 0]}
+    assert to_table("calls", decode(encode(kept))).to_pylist() == to_table("calls", decode(encode(columns))).to_pylist()
+    assert omit_defaults({}) == {}
+
+
+def test_unknown_columns_are_never_left_out() -> None:
+    # the collector must still refuse them by name
+    assert omit_defaults({"time": [1], "latency_ms": [0]}) == {"time": [1], "latency_ms": [0]}
+
+
+text_or_default = st.just("") | st.text(max_size=4)
+int_or_default = st.just(0) | st.integers(0, 60_000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.builds(Call, time=st.integers(0, 2**62), status=int_or_default, dst_service=text_or_default,
+                          path=text_or_default, observer=st.sampled_from(["client", "server", "wire"]),
+                          trace_id=st.just("") | st.just("a" * 32), span_id=st.just("") | st.just("b" * 16),
+                          protocol=st.sampled_from(["", "http/1.1", "grpc", "tcp"]),
+                          grpc_status=st.just(-1) | st.integers(-1, 16), tls=st.booleans(),
+                          attempt=st.just(0) | st.integers(0, 255),
+                          attributes=st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2)),
+                min_size=1, max_size=5))
+def test_fuzz_omitted_defaults_store_the_same_rows(calls: list[Call]) -> None:
+    columns = columns_of(calls)
+
+    trimmed, full = decode(encode(omit_defaults(columns))), decode(encode(columns))
+
+    assert to_table("calls", trimmed).to_pylist() == to_table("calls", full).to_pylist()
+    assert to_table("calls", trimmed).num_rows == len(calls)
+    assert calls_to_spans(trimmed) == calls_to_spans(full)
+
+
+def test_the_defaults_left_out_are_the_collectors_defaults() -> None:
+    from collector.columns import DEFAULTS
+
+    assert {c.name: c.default() for c in CALL_COLUMNS} == DEFAULTS["calls"]

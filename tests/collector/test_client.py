@@ -1,6 +1,7 @@
 """CallRecorder against a real `meshlens collector` process: calls recorded, calls stored; drops counted by reason."""
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 import urllib.request
@@ -10,7 +11,7 @@ from typing import Callable, Iterator
 import pytest
 
 from collector.client import CallRecorder
-from collector.record import Call
+from collector.record import CALL_COLUMN_NAMES, Call
 from collector.stores import connect
 from tests.collector_process import CollectorProcess
 
@@ -138,6 +139,63 @@ def test_a_batch_the_collector_refuses_is_dropped_as_rejected(collector: Collect
     assert recorder.sent_calls == 2
     assert wait_for_count(collector, 2, "dst_service = 'good'") == 2
     assert stored_calls(collector, "dst_service = 'bad'") == 0
+
+
+ALL_COLUMNS = ", ".join(f"`{c}`" for c in CALL_COLUMN_NAMES)
+
+
+def test_rows_arrive_exactly_as_the_same_calls_do(collector: CollectorProcess, recorders) -> None:
+    # The proxy records tuples in CALL_COLUMNS order (Call.as_row()); the tap records Calls.
+    # Every column stored must be the same either way, defaults (left out of the batch) included.
+    recorder = recorders(calls_url(collector), flush_interval=3600)
+    now = time.time_ns()
+    calls = [Call(time=now + i, duration_ns=1500 + i, observer="server", observer_id="sc-1", src_addr="10.0.0.1",
+                  src_port=4000 + i, dst_service="rows", method="GET", path=f"/r/{i}", authority="h\u00e9",
+                  status=200 if i % 2 else 503, attributes={"x_request_id": f"id-{i}"} if i % 3 else {})
+             for i in range(12)]
+    calls[5].grpc_status, calls[5].tls, calls[5].attempt = 14, True, 2  # one row off the defaults
+
+    for c in calls:
+        recorder.record(c)
+    assert recorder.flush()
+    for c in calls:
+        recorder.record(dataclasses.replace(c, dst_service="as-rows").as_row())
+    assert recorder.flush()
+
+    assert recorder.sent_calls == 24 and recorder.dropped["rejected"] == 0
+    assert wait_for_count(collector, 24) == 24
+    store = connect(collector.query_url)
+    as_calls = store.query_rows(f"SELECT {ALL_COLUMNS} FROM meshlens.calls WHERE dst_service = 'rows' ORDER BY time")
+    as_rows = store.query_rows(f"SELECT {ALL_COLUMNS} FROM meshlens.calls WHERE dst_service = 'as-rows' ORDER BY time")
+    service = CALL_COLUMN_NAMES.index("dst_service")
+    assert len(as_calls) == 12
+    assert [r[:service] + r[service + 1:] for r in as_rows] == [r[:service] + r[service + 1:] for r in as_calls]
+
+
+def test_rows_and_calls_mix_in_one_batch_and_a_malformed_row_is_rejected(collector: CollectorProcess,
+                                                                          recorders) -> None:
+    recorder = recorders(calls_url(collector), flush_interval=3600)
+
+    recorder.record(call(0, service="mixed"))
+    recorder.record(call(1, service="mixed").as_row())
+    recorder.record(call(2, service="mixed").as_row()[:-1])  # a producer's bug: one value short
+    recorder.record(call(3, service="mixed"))
+    assert recorder.flush()
+
+    assert recorder.sent_calls == 3
+    assert recorder.dropped == {"buffer_full": 0, "collector_unavailable": 0, "rejected": 1}
+    assert wait_for_count(collector, 3, "dst_service = 'mixed'") == 3
+    paths = connect(collector.query_url).query_rows("SELECT path FROM meshlens.calls ORDER BY time")
+    assert paths == [("/items/0",), ("/items/1",), ("/items/3",)]
+
+
+def test_a_batch_of_only_malformed_rows_sends_nothing(collector: CollectorProcess, recorders) -> None:
+    recorder = recorders(calls_url(collector), flush_interval=3600)
+
+    recorder.record(("too", "short"))
+    assert recorder.flush()
+
+    assert recorder.sent_batches == 0 and recorder.dropped["rejected"] == 1
 
 
 # -- the buffer ------------------------------------------------------------------
