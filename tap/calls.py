@@ -28,7 +28,7 @@ from meshlens.protocols.errors import PeerError
 from meshlens.protocols.exchange import Exchange, TunnelClosed
 from meshlens.protocols.http1 import Http1Tracker, State
 from meshlens.protocols.sniff import SNIFF_MAX_BYTES, sniff
-from meshlens.protocols.tls import ClientHello, HelloParser, ServerHello, version_name
+from meshlens.protocols.tls import ClientHello, HelloParser, ServerHello, hello_attributes
 from tap.packets import PacketDecoder
 from tap.reassembly import Close, Conn, Data, Gap, Open, Reassembler
 
@@ -324,18 +324,9 @@ class CallBuilder:
             attrs["midstream"] = "true"
         if f.proto == "tls":
             call.tls = True
-            ch, sh = f.client_hello, f.server_hello
-            if ch is not None:
-                call.authority = ch.sni or ""
-                attrs["tls_client_versions"] = ",".join(version_name(v) for v in ch.versions)
-                if ch.alpn:
-                    attrs["tls_client_alpn"] = ",".join(ch.alpn)
-            if sh is not None:
-                attrs["tls_version"] = version_name(sh.version)
-                if sh.alpn:
-                    attrs["tls_alpn"] = sh.alpn
-            if f.tls_error:
-                attrs["tls_parse_error"] = f.tls_error
+            if f.client_hello is not None:
+                call.authority = f.client_hello.sni or ""
+            attrs.update(hello_attributes(f.client_hello, f.server_hello, f.tls_error))
         if f.gap:
             call.error = "incomplete"
         elif reason == "rst":
