@@ -5,7 +5,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from collector.stores import default_store_url
+
+def _default_store_url() -> str:
+    # Imported when needed: collector.stores brings pyarrow (~40 MB), and every `meshlens`
+    # subcommand (the sidecar too) builds its flags from this module.
+    from collector.stores import default_store_url
+    return default_store_url()
+
 
 # The OpenTelemetry Collector's confighttp default max_request_body_size is 20 MiB;
 # the same bound applies after gzip is undone, so a small bomb cannot blow up memory.
@@ -21,7 +27,7 @@ def default_spool_dir() -> str:
 class CollectorConfig:
     """Settings of `meshlens collector` (flags > MESHLENS_* environment > --config file)."""
 
-    store: str = field(default_factory=default_store_url, metadata={"help": "store URL: chdb:PATH, clickhouse://…, http://…"})
+    store: str = field(default_factory=_default_store_url, metadata={"help": "store URL: chdb:PATH, clickhouse://…, http://…"})
     host: str = field(default="127.0.0.1", metadata={"help": "address the OTLP and call-batch listeners bind"})
     otlp_http_port: int = field(default=4318, metadata={"help": "OTLP/HTTP and /v1/calls port"})
     otlp_grpc_port: int = field(default=4317, metadata={"help": "OTLP/gRPC port"})
