@@ -147,7 +147,7 @@ def run_iptables(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from collector.client import CallRecorder
     from meshlens.mesh import MeshError, load
-    from proxy.server import ProxyConfig, run as run_proxy
+    from proxy.server import RECORD_BATCH_ROWS, ProxyConfig, run as run_proxy
 
     try:
         mesh = load(args.mesh)
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     recorder = None
     if not args.no_record:
         try:
-            recorder = CallRecorder(args.collector)
+            recorder = CallRecorder(args.collector, batch_rows=RECORD_BATCH_ROWS)
         except ValueError as e:
             raise UserError(str(e)) from None
     config = ProxyConfig(service=args.service, mesh=mesh, inbound_port=args.inbound_port,
