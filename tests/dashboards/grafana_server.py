@@ -8,13 +8,13 @@ overwrite, dashboards by uid. Every request is recorded.
 """
 from __future__ import annotations
 
-import asyncio
 import base64
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from tests.app_thread import AppThread
 
 
 @dataclass
@@ -44,38 +44,12 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"message": message}, status=status)
 
 
-class FakeGrafana:
+class FakeGrafana(AppThread):
     """Start with `.start()`, stop with `.stop()`; `.url` is its base URL."""
 
     def __init__(self) -> None:
         self.state = GrafanaState()
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> FakeGrafana:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    async def _start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        super().__init__(self.app)
 
     def writes(self) -> list[tuple[str, str]]:
         return [(r.method, r.path) for r in self.state.requests if r.method != "GET"]

@@ -5,11 +5,17 @@ import asyncio
 import hashlib
 import json
 import re
+import socket
+import ssl
+import struct
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 from aiohttp import web
 
+from tests.app_thread import AppThread
 from tests.server_process import ServerProcess
 
 READY = re.compile(r"meshlens proxy ready service=(\S+) (.*)")
@@ -123,33 +129,11 @@ def sample_app() -> web.Application:
     return app
 
 
-class SampleService:
+class SampleService(AppThread):
     """The sample app on an ephemeral port, in its own thread and loop."""
 
     def __init__(self) -> None:
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
-
-    def start(self) -> "SampleService":
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    async def _start(self) -> None:
-        self._runner = web.AppRunner(sample_app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        super().__init__(sample_app)
 
 
 def mesh_yaml(upstream_port: int, dead_port: int) -> str:
@@ -161,12 +145,6 @@ def mesh_yaml(upstream_port: int, dead_port: int) -> str:
 
 
 # -- upstreams that are not plain HTTP: raw echo (with an HTTP Upgrade), TLS echo, WebSocket echo ----------
-# (appended: imports kept here so that the file's head stays as others edit it)
-import socket  # noqa: E402
-import ssl  # noqa: E402
-import struct  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
 
 
 class LoopThread:
@@ -309,7 +287,8 @@ CALL_COLUMNS = ("observer", "src_service", "dst_service", "dst_port", "protocol"
                 "status", "request_bytes", "response_bytes", "error", "tls", "duration_ns", "attributes")
 
 
-def recorded_calls(query_url: str, where: str, n: int = 1, timeout: float = 30.0) -> list[dict]:
+def recorded_calls(query_url: str, where: str, n: int = 1, timeout: float = 30.0,
+                   columns: tuple[str, ...] = CALL_COLUMNS) -> list[dict]:
     """Rows of meshlens.calls matching `where` (SQL), once at least `n` arrived (or the timeout passed)."""
     from collector.stores import connect
 
@@ -317,9 +296,9 @@ def recorded_calls(query_url: str, where: str, n: int = 1, timeout: float = 30.0
     try:
         deadline = time.monotonic() + timeout
         while True:
-            rows = store.query_rows(f"SELECT {', '.join(CALL_COLUMNS)} FROM meshlens.calls WHERE {where} ORDER BY time")
+            rows = store.query_rows(f"SELECT {', '.join(columns)} FROM meshlens.calls WHERE {where} ORDER BY time")
             if len(rows) >= n or time.monotonic() > deadline:
-                return [dict(zip(CALL_COLUMNS, r)) for r in rows]
+                return [dict(zip(columns, r)) for r in rows]
             time.sleep(0.3)
     finally:
         store.close()

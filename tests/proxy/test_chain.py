@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from collector.stores import connect
 from tests.collector_process import CollectorProcess
 from tests.netns import Namespaces
 from tests.proxy.chain_app import ChainApp
 from tests.proxy.conftest import free_port
 from tests.proxy.meshnet import APP_PORT, MeshNet
-from tests.proxy.processes import ProxyProcess
+from tests.proxy.processes import ProxyProcess, recorded_calls
 from tests.server_process import ServerProcess
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -101,25 +99,11 @@ def test_a_chain_of_explicit_sidecars_is_one_trace_seen_from_both_sides(explicit
     assert looped.stdout == "508"
     for p in sidecars:
         assert p.stop() == 0  # SIGTERM drains and flushes the recorder
-    calls = records(col, 8)
+    calls = recorded_calls(col.query_url, "1", 8, columns=COLUMNS)  # the sidecars flushed on SIGTERM
     check_chain(answer, [c for c in calls if c["trace_id"] == TRACE])
     others = sorted((c["observer"], c["src_service"], c["dst_service"], c["status"], c["error"])
                     for c in calls if c["trace_id"] != TRACE)
     assert others == [("client", "a", "", 508, "loop"), ("client", "a", "c", 200, ""), ("server", "a", "c", 200, "")]
-
-
-def records(col: CollectorProcess, count: int) -> list[dict]:
-    """The calls table once it holds `count` rows (the sidecars flush on SIGTERM; the collector every 0.2 s)."""
-    store = connect(col.query_url)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            rows = store.query_rows(f"SELECT {', '.join(COLUMNS)} FROM meshlens.calls ORDER BY time")
-            if len(rows) >= count or time.monotonic() > deadline:
-                return [dict(zip(COLUMNS, r)) for r in rows]
-            time.sleep(0.3)
-    finally:
-        store.close()
 
 
 # -- transparent mode, a namespace per service --------------------------------------------------------------
