@@ -2,20 +2,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshlens.cli.errors import UserError
 
+if TYPE_CHECKING:
+    from tap.output import FileSink
+
 DEFAULT_COLLECTOR = "http://127.0.0.1:4318/v1/calls"
-# Calls held before a file batch is written: ~50 MB of Python objects at most.
-FILE_BATCH_ROWS = 50_000
 # Reading a file, the tap waits for the collector client rather than drop calls
 # once this many are buffered (a live capture cannot wait: it drops and counts).
 BACKPRESSURE_ROWS = 50_000
@@ -54,57 +54,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, metavar="SECONDS", help="stop a live capture after this long")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     p.set_defaults(run=run)
-
-
-class FileSink:
-    """Calls to a Parquet or CSV file, written in batches (bounded memory)."""
-
-    def __init__(self, path: str) -> None:
-        ext = os.path.splitext(path)[1].lower()
-        if ext not in (".parquet", ".csv"):
-            raise UserError(f"--out must end in .parquet or .csv, not {path!r}")
-        self.path, self.kind = path, ext[1:]
-        self._calls: list[Any] = []
-        self._writer: Any = None
-        self.written = 0
-        try:
-            open(path, "wb").close()
-        except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror}") from None
-
-    def record(self, call: Any) -> None:
-        self._calls.append(call)
-        if len(self._calls) >= FILE_BATCH_ROWS:
-            self._write()
-
-    def _write(self) -> None:
-        from collector.columns import to_table
-        from collector.record import CALL_COLUMN_NAMES
-
-        if not self._calls and self._writer is not None:
-            return
-        columns = {n: [getattr(c, n) for c in self._calls] for n in CALL_COLUMN_NAMES}
-        if self.kind == "csv":
-            columns["attributes"] = [json.dumps(a, sort_keys=True) for a in columns["attributes"]]
-            table = to_table("calls", {k: v for k, v in columns.items() if k != "attributes"})
-            import pyarrow as pa
-            import pyarrow.csv as pcsv
-            table = table.set_column(table.schema.get_field_index("attributes"), "attributes",
-                                     pa.array(columns["attributes"], pa.string()))
-            if self._writer is None:
-                self._writer = pcsv.CSVWriter(self.path, table.schema)
-        else:
-            import pyarrow.parquet as pq
-            table = to_table("calls", columns)
-            if self._writer is None:
-                self._writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
-        self._writer.write_table(table)
-        self.written += len(self._calls)
-        self._calls = []
-
-    def close(self) -> None:
-        self._write()
-        self._writer.close()
 
 
 class _Progress:
@@ -191,7 +140,11 @@ def run(args: argparse.Namespace) -> int:
 def _open_output(args: argparse.Namespace, out: str | None) -> tuple[FileSink | None, Any, Any]:
     """(file sink or None, collector recorder or None, the function calls go to)."""
     if out:
-        sink = FileSink(out)
+        from tap.output import FileSink
+        try:
+            sink = FileSink(out)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         return sink, None, sink.record
     from collector.client import CallRecorder
     try:
@@ -271,43 +224,13 @@ def _pcap_sharded(args: argparse.Namespace, mesh: Any, tap_id: str) -> tuple[dic
         total.setdefault(k, 0)
     error = got[0][2]
     if args.out:
-        written = _merge_parts(args.out, [p for p in parts if p and os.path.exists(p)])
+        from tap.output import merge_parts
+        written = merge_parts(args.out, [p for p in parts if p and os.path.exists(p)])
         out_fields = [f"written={written}", f"file={args.out}"]
     else:
         out_fields = [f"sent={sum(int(f.split('=')[1]) for r in got for f in r[4] if f.startswith('sent='))}",
                       f"dropped={sum(int(f.split('=')[1]) for r in got for f in r[4] if f.startswith('dropped='))}"]
     return total, error, unsent, out_fields
-
-
-def _merge_parts(out: str, parts: list[str]) -> int:
-    """Concatenate the workers' part files into `out`; the number of rows."""
-    rows = 0
-    if out.lower().endswith(".csv"):
-        with open(out, "wb") as dst:
-            for i, part in enumerate(parts):
-                with open(part, "rb") as src:
-                    header = src.readline()
-                    if i == 0:
-                        dst.write(header)
-                    for line in src:
-                        dst.write(line)
-                        rows += 1  # one line a row: HTTP fields cannot hold a newline
-                os.unlink(part)
-        return rows
-    import pyarrow.parquet as pq
-    writer = None
-    try:
-        for part in parts:
-            table = pq.read_table(part)
-            if writer is None:
-                writer = pq.ParquetWriter(out, table.schema, compression="zstd")
-            writer.write_table(table)
-            rows += table.num_rows
-            os.unlink(part)
-    finally:
-        if writer is not None:
-            writer.close()
-    return rows
 
 
 def _pcap(tap: Any, reader: Any, progress: _Progress) -> str:
