@@ -45,8 +45,9 @@ IPv4 only for now."""
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("proxy", help="run a sidecar proxy that records every call",
-                       description="Run one sidecar proxy next to one application instance: HTTP/1.1 "
-                                   "inbound and outbound listeners that record every exchange as a call.",
+                       description="Run one sidecar proxy next to one application instance: inbound and "
+                                   "outbound listeners that pass traffic through (HTTP/1.1 parsed; TLS, HTTP/2 "
+                                   "and other TCP tunnelled) and record every exchange as a call.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(run=run)
