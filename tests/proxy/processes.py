@@ -287,6 +287,12 @@ CALL_COLUMNS = ("observer", "src_service", "dst_service", "dst_port", "protocol"
                 "status", "request_bytes", "response_bytes", "error", "tls", "duration_ns", "attributes")
 
 
+def rss_kb(pid: int) -> int:
+    """A process's resident memory now, KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
 def recorded_calls(query_url: str, where: str, n: int = 1, timeout: float = 30.0,
                    columns: tuple[str, ...] = CALL_COLUMNS) -> list[dict]:
     """Rows of meshlens.calls matching `where` (SQL), once at least `n` arrived (or the timeout passed)."""

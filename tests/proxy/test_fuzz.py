@@ -1,10 +1,14 @@
-"""Garbage on the request path never crashes the proxy, and it keeps serving after each."""
+"""Garbage on the request path never crashes the proxy or leaks connections or memory, and it keeps serving."""
 from __future__ import annotations
 
+import json
 import socket
+import time
+import urllib.request
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from tests.proxy.processes import rss_kb
 from tests.proxy.wire import read_all
 
 _PIECES = [b"GET ", b"POST ", b"/", b"/echo", b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", b"HTTP/2.0", b"Host: x\r\n",
@@ -37,3 +41,23 @@ def test_still_serving_after_the_fuzzing(proxy):
     assert proxy.alive()
     log = proxy.log.read_text()
     assert "Traceback" not in log and "Exception" not in log, log[-3000:]
+
+
+def test_garbage_leaks_neither_connections_nor_memory(proxy):
+    """After a warm-up, 1,000 more garbage connections leave no connection open and the RSS where it was."""
+    junk = [b"\x16\x03\x01\x00\x05hello", b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"\x00" * 64, b"GET /hello HTTP/1.1\r\n" + b"X: y\r\n" * 200]
+    for i in range(300):
+        _poke(proxy.inbound, junk[i % len(junk)])
+    before = rss_kb(proxy.proc.pid)
+    for i in range(1000):
+        _poke(proxy.inbound, junk[i % len(junk)])
+    grown = rss_kb(proxy.proc.pid) - before
+    stats = {}
+    for _ in range(50):  # the last connections close asynchronously
+        stats = json.load(urllib.request.urlopen(f"http://127.0.0.1:{proxy.ports['admin']}/stats", timeout=5))
+        if stats["downstream_cx_active"] == 0:
+            break
+        time.sleep(0.1)
+    assert stats["downstream_cx_active"] == 0
+    assert grown < 5_000, f"RSS grew {grown} KiB over 1,000 garbage connections"

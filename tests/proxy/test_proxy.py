@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.proxy.processes import rss_kb
 from tests.proxy.wire import exchange, normalize, read_all
 
 
@@ -130,22 +131,17 @@ def test_slow_loris_hits_the_header_timeout(proxy):
 
 def test_a_slow_reader_does_not_make_the_proxy_buffer(proxy):
     n = 200 * 1024 * 1024
-    before = _rss_kb(proxy.proc.pid)
+    before = rss_kb(proxy.proc.pid)
     with socket.create_connection(("127.0.0.1", proxy.inbound), timeout=10) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         s.sendall(b"GET /big?n=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % n)
         time.sleep(1.0)  # not reading: the proxy must stop reading the upstream
-        grown = _rss_kb(proxy.proc.pid) - before
+        grown = rss_kb(proxy.proc.pid) - before
         got = 0
         while chunk := s.recv(1 << 20):
             got += len(chunk)
     assert grown < 20_000, f"proxy grew {grown} KiB while the client did not read"
     assert got > n
-
-
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 # Requests sent directly and through the proxy: the responses must match except for the
@@ -199,21 +195,21 @@ def test_outbound_refuses_to_loop_into_itself(proxy):
 
 def test_a_large_upload_streams_with_bounded_memory(proxy):
     n = 300 * 1024 * 1024
-    before = _rss_kb(proxy.proc.pid)
+    before = rss_kb(proxy.proc.pid)
     r = subprocess.run(f"head -c {n} /dev/zero | curl -sS --max-time 30 -T - -H 'Transfer-Encoding: chunked' "
                        f"http://127.0.0.1:{proxy.inbound}/sink", shell=True, capture_output=True, timeout=60)
     assert json.loads(r.stdout) == {"bytes": n}
-    assert _rss_kb(proxy.proc.pid) - before < 20_000
+    assert rss_kb(proxy.proc.pid) - before < 20_000
 
 
 def test_a_slow_upstream_does_not_make_the_proxy_buffer(proxy):
     n = 100 * 1024 * 1024
-    before = _rss_kb(proxy.proc.pid)
+    before = rss_kb(proxy.proc.pid)
     peak = [0]
 
     def watch(proc: subprocess.Popen) -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], _rss_kb(proxy.proc.pid) - before)
+            peak[0] = max(peak[0], rss_kb(proxy.proc.pid) - before)
             time.sleep(0.05)
 
     proc = subprocess.Popen(f"head -c {n} /dev/zero | curl -sS --max-time 60 --data-binary @- "

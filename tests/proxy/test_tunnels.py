@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from tests.collector_process import CollectorProcess
-from tests.proxy.processes import EchoService, ProxyProcess, WsService, recorded_calls
+from tests.proxy.processes import EchoService, ProxyProcess, WsService, recorded_calls, rss_kb
 from tests.proxy.conftest import free_port
 from tests.proxy.wire import exchange, read_all
 
@@ -166,7 +166,7 @@ def test_a_large_echo_through_a_tunnel_keeps_memory_bounded(env):
     with socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=30) as s:
         s.sendall(UPGRADE)
         _read_until(s, b"SERVER-FIRST")
-        before = _rss_kb(env["echo"].proc.pid)
+        before = rss_kb(env["echo"].proc.pid)
         block = b"z" * (1 << 20)
         sent = got = 0
         s.setblocking(False)
@@ -184,7 +184,7 @@ def test_a_large_echo_through_a_tunnel_keeps_memory_bounded(env):
                         sel.modify(s, selectors.EVENT_READ)
                 if mask & selectors.EVENT_READ:
                     got += len(s.recv(1 << 20))
-            peak = max(peak, _rss_kb(env["echo"].proc.pid) - before)
+            peak = max(peak, rss_kb(env["echo"].proc.pid) - before)
         sel.close()
     assert got == n
     assert peak < 50_000, f"the proxy grew {peak} KiB"
@@ -219,8 +219,3 @@ def test_no_errors_logged(env):
     for name in ("ws", "echo"):
         log = env[name].log.read_text()
         assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
-
-
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
