@@ -257,7 +257,8 @@ class Demo:
         finally:
             store.close()
         known = {i.service for i in self.instances} | {topology.INGRESS, topology.UNMESHED}
-        summary.write(report, known, self._reader_url(), self.out)
+        instances = {f"127.0.0.1:{i.inbound_port}": i.name for i in self.instances}  # as mesh.yaml lists them
+        summary.write(report, known, self._reader_url(), self.out, instances)
         self.out.flush()
 
     def _reader_url(self) -> str:

@@ -53,21 +53,32 @@ def shown(report: Report, known: set[str]) -> list[Recommendation]:
     return sorted(rows, key=lambda r: KIND_ORDER.index(r.kind))
 
 
-def rows(recs: Iterable[Recommendation], known: set[str]) -> list[tuple]:
+def _named_instances(text: str, instances: dict[str, str]) -> str:
+    """`127.0.0.1:47535` -> `inventory-3 (127.0.0.1:47535)`: analysis knows instances by address only."""
+    for addr, name in instances.items():
+        text = text.replace(addr, f"{name} ({addr})")
+    return text
+
+
+def rows(recs: Iterable[Recommendation], known: set[str], instances: dict[str, str] | None = None) -> list[tuple]:
+    """Table rows; `instances` maps an instance's address (host:port) to its name in the shop."""
     out = []
     for r in recs:
         text, reason = _mtls_text(r, known) if r.kind == "mtls" else (summary(r), r.evidence.reason)
+        if r.kind == "outlier" and instances:
+            text, reason = _named_instances(text, instances), _named_instances(reason, instances)
         t = r.target
         out.append((r.kind, t.get("caller", ""), t.get("callee", ""), t.get("method", ""), t.get("route", ""),
                     text, r.evidence.confidence, r.evidence.n, reason))
     return out
 
 
-def write(report: Report, known: set[str], store_url: str, out: TextIO) -> None:
+def write(report: Report, known: set[str], store_url: str, out: TextIO,
+          instances: dict[str, str] | None = None) -> None:
     recs = shown(report, known)
     out.write(f"recommendations for the shop ({report.window}, {report.n:,} calls)\n")
     if recs:
-        out.write(format_table(COLUMNS, rows(recs, known)))
+        out.write(format_table(COLUMNS, rows(recs, known, instances)))
     else:
         out.write(f"none yet: too few calls for the analysis' minimums (about {MINUTE_AT_DEFAULT_RATE} of load at "
                   "the default rate makes every fault show)\n")
