@@ -72,6 +72,12 @@ class Downstream(asyncio.Protocol):
         self.head_bytes = 0
         self.in_head = False
 
+    @property
+    def has_destination(self) -> bool:
+        """Whether the connection goes somewhere whatever it carries: the app (inbound), or where
+        iptables meant it to go (transparent outbound). Explicit outbound is routed by HTTP only."""
+        return self.inbound or self.original_dst is not None
+
     def __repr__(self) -> str:
         return f"<Downstream {self.peer} queue={len(self.queue)} closing={self.closing}>"
 
@@ -193,7 +199,7 @@ class Downstream(asyncio.Protocol):
         self.queue.append(req)
         if req.method == "CONNECT":
             req.keep_alive = False  # after a CONNECT the connection is a tunnel, or closed
-            if self.inbound or self.original_dst is not None:
+            if self.has_destination:
                 self._set_local(req, 405, "CONNECT is served only by the outbound listener as an explicit proxy",
                                 "protocol_error")
             else:
@@ -444,7 +450,7 @@ class Downstream(asyncio.Protocol):
         remaining = self.proxy.config.idle_timeout - SNIFF_TIMEOUT
         if remaining <= 0:
             self._idle_expired()
-        elif (self.inbound or self.original_dst is not None) and not self.proxy.draining:
+        elif self.has_destination and not self.proxy.draining:
             self._pass("tcp", b"")
         else:
             self._arm(remaining, self._idle_expired)

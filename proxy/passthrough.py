@@ -84,10 +84,11 @@ class TlsWatch:
 
 def destination(conn: Downstream) -> Route | tuple[int, str, str]:
     """Where a connection that is not HTTP goes: the local app (inbound), the original destination (outbound)."""
+    if not conn.has_destination:
+        return 400, "not HTTP and no original destination", "protocol_error"
     if conn.inbound:
         return conn.proxy.route(conn, b"")
-    if conn.original_dst is None:
-        return 400, "not HTTP and no original destination", "protocol_error"
+    assert conn.original_dst is not None
     return conn.proxy.route_to(conn.original_dst)
 
 
@@ -141,8 +142,8 @@ class Passthrough:
 
     def _labels(self) -> tuple[str, str, str]:
         conn, route = self.conn, self.route
-        src = (route.src_service if route is not None else "") if conn.inbound else conn.proxy.service.name
-        return ("destination" if conn.inbound else "source", src, route.dst_service if route else "")
+        return ("destination" if conn.inbound else "source", conn.proxy.source_service(conn, route),
+                route.dst_service if route else "")
 
     def _closed(self, tunnel: Tunnel) -> None:
         self.error = tunnel.error

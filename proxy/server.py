@@ -129,8 +129,7 @@ class Proxy:
         dst = conn.original_dst
         if dst is not None:
             text = authority.decode("latin-1").strip()
-            name = text.rpartition(":")[0] if ":" in text and not text.endswith("]") else text
-            svc = self.config.mesh.services.get(name)
+            svc = self.config.mesh.services.get(_split_authority(text)[0])
             return self.route_to(dst) if svc is None else self._balanced(svc)
         cached = self._routes.get(authority)
         if cached is not None:
@@ -138,7 +137,7 @@ class Proxy:
         text = authority.decode("latin-1").strip()
         if not text:
             return 400, "no Host header and no absolute-form target", "protocol_error"
-        name, _, port_text = text.rpartition(":") if not text.endswith("]") and ":" in text else (text, "", "")
+        name, port_text = _split_authority(text)
         svc = self.config.mesh.services.get(name)
         if svc is not None:
             return self._balanced(svc)
@@ -196,11 +195,16 @@ class Proxy:
             self._inbound_routes[src] = route
         return route
 
+    def source_service(self, conn: Downstream, route: Route | None) -> str:
+        """Who called, for records and metrics: this service outbound; inbound, whom the route names."""
+        if not conn.inbound:
+            return self.service.name
+        return route.src_service if route is not None else ""
+
     # -- connections and records -------------------------------------------------------------------
 
     def opened(self, conn: Downstream) -> None:
         """A new downstream connection; outbound ones learn where iptables meant to send them."""
-        conn.original_dst = None
         if not conn.inbound:
             sock = conn.transport.get_extra_info("socket")
             try:
@@ -228,7 +232,7 @@ class Proxy:
         route = req.route
         inbound = conn.inbound
         dst = route.dst_service if route is not None else ""
-        src = (route.src_service if route is not None else "") if inbound else self.service.name
+        src = self.source_service(conn, route)
         self.metrics.observe(("destination" if inbound else "source", src, dst, req.status, req.error),
                              (end - req.t0) / 1e6, req.request_bytes, req.response_bytes)
         if self.recorder is None:
@@ -300,6 +304,14 @@ class Proxy:
         for conn in list(self.conns):
             conn.transport.abort()
         self.pool.close()
+
+
+def _split_authority(text: str) -> tuple[str, str]:
+    """`host:port` -> (host, port text); a bare host or a bracketed IPv6 literal -> (text, '')."""
+    if ":" in text and not text.endswith("]"):
+        host, _, port = text.rpartition(":")
+        return host, port
+    return text, ""
 
 
 def ready_line(proxy: Proxy, admin_ports: dict[str, int]) -> str:
