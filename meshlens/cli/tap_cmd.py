@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from meshlens.cli.errors import UserError
+from meshlens.cli.progress import ProgressLine
 
 if TYPE_CHECKING:
     from tap.output import FileSink
@@ -57,14 +58,13 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 class _Progress:
-    """One line on stderr, rewritten in place on a terminal, at most every `interval` seconds."""
+    """The tap's progress on stderr, at most every `interval` seconds."""
 
     def __init__(self, enabled: bool, interval: float = 1.0) -> None:
         self.enabled = enabled
-        self.tty = sys.stderr.isatty()
+        self.line = ProgressLine(sys.stderr)
         self.interval = interval
         self._next = time.monotonic() + interval
-        self._shown = False
 
     def due(self) -> bool:
         if not self.enabled:
@@ -76,13 +76,10 @@ class _Progress:
         return True
 
     def show(self, text: str) -> None:
-        sys.stderr.write(("\r" + text + "\x1b[K") if self.tty else text + "\n")
-        sys.stderr.flush()
-        self._shown = True
+        self.line.show(text)
 
     def done(self) -> None:
-        if self._shown and self.tty:
-            sys.stderr.write("\n")
+        self.line.done()
 
 
 def run(args: argparse.Namespace) -> int:

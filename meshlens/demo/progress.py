@@ -5,6 +5,9 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from typing import TextIO
+
+from meshlens.cli.progress import ProgressLine
 
 OBSERVERS: tuple[str, ...] = ("client", "server", "wire", "otlp")
 # Without a terminal (CI logs, pipes) one line every this many seconds instead of a line redrawn in place.
@@ -35,14 +38,12 @@ def format_counts(counts: dict[str, int]) -> str:
 class Progress:
     """One line redrawn in place on a terminal, else a line every LOG_INTERVAL_S."""
 
-    def __init__(self, url: str, duration: float, stream=None) -> None:
+    def __init__(self, url: str, duration: float, stream: TextIO | None = None) -> None:
         self.url = url
         self.duration = duration
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
-        self.interval = TTY_INTERVAL_S if self.tty else LOG_INTERVAL_S
+        self.line = ProgressLine(stream or sys.stdout)
+        self.interval = TTY_INTERVAL_S if self.line.tty else LOG_INTERVAL_S
         self._next = 0.0
-        self._shown = False
         self.last: dict[str, int] = {}
 
     def due(self) -> bool:
@@ -55,18 +56,10 @@ class Progress:
             text = f"calls recorded: {format_counts(self.last)}"
         except OSError as e:
             text = f"calls recorded: (query endpoint not answering: {e})"
-        line = f"[{_clock(elapsed)}/{_clock(self.duration)}] {text}{note}"
-        if self.tty:
-            self.stream.write("\r" + line + "\x1b[K")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-        self._shown = True
+        self.line.show(f"[{_clock(elapsed)}/{_clock(self.duration)}] {text}{note}")
 
     def done(self) -> None:
-        if self._shown and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.line.done()
 
 
 def _clock(seconds: float) -> str:
