@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.scope import Scope
+from meshlens.analysis.scope import Scope
 
 # Histogram resolution: 10 buckets per decade (each ~26% wider than the last) resolves a p99 from a p50
 # on a log axis while keeping an edge at ~60 rows from 10 µs to 1000 s.

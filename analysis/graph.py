@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.evidence import quantile_confidence
-from analysis.scope import FAILED_SQL, Scope
+from meshlens.analysis.evidence import quantile_confidence
+from meshlens.analysis.scope import FAILED_SQL, Scope
 
 QUANTILES: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999)
 Q_NAMES: tuple[str, ...] = ("p50_ms", "p90_ms", "p99_ms", "p999_ms")

@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from analysis.evidence import Recommendation, duration_text
-from analysis.recommend import Report
-from analysis.routes import PARAM
+from meshlens.analysis.evidence import Recommendation, duration_text
+from meshlens.analysis.recommend import Report
+from meshlens.analysis.routes import PARAM
 
 
 def uri_match(route: str) -> dict[str, str]:

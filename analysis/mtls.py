@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.evidence import Evidence, Recommendation, confidence_from_n, not_enough
-from analysis.scope import Scope
-from analysis.window import CALLER_SQL
+from meshlens.analysis.evidence import Evidence, Recommendation, confidence_from_n, not_enough
+from meshlens.analysis.scope import Scope
+from meshlens.analysis.window import CALLER_SQL
 
 # Inbound calls to a service before any verdict. A caller that calls a few times an hour (a cron job, a
 # batch) is exactly the one STRICT would break, and with fewer than 100 calls in the window such a

@@ -15,10 +15,10 @@ from typing import Sized, TypeVar
 
 import pandas as pd
 
-from collector.stores import Store, connect, redact
+from meshlens.collector.stores import Store, connect, redact
 
-from analysis.scope import NoData, Scope, open_scope
-from analysis.window import Window, parse_duration
+from meshlens.analysis.scope import NoData, Scope, open_scope
+from meshlens.analysis.window import Window, parse_duration
 
 T = TypeVar("T", bound=Sized)
 

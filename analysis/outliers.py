@@ -21,9 +21,9 @@ import math
 
 import pandas as pd
 
-from analysis.evidence import Evidence, Recommendation, confidence_from_n, not_enough
-from analysis.runs import GATEWAY_SQL, MAX_RUN, run_histogram_sql
-from analysis.scope import Scope
+from meshlens.analysis.evidence import Evidence, Recommendation, confidence_from_n, not_enough
+from meshlens.analysis.runs import GATEWAY_SQL, MAX_RUN, run_histogram_sql
+from meshlens.analysis.scope import Scope
 
 # Istio's defaults (destination_rule.proto OutlierDetection): interval 10s, baseEjectionTime 30s,
 # maxEjectionPercent 10, consecutive5xxErrors 5, consecutiveGatewayErrors 0 (off).

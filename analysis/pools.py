@@ -10,8 +10,8 @@ import math
 
 import pandas as pd
 
-from analysis.evidence import Evidence, Recommendation, confidence_from_n, not_enough
-from analysis.scope import Scope
+from meshlens.analysis.evidence import Evidence, Recommendation, confidence_from_n, not_enough
+from meshlens.analysis.scope import Scope
 
 POOL_MIN_N = 1000
 POOL_HEADROOM = 2.0

@@ -7,18 +7,18 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from collector.stores import Store
+from meshlens.collector.stores import Store
 
-from analysis import graph
-from analysis.evidence import Recommendation
-from analysis.mtls import recommend_mtls
-from analysis.outliers import recommend_outliers
-from analysis.pools import recommend_pools
-from analysis.retries import recommend_retries
-from analysis.route_stats import route_stats
-from analysis.scope import Scope, open_scope
-from analysis.timeouts import recommend_timeouts
-from analysis.window import Window
+from meshlens.analysis import graph
+from meshlens.analysis.evidence import Recommendation
+from meshlens.analysis.mtls import recommend_mtls
+from meshlens.analysis.outliers import recommend_outliers
+from meshlens.analysis.pools import recommend_pools
+from meshlens.analysis.retries import recommend_retries
+from meshlens.analysis.route_stats import route_stats
+from meshlens.analysis.scope import Scope, open_scope
+from meshlens.analysis.timeouts import recommend_timeouts
+from meshlens.analysis.window import Window
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.evidence import Evidence, Recommendation, confidence_from_n, not_enough, wilson
-from analysis.route_stats import IDEMPOTENCY_KEYS, RETRY_WINDOW_S, route_stats
-from analysis.scope import Scope
+from meshlens.analysis.evidence import Evidence, Recommendation, confidence_from_n, not_enough, wilson
+from meshlens.analysis.route_stats import IDEMPOTENCY_KEYS, RETRY_WINDOW_S, route_stats
+from meshlens.analysis.scope import Scope
 
 IDEMPOTENT_METHODS: tuple[str, ...] = ("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE")
 RETRY_MIN_N = 500          # calls on the route before judging it at all

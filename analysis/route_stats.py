@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.scope import FAILED_SQL, HEALTHY_SQL, Scope
-from analysis.window import quote
+from meshlens.analysis.scope import FAILED_SQL, HEALTHY_SQL, Scope
+from meshlens.analysis.window import quote
 
 IDEMPOTENCY_KEYS: tuple[str, ...] = ("idempotency-key", "x-idempotency-key")
 TRANSIENT_SQL = ("(error IN ('refused', 'reset', 'connect_failure', 'connect_error') "

@@ -25,9 +25,9 @@ per parent value, so only the outer one is templated when the inner values are s
 """
 from __future__ import annotations
 
-from collector.stores import Store
+from meshlens.collector.stores import Store
 
-from analysis.window import quote
+from meshlens.analysis.window import quote
 
 PARAM = "{id}"
 

@@ -11,7 +11,7 @@ per-instance figures come back:
 """
 from __future__ import annotations
 
-from analysis.scope import FAILED_SQL
+from meshlens.analysis.scope import FAILED_SQL
 
 # Gateway errors for Envoy's consecutive_gateway_failure: 502/503/504 and the locally originated
 # errors it maps onto them (connect failure, reset, timeout, TLS/protocol failures).

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from collector.stores import Store
+from meshlens.collector.stores import Store
 
-from analysis.routes import detect_rules, route_sql
-from analysis.window import (CALLER_SIDE, CALLER_SQL, INSTANCE_SQL, EdgeObservers, Window, edge_observers_sql,
+from meshlens.analysis.routes import detect_rules, route_sql
+from meshlens.analysis.window import (CALLER_SIDE, CALLER_SQL, INSTANCE_SQL, EdgeObservers, Window, edge_observers_sql,
                              observer_filter, quote)
 
 # A failure as the caller sees it: no response (an error class) or a 5xx.

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.evidence import (Evidence, Recommendation, confidence_from_n, not_enough, quantile_confidence,
+from meshlens.analysis.evidence import (Evidence, Recommendation, confidence_from_n, not_enough, quantile_confidence,
                                round_up_ms)
-from analysis.route_stats import route_stats
-from analysis.scope import Scope
+from meshlens.analysis.route_stats import route_stats
+from meshlens.analysis.scope import Scope
 
 # p99.9 from fewer than 1,000 healthy calls is the maximum in disguise.
 TIMEOUT_MIN_N = 1000

@@ -14,12 +14,12 @@ import math
 
 import pandas as pd
 
-from analysis.evidence import wilson
-from analysis.outliers import BASE_EJECTION_S
-from analysis.retries import expected_recovered, expected_retries_sent, retry_frame
-from analysis.runs import breaker_replay_sql
-from analysis.scope import HEALTHY_SQL, Scope
-from analysis.window import quote
+from meshlens.analysis.evidence import wilson
+from meshlens.analysis.outliers import BASE_EJECTION_S
+from meshlens.analysis.retries import expected_recovered, expected_retries_sent, retry_frame
+from meshlens.analysis.runs import breaker_replay_sql
+from meshlens.analysis.scope import HEALTHY_SQL, Scope
+from meshlens.analysis.window import quote
 
 
 def _callee(callee: str | None) -> str:

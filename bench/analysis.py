@@ -34,8 +34,8 @@ from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from collector.schema import Layout, migrate  # noqa: E402
-from collector.stores.embedded import EmbeddedStore  # noqa: E402
+from meshlens.collector.schema import Layout, migrate  # noqa: E402
+from meshlens.collector.stores.embedded import EmbeddedStore  # noqa: E402
 
 NAIVE_COLUMNS = ("time, src_service, dst_service, observer, method, path, duration_ns, status, error, tls, "
                  "dst_addr, dst_port, attributes")
@@ -106,7 +106,7 @@ def naive(store: EmbeddedStore, sample: int) -> tuple[float, float, int]:
 
 def write_routes(path: str) -> float:
     """Fill the `route` column with the templated route once (a mutation), as a write-back job would; seconds."""
-    from analysis import Window, open_scope
+    from meshlens.analysis import Window, open_scope
 
     store = EmbeddedStore(path)
     store.use_database()

@@ -110,10 +110,10 @@ def raw_chdb_insert(bodies: list[bytes], total_spans: int, work: Path) -> float:
     """Spans/s of a plain Arrow → chdb insert of the same decoded rows (no HTTP, no spool)."""
     import pyarrow as pa
 
-    from collector.columns import to_table
-    from collector.otlp import decode_traces
-    from collector.schema import Layout, migrate
-    from collector.stores import connect
+    from meshlens.collector.columns import to_table
+    from meshlens.collector.otlp import decode_traces
+    from meshlens.collector.schema import Layout, migrate
+    from meshlens.collector.stores import connect
 
     tables = [to_table("otel_traces", decode_traces(b, "protobuf").traces) for b in bodies]
     reps = max(1, total_spans // sum(t.num_rows for t in tables))
@@ -147,7 +147,7 @@ def main() -> None:
         ref = raw_chdb_insert(bodies, total, work)
         with CollectorProcess(work / "collector", None, "--batch-rows", "100000",
                               "--flush-interval", "1.0") as col:
-            from collector.stores import connect
+            from meshlens.collector.stores import connect
 
             sampler = RssSampler(col.proc.pid)
             sampler.start()

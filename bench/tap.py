@@ -86,7 +86,7 @@ def main() -> int:
     pcap = d / f"http-{args.connections}x{args.exchanges}.pcap"
     t0 = time.perf_counter()
     if pcap.exists():
-        from tap.pcapfile import read_packets
+        from meshlens.tap.pcapfile import read_packets
         packets, expected = sum(1 for _ in read_packets(pcap)), args.connections * args.exchanges
     else:
         packets, expected = generate(pcap, args.connections, args.exchanges)

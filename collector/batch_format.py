@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from collector.record import CALL_COLUMN_NAMES, CALL_COLUMNS
+from meshlens.collector.record import CALL_COLUMN_NAMES, CALL_COLUMNS
 
 CONTENT_TYPE = "application/x-meshlens-calls+json"
 VERSION = 1

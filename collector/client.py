@@ -29,8 +29,8 @@ from collections import deque
 from typing import Any
 from urllib.parse import urlsplit
 
-from collector.batch_format import CONTENT_TYPE, encode, omit_defaults
-from collector.record import CALL_COLUMNS, Call
+from meshlens.collector.batch_format import CONTENT_TYPE, encode, omit_defaults
+from meshlens.collector.record import CALL_COLUMNS, Call
 
 log = logging.getLogger("meshlens.client")
 

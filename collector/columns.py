@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from collector.record import CALL_COLUMNS
+from meshlens.collector.record import CALL_COLUMNS
 
 STR_MAP = pa.map_(pa.string(), pa.string())
 

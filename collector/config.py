@@ -9,7 +9,7 @@ from pathlib import Path
 def _default_store_url() -> str:
     # Imported when needed: collector.stores brings pyarrow (~40 MB), and every `meshlens`
     # subcommand (the sidecar too) builds its flags from this module.
-    from collector.stores import default_store_url
+    from meshlens.collector.stores import default_store_url
     return default_store_url()
 
 

@@ -11,10 +11,10 @@ from concurrent import futures
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from collector.columns import to_table
-from collector.config import MAX_BODY_BYTES
-from collector.ingest import Ingest, Overloaded
-from collector.otlp import decode_traces
+from meshlens.collector.columns import to_table
+from meshlens.collector.config import MAX_BODY_BYTES
+from meshlens.collector.ingest import Ingest, Overloaded
+from meshlens.collector.otlp import decode_traces
 
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 

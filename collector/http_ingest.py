@@ -21,12 +21,12 @@ from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from collector import batch_format
-from collector.columns import to_table
-from collector.config import MAX_BODY_BYTES
-from collector.ingest import Ingest, Overloaded
-from collector.otlp import OTLPDecodeError, decode_traces
-from collector.spans import calls_to_spans
+from meshlens.collector import batch_format
+from meshlens.collector.columns import to_table
+from meshlens.collector.config import MAX_BODY_BYTES
+from meshlens.collector.ingest import Ingest, Overloaded
+from meshlens.collector.otlp import OTLPDecodeError, decode_traces
+from meshlens.collector.spans import calls_to_spans
 
 
 _PROTOBUF_TYPES = ("application/x-protobuf", "application/protobuf")

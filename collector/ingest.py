@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from collector.metrics import CollectorMetrics
-from collector.stores.base import quote_ident
-from collector.spool import Segment, Spool, SpoolFull
-from collector.stores import Store, StoreError, StoreUnavailable
+from meshlens.collector.metrics import CollectorMetrics
+from meshlens.collector.stores.base import quote_ident
+from meshlens.collector.spool import Segment, Spool, SpoolFull
+from meshlens.collector.stores import Store, StoreError, StoreUnavailable
 
 log = logging.getLogger("meshlens.collector")
 

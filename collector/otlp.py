@@ -31,7 +31,7 @@ from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope, KeyVa
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from collector.spans import spans_to_calls
+from meshlens.collector.spans import spans_to_calls
 
 # Arrow timestamp[ns] and ClickHouse DateTime64(9) end at 2**63-1 ns (April 2262):
 # a span starting later cannot be stored, so it is rejected rather than wrapped.

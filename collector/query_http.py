@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from collector.stores.base import StoreError
-from collector.stores.embedded import EmbeddedStore
+from meshlens.collector.stores.base import StoreError
+from meshlens.collector.stores.embedded import EmbeddedStore
 
 try:  # Python 3.14 ships zstd; before that only the backport, when installed.
     from compression import zstd  # type: ignore[import-not-found]

@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from collector.record import CALL_COLUMNS
-from collector.stores.base import quote_ident
+from meshlens.collector.record import CALL_COLUMNS
+from meshlens.collector.stores.base import quote_ident
 
 # Rows a plain MergeTree remembers insert_deduplication_token for. A replayed
 # spool segment is at most a few hundred batches behind; 10,000 is generous.

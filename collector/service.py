@@ -10,15 +10,15 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from collector.config import CollectorConfig
-from collector.grpc_ingest import start_grpc
-from collector.http_ingest import make_ingest_app
-from collector.ingest import BatchPolicy, Ingest
-from collector.metrics import CollectorMetrics
-from collector.schema import Layout, Retention, migrate
-from collector.spool import Spool
-from collector.stores import Store, StoreError, connect, redact
-from collector.stores.embedded import EmbeddedStore
+from meshlens.collector.config import CollectorConfig
+from meshlens.collector.grpc_ingest import start_grpc
+from meshlens.collector.http_ingest import make_ingest_app
+from meshlens.collector.ingest import BatchPolicy, Ingest
+from meshlens.collector.metrics import CollectorMetrics
+from meshlens.collector.schema import Layout, Retention, migrate
+from meshlens.collector.spool import Spool
+from meshlens.collector.stores import Store, StoreError, connect, redact
+from meshlens.collector.stores.embedded import EmbeddedStore
 
 log = logging.getLogger("meshlens.collector")
 
@@ -73,7 +73,7 @@ async def serve(cfg: CollectorConfig, opened: Opened) -> None:
     sites = [web.TCPSite(runner, cfg.host, cfg.otlp_http_port, reuse_address=True)]
     query_runner = None
     if isinstance(opened.store, EmbeddedStore) and cfg.query_port >= 0:
-        from collector.query_http import make_query_app
+        from meshlens.collector.query_http import make_query_app
 
         query_runner = web.AppRunner(make_query_app(opened.store, user=cfg.query_user,
                                                     password=cfg.query_password), access_log=None)

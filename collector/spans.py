@@ -16,7 +16,7 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from collector.record import CALL_COLUMNS
+from meshlens.collector.record import CALL_COLUMNS
 
 U16_MAX = 2**16 - 1
 U64_MAX = 2**64 - 1

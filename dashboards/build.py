@@ -7,11 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dashboards import JSON_DIR
-from dashboards.mesh import edge, overview, service
-from dashboards.readiness import readiness
-from dashboards.selfmon import selfmon
-from dashboards.traces import traces
+from meshlens.dashboards import JSON_DIR
+from meshlens.dashboards.mesh import edge, overview, service
+from meshlens.dashboards.readiness import readiness
+from meshlens.dashboards.selfmon import selfmon
+from meshlens.dashboards.traces import traces
 
 BUILDERS: tuple[Callable[[], dict[str, Any]], ...] = (overview, service, edge, traces, readiness, selfmon)
 

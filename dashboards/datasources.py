@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from collector.stores import StoreURLError, parse_store_url
-from dashboards import load_all
-from dashboards.model import CLICKHOUSE_PLUGIN, DEFAULT_DATASOURCE_NAME, DEFAULT_DATASOURCE_UID
+from meshlens.collector.stores import StoreURLError, parse_store_url
+from meshlens.dashboards import load_all
+from meshlens.dashboards.model import CLICKHOUSE_PLUGIN, DEFAULT_DATASOURCE_NAME, DEFAULT_DATASOURCE_UID
 
 PROMETHEUS_UID = "meshlens-prometheus"
 PROMETHEUS_NAME = "meshlens Prometheus"

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dashboards.model import (FORMAT_TABLE, FORMAT_TIME_SERIES, Panel, Row, clickhouse_datasource_var,
+from meshlens.dashboards.model import (FORMAT_TABLE, FORMAT_TIME_SERIES, Panel, Row, clickhouse_datasource_var,
                               custom_var, dashboard, database_var, override, query_var, sql_target)
-from dashboards.sql import (BUCKET, CALLEE, CALLER, CALLER_SIDE, CALLS, FAILED, MS, PER_SECOND, ROUTE, SERVICE_SIDE,
+from meshlens.dashboards.sql import (BUCKET, CALLEE, CALLER, CALLER_SIDE, CALLS, FAILED, MS, PER_SECOND, ROUTE, SERVICE_SIDE,
                             WINDOW, error_ratio, observer_rule, quantile_ms, scope, services_filter)
 
 OBSERVERS = ["auto", "client", "server", "wire", "otlp"]

@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 from grafana_client import GrafanaApi
 from grafana_client.client import GrafanaException
 
-from dashboards.datasources import (ClickHouseTarget, Names, ProvisionError, clickhouse_datasource,
+from meshlens.dashboards.datasources import (ClickHouseTarget, Names, ProvisionError, clickhouse_datasource,
                                     installed_dashboards, prometheus_datasource)
-from dashboards.model import CLICKHOUSE_PLUGIN
+from meshlens.dashboards.model import CLICKHOUSE_PLUGIN
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dashboards.mesh import RED_OVERRIDES, WINDOW_SECONDS, table, ts
-from dashboards.model import Panel, Row, clickhouse_datasource_var, dashboard, database_var, override, query_var
-from dashboards.sql import (BUCKET, CALLEE, CALLER, CALLS, FAILED, HEALTHY, ROUTE, WINDOW, observer_rule,
+from meshlens.dashboards.mesh import RED_OVERRIDES, WINDOW_SECONDS, table, ts
+from meshlens.dashboards.model import Panel, Row, clickhouse_datasource_var, dashboard, database_var, override, query_var
+from meshlens.dashboards.sql import (BUCKET, CALLEE, CALLER, CALLS, FAILED, HEALTHY, ROUTE, WINDOW, observer_rule,
                             services_filter)
 
 MTLS_MIN_N = 100  # analysis.mtls.MTLS_MIN_N: inbound calls to a service before any verdict

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dashboards.model import Panel, Row, dashboard, datasource_var, prom_target
+from meshlens.dashboards.model import Panel, Row, dashboard, datasource_var, prom_target
 
 RATE = "[$__rate_interval]"
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from dashboards.mesh import table, ts
-from dashboards.model import (FORMAT_TRACE, Panel, Row, clickhouse_datasource_var, dashboard, database_var, override,
+from meshlens.dashboards.mesh import table, ts
+from meshlens.dashboards.model import (FORMAT_TRACE, Panel, Row, clickhouse_datasource_var, dashboard, database_var, override,
                               query_var, sql_target)
-from dashboards.sql import PER_SECOND, TRACE_ID_TS, TRACES
+from meshlens.dashboards.sql import PER_SECOND, TRACE_ID_TS, TRACES
 
 ERROR_STATUS = "StatusCode IN ('Error', 'STATUS_CODE_ERROR')"
 TRACE_FILTER = "$__timeFilter(Timestamp)"

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from proxy.server import Proxy
+    from meshlens.proxy.server import Proxy
 
 __all__ = ["start_admin"]
 

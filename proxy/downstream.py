@@ -20,14 +20,14 @@ import httptools
 from meshlens.protocols.errors import PeerError
 from meshlens.protocols.http1 import MAX_HEADER_BYTES, MAX_HEADER_COUNT
 from meshlens.protocols.sniff import sniff
-from proxy.headers import PEER_HEADER, forwardable, new_request_id, trace_for, upgrade_fields
-from proxy.passthrough import SNIFF_TIMEOUT, Passthrough, connect_method
-from proxy.request import PIPELINE_BUFFER_BYTES, Flow, Request, plain_response
-from proxy.tunnel import CLIENT, SERVER, Tunnel
+from meshlens.proxy.headers import PEER_HEADER, forwardable, new_request_id, trace_for, upgrade_fields
+from meshlens.proxy.passthrough import SNIFF_TIMEOUT, Passthrough, connect_method
+from meshlens.proxy.request import PIPELINE_BUFFER_BYTES, Flow, Request, plain_response
+from meshlens.proxy.tunnel import CLIENT, SERVER, Tunnel
 
 if TYPE_CHECKING:
-    from proxy.server import Proxy
-    from proxy.upstream import Upstream
+    from meshlens.proxy.server import Proxy
+    from meshlens.proxy.upstream import Upstream
 
 __all__ = ["HEADER_TIMEOUT", "IDLE_TIMEOUT", "Downstream"]
 

@@ -14,16 +14,16 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from collector.record import Call
+from meshlens.collector.record import Call
 from meshlens.protocols.errors import PeerError
 from meshlens.protocols.tls import ClientHello, HelloParser, ServerHello, hello_attributes
-from proxy.tunnel import SERVER, Tunnel
-from proxy.upstream import CONNECT_TIMEOUT
+from meshlens.proxy.tunnel import SERVER, Tunnel
+from meshlens.proxy.upstream import CONNECT_TIMEOUT
 
 if TYPE_CHECKING:
-    from proxy.downstream import Downstream
-    from proxy.request import Request
-    from proxy.server import Route
+    from meshlens.proxy.downstream import Downstream
+    from meshlens.proxy.request import Request
+    from meshlens.proxy.server import Route
 
 __all__ = ["SNIFF_TIMEOUT", "Passthrough", "TlsWatch", "connect_method", "destination"]
 

@@ -10,12 +10,12 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from proxy.headers import Trace, forwardable, upgrade_fields
+from meshlens.proxy.headers import Trace, forwardable, upgrade_fields
 
 if TYPE_CHECKING:
-    from proxy.downstream import Downstream
-    from proxy.server import Route
-    from proxy.upstream import Upstream
+    from meshlens.proxy.downstream import Downstream
+    from meshlens.proxy.server import Route
+    from meshlens.proxy.upstream import Upstream
 
 __all__ = ["PIPELINE_BUFFER_BYTES", "Flow", "Request", "plain_response"]
 

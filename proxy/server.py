@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from meshlens.mesh import Mesh, Service, parse_address
-from proxy.downstream import HEADER_TIMEOUT, IDLE_TIMEOUT, Downstream
-from proxy.headers import peer_field
-from proxy.request import Request
-from proxy.metrics import Metrics
-from proxy.transparent import original_dst
-from proxy.upstream import Pool
+from meshlens.proxy.downstream import HEADER_TIMEOUT, IDLE_TIMEOUT, Downstream
+from meshlens.proxy.headers import peer_field
+from meshlens.proxy.request import Request
+from meshlens.proxy.metrics import Metrics
+from meshlens.proxy.transparent import original_dst
+from meshlens.proxy.upstream import Pool
 
 if TYPE_CHECKING:
-    from collector.client import CallRecorder
+    from meshlens.collector.client import CallRecorder
 
 __all__ = ["DRAIN_TIMEOUT", "RECORD_BATCH_ROWS", "ProxyConfig", "Proxy", "Route", "run"]
 
@@ -323,7 +323,7 @@ def ready_line(proxy: Proxy, admin_ports: dict[str, int]) -> str:
 
 async def serve(config: ProxyConfig, recorder: CallRecorder | None) -> None:
     """Run until SIGTERM/SIGINT, then drain."""
-    from proxy.admin import start_admin
+    from meshlens.proxy.admin import start_admin
 
     proxy = Proxy(config, recorder)
     await proxy.start()

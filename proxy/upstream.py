@@ -18,7 +18,7 @@ from meshlens.protocols.errors import PeerError
 from meshlens.protocols.http1 import MAX_HEADER_BYTES, MAX_HEADER_COUNT
 
 if TYPE_CHECKING:
-    from proxy.request import Request
+    from meshlens.proxy.request import Request
 
 __all__ = ["CONNECT_TIMEOUT", "MAX_IDLE_PER_UPSTREAM", "POOL_IDLE_TIMEOUT", "Pool", "Upstream"]
 

@@ -22,15 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
 
-from collector.record import Call
+from meshlens.collector.record import Call
 from meshlens.mesh import Mesh
 from meshlens.protocols.errors import PeerError
 from meshlens.protocols.exchange import Exchange, TunnelClosed
 from meshlens.protocols.http1 import Http1Tracker, State
 from meshlens.protocols.sniff import SNIFF_MAX_BYTES, sniff
 from meshlens.protocols.tls import ClientHello, HelloParser, ServerHello, hello_attributes
-from tap.packets import PacketDecoder
-from tap.reassembly import Close, Conn, Data, Gap, Open, Reassembler
+from meshlens.tap.packets import PacketDecoder
+from meshlens.tap.reassembly import Close, Conn, Data, Gap, Open, Reassembler
 
 __all__ = ["MAX_NAME_CACHE", "MAX_SNIFF_HOLD", "CallBuilder", "Tap", "TapStats", "parse_traceparent"]
 

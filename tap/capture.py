@@ -14,8 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from tap.calls import Tap
-from tap.packets import LINKTYPE_ETHERNET, LINKTYPE_RAW
+from meshlens.tap.calls import Tap
+from meshlens.tap.packets import LINKTYPE_ETHERNET, LINKTYPE_RAW
 
 __all__ = ["CAPTURE_BUFFER_BYTES", "CaptureError", "LiveCapture", "run_live"]
 

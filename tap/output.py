@@ -34,8 +34,8 @@ class FileSink:
             self._write()
 
     def _write(self) -> None:
-        from collector.columns import to_table
-        from collector.record import CALL_COLUMN_NAMES
+        from meshlens.collector.columns import to_table
+        from meshlens.collector.record import CALL_COLUMN_NAMES
 
         if not self._calls and self._writer is not None:
             return

@@ -28,7 +28,7 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from tap.packets import ACK, FIN, RST, SYN, TcpSegment, format_address
+from meshlens.tap.packets import ACK, FIN, RST, SYN, TcpSegment, format_address
 
 Direction = Literal["c2s", "s2c"]
 C2S: Direction = "c2s"

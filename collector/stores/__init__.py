@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from collector.stores.base import (MIN_VERSION, Store, StoreError, StoreUnavailable,
+from meshlens.collector.stores.base import (MIN_VERSION, Store, StoreError, StoreUnavailable,
                                    UnsupportedServer, redact)
-from collector.stores.embedded import default_data_dir
+from meshlens.collector.stores.embedded import default_data_dir
 
 __all__ = ["MIN_VERSION", "Store", "StoreError", "StoreUnavailable", "UnsupportedServer",
            "StoreURLError", "connect", "default_store_url", "redact", "parse_store_url"]
@@ -65,15 +65,15 @@ def connect(url: str) -> Store:
     """Open a store without checking its version or schema (see collector.setup.open_store)."""
     p = parse_store_url(url)
     if p["scheme"] == "chdb":
-        from collector.stores.embedded import EmbeddedStore
+        from meshlens.collector.stores.embedded import EmbeddedStore
 
         return EmbeddedStore(p["path"], p["database"])
     if p["scheme"] == "native":
-        from collector.stores.native import NativeStore
+        from meshlens.collector.stores.native import NativeStore
 
         return NativeStore(url, p["host"], p["port"], p["user"], p["password"],
                            p["database"], p["cluster"], p["secure"])
-    from collector.stores.http import HttpStore
+    from meshlens.collector.stores.http import HttpStore
 
     base = f"{'https' if p['secure'] else 'http'}://{p['host']}:{p['port']}{p['path'] or '/'}"
     return HttpStore(url, base, p["user"], p["password"], p["database"], p["cluster"])

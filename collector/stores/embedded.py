@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from collector.stores.base import Store, StoreError, first_line, insert_columns_sql, quote_ident
+from meshlens.collector.stores.base import Store, StoreError, first_line, insert_columns_sql, quote_ident
 
 
 def default_data_dir() -> Path:

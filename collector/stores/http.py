@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 import pyarrow as pa
 import urllib3
 
-from collector.stores.base import (MIN_VERSION, Store, StoreError, StoreUnavailable, first_line,
+from meshlens.collector.stores.base import (MIN_VERSION, Store, StoreError, StoreUnavailable, first_line,
                                    insert_columns_sql, parse_version)
 
 

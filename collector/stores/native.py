@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from collector.stores.base import Store, StoreError, StoreUnavailable, first_line, insert_columns_sql
+from meshlens.collector.stores.base import Store, StoreError, StoreUnavailable, first_line, insert_columns_sql
 
 
 class NativeStore(Store):

@@ -52,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def window_from(args: argparse.Namespace):
-    from analysis.window import Window, parse_duration, parse_time
+    from meshlens.analysis.window import Window, parse_duration, parse_time
 
     try:
         if args.window and (args.since or args.until):
@@ -66,7 +66,7 @@ def window_from(args: argparse.Namespace):
 
 
 def _open(args: argparse.Namespace):
-    from collector.stores import StoreError, StoreUnavailable, connect, redact
+    from meshlens.collector.stores import StoreError, StoreUnavailable, connect, redact
     from meshlens.cli.query_cmd import default_query_store
 
     url = args.store or default_query_store()
@@ -84,8 +84,8 @@ def _open(args: argparse.Namespace):
 
 
 def _scoped(args: argparse.Namespace, fn) -> Any:
-    from analysis.scope import NoData, UnknownService
-    from collector.stores import StoreError
+    from meshlens.analysis.scope import NoData, UnknownService
+    from meshlens.collector.stores import StoreError
 
     window = window_from(args)
     store = _open(args)
@@ -100,7 +100,7 @@ def _scoped(args: argparse.Namespace, fn) -> Any:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from analysis.recommend import analyze
+    from meshlens.analysis.recommend import analyze
     from meshlens.cli.query_cmd import format_table
 
     model = _scoped(args, analyze)
@@ -118,8 +118,8 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def run_recommend(args: argparse.Namespace) -> int:
-    from analysis.istio import istio_yaml
-    from analysis.recommend import recommend
+    from meshlens.analysis.istio import istio_yaml
+    from meshlens.analysis.recommend import recommend
     from meshlens.cli.query_cmd import format_table
 
     report = _scoped(args, recommend)

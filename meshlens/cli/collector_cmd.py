@@ -20,7 +20,7 @@ which wins over the file."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from collector.config import CollectorConfig
+    from meshlens.collector.config import CollectorConfig
 
     p = sub.add_parser("collector", help="receive OTLP spans and call batches into ClickHouse",
                        description="Receive OTLP spans (HTTP 4318, gRPC 4317) and call batches from "
@@ -35,8 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from collector.config import CollectorConfig
-    from collector.service import StartupError, run as run_collector
+    from meshlens.collector.config import CollectorConfig
+    from meshlens.collector.service import StartupError, run as run_collector
     from meshlens.cli.errors import UserError
 
     cfg = resolve(CollectorConfig, vars(args), config_file=args.config)

@@ -77,7 +77,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _names(args: argparse.Namespace):
-    from dashboards.datasources import Names
+    from meshlens.dashboards.datasources import Names
 
     if args.datasource_name:
         return Names(datasource_name=args.datasource_name, folder_title=args.folder)
@@ -85,7 +85,7 @@ def _names(args: argparse.Namespace):
 
 
 def _target(args: argparse.Namespace):
-    from dashboards.datasources import ClickHouseTarget, ProvisionError
+    from meshlens.dashboards.datasources import ClickHouseTarget, ProvisionError
 
     try:
         return ClickHouseTarget.from_url(args.clickhouse_url)
@@ -97,8 +97,8 @@ def run_provision(args: argparse.Namespace) -> int:
     if args.write_files is not None:
         args.dir = args.write_files
         return run_write_files(args)
-    from dashboards.datasources import ProvisionError
-    from dashboards.provision import connect, provision
+    from meshlens.dashboards.datasources import ProvisionError
+    from meshlens.dashboards.provision import connect, provision
 
     if not args.grafana_url:
         raise UserError("--grafana-url is required (or MESHLENS_GRAFANA_URL)")
@@ -116,7 +116,7 @@ def run_provision(args: argparse.Namespace) -> int:
 
 
 def run_write_files(args: argparse.Namespace) -> int:
-    from dashboards.datasources import ProvisionError, write_files
+    from meshlens.dashboards.datasources import ProvisionError, write_files
 
     try:
         paths = write_files(args.dir, _target(args), _names(args), args.prometheus_url, args.json_path)
@@ -128,7 +128,7 @@ def run_write_files(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from dashboards import load_all
+    from meshlens.dashboards import load_all
 
     for uid, d in load_all().items():
         n = sum(1 for p in d["panels"] if p["type"] != "row")

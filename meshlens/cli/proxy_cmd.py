@@ -60,9 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from collector.client import DEFAULT_URL
-    from proxy.downstream import HEADER_TIMEOUT, IDLE_TIMEOUT
-    from proxy.server import DRAIN_TIMEOUT
+    from meshlens.collector.client import DEFAULT_URL
+    from meshlens.proxy.downstream import HEADER_TIMEOUT, IDLE_TIMEOUT
+    from meshlens.proxy.server import DRAIN_TIMEOUT
 
     p.add_argument("--service", required=True, help="this sidecar's service, as named in the mesh file")
     p.add_argument("--mesh", required=True, metavar="FILE", help="mesh definition (mesh.yaml)")
@@ -100,7 +100,7 @@ def _id(text: str) -> int | None:
 
 
 def add_iptables_arguments(p: argparse.ArgumentParser) -> None:
-    from proxy.transparent import DEFAULT_PROXY_GID, DEFAULT_PROXY_UID
+    from meshlens.proxy.transparent import DEFAULT_PROXY_GID, DEFAULT_PROXY_UID
 
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--print", action="store_true", help="print the iptables commands --apply would run")
@@ -122,7 +122,7 @@ def add_iptables_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_iptables(args: argparse.Namespace) -> int:
-    from proxy.transparent import IptablesError, IptablesPlan, apply, remove, rules
+    from meshlens.proxy.transparent import IptablesError, IptablesPlan, apply, remove, rules
 
     if args.proxy_uid is None and args.proxy_gid is None and not args.no_outbound:
         raise UserError("--proxy-uid none and --proxy-gid none would redirect the proxy's own connections "
@@ -146,9 +146,9 @@ def run_iptables(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from collector.client import CallRecorder
+    from meshlens.collector.client import CallRecorder
     from meshlens.mesh import MeshError, load
-    from proxy.server import RECORD_BATCH_ROWS, ProxyConfig, run as run_proxy
+    from meshlens.proxy.server import RECORD_BATCH_ROWS, ProxyConfig, run as run_proxy
 
     try:
         mesh = load(args.mesh)

@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def default_query_store() -> str:
     """The store a reader should use: MESHLENS_STORE, else the local collector if it answers, else embedded."""
-    from collector.stores import default_store_url
+    from meshlens.collector.stores import default_store_url
 
     if os.environ.get("MESHLENS_STORE"):
         return os.environ["MESHLENS_STORE"]
@@ -48,7 +48,7 @@ def default_query_store() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from collector.stores import StoreError, connect
+    from meshlens.collector.stores import StoreError, connect
 
     sql = sys.stdin.read() if args.sql == "-" else args.sql
     if not sql.strip():

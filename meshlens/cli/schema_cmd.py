@@ -27,8 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from collector.schema import Layout, Retention, full_ddl
-    from collector.stores import parse_store_url
+    from meshlens.collector.schema import Layout, Retention, full_ddl
+    from meshlens.collector.stores import parse_store_url
 
     try:
         parts = parse_store_url(args.store)

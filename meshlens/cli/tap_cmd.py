@@ -14,7 +14,7 @@ from meshlens.cli.errors import UserError
 from meshlens.cli.progress import ProgressLine
 
 if TYPE_CHECKING:
-    from tap.output import FileSink
+    from meshlens.tap.output import FileSink
 
 DEFAULT_COLLECTOR = "http://127.0.0.1:4318/v1/calls"
 # Reading a file, the tap waits for the collector client rather than drop calls
@@ -96,13 +96,13 @@ def run(args: argparse.Namespace) -> int:
 
     capture = reader = None
     if args.pcap:
-        from tap.pcapfile import PcapError, PcapReader
+        from meshlens.tap.pcapfile import PcapError, PcapReader
         try:
             reader = PcapReader(args.pcap)
         except PcapError as e:
             raise UserError(str(e)) from None
     if args.iface:  # open the socket before any output exists: its errors are the likeliest
-        from tap.capture import CaptureError, LiveCapture
+        from meshlens.tap.capture import CaptureError, LiveCapture
         try:
             capture = LiveCapture(args.iface, args.filter)
         except CaptureError as e:
@@ -137,13 +137,13 @@ def run(args: argparse.Namespace) -> int:
 def _open_output(args: argparse.Namespace, out: str | None) -> tuple[FileSink | None, Any, Any]:
     """(file sink or None, collector recorder or None, the function calls go to)."""
     if out:
-        from tap.output import FileSink
+        from meshlens.tap.output import FileSink
         try:
             sink = FileSink(out)
         except ValueError as e:
             raise UserError(str(e)) from None
         return sink, None, sink.record
-    from collector.client import CallRecorder
+    from meshlens.collector.client import CallRecorder
     try:
         recorder = CallRecorder(args.collector or DEFAULT_COLLECTOR)
     except ValueError as e:
@@ -163,7 +163,7 @@ def _one_process(args: argparse.Namespace, mesh: Any, tap_id: str, reader: Any, 
     """Run the tap; (summary, reader error, output error, output fields of the summary line)."""
     import gc
 
-    from tap.calls import Tap
+    from meshlens.tap.calls import Tap
 
     sink, recorder, record = _open_output(args, out if out is not None else args.out)
     tap = Tap(record, mesh=mesh, observer_id=tap_id, shard=shard)
@@ -185,7 +185,7 @@ def _one_process(args: argparse.Namespace, mesh: Any, tap_id: str, reader: Any, 
 
 def _shard_worker(args: argparse.Namespace, mesh: Any, tap_id: str, shard: tuple[int, int], part: str | None,
                   results: Any) -> None:
-    from tap.pcapfile import PcapError, PcapReader
+    from meshlens.tap.pcapfile import PcapError, PcapReader
 
     try:
         reader = PcapReader(args.pcap)
@@ -221,7 +221,7 @@ def _pcap_sharded(args: argparse.Namespace, mesh: Any, tap_id: str) -> tuple[dic
         total.setdefault(k, 0)
     error = got[0][2]
     if args.out:
-        from tap.output import merge_parts
+        from meshlens.tap.output import merge_parts
         written = merge_parts(args.out, [p for p in parts if p and os.path.exists(p)])
         out_fields = [f"written={written}", f"file={args.out}"]
     else:
@@ -231,7 +231,7 @@ def _pcap_sharded(args: argparse.Namespace, mesh: Any, tap_id: str) -> tuple[dic
 
 
 def _pcap(tap: Any, reader: Any, progress: _Progress) -> str:
-    from tap.pcapfile import PcapError
+    from meshlens.tap.pcapfile import PcapError
 
     feed, path = tap.feed, reader.name
     try:
@@ -255,7 +255,7 @@ def _pcap(tap: Any, reader: Any, progress: _Progress) -> str:
 
 
 def _live(tap: Any, capture: Any, args: argparse.Namespace, progress: _Progress) -> str:
-    from tap.capture import run_live
+    from meshlens.tap.capture import run_live
 
     stop = threading.Event()
     previous = {}

@@ -239,9 +239,9 @@ class Demo:
 
     def _recommend(self) -> None:
         """Analysis in-process, against the query endpoint, as any reader of the store would."""
-        from analysis.recommend import recommend
-        from analysis.scope import NoData
-        from collector.stores import StoreError, connect
+        from meshlens.analysis.recommend import recommend
+        from meshlens.analysis.scope import NoData
+        from meshlens.collector.stores import StoreError, connect
 
         from meshlens.demo import summary
 

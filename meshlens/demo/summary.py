@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Iterable, TextIO
 
-from analysis.evidence import Recommendation
-from analysis.recommend import Report, summary
+from meshlens.analysis.evidence import Recommendation
+from meshlens.analysis.recommend import Report, summary
 from meshlens.cli.query_cmd import format_table
 
 KIND_ORDER = ("timeout", "retry", "outlier", "mtls")

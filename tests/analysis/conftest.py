@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from collector.stores.embedded import EmbeddedStore
+from meshlens.collector.stores.embedded import EmbeddedStore
 from tests.analysis.traffic import generate
 
 

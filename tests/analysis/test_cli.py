@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from collector.schema import Layout, migrate
-from collector.stores.embedded import EmbeddedStore
+from meshlens.collector.schema import Layout, migrate
+from meshlens.collector.stores.embedded import EmbeddedStore
 from meshlens.cli import analysis_cmd
 from meshlens.cli.errors import UserError
 from tests.analysis import traffic as gt

@@ -5,9 +5,9 @@ from datetime import timedelta
 
 import pytest
 
-from analysis.evidence import duration_text, quantile_confidence, round_up_ms, wilson
-from analysis.retries import attempts_for
-from analysis.window import Window, parse_duration
+from meshlens.analysis.evidence import duration_text, quantile_confidence, round_up_ms, wilson
+from meshlens.analysis.retries import attempts_for
+from meshlens.analysis.window import Window, parse_duration
 
 
 def test_wilson_interval():

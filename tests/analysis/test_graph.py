@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from analysis import analyze, open_scope
-from analysis.graph import downstream_depth, timeseries
+from meshlens.analysis import analyze, open_scope
+from meshlens.analysis.graph import downstream_depth, timeseries
 from tests.analysis import traffic as gt
 
 
@@ -70,8 +70,8 @@ def test_routes_are_templated_from_numeric_uuid_hex_and_high_cardinality_segment
     ("/v1/orders", "/v1/orders"),
 ])
 def test_static_templating(store, path, route):
-    from analysis.routes import static_sql
-    from analysis.window import quote
+    from meshlens.analysis.routes import static_sql
+    from meshlens.analysis.window import quote
 
     assert store.query_rows(f"SELECT {static_sql(quote(path))}")[0][0] == route
 
@@ -92,7 +92,7 @@ def test_depth_and_timeseries(model, store):
     ("cafe", "10.1.2.3", "cafe"),                   # hex-looking names are still names
 ])
 def test_callers_the_recorder_could_not_name_are_named_by_ip(store, src_service, src_addr, caller):
-    from analysis.window import CALLER_SQL, quote
+    from meshlens.analysis.window import CALLER_SQL, quote
 
     sql = f"SELECT {CALLER_SQL} FROM (SELECT {quote(src_service)} AS src_service, {quote(src_addr)} AS src_addr)"
     assert store.query_rows(sql)[0][0] == caller

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from analysis import istio_yaml, recommend
-from analysis.istio import uri_match
+from meshlens.analysis import istio_yaml, recommend
+from meshlens.analysis.istio import uri_match
 from tests.analysis import traffic as gt
 
 

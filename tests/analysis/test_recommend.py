@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from analysis import Window, open_scope, recommend
-from analysis.outliers import instance_frame
-from analysis.retries import IDEMPOTENT_METHODS
-from analysis.runs import MAX_RUN
+from meshlens.analysis import Window, open_scope, recommend
+from meshlens.analysis.outliers import instance_frame
+from meshlens.analysis.retries import IDEMPOTENT_METHODS
+from meshlens.analysis.runs import MAX_RUN
 from tests.analysis import traffic as gt
 
 
@@ -141,7 +141,7 @@ def test_report_frame_and_json(report):
 
 
 def test_an_empty_window_and_an_unknown_service_raise(store):
-    from analysis import NoData, UnknownService
+    from meshlens.analysis import NoData, UnknownService
 
     with pytest.raises(NoData, match="no calls in the window"):
         open_scope(store, Window(gt.T0.replace(year=2020), gt.T0.replace(year=2021)))

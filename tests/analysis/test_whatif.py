@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis import open_scope
-from analysis.whatif import breaker_whatif, retry_whatif, timeout_curve, timeout_whatif
+from meshlens.analysis import open_scope
+from meshlens.analysis.whatif import breaker_whatif, retry_whatif, timeout_curve, timeout_whatif
 from tests.analysis import traffic as gt
 
 CLIENT_CATALOG = f"observer = 'client' AND dst_service = 'catalog' AND {gt.WINDOW.where()}"

@@ -8,10 +8,10 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
-from analysis.window import Window
-from collector.columns import to_table
-from collector.schema import Layout, migrate
-from collector.stores import Store
+from meshlens.analysis.window import Window
+from meshlens.collector.columns import to_table
+from meshlens.collector.schema import Layout, migrate
+from meshlens.collector.stores import Store
 
 T0 = (datetime.now(timezone.utc) - timedelta(hours=1)).replace(second=0, microsecond=0)
 SPAN_S = 1800

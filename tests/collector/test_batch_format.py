@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector.batch_format import CONTENT_TYPE, VERSION, BatchFormatError, decode, encode, omit_defaults
-from collector.columns import CALLS_SCHEMA, to_table
-from collector.record import CALL_COLUMN_NAMES, CALL_COLUMNS, Call
-from collector.spans import calls_to_spans
+from meshlens.collector.batch_format import CONTENT_TYPE, VERSION, BatchFormatError, decode, encode, omit_defaults
+from meshlens.collector.columns import CALLS_SCHEMA, to_table
+from meshlens.collector.record import CALL_COLUMN_NAMES, CALL_COLUMNS, Call
+from meshlens.collector.spans import calls_to_spans
 
 
 def body(doc: object) -> bytes:
@@ -265,6 +265,6 @@ def test_fuzz_omitted_defaults_store_the_same_rows(calls: list[Call]) -> None:
 
 
 def test_the_defaults_left_out_are_the_collectors_defaults() -> None:
-    from collector.columns import DEFAULTS
+    from meshlens.collector.columns import DEFAULTS
 
     assert {c.name: c.default() for c in CALL_COLUMNS} == DEFAULTS["calls"]

@@ -10,9 +10,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from collector.client import CallRecorder
-from collector.record import CALL_COLUMN_NAMES, Call
-from collector.stores import connect
+from meshlens.collector.client import CallRecorder
+from meshlens.collector.record import CALL_COLUMN_NAMES, Call
+from meshlens.collector.stores import connect
 from tests.collector_process import CollectorProcess
 
 

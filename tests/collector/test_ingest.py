@@ -12,12 +12,12 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import pytest
 
-from collector.columns import to_table
-from collector.ingest import MAX_REFUSALS, BatchPolicy, Ingest, Overloaded
-from collector.metrics import CollectorMetrics
-from collector.schema import Layout, migrate
-from collector.spool import Segment, Spool
-from collector.stores import Store, connect
+from meshlens.collector.columns import to_table
+from meshlens.collector.ingest import MAX_REFUSALS, BatchPolicy, Ingest, Overloaded
+from meshlens.collector.metrics import CollectorMetrics
+from meshlens.collector.schema import Layout, migrate
+from meshlens.collector.spool import Segment, Spool
+from meshlens.collector.stores import Store, connect
 
 BIG = 1 << 30
 WRITABLE_SERVER = Path(__file__).resolve().parents[1] / "writable_chdb_server.py"

@@ -19,10 +19,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from collector.columns import TRACES_COLUMNS, to_table
-from collector.otlp import ROW_COLUMNS, Decoded, OTLPDecodeError, decode_request, decode_traces
-from collector.record import CALL_COLUMN_NAMES
-from collector.spans import OTLP_CALL_COLUMNS
+from meshlens.collector.columns import TRACES_COLUMNS, to_table
+from meshlens.collector.otlp import ROW_COLUMNS, Decoded, OTLPDecodeError, decode_request, decode_traces
+from meshlens.collector.record import CALL_COLUMN_NAMES
+from meshlens.collector.spans import OTLP_CALL_COLUMNS
 
 T0 = 1_700_000_000_000_000_000
 TID = bytes.fromhex("5b8efff798038103d269b633813fc60c")

@@ -18,7 +18,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector.query_http import (
+from meshlens.collector.query_http import (
     DEFAULT_MAX_EXECUTION_TIME,
     ENCODINGS,
     MAX_QUERY_BYTES,
@@ -32,9 +32,9 @@ from collector.query_http import (
     make_query_app,
     zstd,
 )
-from collector.stores.base import StoreError
-from collector.stores.http import HttpStore
-from collector.stores.embedded import EmbeddedStore
+from meshlens.collector.stores.base import StoreError
+from meshlens.collector.stores.http import HttpStore
+from meshlens.collector.stores.embedded import EmbeddedStore
 
 clickhouse_connect = pytest.importorskip("clickhouse_connect")
 from clickhouse_connect.driver.exceptions import DatabaseError  # noqa: E402

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from collector.columns import to_table
-from collector.otlp import Decoded
-from collector.record import CALL_COLUMN_NAMES
-from collector.spans import CALL_SPAN_COLUMNS, OTLP_CALL_COLUMNS, calls_to_spans, spans_to_calls
+from meshlens.collector.columns import to_table
+from meshlens.collector.otlp import Decoded
+from meshlens.collector.record import CALL_COLUMN_NAMES
+from meshlens.collector.spans import CALL_SPAN_COLUMNS, OTLP_CALL_COLUMNS, calls_to_spans, spans_to_calls
 from tests.collector.test_otlp import SID, T0, TID, decode_pb, request, span
 
 TRACE = "5b8efff798038103d269b633813fc60c"

@@ -17,8 +17,8 @@ from typing import Iterator
 import pyarrow as pa
 import pytest
 
-from collector.columns import to_table
-from collector.spool import Segment, Spool, SpoolFull
+from meshlens.collector.columns import to_table
+from meshlens.collector.spool import Segment, Spool, SpoolFull
 
 FRAME_HEADER = struct.Struct("<II")  # u32 length | u32 crc32, as documented in collector/spool.py
 BIG = 1 << 30
@@ -216,8 +216,8 @@ def crash_while_appending(directory: Path, rows: list[int]) -> None:
     """A process appends one frame per entry of `rows` and is killed (-9) before sealing."""
     script = textwrap.dedent(f"""
         import os, signal, time
-        from collector.columns import to_table
-        from collector.spool import Spool
+        from meshlens.collector.columns import to_table
+        from meshlens.collector.spool import Spool
         spool = Spool({str(directory)!r}, {BIG})
         for n in {rows!r}:
             spool.append({{"calls": to_table("calls", {{"time": [time.time_ns()] * n, "dst_service": ["s%d" % n] * n}})}})

@@ -15,15 +15,15 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from collector.columns import TRACES_SCHEMA, to_table
-from collector.record import CALL_COLUMNS
-from collector.schema import (MIGRATIONS_TABLE, Layout, Retention, bootstrap_ddl, full_ddl, migrate,
+from meshlens.collector.columns import TRACES_SCHEMA, to_table
+from meshlens.collector.record import CALL_COLUMNS
+from meshlens.collector.schema import (MIGRATIONS_TABLE, Layout, Retention, bootstrap_ddl, full_ddl, migrate,
                               migrations)
-from collector.stores import (DEFAULT_DATABASE, Store, StoreError, StoreUnavailable, StoreURLError,
+from meshlens.collector.stores import (DEFAULT_DATABASE, Store, StoreError, StoreUnavailable, StoreURLError,
                               UnsupportedServer, connect, parse_store_url)
-from collector.stores.embedded import EmbeddedStore, default_data_dir
-from collector.stores.http import HttpStore
-from collector.stores.native import NativeStore
+from meshlens.collector.stores.embedded import EmbeddedStore, default_data_dir
+from meshlens.collector.stores.http import HttpStore
+from meshlens.collector.stores.native import NativeStore
 from tests.clickhouse_server import ClickHouseServer, free_port
 
 # -- URL parsing: transcripts ---------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from collector.stores import Store, connect
+from meshlens.collector.stores import Store, connect
 from tests.collector_process import CollectorProcess
 from tests.dashboards.traffic import N_PER_EDGE, send_calls, send_spans
 

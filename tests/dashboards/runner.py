@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from collector.stores import Store
+from meshlens.collector.stores import Store
 from tests.dashboards.macros import ALL, TimeRange, Variable, expand
 
 MAX_DATA_POINTS = 200  # Grafana's interval = range / max data points, here for a wide panel

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from dashboards import load_all
+from meshlens.dashboards import load_all
 from tests.dashboards.macros import ALL, Variable, expand
 from tests.dashboards.runner import Target, clickhouse_targets, resolve_variables, run, time_range
 
@@ -118,8 +118,8 @@ def test_the_trace_panel_shows_one_whole_trace(context) -> None:
 def _analysis_scope(store, tr):
     from datetime import datetime, timezone
 
-    from analysis.scope import open_scope
-    from analysis.window import Window
+    from meshlens.analysis.scope import open_scope
+    from meshlens.analysis.window import Window
 
     return open_scope(store, Window(datetime.fromtimestamp(tr.from_ms // 1000, timezone.utc),
                                     datetime.fromtimestamp(tr.to_ms // 1000 + 1, timezone.utc)))
@@ -141,7 +141,7 @@ def test_the_overview_counts_what_analysis_counts(context) -> None:
 
 def test_the_service_detail_counts_what_analysis_counts(context) -> None:
     """Service side (server first) for the service's own latency, as analysis' SERVICE_SIDE."""
-    from analysis.window import SERVICE_SIDE, quote
+    from meshlens.analysis.window import SERVICE_SIDE, quote
 
     store, tr, variables = context
     v = variables["meshlens-service"]
@@ -166,7 +166,7 @@ def test_one_named_observer_and_one_selected_service(context) -> None:
 
 def test_readiness_verdicts_are_the_recommendations(context) -> None:
     """The mTLS table says what `meshlens recommend` says, service by service."""
-    from analysis.mtls import recommend_mtls
+    from meshlens.analysis.mtls import recommend_mtls
 
     store, tr, variables = context
     panel = next(p for p in DASHBOARDS["meshlens-readiness"]["panels"] if p["title"] == "mTLS readiness per service")

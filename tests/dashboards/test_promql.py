@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dashboards import load_all
+from meshlens.dashboards import load_all
 from tests.collector_process import CollectorProcess
 from tests.dashboards.runner import panels
 from tests.proxy.processes import ProxyProcess, SampleService

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dashboards import load_all
+from meshlens.dashboards import load_all
 from meshlens.cli.main import main
 from tests.dashboards.grafana_server import FakeGrafana
 

@@ -6,15 +6,10 @@ from typing import Any
 
 import pytest
 
-import analysis.mtls
-import analysis.retries
-import analysis.route_stats
-import analysis.scope
-import analysis.timeouts
-import analysis.window
-from dashboards import JSON_DIR, load_all, readiness, sql
-from dashboards.build import build_all, render
-from dashboards.model import CLICKHOUSE_PLUGIN, PANEL_FORMATS, QUERY_TYPE, SCHEMA_VERSION
+from meshlens.analysis import mtls, retries, route_stats, scope, timeouts, window
+from meshlens.dashboards import JSON_DIR, load_all, readiness, sql
+from meshlens.dashboards.build import build_all, render
+from meshlens.dashboards.model import CLICKHOUSE_PLUGIN, PANEL_FORMATS, QUERY_TYPE, SCHEMA_VERSION
 from tests.dashboards.runner import panels
 
 DASHBOARDS = load_all()
@@ -134,17 +129,17 @@ def test_macros_without_arguments_are_closed_by_a_parenthesis(uid: str) -> None:
 
 
 def test_sql_constants_match_analysis() -> None:
-    assert sql.CALLER_SIDE == analysis.window.CALLER_SIDE
-    assert sql.SERVICE_SIDE == analysis.window.SERVICE_SIDE
-    assert sql.CALLER == analysis.window.CALLER_SQL
-    assert sql.UNNAMED == analysis.window.UNNAMED_SQL
-    assert sql.OUTSIDE_OBSERVERS == analysis.window.OUTSIDE_OBSERVERS
-    assert sql.FAILED == analysis.scope.FAILED_SQL
-    assert sql.HEALTHY == analysis.scope.HEALTHY_SQL
-    assert readiness.MTLS_MIN_N == analysis.mtls.MTLS_MIN_N
-    assert readiness.TIMEOUT_HEADROOM == analysis.timeouts.HEADROOM
-    assert readiness.TRANSIENT == analysis.route_stats.TRANSIENT_SQL
-    assert readiness.IDEMPOTENT_METHODS == analysis.retries.IDEMPOTENT_METHODS
+    assert sql.CALLER_SIDE == window.CALLER_SIDE
+    assert sql.SERVICE_SIDE == window.SERVICE_SIDE
+    assert sql.CALLER == window.CALLER_SQL
+    assert sql.UNNAMED == window.UNNAMED_SQL
+    assert sql.OUTSIDE_OBSERVERS == window.OUTSIDE_OBSERVERS
+    assert sql.FAILED == scope.FAILED_SQL
+    assert sql.HEALTHY == scope.HEALTHY_SQL
+    assert readiness.MTLS_MIN_N == mtls.MTLS_MIN_N
+    assert readiness.TIMEOUT_HEADROOM == timeouts.HEADROOM
+    assert readiness.TRANSIENT == route_stats.TRANSIENT_SQL
+    assert readiness.IDEMPOTENT_METHODS == retries.IDEMPOTENT_METHODS
 
 
 def test_every_calls_query_picks_one_observer_or_shows_them_apart() -> None:

@@ -13,8 +13,8 @@ import random
 import time
 import uuid
 
-from collector.client import CallRecorder
-from collector.record import Call
+from meshlens.collector.client import CallRecorder
+from meshlens.collector.record import Call
 
 N_PER_EDGE = 300
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis.recommend import recommend
-from collector.stores import connect
+from meshlens.analysis.recommend import recommend
+from meshlens.collector.stores import connect
 from tests.demo_store import DemoStore
 
 WIRE_ON = "wire        tap on lo"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from collector import batch_format
-from collector.stores import connect
+from meshlens.collector import batch_format
+from meshlens.collector.stores import connect
 from tests.collector_process import CollectorProcess
 
 ROOT = Path(__file__).resolve().parents[2]

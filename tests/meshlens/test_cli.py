@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from collector import batch_format
+from meshlens.collector import batch_format
 from tests.collector_process import CollectorProcess
 from tests.e2e.test_collector_e2e import calls_batch, post, wait_for
 
@@ -36,7 +36,7 @@ def test_no_subcommand_prints_help_and_exits_2():
 def collector(tmp_path_factory):
     with CollectorProcess(tmp_path_factory.mktemp("cli")) as col:
         assert post(f"{col.base}/v1/calls", calls_batch(range(3)), batch_format.CONTENT_TYPE)[0] == 200
-        from collector.stores import connect
+        from meshlens.collector.stores import connect
 
         store = connect(col.query_url)
         wait_for(lambda: int(store.query_rows("SELECT count() FROM meshlens.calls")[0][0]) == 3)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.config import MAX_BODY_BYTES, CollectorConfig
+from meshlens.collector.config import MAX_BODY_BYTES, CollectorConfig
 from meshlens.config import ConfigError, resolve
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.transparent import DEFAULT_PROXY_GID
+from meshlens.proxy.transparent import DEFAULT_PROXY_GID
 from tests.collector_process import CollectorProcess
 from tests.netns import InNamespace, Namespaces
 from tests.proxy.chain_app import ChainApp

@@ -296,7 +296,7 @@ def rss_kb(pid: int) -> int:
 def recorded_calls(query_url: str, where: str, n: int = 1, timeout: float = 30.0,
                    columns: tuple[str, ...] = CALL_COLUMNS) -> list[dict]:
     """Rows of meshlens.calls matching `where` (SQL), once at least `n` arrived (or the timeout passed)."""
-    from collector.stores import connect
+    from meshlens.collector.stores import connect
 
     store = connect(query_url)
     try:

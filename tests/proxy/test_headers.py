@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from proxy.headers import HOP_BY_HOP, forwardable, hop_by_hop_names, new_request_id, trace_for
+from meshlens.proxy.headers import HOP_BY_HOP, forwardable, hop_by_hop_names, new_request_id, trace_for
 
 INCOMING = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 

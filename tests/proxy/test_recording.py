@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from collector.stores import connect
+from meshlens.collector.stores import connect
 from tests.collector_process import CollectorProcess
 from tests.proxy.conftest import free_port
 from tests.proxy.processes import ProxyProcess, SampleService

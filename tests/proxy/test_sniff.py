@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from meshlens.protocols.sniff import H2_PREFACE
-from proxy.passthrough import SNIFF_TIMEOUT
+from meshlens.proxy.passthrough import SNIFF_TIMEOUT
 from tests.collector_process import CollectorProcess
 from tests.proxy.conftest import free_port
 from tests.proxy.processes import EchoService, ProxyProcess, recorded_calls, self_signed_cert

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.transparent import IptablesPlan, original_dst, removal, rules
+from meshlens.proxy.transparent import IptablesPlan, original_dst, removal, rules
 from tests.netns import Namespaces
 from tests.proxy.meshnet import APP_PORT, HUB_IP, INBOUND, OUTBOUND, MeshNet
 

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from typing import Literal
 
-from tap.packets import ACK, FIN, PSH, RST, SYN
+from meshlens.tap.packets import ACK, FIN, PSH, RST, SYN
 
 Link = Literal["eth", "vlan", "qinq", "sll", "sll2", "raw", "ipv4", "ipv6", "null"]
 LINKTYPE_OF: dict[str, int] = {

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector.record import Call
+from meshlens.collector.record import Call
 from meshlens.mesh import parse as parse_mesh
-from tap.calls import Tap, parse_traceparent
+from meshlens.tap.calls import Tap, parse_traceparent
 from tests.tap.pcapgen import LINKTYPE_OF, Flow, Seg
 
 T0 = 1_700_000_000_000_000_000

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from tap.packets import PacketDecoder
-from tap.pcapfile import PcapError, read_packets
-from tap.reassembly import Close, Event, Reassembler
+from meshlens.tap.packets import PacketDecoder
+from meshlens.tap.pcapfile import PcapError, read_packets
+from meshlens.tap.reassembly import Close, Event, Reassembler
 from tests.tap.pcapgen import Flow, write_pcap, write_pcapng
 from tests.tap.test_reassembly import REQ, RESP, conn_of, kinds, streams
 

@@ -7,8 +7,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from collector.record import Call
-from tap.output import FileSink, merge_parts
+from meshlens.collector.record import Call
+from meshlens.tap.output import FileSink, merge_parts
 
 
 def _calls(n: int, start: int = 0) -> list[Call]:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tap.packets import ACK, PSH, SYN, PacketDecoder, TcpSegment, format_address
+from meshlens.tap.packets import ACK, PSH, SYN, PacketDecoder, TcpSegment, format_address
 from tests.tap.pcapgen import (
     LINKTYPE_OF, Flow, Seg, ipv4_packet, ipv6_packet, tcp_header,
 )

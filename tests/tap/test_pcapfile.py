@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tap.packets import PacketDecoder
-from tap.pcapfile import PcapError, PcapReader, read_packets
+from meshlens.tap.packets import PacketDecoder
+from meshlens.tap.pcapfile import PcapError, PcapReader, read_packets
 from tests.tap.pcapgen import LINKTYPE_OF, Flow, _block, write_pcap, write_pcapng
 
 T0 = 1_700_000_000_123_456_789
@@ -35,8 +35,8 @@ def test_pcap_both_byte_orders_and_precisions(tmp_path: Path, order: str, nanos:
 
 @pytest.mark.parametrize("kind", ["pcap", "pcapng"])
 def test_from_a_stream_and_across_read_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
-    import tap.pcapfile
-    monkeypatch.setattr(tap.pcapfile, "READ_CHUNK", 7)  # every record straddles a chunk boundary
+    from meshlens.tap import pcapfile
+    monkeypatch.setattr(pcapfile, "READ_CHUNK", 7)  # every record straddles a chunk boundary
     path = tmp_path / f"a.{kind}"
     if kind == "pcap":
         write_pcap(str(path), list(zip(TIMES, FRAMES)), nanos=True)

@@ -7,8 +7,8 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tap.packets import ACK, FIN, PSH, RST, SYN, PacketDecoder
-from tap.reassembly import (
+from meshlens.tap.packets import ACK, FIN, PSH, RST, SYN, PacketDecoder
+from meshlens.tap.reassembly import (
     CLOSED_LINGER_NS, HOLE_WAIT_NS, IDLE_TIMEOUT_NS, MAX_PENDING_BYTES, Close, Conn, Data, Event, Gap, Open,
     Reassembler,
 )

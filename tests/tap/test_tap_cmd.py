@@ -10,7 +10,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from collector.stores import connect
+from meshlens.collector.stores import connect
 from tests.collector_process import CollectorProcess
 from tests.tap.pcapgen import Flow, write_pcap, write_pcapng
 
