@@ -15,7 +15,7 @@ from typing import Sized, TypeVar
 
 import pandas as pd
 
-from meshlens.collector.stores import Store, connect, redact
+from meshlens.collector.stores import Store, connect, reader_store_url, redact
 
 from meshlens.analysis.scope import NoData, Scope, open_scope
 from meshlens.analysis.window import Window, parse_duration
@@ -45,9 +45,7 @@ class Notebook:
     @classmethod
     def from_env(cls) -> Notebook:
         """Connect to MESHLENS_STORE (an http:// query URL or any store URL) and open the scope once."""
-        from meshlens.cli.query_cmd import default_query_store
-
-        url = os.environ.get(STORE_ENV) or default_query_store()
+        url = os.environ.get(STORE_ENV) or reader_store_url()
         store = connect(url)
         store.use_database()
         span = os.environ.get(WINDOW_ENV)

@@ -1,6 +1,8 @@
 """Stores by URL: `chdb:PATH` (embedded, default), `clickhouse://…` (native), `http(s)://…`."""
 from __future__ import annotations
 
+import os
+import urllib.request
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from meshlens.collector.stores.base import (MIN_VERSION, Store, StoreError, StoreUnavailable,
@@ -8,9 +10,11 @@ from meshlens.collector.stores.base import (MIN_VERSION, Store, StoreError, Stor
 from meshlens.collector.stores.embedded import default_data_dir
 
 __all__ = ["MIN_VERSION", "Store", "StoreError", "StoreUnavailable", "UnsupportedServer",
-           "StoreURLError", "connect", "default_store_url", "redact", "parse_store_url"]
+           "StoreURLError", "connect", "default_store_url", "reader_store_url", "redact", "parse_store_url"]
 
 DEFAULT_DATABASE = "meshlens"
+# Where a local collector serves queries over the embedded store (its default query port).
+COLLECTOR_QUERY_URL = "http://127.0.0.1:8123/"
 
 
 class StoreURLError(ValueError):
@@ -22,6 +26,23 @@ HELP = "use chdb:PATH, clickhouse://user:pass@host:9000/db or http://host:8123/?
 
 def default_store_url() -> str:
     return f"chdb:{default_data_dir()}"
+
+
+def reader_store_url() -> str:
+    """The store a reader should use: MESHLENS_STORE, else the local collector if it answers, else embedded.
+
+    Only one process may open the embedded store's directory (the collector), so readers ask
+    the collector's query endpoint first.
+    """
+    if os.environ.get("MESHLENS_STORE"):
+        return os.environ["MESHLENS_STORE"]
+    try:
+        with urllib.request.urlopen(COLLECTOR_QUERY_URL + "ping", timeout=0.5) as resp:
+            if resp.status == 200:
+                return COLLECTOR_QUERY_URL
+    except OSError:
+        pass
+    return default_store_url()
 
 
 def parse_store_url(url: str) -> dict:
@@ -62,7 +83,7 @@ def parse_store_url(url: str) -> dict:
 
 
 def connect(url: str) -> Store:
-    """Open a store without checking its version or schema (see collector.setup.open_store)."""
+    """Open a store without checking its version or schema (meshlens.collector.service.open_store checks both)."""
     p = parse_store_url(url)
     if p["scheme"] == "chdb":
         from meshlens.collector.stores.embedded import EmbeddedStore

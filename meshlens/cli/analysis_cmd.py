@@ -67,9 +67,9 @@ def window_from(args: argparse.Namespace):
 
 def _open(args: argparse.Namespace):
     from meshlens.collector.stores import StoreError, StoreUnavailable, connect, redact
-    from meshlens.cli.query_cmd import default_query_store
+    from meshlens.collector.stores import reader_store_url
 
-    url = args.store or default_query_store()
+    url = args.store or reader_store_url()
     try:
         store = connect(url)
         store.use_database()

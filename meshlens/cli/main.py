@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from meshlens import __version__
 from meshlens.cli import analysis_cmd, collector_cmd, dashboards_cmd, demo_cmd, proxy_cmd, query_cmd, schema_cmd, tap_cmd
 from meshlens.cli.errors import UserError
 from meshlens.config import ConfigError
@@ -42,6 +43,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="meshlens", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"meshlens {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log verbosity (logs go to stderr as key=value)")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")

@@ -4,13 +4,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
-import urllib.request
 
 from meshlens.cli.errors import UserError
-
-COLLECTOR_QUERY_URL = "http://127.0.0.1:8123/"
 
 EPILOG = """examples:
   meshlens query "SELECT dst_service, count() FROM calls GROUP BY dst_service"
@@ -32,28 +28,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def default_query_store() -> str:
-    """The store a reader should use: MESHLENS_STORE, else the local collector if it answers, else embedded."""
-    from meshlens.collector.stores import default_store_url
-
-    if os.environ.get("MESHLENS_STORE"):
-        return os.environ["MESHLENS_STORE"]
-    try:
-        with urllib.request.urlopen(COLLECTOR_QUERY_URL + "ping", timeout=0.5) as resp:
-            if resp.status == 200:
-                return COLLECTOR_QUERY_URL
-    except OSError:
-        pass
-    return default_store_url()
-
-
 def run(args: argparse.Namespace) -> int:
-    from meshlens.collector.stores import StoreError, connect
+    from meshlens.collector.stores import StoreError, connect, reader_store_url
 
     sql = sys.stdin.read() if args.sql == "-" else args.sql
     if not sql.strip():
         raise UserError("empty query")
-    url = args.store or default_query_store()
+    url = args.store or reader_store_url()
     try:
         store = connect(url)
     except ValueError as e:
