@@ -1,4 +1,4 @@
-"""Build every dashboard's JSON from its definition; `python -m dashboards.build` rewrites dashboards/json/."""
+"""Build every dashboard's JSON from its definition; `python -m meshlens.dashboards.build` rewrites dashboards/json/."""
 from __future__ import annotations
 
 import json

@@ -24,7 +24,7 @@ def test_committed_json_is_the_builders_output() -> None:
     built = build_all()
     assert sorted(built) == sorted(p.stem for p in JSON_DIR.glob("*.json"))
     for uid, dash in built.items():
-        assert (JSON_DIR / f"{uid}.json").read_text() == render(dash), f"run python -m dashboards.build ({uid})"
+        assert (JSON_DIR / f"{uid}.json").read_text() == render(dash), f"run python -m meshlens.dashboards.build ({uid})"
 
 
 def test_the_expected_dashboards() -> None:
