@@ -6,6 +6,7 @@ A chdb query blocks its thread; async callers run these methods in an executor.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -36,6 +37,11 @@ class EmbeddedStore(Store):
             probe.unlink()
         except OSError as e:
             raise StoreError(f"cannot use data directory {self.path}: {e.strerror or e}") from None
+        holder = _other_holder(self.path)
+        if holder is not None:
+            raise StoreError(f"the embedded store at {self.path} is open in another process (pid {holder}, a "
+                             f"collector?): read it through that collector's query endpoint, e.g. "
+                             f"--store http://127.0.0.1:8123/")
         try:
             self._session = session.Session(str(self.path))
         except Exception as e:  # chdb raises its own error types
@@ -81,6 +87,30 @@ class EmbeddedStore(Store):
     def close(self) -> None:
         with self._lock:
             self._session.close()
+
+
+def _other_holder(path: Path) -> int | None:
+    """The pid of another process that has this data directory open, else None.
+
+    ClickHouse holds an exclusive flock on `status` (which names its pid) while a directory is open;
+    chdb, failing to take it, prints its own error and raises one that does not say why."""
+    try:
+        fd = os.open(path / "status", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            pass
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        text = os.read(fd, 256).decode("ascii", "replace")
+    finally:
+        os.close(fd)
+    pid = next((int(w) for w in text.split() if w.isdigit()), 0)
+    return pid if pid != os.getpid() else None
 
 
 def _settings_clause(settings: dict[str, Any] | None) -> str:

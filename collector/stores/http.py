@@ -9,8 +9,12 @@ statement, even CREATE DATABASE, naming one that does not exist yet) until
 from __future__ import annotations
 
 import csv
+import http.client
 import io
 import json
+import re
+import socket
+import ssl
 from typing import Any
 from urllib.parse import urlencode
 
@@ -18,7 +22,11 @@ import pyarrow as pa
 import urllib3
 
 from meshlens.collector.stores.base import (MIN_VERSION, Store, StoreError, StoreUnavailable, first_line,
-                                   insert_columns_sql, parse_version)
+                                   insert_columns_sql, parse_version, redact)
+
+__all__ = ["HttpStore", "connection_reason"]
+
+_REPR = re.compile(r"<[^<>]* object at 0x[0-9a-fA-F]+>:? ?")
 
 
 class HttpStore(Store):
@@ -48,13 +56,23 @@ class HttpStore(Store):
         try:
             resp = self._pool.request("POST", target, body=body, headers=self._headers)
         except urllib3.exceptions.HTTPError as e:
-            raise StoreUnavailable(f"cannot reach {self!r}: {e}") from None
+            raise StoreUnavailable(f"cannot reach the store at {redact(self.url)}: {connection_reason(e)}") from None
         if resp.status != 200:
             text = resp.data.decode("utf-8", "replace").strip()
             if resp.status in (502, 503, 504):
-                raise StoreUnavailable(f"{self!r} answered {resp.status}: {first_line(text)}")
+                raise StoreUnavailable(f"the store at {redact(self.url)} answered {resp.status}: {first_line(text)}")
+            if "X-ClickHouse-Exception-Code" not in resp.headers and not text.startswith("Code:"):
+                raise StoreError(f"the store at {redact(self.url)} answered HTTP {resp.status}, not as ClickHouse "
+                                 f"does (is it a ClickHouse HTTP interface?)")
             raise StoreError(first_line(text, f"HTTP {resp.status}"))
         return resp.data
+
+    def _json(self, data: bytes) -> Any:
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise StoreError(f"the store at {redact(self.url)} answered with something other than ClickHouse "
+                             f"JSON (is it a ClickHouse HTTP interface?)") from None
 
     def command(self, sql: str, settings: dict[str, Any] | None = None) -> None:
         self._post(sql, params=settings)
@@ -63,7 +81,7 @@ class HttpStore(Store):
         # Older servers quote (U)Int64 in JSON by default (18.16 does, 26.9 not): ask for numbers.
         params = {"default_format": "JSONCompact", "output_format_json_quote_64bit_integers": 0,
                   **self._read_params}
-        doc = json.loads(self._post(sql, params=params) or b'{"meta":[],"data":[]}')
+        doc = self._json(self._post(sql, params=params) or b'{"meta":[],"data":[]}')
         return [m["name"] for m in doc["meta"]], [tuple(r) for r in doc["data"]]
 
     def query_arrow(self, sql: str) -> pa.Table:
@@ -92,7 +110,12 @@ class HttpStore(Store):
         self._read_params = {"database": self.database}
 
     def server_version(self) -> str:
-        return json.loads(self._post("SELECT version() FORMAT JSONCompact"))["data"][0][0]
+        doc = self._json(self._post("SELECT version() FORMAT JSONCompact"))
+        try:
+            return str(doc["data"][0][0])
+        except (KeyError, IndexError, TypeError):
+            raise StoreError(f"the store at {redact(self.url)} did not say its version "
+                             f"(is it a ClickHouse HTTP interface?)") from None
 
     def _speaks_arrow(self) -> bool:
         """Whether the server reads and writes ArrowStream (servers older than MIN_VERSION may not)."""
@@ -102,6 +125,41 @@ class HttpStore(Store):
 
     def close(self) -> None:
         self._pool.close()
+
+
+def connection_reason(error: BaseException) -> str:
+    """Why a connection failed, in words ("connection refused"), from the socket error under `error`.
+
+    urllib3's messages start with the repr of its connection object; the OS error it wraps says it plainly."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return f"TLS certificate not accepted ({e.verify_message})"
+        if isinstance(e, ssl.SSLError):
+            return f"TLS failed ({e.reason or e.strerror or 'handshake'})"
+        if isinstance(e, socket.gaierror):
+            return "cannot resolve the host name"
+        if isinstance(e, http.client.RemoteDisconnected):
+            return "the server closed the connection without answering"
+        if isinstance(e, urllib3.exceptions.ReadTimeoutError):
+            return "no answer in time"
+        if isinstance(e, TimeoutError):
+            return "timed out"
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, ConnectionResetError):
+            return "connection reset by the server"
+        if isinstance(e, OSError) and e.strerror:
+            return _lower(e.strerror)
+        wrapped = e.args[1] if isinstance(e, urllib3.exceptions.ProtocolError) and len(e.args) > 1 else None
+        e = wrapped if isinstance(wrapped, BaseException) and id(wrapped) not in seen else (e.__cause__ or e.__context__)
+    return _REPR.sub("", first_line(error, type(error).__name__)) or type(error).__name__
+
+
+def _lower(text: str) -> str:
+    return text[:1].lower() + text[1:]
 
 
 def _tsv(data: pa.Table) -> bytes:

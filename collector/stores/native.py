@@ -4,12 +4,26 @@ clickhouse-driver with columnar inserts and LZ4 compression on the wire.
 """
 from __future__ import annotations
 
+import logging
+import re
 import socket
 from typing import Any
 
 import pyarrow as pa
 
-from meshlens.collector.stores.base import Store, StoreError, StoreUnavailable, first_line, insert_columns_sql
+from meshlens.collector.stores.base import (Store, StoreError, StoreUnavailable, first_line, insert_columns_sql,
+                                            redact)
+
+# clickhouse-driver logs every failed connect as a warning with its traceback; the failure
+# reaches the caller as StoreUnavailable, which says it in one line (and the collector logs it once).
+logging.getLogger("clickhouse_driver.connection").setLevel(logging.ERROR)
+
+# The driver's network messages: "Code: 210. Connection refused (host:port)".
+_DRIVER_PREFIX = re.compile(r"^Code: \d+\.\s*")
+_HOST_SUFFIX = re.compile(r"\s*\([^()]*:\d+\)$")
+# getaddrinfo's words for "no such host" (glibc, musl, macOS)
+_UNRESOLVED = re.compile(r"name or service not known|name resolution|nodename nor servname|no address associated",
+                         re.I)
 
 
 class NativeStore(Store):
@@ -37,7 +51,7 @@ class NativeStore(Store):
             raise StoreError(first_line(e.message)) from None
         except (errors.NetworkError, errors.SocketTimeoutError, socket.error, EOFError) as e:
             self._client.disconnect()
-            raise StoreUnavailable(f"cannot reach {self!r}: {e}") from None
+            raise StoreUnavailable(f"cannot reach the store at {redact(self.url)}: {_network_reason(e)}") from None
         except errors.Error as e:
             raise StoreError(first_line(str(e))) from None
 
@@ -68,6 +82,24 @@ class NativeStore(Store):
 
     def close(self) -> None:
         self._client.disconnect()
+
+
+def _network_reason(e: BaseException) -> str:
+    """The driver's network error in words: "connection refused", "timed out", …"""
+    from clickhouse_driver import errors
+
+    if isinstance(e, (errors.SocketTimeoutError, TimeoutError)):
+        return "timed out"
+    if isinstance(e, EOFError):
+        return "the server closed the connection"
+    if isinstance(e, OSError):
+        text = e.strerror or ""
+    else:
+        text = _HOST_SUFFIX.sub("", _DRIVER_PREFIX.sub("", getattr(e, "message", "") or first_line(e, "")))
+    text = text.strip() or type(e).__name__
+    if _UNRESOLVED.search(text):
+        return "cannot resolve the host name"
+    return text[:1].lower() + text[1:]
 
 
 def _to_driver(col: pa.ChunkedArray) -> list:

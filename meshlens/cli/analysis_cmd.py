@@ -76,8 +76,8 @@ def _open(args: argparse.Namespace):
         store.query_rows("SELECT 1 FROM calls LIMIT 0")
     except ValueError as e:
         raise UserError(str(e)) from None
-    except StoreUnavailable as e:
-        raise UserError(f"cannot reach the store at {redact(url)}: {e}") from None
+    except StoreUnavailable as e:  # names the store and why
+        raise UserError(str(e)) from None
     except StoreError as e:
         raise UserError(f"store {redact(url)} has no calls table ({e}); start the collector once to create it") from None
     return store
