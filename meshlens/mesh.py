@@ -7,8 +7,8 @@ nothing are recorded as `ip:port`, never dropped.
 
     services:
       catalog:
-        protocol: http            # http (default), grpc, tcp, tls
-        mode: observe             # observe (default), dry-run, enforce
+        protocol: http            # optional: http, tcp or tls; left out, it is detected per connection
+        mode: observe             # observe, the only mode there is until the control plane
         instances:
           - address: 10.0.0.5:8080
             labels: {version: v1}
@@ -17,6 +17,17 @@ nothing are recorded as `ip:port`, never dropped.
         subsets:
           v1: {version: v1}
           v2: {version: v2}
+
+`protocol` works as Istio's explicit protocol selection: a declared protocol replaces
+detection from the first bytes for connections to the service's instances, in the tap
+and in sidecars (inbound to the service's own sidecar; outbound where the original
+destination is known, i.e. transparent mode). `http`: parsed as HTTP/1.1 (anything else
+is a protocol error); `tcp`: passed through as bytes, never parsed; `tls`: passed through
+with the ClientHello's attributes recorded. `grpc` is refused: HTTP/2 is passed through,
+not parsed, so a gRPC call could not be recorded as one.
+
+`mode` is refused unless `observe`: dry-run and enforce come with the control plane, and
+a record's `mode` must never claim one that nothing applied.
 
 Unknown fields are refused by name, with the path to them, never ignored.
 """
@@ -29,10 +40,21 @@ from typing import Any, Literal
 
 from meshlens.yamlfile import read_yaml
 
-Protocol = Literal["http", "grpc", "tcp", "tls"]
-Mode = Literal["observe", "dry-run", "enforce"]
-PROTOCOLS: tuple[str, ...] = ("http", "grpc", "tcp", "tls")
-MODES: tuple[str, ...] = ("observe", "dry-run", "enforce")
+Protocol = Literal["http", "tcp", "tls"]
+Mode = Literal["observe"]
+PROTOCOLS: tuple[str, ...] = ("http", "tcp", "tls")
+"""What `protocol` may declare; without it the protocol is detected (meshlens.protocols.sniff)."""
+MODES: tuple[str, ...] = ("observe",)
+"""The modes in force today; `dry-run` and `enforce` come with the control plane."""
+# Declared protocol -> the protocol a record names (collector/record.py PROTOCOLS).
+RECORDED_PROTOCOL: dict[str, str] = {"http": "http/1.1", "tcp": "tcp", "tls": "tls"}
+# Values meshlens will take but cannot honour yet: refused saying so, never accepted and ignored.
+_NOT_YET = {
+    "protocol": {"grpc": "grpc cannot be honoured yet (HTTP/2 is passed through, not parsed): leave protocol "
+                         "out to have the connection detected, or declare tcp"},
+    "mode": {m: f"{m} is not available yet (meshlens observes only; modes come with the control plane)"
+             for m in ("dry-run", "enforce")},
+}
 
 _SERVICE_KEYS = {"protocol", "mode", "instances", "subsets"}
 _INSTANCE_KEYS = {"address", "labels"}
@@ -59,8 +81,10 @@ class Instance:
 @dataclass(frozen=True, slots=True)
 class Service:
     name: str
-    protocol: str = "http"
-    mode: str = "observe"
+    protocol: Protocol | None = None
+    """The declared protocol of connections to this service; None: detected from their first bytes."""
+    mode: Mode = "observe"
+    """The mode calls to this service are recorded under: observe, as nothing is enforced yet."""
     instances: tuple[Instance, ...] = ()
     subsets: dict[str, dict[str, str]] = field(default_factory=dict, hash=False, compare=False)
 
@@ -109,6 +133,11 @@ class Mesh:
         svc, inst = found
         return svc.name, svc.subset_of(inst)
 
+    def declared_protocol(self, host: str, port: int) -> str | None:
+        """The protocol declared for the service at this address, if the mesh names one that declares it."""
+        found = self._by_address.get((_canonical_host(host), port))
+        return found[0].protocol if found is not None else None
+
     def service(self, name: str) -> Service:
         try:
             return self.services[name]
@@ -148,8 +177,10 @@ def _service(name: str, body: Any, where: str) -> Service:
     if unknown:
         raise MeshError(f"{where}: unknown field(s) {', '.join(unknown)} "
                         f"(expected: {', '.join(sorted(_SERVICE_KEYS))})")
-    protocol = _choice(body.get("protocol", "http"), PROTOCOLS, f"{where}.protocol")
-    mode = _choice(body.get("mode", "observe"), MODES, f"{where}.mode")
+    protocol = None  # detected per connection
+    if "protocol" in body:
+        protocol = _choice(body["protocol"], PROTOCOLS, f"{where}.protocol", _NOT_YET["protocol"])
+    mode = _choice(body.get("mode", "observe"), MODES, f"{where}.mode", _NOT_YET["mode"])
     raw_instances = body.get("instances") or []
     if not isinstance(raw_instances, list):
         raise MeshError(f"{where}.instances: expected a list")
@@ -158,7 +189,7 @@ def _service(name: str, body: Any, where: str) -> Service:
     if not isinstance(raw_subsets, dict):
         raise MeshError(f"{where}.subsets: expected a mapping of subset name to labels")
     subsets = {str(k): _labels(v, f"{where}.subsets.{k}") for k, v in raw_subsets.items()}
-    return Service(name, protocol, mode, instances, subsets)
+    return Service(name, protocol, mode, instances, subsets)  # type: ignore[arg-type]
 
 
 def _instance(item: Any, where: str) -> Instance:
@@ -209,7 +240,11 @@ def _labels(value: Any, where: str) -> dict[str, str]:
     return out
 
 
-def _choice(value: Any, allowed: tuple[str, ...], where: str) -> str:
+def _choice(value: Any, allowed: tuple[str, ...], where: str, later: dict[str, str]) -> str:
+    """`value` if allowed; refused naming why when it is a value that is `later` (not available yet)."""
+    if isinstance(value, str) and value in later:
+        raise MeshError(f"{where}: {later[value]}")
     if value not in allowed:
-        raise MeshError(f"{where}: expected one of {', '.join(allowed)}, got {value!r}")
+        expected = allowed[0] if len(allowed) == 1 else "one of " + ", ".join(allowed)
+        raise MeshError(f"{where}: expected {expected}, got {value!r}")
     return str(value)

@@ -5,8 +5,9 @@ the first in the queue owns an upstream connection, later ones buffer at most
 `request.PIPELINE_BUFFER_BYTES` before reading pauses. Bodies stream through as they come,
 with flow control both ways: a slow reader on one side pauses reading on the other.
 A connection's first bytes are sniffed once: what is not HTTP/1.x is passed through
-(proxy/passthrough.py). An Upgrade request keeps its Upgrade field and a 101 turns the
-connection into a tunnel (proxy/tunnel.py), as does CONNECT to the outbound listener.
+(proxy/passthrough.py); a protocol the mesh declares for the destination replaces sniffing.
+An Upgrade request keeps its Upgrade field and a 101 turns the connection into a tunnel
+(proxy/tunnel.py), as does CONNECT to the outbound listener.
 """
 from __future__ import annotations
 
@@ -90,7 +91,14 @@ class Downstream(asyncio.Protocol):
         self.peer = (peer[0], peer[1]) if peer else ("", 0)
         self.t_wall, self.t0 = time.time_ns(), time.monotonic_ns()
         self.proxy.opened(self)
-        self._arm(min(SNIFF_TIMEOUT, self.proxy.config.idle_timeout), self._sniff_expired)
+        declared = self.proxy.declared_protocol(self)  # mesh.yaml's protocol replaces sniffing
+        if declared == "http/1.1":
+            self.sniffing = False
+            self._arm(self.proxy.config.idle_timeout, self._idle_expired)
+        elif declared is not None and not self.closing:
+            self._pass(declared, b"")
+        else:
+            self._arm(min(SNIFF_TIMEOUT, self.proxy.config.idle_timeout), self._sniff_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.deadline = 0.0

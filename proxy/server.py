@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from meshlens.mesh import Mesh, Service, parse_address
+from meshlens.mesh import RECORDED_PROTOCOL, Mesh, Service, parse_address
 from meshlens.proxy.downstream import HEADER_TIMEOUT, IDLE_TIMEOUT, Downstream
 from meshlens.proxy.headers import peer_field
 from meshlens.proxy.request import Request
@@ -194,6 +194,19 @@ class Proxy:
             route = Route((cfg.app_host, cfg.app_port), self.service.name, self._inbound_subset, src)
             self._inbound_routes[src] = route
         return route
+
+    def declared_protocol(self, conn: Downstream) -> str | None:
+        """What the mesh declares a new connection carries ('http/1.1', 'tcp', 'tls'), None to sniff it.
+
+        Inbound: this service's protocol. Outbound: that of the service at the original destination
+        (transparent mode); an explicit outbound connection speaks HTTP to us, whatever it asks for."""
+        if conn.inbound:
+            declared = self.service.protocol
+        elif conn.original_dst is not None:
+            declared = self.config.mesh.declared_protocol(*conn.original_dst)
+        else:
+            return None
+        return RECORDED_PROTOCOL[declared] if declared is not None else None
 
     def source_service(self, conn: Downstream, route: Route | None) -> str:
         """Who called, for records and metrics: this service outbound; inbound, whom the route names."""

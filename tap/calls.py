@@ -9,6 +9,9 @@ Per connection the first client bytes are sniffed (`meshlens.protocols.sniff`):
 - anything else, a server that speaks first, or bytes lost before the protocol
   was known: one `tcp` call with its bytes each way and its lifetime.
 
+A protocol the mesh declares for the server's address (mesh.yaml `protocol`) replaces
+sniffing: the connection is that protocol from its first byte (`tcp` is never parsed).
+
 `Tap` is the whole pipeline, frames to calls: `PacketDecoder` -> `Reassembler`
 -> `CallBuilder`. No I/O and no clock: the caller passes capture time, and
 calls go to a sink (a list's `append`, `CallRecorder.record`, a file writer).
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from ipaddress import ip_address
 
 from meshlens.collector.record import Call
-from meshlens.mesh import Mesh
+from meshlens.mesh import RECORDED_PROTOCOL, Mesh
 from meshlens.protocols.errors import PeerError
 from meshlens.protocols.exchange import Exchange, TunnelClosed
 from meshlens.protocols.http1 import Http1Tracker, State
@@ -111,6 +114,7 @@ class CallBuilder:
         self.stats = TapStats()
         self._flows: dict[Conn, _Flow] = {}
         self._names: dict[tuple[bytes, int], tuple[str, str, str]] = {}
+        self._declared = _declared_protocols(mesh)
 
     def __len__(self) -> int:
         return len(self._flows)
@@ -123,8 +127,12 @@ class CallBuilder:
                 if f is not None:
                     self._data(f, ev.direction, ev.data, ev.t)
             elif cls is Open:
-                self._flows[ev.conn] = _Flow(ev.conn, ev.t, ev.midstream)
+                f = self._flows[ev.conn] = _Flow(ev.conn, ev.t, ev.midstream)
                 self.stats.connections += 1
+                if self._declared:
+                    declared = self._declared.get((ev.conn.server, ev.conn.server_port))
+                    if declared is not None:
+                        self._decide(f, declared)
             elif cls is Gap:
                 f = self._flows.get(ev.conn)
                 if f is not None:
@@ -189,7 +197,7 @@ class CallBuilder:
         f.held_bytes = 0
         if proto == "http/1.1":
             f.tracker = Http1Tracker(midstream=f.midstream)
-        elif proto == "tls":
+        elif proto == "tls" and not f.midstream:  # (declared tls) seen midstream, its hellos are gone
             f.hellos = [HelloParser("client"), HelloParser("server")]
         else:
             return
@@ -332,6 +340,20 @@ class CallBuilder:
         elif reason == "rst":
             call.error = "reset"
         self._emit(call)
+
+
+def _declared_protocols(mesh: Mesh | None) -> dict[tuple[bytes, int], str]:
+    """(packed IP, port) -> the protocol declared for the service there, as records name it."""
+    out: dict[tuple[bytes, int], str] = {}
+    for svc in mesh.services.values() if mesh is not None else ():
+        if svc.protocol is None:
+            continue
+        for inst in svc.instances:
+            try:
+                out[(ip_address(inst.host).packed, inst.port)] = RECORDED_PROTOCOL[svc.protocol]
+            except ValueError:  # a host name: the wire only shows addresses
+                pass
+    return out
 
 
 class Tap:

@@ -17,6 +17,10 @@ EPILOG = """examples:
   meshlens proxy --service web --mesh mesh.yaml --inbound-port 0 --outbound-port 0 --app-port 8080
       port 0 picks a free port; the ready line on stdout names the ports bound
 
+a service's `protocol` in the mesh file replaces detection: inbound for this service, outbound
+(transparent mode) for the service at the original destination. tcp: tunnelled, never parsed;
+tls: tunnelled, its hellos recorded; http: parsed as HTTP/1.1, anything else answered 400.
+
 every exchange is recorded as a call (observer client on outbound, server on inbound)
 and shipped to the collector; --no-record turns that off. SIGTERM drains: in-flight
 requests finish (up to --drain-timeout), new connections are refused, then it exits.
@@ -47,7 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("proxy", help="run a sidecar proxy that records every call",
                        description="Run one sidecar proxy next to one application instance: inbound and "
                                    "outbound listeners that pass traffic through (HTTP/1.1 parsed; TLS, HTTP/2 "
-                                   "and other TCP tunnelled) and record every exchange as a call.",
+                                   "and other TCP tunnelled, as detected from each connection's first bytes or "
+                                   "as the mesh file's `protocol` declares) and record every exchange as a call.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(run=run)
@@ -65,7 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from meshlens.proxy.server import DRAIN_TIMEOUT
 
     p.add_argument("--service", required=True, help="this sidecar's service, as named in the mesh file")
-    p.add_argument("--mesh", required=True, metavar="FILE", help="mesh definition (mesh.yaml)")
+    p.add_argument("--mesh", required=True, metavar="FILE",
+                   help="mesh definition (mesh.yaml): services, instances, subsets, and each service's protocol "
+                        "(http, tcp or tls) where it should not be detected; mode is observe (nothing is enforced yet)")
     p.add_argument("--inbound-port", type=port(-1), default=15006, help="inbound listener (default 15006)")
     p.add_argument("--outbound-port", type=port(-1), default=15001, help="outbound listener (default 15001)")
     p.add_argument("--admin-port", type=port(-1), default=15000, help="admin: /healthz /stats /config (default 15000)")

@@ -34,7 +34,7 @@ on 'lo' every packet is seen twice and counted once."""
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tap", help="record calls from a live interface or a pcap file, passively",
                        description="Passive tap: HTTP/1.1, TLS, h2 and TCP calls from a live interface or a "
-                                   "pcap/pcapng file, with names from the mesh definition.",
+                                   "pcap/pcapng file, with names (and declared protocols) from the mesh definition.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     configure(p)
 
@@ -44,7 +44,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     src.add_argument("--iface", help="capture live on this interface (AF_PACKET)")
     src.add_argument("--pcap", metavar="FILE", help="read a pcap or pcapng file")
     p.add_argument("--filter", metavar="BPF", help="kernel BPF filter for --iface (tcpdump syntax)")
-    p.add_argument("--mesh", metavar="MESH_YAML", help="mesh definition that names services (default: none, ip:port)")
+    p.add_argument("--mesh", metavar="MESH_YAML",
+                   help="mesh definition that names services (default: none, ip:port); a service's protocol "
+                        "(http, tcp, tls) there replaces detection for connections to its instances")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--collector", metavar="URL", default=None,
                      help=f"collector call endpoint (default {DEFAULT_COLLECTOR})")
