@@ -14,6 +14,7 @@ from meshlens.collector.client import CallRecorder
 from meshlens.collector.record import CALL_COLUMN_NAMES, Call
 from meshlens.collector.stores import connect
 from tests.collector_process import CollectorProcess
+from tests.waiting import PATIENCE_S
 
 
 def start_collector(workdir: Path, *args: str) -> CollectorProcess:
@@ -62,7 +63,7 @@ def stored_calls(proc: CollectorProcess, where: str = "1") -> int:
     return connect(proc.query_url).query_rows(f"SELECT count() FROM meshlens.calls WHERE {where}")[0][0]
 
 
-def wait_for_count(proc: CollectorProcess, expected: int, where: str = "1", timeout: float = 20.0) -> int:
+def wait_for_count(proc: CollectorProcess, expected: int, where: str = "1", timeout: float = PATIENCE_S) -> int:
     """The collector inserts every 0.2 s; wait (generously) for `expected` rows, return what is there."""
     deadline = time.monotonic() + timeout
     while (n := stored_calls(proc, where)) != expected and time.monotonic() < deadline:
@@ -70,7 +71,7 @@ def wait_for_count(proc: CollectorProcess, expected: int, where: str = "1", time
     return n
 
 
-def wait_until(check: Callable[[], bool], timeout: float = 20.0) -> bool:
+def wait_until(check: Callable[[], bool], timeout: float = PATIENCE_S) -> bool:
     deadline = time.monotonic() + timeout
     while not check() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -79,7 +80,7 @@ def wait_until(check: Callable[[], bool], timeout: float = 20.0) -> bool:
 
 def collector_metric(proc: CollectorProcess, name: str, label: str) -> float:
     """Sum of the samples of `name` (from the collector's /metrics) that carry `label`."""
-    text = urllib.request.urlopen(f"{proc.base}/metrics", timeout=10).read().decode()
+    text = urllib.request.urlopen(f"{proc.base}/metrics", timeout=PATIENCE_S).read().decode()
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
                if ln.startswith(name + "{") and label in ln)
 
@@ -93,7 +94,7 @@ def test_recorded_calls_arrive(collector: CollectorProcess, recorders) -> None:
     for i in range(25):
         recorder.record(call(i, attributes={"zone": "a", "i": str(i)}))
 
-    assert recorder.flush()
+    assert recorder.flush(timeout=PATIENCE_S)
     assert recorder.sent_calls == 25 and recorder.sent_batches >= 1
     assert recorder.dropped == {"buffer_full": 0, "collector_unavailable": 0, "rejected": 0}
     assert wait_for_count(collector, 25) == 25
@@ -108,7 +109,7 @@ def test_big_batches_are_gzipped_and_arrive(collector: CollectorProcess, recorde
     for i in range(3_000):  # ~300 bytes a call in JSON: past GZIP_ABOVE
         recorder.record(call(i, service="big", authority="x" * 200))
 
-    assert recorder.flush()
+    assert recorder.flush(timeout=PATIENCE_S)
     assert recorder.sent_calls == 3_000
     assert wait_for_count(collector, 3_000, "dst_service = 'big'") == 3_000
 
@@ -121,7 +122,7 @@ def test_flush_returns_once_every_recorded_call_is_sent(collector: CollectorProc
     for i in range(20_000):
         recorder.record(call(i, service="flushed", authority="x" * 200))
 
-    assert recorder.flush(timeout=60)
+    assert recorder.flush(timeout=PATIENCE_S)
     assert recorder.sent_calls == 20_000
     assert wait_for_count(collector, 20_000, "dst_service = 'flushed'") == 20_000
 
@@ -130,10 +131,10 @@ def test_a_batch_the_collector_refuses_is_dropped_as_rejected(collector: Collect
     recorder = recorders(calls_url(collector), flush_interval=3600)
 
     recorder.record(call(0, service="bad", attempt=300))  # attempt is a UInt8: 400 from the collector
-    assert recorder.flush()
+    assert recorder.flush(timeout=PATIENCE_S)
     recorder.record(call(1, service="good"))
     recorder.record(call(2, service="good"))
-    assert recorder.flush()
+    assert recorder.flush(timeout=PATIENCE_S)
 
     assert recorder.dropped == {"buffer_full": 0, "collector_unavailable": 0, "rejected": 1}
     assert recorder.sent_calls == 2
@@ -157,10 +158,10 @@ def test_rows_arrive_exactly_as_the_same_calls_do(collector: CollectorProcess, r
 
     for c in calls:
         recorder.record(c)
-    assert recorder.flush()
+    assert recorder.flush(timeout=PATIENCE_S)
     for c in calls:
         recorder.record(dataclasses.replace(c, dst_service="as-rows").as_row())
-    assert recorder.flush()
+    assert recorder.flush(timeout=PATIENCE_S)
 
     assert recorder.sent_calls == 24 and recorder.dropped["rejected"] == 0
     assert wait_for_count(collector, 24) == 24
@@ -180,7 +181,7 @@ def test_rows_and_calls_mix_in_one_batch_and_a_malformed_row_is_rejected(collect
     recorder.record(call(1, service="mixed").as_row())
     recorder.record(call(2, service="mixed").as_row()[:-1])  # a producer's bug: one value short
     recorder.record(call(3, service="mixed"))
-    assert recorder.flush()
+    assert recorder.flush(timeout=PATIENCE_S)
 
     assert recorder.sent_calls == 3
     assert recorder.dropped == {"buffer_full": 0, "collector_unavailable": 0, "rejected": 1}
@@ -193,7 +194,7 @@ def test_a_batch_of_only_malformed_rows_sends_nothing(collector: CollectorProces
     recorder = recorders(calls_url(collector), flush_interval=3600)
 
     recorder.record(("too", "short"))
-    assert recorder.flush()
+    assert recorder.flush(timeout=PATIENCE_S)
 
     assert recorder.sent_batches == 0 and recorder.dropped["rejected"] == 1
 
@@ -210,7 +211,7 @@ def test_buffer_full_drops_exactly_the_overflow(collector: CollectorProcess, rec
 
     assert recorder.buffered == 10
     assert recorder.dropped["buffer_full"] == 5
-    assert recorder.flush()
+    assert recorder.flush(timeout=PATIENCE_S)
     assert recorder.sent_calls == 10
     assert recorder.dropped == {"buffer_full": 5, "collector_unavailable": 0, "rejected": 0}
     assert wait_for_count(collector, 10, "dst_service = 'overflow'") == 10
@@ -247,7 +248,7 @@ def test_record_returns_while_the_collector_does_not_answer(recorders) -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
-        listener.settimeout(20)
+        listener.settimeout(PATIENCE_S)
         port = listener.getsockname()[1]
         recorder = recorders(f"http://127.0.0.1:{port}/v1/calls", batch_rows=1, flush_interval=3600,
                              max_buffered=100, timeout=60)
@@ -255,7 +256,7 @@ def test_record_returns_while_the_collector_does_not_answer(recorders) -> None:
         recorder.record(call(0))
         conn, _ = listener.accept()
         with conn:
-            conn.settimeout(20)
+            conn.settimeout(PATIENCE_S)
             request = b""
             while b"\r\n\r\n" not in request:
                 request += conn.recv(65536)
@@ -281,7 +282,7 @@ def test_collector_that_comes_up_later_gets_the_kept_batches(tmp_path: Path, rec
 
     proc = start_collector(tmp_path / "collector", "--otlp-http-port", str(port))
     try:
-        assert recorder.flush(timeout=30)
+        assert recorder.flush(timeout=PATIENCE_S)
         assert recorder.sent_calls == 4 and recorder.sent_batches == 2
         assert recorder.dropped == {"buffer_full": 0, "collector_unavailable": 2, "rejected": 0}
         assert wait_for_count(proc, 4, "dst_service IN ('batch1', 'batch2')") == 4
@@ -296,12 +297,16 @@ def test_a_full_collector_is_retried_after_retry_after(tmp_path: Path, recorders
     proc = start_collector(tmp_path / "collector", "--spool-max-bytes", "1")
     try:
         recorder = recorders(calls_url(proc), batch_rows=2, flush_interval=3600)
+        t0 = time.monotonic()
         record_batches(recorder, batches=1, rows=2)
 
-        assert not recorder.flush(timeout=2.5)  # flushing, too, waits as the collector asked
-
-        answered_503 = collector_metric(proc, "meshlens_collector_requests_total", 'code="503"')
-        assert 1 <= answered_503 <= 6  # about one a second, not a tight loop
+        # Three answers, however long they take; flush() wakes the shipping thread every 20 ms, and
+        # Retry-After, not that, sets the pace: a second at least between answers, not a tight loop.
+        deadline = t0 + PATIENCE_S
+        while collector_metric(proc, "meshlens_collector_requests_total", 'code="503"') < 3:
+            assert time.monotonic() < deadline, "the recorder did not retry"
+            assert not recorder.flush(timeout=0.5)  # flushing, too, waits as the collector asked
+        assert time.monotonic() - t0 > 2.0
         assert recorder.sent_calls == 0
         assert recorder.dropped == {"buffer_full": 0, "collector_unavailable": 0, "rejected": 0}
     finally:
