@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from tests.server_process import ServerProcess
+from tests.waiting import PATIENCE_S
 
 READY = re.compile(r"meshlens collector ready otlp_http=(\S+):(\d+) otlp_grpc=(\S+):(\d+)(?: query=(\S+))?")
 
@@ -23,7 +24,7 @@ class CollectorProcess(ServerProcess):
         self.http_port = self.grpc_port = 0
         self.query_url = ""
 
-    def start(self, timeout: float = 60.0) -> "CollectorProcess":
+    def start(self, timeout: float = PATIENCE_S) -> "CollectorProcess":
         m = self.launch(["meshlens.cli.main", "collector", "--store", self.store, "--spool-dir", str(self.spool_dir),
                          "--otlp-http-port", "0", "--otlp-grpc-port", "0",
                          "--query-port", "0" if self.query else "-1", "--flush-interval", "0.2", *self.args],

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.waiting import PATIENCE_S
+
 
 class ServerProcess:
     """One `meshlens …` server run by a test; subclasses say how to start it and read its ports."""
@@ -45,7 +47,7 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 30.0) -> int:
+    def stop(self, timeout: float = PATIENCE_S) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)

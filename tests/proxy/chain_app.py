@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tests.netns import InNamespace
 from tests.server_process import ServerProcess
+from tests.waiting import PATIENCE_S
 
 READY = re.compile(r"chain app ready name=(\S+) port=(\d+)")
 
@@ -27,7 +28,7 @@ class ChainApp(InNamespace, ServerProcess):
         self.service, self.host, self.port = service, host, port
         self.next_url, self.proxy, self.netns = next_url, proxy, netns
 
-    def start(self, timeout: float = 30.0) -> "ChainApp":
+    def start(self, timeout: float = PATIENCE_S) -> "ChainApp":
         args = ["tests.proxy.chain_app", "--name", self.service, "--host", self.host, "--port", str(self.port)]
         if self.next_url:
             args += ["--next", self.next_url]
@@ -63,7 +64,7 @@ def main() -> None:
 
     async def serve() -> None:
         nonlocal session
-        session = ClientSession(timeout=ClientTimeout(total=20))
+        session = ClientSession(timeout=ClientTimeout(total=PATIENCE_S))
         app = web.Application()
         app.router.add_get("/call", call)
         runner = web.AppRunner(app, access_log=None)

@@ -8,6 +8,9 @@ import pytest
 
 from tests.proxy.processes import ProxyProcess, SampleService, mesh_yaml
 
+# The module proxy's --header-timeout: short, so a test that waits for it to fire waits little.
+HEADER_TIMEOUT_S = 1.0
+
 
 def free_port() -> int:
     """A port nothing listens on (bound, then released): connections to it are refused."""
@@ -27,7 +30,7 @@ def upstream() -> Iterator[SampleService]:
 def proxy(upstream: SampleService, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     workdir = tmp_path_factory.mktemp("proxy")
     p = ProxyProcess(workdir, mesh_yaml(upstream.port, free_port()), "web", "--app-port", str(upstream.port),
-                     "--no-record", "--header-timeout", "1")
+                     "--no-record", "--header-timeout", f"{HEADER_TIMEOUT_S:g}")
     p.start()
     yield p
     p.stop()

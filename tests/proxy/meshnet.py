@@ -24,13 +24,12 @@ from tests.netns import InNamespace, Namespaces
 from tests.proxy.chain_app import ChainApp
 from tests.proxy.processes import ProxyProcess
 from tests.server_process import ServerProcess
+from tests.waiting import PATIENCE_S
 
 HUB_IP = "10.200.0.254"
 APP_PORT = 8080
 # Inside each namespace the sidecar may use Istio's ports: nothing else listens there.
 INBOUND, OUTBOUND, ADMIN, METRICS = 15006, 15001, 15000, 15090
-# Seconds the store gets to show what the sidecars sent (they flush on SIGTERM; the collector every 0.2 s).
-RECORDS_TIMEOUT = 30.0
 
 
 class NsCollector(InNamespace, CollectorProcess):
@@ -109,7 +108,8 @@ class MeshNet:
 
     def curl(self, ns: str, *args: str, uid: int | None = None) -> subprocess.CompletedProcess[str]:
         priv = ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups", "--"] if uid is not None else []
-        return self.namespaces.run(ns, *priv, "curl", "-sS", "--max-time", "20", *args, check=False, timeout=40)
+        return self.namespaces.run(ns, *priv, "curl", "-sS", "--max-time", f"{PATIENCE_S:g}", *args, check=False,
+                                   timeout=PATIENCE_S + 30)
 
     def stop_sidecars(self) -> None:
         """SIGTERM every sidecar: they drain and flush their recorders before exiting."""
@@ -126,8 +126,8 @@ class MeshNet:
         return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
 
     def calls(self, count: int, columns: str) -> list[dict]:
-        """The calls table once it holds at least `count` rows (or what it holds after RECORDS_TIMEOUT)."""
-        deadline = time.monotonic() + RECORDS_TIMEOUT
+        """The calls table once it holds at least `count` rows (or what it holds after PATIENCE_S)."""
+        deadline = time.monotonic() + PATIENCE_S
         while True:
             rows = self.query(f"SELECT {columns} FROM meshlens.calls ORDER BY time")
             if len(rows) >= count or time.monotonic() > deadline:

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from tests.app_thread import AppThread
 from tests.server_process import ServerProcess
+from tests.waiting import PATIENCE_S
 
 READY = re.compile(r"meshlens proxy ready service=(\S+) (.*)")
 
@@ -35,7 +36,7 @@ class ProxyProcess(ServerProcess):
         self.args = list(args)
         self.ports: dict[str, int] = {}
 
-    def start(self, timeout: float = 20.0) -> "ProxyProcess":
+    def start(self, timeout: float = PATIENCE_S) -> "ProxyProcess":
         m = self.launch(["meshlens.cli.main", "proxy", "--service", self.service, "--mesh", str(self.mesh_file),
                          "--inbound-port", "0", "--outbound-port", "0", "--admin-port", "0", "--metrics-port", "0",
                          *self.args], READY, timeout)
@@ -51,8 +52,18 @@ class ProxyProcess(ServerProcess):
         return self.ports["outbound"]
 
 
-def sample_app() -> web.Application:
-    """The sample upstream service: echo, fixed, chunked, reset, headers, sized bodies."""
+class Gate:
+    """GET /hold on the sample app: `arrived` is set when such a request reaches the app, which answers it
+    once the test sets `released`. An in-flight request for as long as a test needs, with no clock."""
+
+    def __init__(self) -> None:
+        self.arrived = threading.Event()
+        self.released = threading.Event()
+
+
+def sample_app(gate: Gate | None = None) -> web.Application:
+    """The sample upstream service: echo, fixed, chunked, reset, headers, sized bodies, a held request."""
+    gate = gate or Gate()
 
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hello\n", headers={"X-Sample": "1", "Cache-Control": "no-cache"})
@@ -111,12 +122,14 @@ def sample_app() -> web.Application:
             await asyncio.sleep(0.002)  # a slow upstream: the proxy must stop reading the client
         return web.json_response({"bytes": n})
 
-    async def sleep(request: web.Request) -> web.Response:
-        await asyncio.sleep(float(request.query.get("s", "1")))
-        return web.Response(text="slept\n")
+    async def hold(request: web.Request) -> web.Response:
+        gate.arrived.set()
+        while not gate.released.is_set():
+            await asyncio.sleep(0.01)
+        return web.Response(text="released\n")
 
     app = web.Application(client_max_size=1 << 31)
-    app.router.add_get("/sleep", sleep)
+    app.router.add_get("/hold", hold)
     app.router.add_route("*", "/hello", hello)
     app.router.add_route("*", "/echo", echo)
     app.router.add_route("*", "/headers", headers)
@@ -130,10 +143,11 @@ def sample_app() -> web.Application:
 
 
 class SampleService(AppThread):
-    """The sample app on an ephemeral port, in its own thread and loop."""
+    """The sample app on an ephemeral port, in its own thread and loop; `gate` holds its GET /hold."""
 
     def __init__(self) -> None:
-        super().__init__(sample_app)
+        self.gate = Gate()
+        super().__init__(lambda: sample_app(self.gate))
 
 
 def mesh_yaml(upstream_port: int, dead_port: int) -> str:
@@ -293,7 +307,7 @@ def rss_kb(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def recorded_calls(query_url: str, where: str, n: int = 1, timeout: float = 30.0,
+def recorded_calls(query_url: str, where: str, n: int = 1, timeout: float = PATIENCE_S,
                    columns: tuple[str, ...] = CALL_COLUMNS) -> list[dict]:
     """Rows of meshlens.calls matching `where` (SQL), once at least `n` arrived (or the timeout passed)."""
     from meshlens.collector.stores import connect

@@ -20,6 +20,7 @@ from tests.proxy.conftest import free_port
 from tests.proxy.meshnet import APP_PORT, MeshNet
 from tests.proxy.processes import ProxyProcess, recorded_calls
 from tests.server_process import ServerProcess
+from tests.waiting import PATIENCE_S
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 TRACEPARENT = f"00-{TRACE}-b7ad6b7169203331-01"
@@ -82,20 +83,20 @@ def explicit(tmp_path: Path) -> Iterator[tuple[CollectorProcess, list[ProxyProce
 
 def test_a_chain_of_explicit_sidecars_is_one_trace_seen_from_both_sides(explicit) -> None:
     col, sidecars = explicit
-    r = subprocess.run(["curl", "-sS", "--max-time", "20", "-H", f"traceparent: {TRACEPARENT}",
-                        f"http://127.0.0.1:{sidecars[0].inbound}/call"], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(["curl", "-sS", "--max-time", f"{PATIENCE_S:g}", "-H", f"traceparent: {TRACEPARENT}",
+                        f"http://127.0.0.1:{sidecars[0].inbound}/call"], capture_output=True, text=True, timeout=PATIENCE_S + 30)
     answer = json.loads(r.stdout)
     # traceparent as each app received it: each sidecar continued the trace with a span of its own
     assert answer["traceparent"].split("-")[1] == answer["next"]["next"]["traceparent"].split("-")[1] == TRACE
     # an app cannot speak for another service: A's sidecar replaces the field, B's strips it
     out = f"http://127.0.0.1:{sidecars[0].outbound}/call"
-    spoofed = subprocess.run(["curl", "-sS", "--max-time", "20", "-H", "Host: c", "-H", "x-meshlens-peer: b", out],
-                             capture_output=True, text=True, timeout=30)
+    spoofed = subprocess.run(["curl", "-sS", "--max-time", f"{PATIENCE_S:g}", "-H", "Host: c", "-H", "x-meshlens-peer: b", out],
+                             capture_output=True, text=True, timeout=PATIENCE_S + 30)
     assert json.loads(spoofed.stdout) == {"service": "c", "traceparent": json.loads(spoofed.stdout)["traceparent"],
                                           "peer_field": None}
     # the sidecar's own name on an outbound request means the request already went through it
-    looped = subprocess.run(["curl", "-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}",
-                             "-H", "Host: c", "-H", "x-meshlens-peer: a", out], capture_output=True, text=True, timeout=30)
+    looped = subprocess.run(["curl", "-sS", "--max-time", f"{PATIENCE_S:g}", "-o", "/dev/null", "-w", "%{http_code}",
+                             "-H", "Host: c", "-H", "x-meshlens-peer: a", out], capture_output=True, text=True, timeout=PATIENCE_S + 30)
     assert looped.stdout == "508"
     for p in sidecars:
         assert p.stop() == 0  # SIGTERM drains and flushes the recorder

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 import urllib.request
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.proxy.processes import rss_kb
 from tests.proxy.wire import read_all
+from tests.waiting import PATIENCE_S, wait_until
 
 _PIECES = [b"GET ", b"POST ", b"/", b"/echo", b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", b"HTTP/2.0", b"Host: x\r\n",
            b"Content-Length: 5\r\n", b"Content-Length: -1\r\n", b"Transfer-Encoding: chunked\r\n",
@@ -20,10 +20,10 @@ requestish = st.lists(st.one_of(st.sampled_from(_PIECES), st.binary(max_size=40)
 
 
 def _poke(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=PATIENCE_S) as s:
         s.sendall(data)
         s.shutdown(socket.SHUT_WR)
-        return read_all(s, 3)
+        return read_all(s)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -53,11 +53,9 @@ def test_garbage_leaks_neither_connections_nor_memory(proxy):
     for i in range(1000):
         _poke(proxy.inbound, junk[i % len(junk)])
     grown = rss_kb(proxy.proc.pid) - before
-    stats = {}
-    for _ in range(50):  # the last connections close asynchronously
-        stats = json.load(urllib.request.urlopen(f"http://127.0.0.1:{proxy.ports['admin']}/stats", timeout=5))
-        if stats["downstream_cx_active"] == 0:
-            break
-        time.sleep(0.1)
-    assert stats["downstream_cx_active"] == 0
+
+    def active() -> int:
+        url = f"http://127.0.0.1:{proxy.ports['admin']}/stats"
+        return json.load(urllib.request.urlopen(url, timeout=PATIENCE_S))["downstream_cx_active"]
+    wait_until(lambda: active() == 0, "no downstream connection left open", poll=0.1)  # they close asynchronously
     assert grown < 5_000, f"RSS grew {grown} KiB over 1,000 garbage connections"

@@ -5,18 +5,22 @@ import hashlib
 import http.client
 import json
 import os
+import select
 import socket
 import subprocess
 import time
 
 import pytest
 
+from tests.proxy.conftest import HEADER_TIMEOUT_S
 from tests.proxy.processes import rss_kb
 from tests.proxy.wire import exchange, normalize, read_all
+from tests.waiting import PATIENCE_S
 
 
 def curl(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["curl", "-sS", "--max-time", "10", *args], input=input, capture_output=True, timeout=20)
+    return subprocess.run(["curl", "-sS", "--max-time", f"{PATIENCE_S:g}", *args], input=input, capture_output=True,
+                          timeout=PATIENCE_S + 30)
 
 
 def test_inbound_forwards_and_adds_trace_context(proxy, upstream):
@@ -58,7 +62,7 @@ def test_expect_100_continue(proxy):
 
 
 def test_head_has_no_body_and_keeps_the_connection(proxy):
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.inbound, timeout=5)
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.inbound, timeout=PATIENCE_S)
     conn.request("HEAD", "/big?n=100000")
     resp = conn.getresponse()
     assert resp.status == 200 and resp.getheader("Content-Length") == "100000" and resp.read() == b""
@@ -79,7 +83,7 @@ def test_http10_client_gets_a_closed_body(proxy):
 
 
 def test_keep_alive_and_pipelining(proxy):
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.inbound, timeout=5)
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.inbound, timeout=PATIENCE_S)
     for i in range(20):
         conn.request("POST", "/echo", body=b"n%d" % i)
         assert conn.getresponse().read() == b"n%d" % i
@@ -119,20 +123,26 @@ def test_too_large_head_is_431(proxy):
 
 
 def test_slow_loris_hits_the_header_timeout(proxy):
-    with socket.create_connection(("127.0.0.1", proxy.inbound), timeout=5) as s:
+    """A header line every 0.25 s for as long as it takes: the trickle must not hold the timer off."""
+    with socket.create_connection(("127.0.0.1", proxy.inbound), timeout=PATIENCE_S) as s:
         t0 = time.monotonic()
         s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n")
-        for _ in range(3):
-            time.sleep(0.25)
-            s.sendall(b"X-Slow: 1\r\n")
-        out = read_all(s, 5)
-        assert out.startswith(b"HTTP/1.1 408 ") and 0.9 < time.monotonic() - t0 < 3
+        while not select.select([s], [], [], 0.25)[0]:
+            assert time.monotonic() - t0 < PATIENCE_S, "the header timeout never fired"
+            try:
+                s.sendall(b"X-Slow: 1\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        out = read_all(s)
+        elapsed = time.monotonic() - t0
+    assert out.startswith(b"HTTP/1.1 408 ")
+    assert elapsed > HEADER_TIMEOUT_S - 0.1  # not before the timeout (the clock started after the proxy's)
 
 
 def test_a_slow_reader_does_not_make_the_proxy_buffer(proxy):
     n = 200 * 1024 * 1024
     before = rss_kb(proxy.proc.pid)
-    with socket.create_connection(("127.0.0.1", proxy.inbound), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", proxy.inbound), timeout=PATIENCE_S) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         s.sendall(b"GET /big?n=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % n)
         time.sleep(1.0)  # not reading: the proxy must stop reading the upstream
@@ -196,8 +206,9 @@ def test_outbound_refuses_to_loop_into_itself(proxy):
 def test_a_large_upload_streams_with_bounded_memory(proxy):
     n = 300 * 1024 * 1024
     before = rss_kb(proxy.proc.pid)
-    r = subprocess.run(f"head -c {n} /dev/zero | curl -sS --max-time 30 -T - -H 'Transfer-Encoding: chunked' "
-                       f"http://127.0.0.1:{proxy.inbound}/sink", shell=True, capture_output=True, timeout=60)
+    r = subprocess.run(f"head -c {n} /dev/zero | curl -sS --max-time {PATIENCE_S:g} -T - "
+                       f"-H 'Transfer-Encoding: chunked' http://127.0.0.1:{proxy.inbound}/sink", shell=True,
+                       capture_output=True, timeout=PATIENCE_S + 30)
     assert json.loads(r.stdout) == {"bytes": n}
     assert rss_kb(proxy.proc.pid) - before < 20_000
 
@@ -212,7 +223,7 @@ def test_a_slow_upstream_does_not_make_the_proxy_buffer(proxy):
             peak[0] = max(peak[0], rss_kb(proxy.proc.pid) - before)
             time.sleep(0.05)
 
-    proc = subprocess.Popen(f"head -c {n} /dev/zero | curl -sS --max-time 60 --data-binary @- "
+    proc = subprocess.Popen(f"head -c {n} /dev/zero | curl -sS --max-time {PATIENCE_S:g} --data-binary @- "
                             f"http://127.0.0.1:{proxy.inbound}/slowsink", shell=True, stdout=subprocess.PIPE)
     watch(proc)
     assert json.loads(proc.stdout.read()) == {"bytes": n}

@@ -11,13 +11,15 @@ from meshlens.collector.stores import connect
 from tests.collector_process import CollectorProcess
 from tests.proxy.conftest import free_port
 from tests.proxy.processes import ProxyProcess, SampleService
+from tests.waiting import PATIENCE_S
 
 COLUMNS = ("observer", "trace_id", "span_id", "parent_span_id", "src_service", "dst_service", "method", "path",
            "authority", "status", "request_bytes", "response_bytes", "error", "protocol", "mode", "attributes")
 
 
 def curl(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["curl", "-sS", "--max-time", "10", *args], input=input, capture_output=True, timeout=20)
+    return subprocess.run(["curl", "-sS", "--max-time", f"{PATIENCE_S:g}", *args], input=input, capture_output=True,
+                          timeout=PATIENCE_S + 30)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_records_from_both_sidecars_match_what_the_client_saw(chain):
     try:
         def rows():
             return store.query_rows(f"SELECT {', '.join(COLUMNS)} FROM meshlens.calls ORDER BY time")
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + PATIENCE_S
         while len(rows()) < 11 and time.monotonic() < deadline:
             time.sleep(0.3)
         calls = [dict(zip(COLUMNS, r)) for r in rows()]

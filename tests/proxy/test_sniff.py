@@ -10,7 +10,6 @@ import json
 import socket
 import ssl
 import struct
-import time
 import urllib.request
 
 import pytest
@@ -22,6 +21,7 @@ from tests.collector_process import CollectorProcess
 from tests.proxy.conftest import free_port
 from tests.proxy.processes import EchoService, ProxyProcess, recorded_calls, self_signed_cert
 from tests.proxy.wire import read_all
+from tests.waiting import PATIENCE_S, wait_until
 
 SNI = "svc.example"
 
@@ -58,7 +58,7 @@ def _calls(env, sock_port: int, n: int = 1) -> list[dict]:
 
 def _echo(port: int, chunks: list[bytes]) -> tuple[bytes, int]:
     """Send `chunks`, half-close, read to EOF; (what came back, our port)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=PATIENCE_S) as s:
         ours = s.getsockname()[1]
         try:
             for c in chunks:
@@ -66,7 +66,7 @@ def _echo(port: int, chunks: list[bytes]) -> tuple[bytes, int]:
             s.shutdown(socket.SHUT_WR)
         except OSError:  # reset already (a refused destination): what was read is what counts
             pass
-        return read_all(s, 10), ours
+        return read_all(s), ours
 
 
 def _client_ctx(cert, max_version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
@@ -79,7 +79,7 @@ def _client_ctx(cert, max_version: ssl.TLSVersion | None = None) -> ssl.SSLConte
 
 @pytest.mark.parametrize("max_version, version", [(None, "TLSv1.3"), (ssl.TLSVersion.TLSv1_2, "TLSv1.2")])
 def test_tls_passes_through_and_its_hellos_are_recorded(env, max_version, version):
-    with socket.create_connection(("127.0.0.1", env["tlsecho"].inbound), timeout=10) as raw:
+    with socket.create_connection(("127.0.0.1", env["tlsecho"].inbound), timeout=PATIENCE_S) as raw:
         port = raw.getsockname()[1]
         with _client_ctx(env["cert"], max_version).wrap_socket(raw, server_hostname=SNI) as s:
             assert s.version() == version and s.selected_alpn_protocol() == "http/1.1"
@@ -117,7 +117,7 @@ def test_raw_tcp_echoes_both_ways_with_half_close(env):
 
 
 def test_a_client_reset_mid_tunnel_is_recorded(env):
-    s = socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=10)
+    s = socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=PATIENCE_S)
     port = s.getsockname()[1]
     s.sendall(b"\x01abc")
     assert s.recv(10) == b"\x01abc"
@@ -129,7 +129,7 @@ def test_a_client_reset_mid_tunnel_is_recorded(env):
 
 
 def test_a_server_reset_mid_tunnel_reaches_the_client(env):
-    with socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=PATIENCE_S) as s:
         port = s.getsockname()[1]
         s.sendall(b"\x01abc")
         assert s.recv(10) == b"\x01abc"
@@ -155,11 +155,20 @@ def test_outbound_without_an_original_destination_is_closed(env):
     assert (call["observer"], call["protocol"], call["error"]) == ("client", "tcp", "protocol_error")
 
 
+def _tunnels_opened(p: ProxyProcess) -> float:
+    """The sidecar's tcp_connections_opened_total: a tunnel counts when the proxy decides to pass bytes through."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{p.ports['metrics']}/metrics", timeout=PATIENCE_S).read().decode()
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+               if ln.startswith("meshlens_tcp_connections_opened_total{"))
+
+
 def test_a_client_that_waits_for_the_server_is_passed_through(env):
     """Server-first protocols (MySQL, SMTP) send nothing first: after SNIFF_TIMEOUT the bytes just pass."""
-    with socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=10) as s:
+    before = _tunnels_opened(env["echo"])
+    with socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=PATIENCE_S) as s:
         port = s.getsockname()[1]
-        time.sleep(SNIFF_TIMEOUT + 0.5)
+        # SNIFF_TIMEOUT of silence, then the proxy decides: wait for the decision, not for a clock
+        wait_until(lambda: _tunnels_opened(env["echo"]) > before, f"a tunnel after {SNIFF_TIMEOUT:g} s of silence")
         s.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")  # HTTP after the decision: tunnelled, not parsed
         out = s.recv(1000)
         assert out.startswith(b"HTTP/1.1 200 OK") and b"traceparent" not in out
@@ -172,7 +181,7 @@ def test_an_idle_tunnel_is_closed(env, tmp_path):
                      "--collector", f"{env['col'].base}/v1/calls", "--idle-timeout", "0.5")
     p.start()
     try:
-        with socket.create_connection(("127.0.0.1", p.inbound), timeout=10) as s:
+        with socket.create_connection(("127.0.0.1", p.inbound), timeout=PATIENCE_S) as s:
             port = s.getsockname()[1]
             s.sendall(b"\x00still there?")
             assert s.recv(100) == b"\x00still there?"
@@ -187,7 +196,7 @@ def test_an_idle_tunnel_is_closed(env, tmp_path):
 def test_tcp_metrics(env):
     p = env["echo"]
     assert _echo(p.inbound, [b"\x00counted"])[0] == b"\x00counted"
-    text = urllib.request.urlopen(f"http://127.0.0.1:{p.ports['metrics']}/metrics", timeout=10).read().decode()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{p.ports['metrics']}/metrics", timeout=PATIENCE_S).read().decode()
     labels = 'reporter="destination",source_workload="",destination_service="echo"'
     for name in ("tcp_connections_opened_total", "tcp_received_bytes_total", "tcp_sent_bytes_total"):
         assert f"meshlens_{name}{{{labels}}} " in text, text
@@ -205,20 +214,20 @@ garbage = st.tuples(st.sampled_from(_STARTS), st.binary(max_size=200)).map(b"".j
 @given(data=st.one_of(garbage, st.binary(max_size=300)), outbound=st.booleans())
 def test_garbage_first_bytes_never_break_the_proxy(env, data, outbound):
     p = env["echo"]
-    with socket.create_connection(("127.0.0.1", p.outbound if outbound else p.inbound), timeout=5) as s:
+    with socket.create_connection(("127.0.0.1", p.outbound if outbound else p.inbound), timeout=PATIENCE_S) as s:
         try:
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # closed on us already: fine, the proxy must only survive it
-        read_all(s, 5)
+        read_all(s)
     assert p.alive()
 
 
 def test_still_passing_through_after_the_garbage(env):
     out, _ = _echo(env["echo"].inbound, [b"\x00after"])
     assert out == b"\x00after"
-    with socket.create_connection(("127.0.0.1", env["tlsecho"].inbound), timeout=10) as raw:
+    with socket.create_connection(("127.0.0.1", env["tlsecho"].inbound), timeout=PATIENCE_S) as raw:
         with _client_ctx(env["cert"]).wrap_socket(raw, server_hostname=SNI) as s:
             s.sendall(b"still")
             assert s.recv(10) == b"still"

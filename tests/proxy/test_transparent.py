@@ -15,6 +15,7 @@ import pytest
 from meshlens.proxy.transparent import IptablesPlan, original_dst, removal, rules
 from tests.netns import Namespaces
 from tests.proxy.meshnet import APP_PORT, HUB_IP, INBOUND, OUTBOUND, MeshNet
+from tests.waiting import PATIENCE_S
 
 CMD = [sys.executable, "-m", "meshlens.cli.main", "proxy-iptables"]
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -58,15 +59,15 @@ def test_the_rules_for_given_flags() -> None:
 
 def test_the_cli_prints_the_same_rules_and_refuses_a_plan_that_loops() -> None:
     out = subprocess.run([*CMD, "--print", "--app-port", "8080", "--proxy-uid", "2000", "--exclude-port", "22"],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=PATIENCE_S)
     plan = IptablesPlan(app_ports=(8080,), proxy_uid=2000, exclude_ports=(22,))
     assert out.returncode == 0 and out.stdout.splitlines() == [" ".join(a) for a in rules(plan)]
     bad = subprocess.run([*CMD, "--print", "--proxy-uid", "none", "--proxy-gid", "none"],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=PATIENCE_S)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "exempt one" in bad.stderr
-    usage = subprocess.run([*CMD, "--app-port", "8080"], capture_output=True, text=True, timeout=30)
+    usage = subprocess.run([*CMD, "--app-port", "8080"], capture_output=True, text=True, timeout=PATIENCE_S)
     assert usage.returncode == 2 and "one of the arguments --print --apply --remove is required" in usage.stderr
-    helptext = subprocess.run([*CMD, "--help"], capture_output=True, text=True, timeout=30).stdout
+    helptext = subprocess.run([*CMD, "--help"], capture_output=True, text=True, timeout=PATIENCE_S).stdout
     assert "examples:" in helptext and "--exclude-port" in helptext
 
 
@@ -120,7 +121,7 @@ def test_apply_without_cap_net_admin_is_one_line() -> None:
 
 def test_apply_without_iptables_is_one_line() -> None:
     env = {**os.environ, "PATH": "/nonexistent"}  # no iptables to find: nothing can change
-    r = subprocess.run([*CMD, "--apply"], capture_output=True, text=True, timeout=30, env=env)
+    r = subprocess.run([*CMD, "--apply"], capture_output=True, text=True, timeout=PATIENCE_S, env=env)
     assert r.returncode == 2 and r.stderr.strip() == \
         "meshlens proxy-iptables: iptables is not installed (Debian: apt-get install iptables)"
 

@@ -19,6 +19,7 @@ from tests.collector_process import CollectorProcess
 from tests.proxy.processes import EchoService, ProxyProcess, WsService, recorded_calls, rss_kb
 from tests.proxy.conftest import free_port
 from tests.proxy.wire import exchange, read_all
+from tests.waiting import PATIENCE_S
 
 UPGRADE = b"GET /upgrade HTTP/1.1\r\nHost: x\r\nUpgrade: echo-proto\r\nConnection: Upgrade\r\n\r\n"
 
@@ -89,7 +90,7 @@ def test_websocket_echo_through_the_proxy(env):
 
 
 def test_upgrade_fields_cross_and_buffered_bytes_are_not_lost(env):
-    with socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=PATIENCE_S) as s:
         port = s.getsockname()[1]
         s.sendall(UPGRADE + b"EARLY")  # tunnel bytes before the 101: held, then sent on after it
         out = _read_until(s, b"SERVER-FIRSTEARLY")  # the upstream's bytes right after its 101 head, then the echo
@@ -99,7 +100,7 @@ def test_upgrade_fields_cross_and_buffered_bytes_are_not_lost(env):
         s.sendall(b"more")
         assert _read_until(s, b"more").endswith(b"more")
         s.shutdown(socket.SHUT_WR)
-        assert read_all(s, 10) == b""  # the upstream closed after our EOF, and so did the proxy
+        assert read_all(s) == b""  # the upstream closed after our EOF, and so did the proxy
     sent = b"\r\n".join(h for h in env["raw"].heads if b"Upgrade: echo-proto" in h)
     assert b"connection: upgrade" in sent.lower()
     (call,) = _calls(env, port)
@@ -109,20 +110,20 @@ def test_upgrade_fields_cross_and_buffered_bytes_are_not_lost(env):
 
 
 def test_a_half_close_before_the_101_reaches_the_upstream(env):
-    with socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=PATIENCE_S) as s:
         s.sendall(UPGRADE + b"LAST")
         s.shutdown(socket.SHUT_WR)  # before the answer: the EOF waits with the bytes, then follows them
-        out = read_all(s, 10)
+        out = read_all(s)
     assert out.startswith(b"HTTP/1.1 101 ") and out.endswith(b"\r\n\r\nSERVER-FIRSTLAST")
 
 
 @pytest.mark.parametrize("path, status", [(b"/refuse", b"426"), (b"/ok", b"200")])
 def test_an_upgrade_answered_without_101_stays_http(env, path, status):
-    with socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=PATIENCE_S) as s:
         port = s.getsockname()[1]
         # an upgrade request and, pipelined right behind it, a plain one: HTTP again once the answer is not 101
         s.sendall(UPGRADE.replace(b"/upgrade", path) + b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        out = read_all(s, 10)
+        out = read_all(s)
     first, _, second = out.partition(b"HTTP/1.1 200 OK")
     if status == b"200":
         first, second = out.split(b"HTTP/1.1 200 OK")[1:3]
@@ -135,7 +136,7 @@ def test_an_upgrade_answered_without_101_stays_http(env, path, status):
 
 
 def test_an_upstream_reset_in_the_tunnel_resets_the_client(env):
-    with socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=PATIENCE_S) as s:
         port = s.getsockname()[1]
         s.sendall(UPGRADE)
         _read_until(s, b"SERVER-FIRST")
@@ -148,7 +149,7 @@ def test_an_upstream_reset_in_the_tunnel_resets_the_client(env):
 
 
 def test_a_client_reset_in_the_tunnel_is_recorded(env):
-    s = socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=10)
+    s = socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=PATIENCE_S)
     port = s.getsockname()[1]
     s.sendall(UPGRADE)
     _read_until(s, b"SERVER-FIRST")
@@ -163,7 +164,7 @@ def test_a_client_reset_in_the_tunnel_is_recorded(env):
 def test_a_large_echo_through_a_tunnel_keeps_memory_bounded(env):
     """200 MiB each way through an upgraded connection: flow control, not buffering, keeps the proxy small."""
     n = 200 * 1024 * 1024
-    with socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=30) as s:
+    with socket.create_connection(("127.0.0.1", env["echo"].inbound), timeout=PATIENCE_S) as s:
         s.sendall(UPGRADE)
         _read_until(s, b"SERVER-FIRST")
         before = rss_kb(env["echo"].proc.pid)
@@ -174,7 +175,7 @@ def test_a_large_echo_through_a_tunnel_keeps_memory_bounded(env):
         sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
         peak = 0
         while got < n:
-            for _, mask in sel.select(timeout=10):
+            for _, mask in sel.select(timeout=PATIENCE_S):
                 if mask & selectors.EVENT_WRITE and sent < n:
                     try:
                         sent += s.send(block[:min(len(block), n - sent)])
@@ -193,14 +194,14 @@ def test_a_large_echo_through_a_tunnel_keeps_memory_bounded(env):
 
 def test_connect_through_the_outbound_sidecar(env):
     target = b"127.0.0.1:%d" % env["raw"].port
-    with socket.create_connection(("127.0.0.1", env["echo"].outbound), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", env["echo"].outbound), timeout=PATIENCE_S) as s:
         port = s.getsockname()[1]
         s.sendall(b"CONNECT %b HTTP/1.1\r\nHost: %b\r\n\r\n\x00early" % (target, target))
         assert _read_until(s, b"\x00early") == b"HTTP/1.1 200 Connection Established\r\n\r\n\x00early"
         s.sendall(b"\x00more")
         _read_until(s, b"\x00more")
         s.shutdown(socket.SHUT_WR)
-        assert read_all(s, 10) == b""
+        assert read_all(s) == b""
     (call,) = _calls(env, port)
     assert (call["observer"], call["method"], call["authority"], call["status"], call["error"]) == \
         ("client", "CONNECT", target.decode(), 200, "")

@@ -2,24 +2,25 @@
 from __future__ import annotations
 
 import socket
-import time
+
+from tests.waiting import PATIENCE_S
 
 # Fields the proxy adds or owns per hop (RFC 9110 7.6.1), and Date, which moves with the clock.
 PROXY_FIELDS = {b"traceparent", b"x-request-id", b"connection", b"keep-alive", b"transfer-encoding", b"date"}
 
 
-def exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+def exchange(port: int, data: bytes, timeout: float = PATIENCE_S) -> bytes:
     """Send `data` and read until the server closes (the last request must ask for that)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
         return read_all(s, timeout)
 
 
-def read_all(s: socket.socket, timeout: float = 5.0) -> bytes:
+def read_all(s: socket.socket, timeout: float = PATIENCE_S) -> bytes:
+    """Everything until the peer closes (or resets); `timeout` only expires if it never does."""
     out = bytearray()
-    deadline = time.monotonic() + timeout
     s.settimeout(timeout)
-    while time.monotonic() < deadline:
+    while True:
         try:
             chunk = s.recv(65536)
         except (ConnectionResetError, socket.timeout):
