@@ -119,7 +119,8 @@ def _parse(t: str, i: int, close: str | None) -> tuple[list[Part], int]:
                 i += 1
                 kind = "rest" if i == len(t) else "part"
             _variable(out, kind)
-        elif c == "(" and (end := _closing(t, i, "(", ")")) > 0 and _has_variable(inner := _parse(t[:end], i + 1, None)[0]):
+        elif (c == "(" and (end := _closing(t, i, "(", ")")) > 0
+              and _has_variable(inner := _parse(t[:end], i + 1, None)[0])):
             out.append(Part("opt", parts=tuple(_merge(inner))))  # Rails' `(.:format)`; `(x)` is text
             i = end + 1
         else:

@@ -1,6 +1,7 @@
 """Route templates → Istio uri matches, checked with RE2 itself (Envoy's safe_regex engine, full match)."""
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -22,7 +23,10 @@ def istio_matches(uri: dict[str, str], request_path: str) -> bool:
         return path == uri["exact"]
     if "prefix" in uri:
         return request_path.startswith(uri["prefix"])
-    return re2.fullmatch(uri["regex"], path) is not None
+    return _re2(uri["regex"]).fullmatch(path) is not None
+
+
+_re2 = functools.lru_cache(maxsize=None)(re2.compile)
 
 
 # template, paths it stands for, paths of other routes it must not take
