@@ -8,25 +8,46 @@ unavailable, cancelled and 503 — pilot's route/retry/retry.go), so a route
 where retrying is unsafe or useless (not idempotent, or failing persistently) gets an
 explicit `attempts: 0`. Routes are matched per
 caller with `sourceLabels: {app: <caller>}`, assuming the usual `app` label.
+
+Each route's `uri` match (analysis.uri_match: `exact` for a literal route, an
+RE2 regex otherwise; both compared by Envoy with the path without its query
+string) is checked against the paths recorded for that route before it is
+written. Istio takes the first `http` entry that matches, so entries go from
+the most specific match to the least (`/users/export` before `/users/:id`). A
+route whose calls carried no path, or whose template does not match its
+recorded paths, gets a comment instead of an entry: a guessed match would
+either do nothing or catch other routes' requests.
 """
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from typing import Any
 
 import yaml
 
 from meshlens.analysis.evidence import Recommendation, duration_text
-from meshlens.analysis.recommend import Report
-from meshlens.analysis.routes import PARAM
+from meshlens.analysis.recommend import Report, RouteKey, summary
+from meshlens.analysis.uri_match import precedence, unmatched, uri_match, with_trailing_slash
 
 
-def uri_match(route: str) -> dict[str, str]:
-    if PARAM not in route:
-        return {"exact": route}
-    parts = [re.escape(p) for p in route.split(PARAM)]
-    return {"regex": "^" + "[^/]+".join(parts) + "$"}
+def checked_uri_match(route: str, paths: tuple[str, ...]) -> tuple[dict[str, str] | None, str]:
+    """The uri match for `route` if it matches every recorded path in `paths`, else None and why not."""
+    match = uri_match(route)
+    if not paths:
+        return None, (f"no path was recorded for route {route!r} (its calls carry the route only), so a uri match "
+                      f"could only be guessed from the template ({_flow(match)}); none is written")
+    missed = unmatched(match, paths)
+    if missed:
+        slash = with_trailing_slash(match)
+        if not unmatched(slash, paths):
+            return slash, ""
+        return None, (f"{_flow(match)}, translated from route {route!r}, does not match {len(missed)} of the "
+                      f"{len(paths)} recorded paths checked (e.g. {missed[0]!r}); none is written")
+    return match, ""
+
+
+def _flow(match: dict[str, str]) -> str:
+    return yaml.safe_dump(match, default_flow_style=True, width=10**6).strip()
 
 
 def _comment(r: Recommendation, indent: str) -> list[str]:
@@ -41,8 +62,8 @@ def _dump(obj: Any, indent: str) -> list[str]:
     return [indent + line for line in text.splitlines()]
 
 
-def _virtual_service(callee: str, recs: list[Recommendation]) -> list[str]:
-    by_route: dict[tuple, dict[str, Recommendation]] = defaultdict(dict)
+def _virtual_service(callee: str, recs: list[Recommendation], paths: dict[RouteKey, tuple[str, ...]]) -> list[str]:
+    by_route: dict[tuple[str, str, str], dict[str, Recommendation]] = defaultdict(dict)
     skipped = []
     for r in recs:
         key = (r.target["caller"], r.target["method"], r.target["route"])
@@ -51,11 +72,21 @@ def _virtual_service(callee: str, recs: list[Recommendation]) -> list[str]:
         else:
             skipped.append(f"# {r.kind} {r.target['caller']} -> {r.target['method']} {r.target['route']}: "
                            f"{r.evidence.reason}")
+    matches = {}
+    for (caller, method, route), kinds in sorted(by_route.items()):
+        match, why = checked_uri_match(route, paths.get((caller, callee, method, route), ()))
+        if match is None:
+            policies = ", ".join(summary(r) if r.policy else "retries off (attempts: 0)" for r in kinds.values())
+            skipped.append(f"# {policies} for {caller} -> {method} {route}: {why}")
+        else:
+            matches[(caller, method, route)] = match
     # Written line by line so that each http route can carry its evidence as comments.
     lines = ["apiVersion: networking.istio.io/v1beta1", "kind: VirtualService", "metadata:", f"  name: {callee}",
              "spec:", "  hosts:", f"  - {callee}", "  http:"]
-    for (caller, method, route), kinds in sorted(by_route.items()):
-        entry: dict[str, Any] = {"match": [{"uri": uri_match(route), "method": {"exact": method},
+    for caller, method, route in sorted(matches, key=lambda k: (k[0], k[1], precedence(k[2]), k[2])):
+        kinds = by_route[(caller, method, route)]
+        entry: dict[str, Any] = {"name": f"{caller} {method} {route}",
+                                 "match": [{"uri": matches[(caller, method, route)], "method": {"exact": method},
                                             "sourceLabels": {"app": caller}}]}
         t, rt = kinds.get("timeout"), kinds.get("retry")
         timeout = t.policy["timeout_s"] if t else None
@@ -119,7 +150,7 @@ def istio_yaml(report: Report) -> str:
         k = per[callee]
         route_recs = k["timeout"] + k["retry"]
         if route_recs:
-            docs.append("\n".join(_virtual_service(callee, route_recs)))
+            docs.append("\n".join(_virtual_service(callee, route_recs, report.paths)))
         dr = _destination_rule(callee, (k["outlier"] or [None])[0], (k["connection_pool"] or [None])[0])
         if dr:
             docs.append("\n".join(dr))

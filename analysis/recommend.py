@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -29,11 +29,17 @@ class TrafficModel:
     routes: pd.DataFrame
 
 
+RouteKey = tuple[str, str, str, str]  # caller, callee, method, route
+
+
 @dataclass(frozen=True)
 class Report:
     window: str
     n: int
     recommendations: list[Recommendation]
+    # Recorded paths (a sample, analysis.route_stats.PATH_SAMPLE) per route: what a
+    # uri match written for the route must match (analysis.istio).
+    paths: dict[RouteKey, tuple[str, ...]] = field(default_factory=dict)
 
     def frame(self) -> pd.DataFrame:
         """One row per recommendation: what, for whom, the policy, confidence, n and reason."""
@@ -90,4 +96,5 @@ def recommend(store: Store, window: Window = Window(), service: str | None = Non
     retries = [r for r in recommend_retries(whole, per_try, depth, stats)
                if service is None or r.target["callee"] == service]
     recs = timeouts + retries + recommend_outliers(scope) + recommend_pools(scope) + recommend_mtls(scope)
-    return Report(scope.label(), scope.n, recs)
+    paths = {(r.caller, r.callee, r.method, r.route): tuple(r.paths) for r in stats.itertuples(index=False)}
+    return Report(scope.label(), scope.n, recs, paths)

@@ -10,7 +10,9 @@ Two steps, both evaluated by ClickHouse:
    (`/users/alice`, `/users/bob`, … -> `/users/{id}`). Only the resulting
    rules (a handful of strings) come back to Python and go into the expression.
 
-A non-empty `route` column (filled by an instrumented app) is used as it is.
+A non-empty `route` column (filled by an instrumented app) is used as it is, in the
+app framework's own template syntax (`/stock/{sku}`, `/users/:id`, …); analysis.uri_match
+turns either kind into an Istio uri match.
 
 The template is computed in SQL on every run, once: only the shared route
 query (analysis.route_stats, or graph.routes for `analyze`) evaluates it; the

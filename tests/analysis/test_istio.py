@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from meshlens.analysis import istio_yaml, recommend
-from meshlens.analysis.istio import uri_match
+from meshlens.analysis import istio_yaml, open_scope, recommend
+from meshlens.analysis.uri_match import uri_match
 from tests.analysis import traffic as gt
+from tests.analysis.test_uri_match import istio_matches
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +62,21 @@ def test_peer_authentication_modes(docs):
 def test_uri_match():
     assert uri_match("/a/{id}/b.c") == {"regex": r"^/a/[^/]+/b\.c$"}
     assert uri_match("/orders") == {"exact": "/orders"}
+
+
+def test_every_uri_match_takes_every_recorded_path_of_its_route(store, docs):
+    # All distinct paths of each route as the analysis saw them (one observer per edge), not a sample.
+    scope = open_scope(store, gt.WINDOW)
+    rows = store.query_rows(f"SELECT caller, toString(dst_service), toString(method), route_t, groupUniqArray(path) "
+                            f"FROM {scope.calls()} GROUP BY 1, 2, 3, 4")
+    recorded = {tuple(r[:4]): r[4] for r in rows}
+    checked = 0
+    for vs in (d for d in docs[1] if d["kind"] == "VirtualService"):
+        for h in (h for h in vs["spec"]["http"] if "match" in h):
+            [m] = h["match"]
+            caller, method, route = h["name"].split(" ", 2)
+            assert (m["sourceLabels"]["app"], m["method"]["exact"]) == (caller, method)
+            paths = recorded[(caller, vs["metadata"]["name"], method, route)]
+            assert paths and all(istio_matches(m["uri"], p) and istio_matches(m["uri"], p + "?x=1") for p in paths)
+            checked += len(paths)
+    assert checked > 1000
