@@ -16,6 +16,11 @@ def _default_store_url() -> str:
 # The OpenTelemetry Collector's confighttp default max_request_body_size is 20 MiB;
 # the same bound applies after gzip is undone, so a small bomb cannot blow up memory.
 MAX_BODY_BYTES = 20 * 1024 * 1024
+# Read queries the query endpoint runs at once; one more gets ClickHouse's TOO_MANY_SIMULTANEOUS_QUERIES.
+# ClickHouse's documented example is 100 for a whole server (its default is now unlimited);
+# the embedded store shares the collector's process, memory and cores with ingestion, so
+# far fewer, yet enough for a dashboard's panels refreshing together.
+MAX_CONCURRENT_QUERIES = 16
 
 
 def default_spool_dir() -> str:
@@ -35,6 +40,7 @@ class CollectorConfig:
     query_port: int = field(default=8123, metadata={"help": "port of the query endpoint; 0 picks a free one, -1 disables it"})
     query_user: str = field(default="", metadata={"help": "basic-auth user for the query endpoint ('' = no auth)"})
     query_password: str = field(default="", metadata={"help": "basic-auth password for the query endpoint"})
+    query_max_concurrent: int = field(default=MAX_CONCURRENT_QUERIES, metadata={"help": "read queries the query endpoint runs at once; one more is refused with ClickHouse's TOO_MANY_SIMULTANEOUS_QUERIES (202)"})
     spool_dir: str = field(default_factory=default_spool_dir, metadata={"help": "where accepted batches wait for the store"})
     spool_max_bytes: int = field(default=1 << 30, metadata={"help": "spool size limit; beyond it producers get 503"})
     batch_rows: int = field(default=50_000, metadata={"help": "rows per insert (a batch is also cut every flush interval)"})
@@ -50,7 +56,7 @@ class CollectorConfig:
                 raise ValueError(f"{name} must be 0..65535, got {getattr(self, name)}")
         if not -1 <= self.query_port <= 65535:
             raise ValueError(f"query_port must be -1..65535, got {self.query_port}")
-        for name in ("spool_max_bytes", "batch_rows", "max_backlog_bytes", "max_body_bytes"):
+        for name in ("spool_max_bytes", "batch_rows", "max_backlog_bytes", "max_body_bytes", "query_max_concurrent"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.flush_interval <= 0:

@@ -10,6 +10,13 @@ normal form is checked: only SELECT/WITH/SHOW/DESCRIBE/EXISTS/EXPLAIN, no INTO
 OUTFILE, no function reaching files, processes or the network. Then the normal
 form, not the client's text, runs with `readonly = 1`, which also refuses every
 table function ClickHouse does not mark safe for read-only users.
+
+Queries run at once, each on a chdb connection of its own (the store's `raw_read`), so a
+long one delays neither short ones nor ingestion. Up to `max_concurrent_queries` run; one
+more is refused as ClickHouse refuses past its `max_concurrent_queries` (code 202, HTTP 500).
+A statement is tagged with the request's query id (its `log_comment`: chdb does not let us
+set `query_id`); a client that goes away has its statement killed, as ClickHouse does with
+`cancel_http_readonly_queries_on_client_close`.
 """
 from __future__ import annotations
 
@@ -21,15 +28,18 @@ import json
 import logging
 import re
 import socket
+import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
+from meshlens.collector.config import MAX_CONCURRENT_QUERIES
 from meshlens.collector.stores.base import StoreError
 from meshlens.collector.stores.embedded import EmbeddedStore
 
@@ -46,18 +56,19 @@ except ImportError:
     lz4_frame = None
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # ClickHouse's http_max_uri_size default; also caps the body. chdb still applies
 # its own max_query_size (256 KiB) to the text it parses.
 MAX_QUERY_BYTES = 1 << 20
 # The same 1 MiB for the request line: aiohttp's 8 KiB default would cut GET /?query= short.
 MAX_URL_BYTES = 1 << 20
-# chdb runs one statement at a time (the store's lock); more threads would only queue there.
-DEFAULT_MAX_CONCURRENCY = 4
-# A query holds the embedded store's lock, so ingestion waits behind it: bound that wait
-# unless the client sends its own max_execution_time (ClickHouse's default is unlimited).
+# A query holds one of the max_concurrent_queries slots and CPU the collector shares with
+# ingestion: bound it unless the client sends its own max_execution_time (ClickHouse's
+# default is unlimited).
 DEFAULT_MAX_EXECUTION_TIME = 60
+# How often a cancelled statement is killed again until its thread returns: a KILL that
+# lands before chdb has registered the statement finds nothing.
+KILL_RETRY_SECONDS = 0.1
 # ClickHouse's http_zlib_compression_level default.
 DEFAULT_COMPRESSION_LEVEL = 3
 
@@ -190,10 +201,18 @@ def quote_ident(name: str) -> str:
     return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 
-def build_sql(stmt: Statement, database: str, settings: Mapping[str, str]) -> str:
-    """USE the database, then run the statement with the allowed settings and readonly = 1 last."""
+def build_sql(stmt: Statement, database: str, settings: Mapping[str, str], tag: str = "") -> str:
+    """USE the database, then run the statement with the allowed settings, its tag and readonly = 1 last."""
     pairs = [f"{k} = {v if _NUMBER.fullmatch(v) else quote_string(v)}" for k, v in settings.items()]
+    if tag:
+        pairs.append(f"log_comment = {quote_string(tag)}")
     return f"USE {quote_ident(database)}; {stmt.text} SETTINGS {', '.join([*pairs, 'readonly = 1'])}"
+
+
+def kill_sql(tags: list[str]) -> str:
+    """Kill the statements tagged (log_comment) with these query ids, without waiting for them."""
+    return (f"KILL QUERY WHERE Settings['log_comment'] IN ({', '.join(map(quote_string, tags))}) "
+            "ASYNC")
 
 
 # --- the request ------------------------------------------------------------------------
@@ -347,16 +366,38 @@ class ServerFacts:
     default_database: str
 
 
-class QueryEndpoint:
-    """Request handlers; the store, credentials and limits live as long as the app."""
+@dataclass
+class Running:
+    """A request's statements in a worker thread: the tag to kill them by, and how far they got."""
 
-    def __init__(self, store: EmbeddedStore, user: str, password: str, max_concurrency: int) -> None:
+    query_id: str
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+def _too_many(limit: int) -> QueryError:
+    # ClickHouse's ProcessList::insert text; its exceptionCodeToHTTPStatus leaves 202 at 500.
+    return QueryError(202, "TOO_MANY_SIMULTANEOUS_QUERIES", f"Too many simultaneous queries. Maximum: {limit} "
+                      "(the collector's query_max_concurrent)")
+
+
+class QueryEndpoint:
+    """Request handlers over one store."""
+
+    # -- per process: the store, credentials, limits and the worker threads
+    def __init__(self, store: EmbeddedStore, user: str, password: str, max_concurrent_queries: int) -> None:
         self._store = store
         self._user, self._password = user, password
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._limit = max_concurrent_queries
+        # A thread per running query, one per cancellation of each, one for the server facts:
+        # a statement never waits for a thread.
+        self._executor = ThreadPoolExecutor(2 * max_concurrent_queries + 1, thread_name_prefix="meshlens-query")
         self._facts: ServerFacts | None = None
         self._facts_lock = asyncio.Lock()
         self._display_name = socket.gethostname()
+        # -- per running query, by query id; an entry leaves when its thread returns, so a
+        # query whose client went away counts against the limit until its kill lands.
+        self._running: dict[str, Running] = {}
 
     async def ok(self, request: web.Request) -> web.Response:
         return web.Response(text=OK)
@@ -395,7 +436,7 @@ class QueryEndpoint:
         if fmt is None:
             raise QueryError(73, "UNKNOWN_FORMAT", f"Unknown format {req.default_format}")
         database = req.database or facts.default_database
-        stmt, size, body = await self._in_executor(self._execute, req, database, fmt[0])
+        stmt, size, body = await self._run(headers["X-ClickHouse-Query-Id"], req, database, fmt[0])
         out_name, content_type = facts.formats.get((stmt.output_format or "").lower(), fmt)
         headers.update({
             "Content-Type": content_type,
@@ -410,14 +451,65 @@ class QueryEndpoint:
             headers["Content-Encoding"] = req.accept_encoding
         return web.Response(body=body, headers=headers)
 
-    def _execute(self, req: QueryRequest, database: str, fmt: str) -> tuple[Statement, int, bytes]:
+    async def _run(self, query_id: str, req: QueryRequest, database: str, fmt: str) -> tuple[Statement, int, bytes]:
+        """Take a slot or refuse as ClickHouse does; run in a worker thread; kill it if the client goes away."""
+        if query_id in self._running:
+            raise QueryError(216, "QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING", f"Query with id = {query_id} is already running")
+        if len(self._running) >= self._limit:
+            raise _too_many(self._limit)
+        run = self._running[query_id] = Running(query_id)
+        try:
+            fut = asyncio.get_running_loop().run_in_executor(self._executor, self._execute, run, req, database, fmt)
+        except BaseException:
+            del self._running[query_id]
+            raise
+        fut.add_done_callback(lambda f: self._finished(query_id, f))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:  # the client went away (handler_cancellation)
+            if not fut.done():
+                self._executor.submit(self._cancel, run)
+            raise
+
+    def _finished(self, query_id: str, fut: asyncio.Future[Any]) -> None:
+        del self._running[query_id]
+        if not fut.cancelled():
+            fut.exception()  # retrieved here too, for requests that stopped waiting
+
+    def _execute(self, run: Running, req: QueryRequest, database: str, fmt: str) -> tuple[Statement, int, bytes]:
         """In a worker thread: normalise, check, run, compress; the size is before compression."""
-        normal = self._raw(f"SELECT formatQuerySingleLine({quote_string(req.sql)}) SETTINGS readonly = 1",
-                           "RawBLOB")
-        stmt = inspect(normal.decode("utf-8", "replace"))
-        data = self._raw(build_sql(stmt, database, req.settings), fmt)
+        try:
+            normal = self._raw(f"SELECT formatQuerySingleLine({quote_string(req.sql)}) SETTINGS readonly = 1",
+                               "RawBLOB")
+            stmt = inspect(normal.decode("utf-8", "replace"))
+            if run.cancelled.is_set():
+                raise QueryError(394, "QUERY_WAS_CANCELLED", "Query was cancelled")
+            data = self._raw(build_sql(stmt, database, req.settings, run.query_id), fmt)
+        finally:
+            run.finished.set()
         enc = req.accept_encoding
         return stmt, len(data), compress(data, enc, req.compression_level) if enc else data
+
+    def _cancel(self, run: Running) -> None:
+        """In a worker thread: kill the request's statement until its thread returns."""
+        run.cancelled.set()
+        while not run.finished.is_set():
+            self._kill([run.query_id])
+            run.finished.wait(KILL_RETRY_SECONDS)
+
+    def _kill(self, query_ids: list[str]) -> None:
+        try:
+            self._store.raw_read(kill_sql(query_ids))
+        except StoreError as e:  # the statement still ends at its max_execution_time
+            log.warning("cannot kill queries error=%s", e)
+
+    async def shutdown(self) -> None:
+        """Kill what still runs, so that stopping the collector does not wait for long reads."""
+        if self._running:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._kill, list(self._running))
+
+    async def cleanup(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _authenticate(self, request: web.Request) -> None:
         if not self._user:
@@ -435,7 +527,7 @@ class QueryEndpoint:
     async def _server_facts(self) -> ServerFacts:
         async with self._facts_lock:
             if self._facts is None:
-                self._facts = await self._in_executor(self._read_facts)
+                self._facts = await asyncio.get_running_loop().run_in_executor(self._executor, self._read_facts)
             return self._facts
 
     def _read_facts(self) -> ServerFacts:
@@ -451,28 +543,9 @@ class QueryEndpoint:
 
     def _raw(self, sql: str, fmt: str = "TabSeparated") -> bytes:
         try:
-            return self._store.raw_query(sql, fmt)
+            return self._store.raw_read(sql, fmt)
         except StoreError as e:
             raise QueryError.from_store(str(e)) from None
-
-    async def _in_executor(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking store call in the default executor, at most max_concurrency at once.
-
-        A slot frees when the thread finishes, so abandoned queries still count against the limit.
-        """
-        await self._slots.acquire()
-        try:
-            fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
-        except BaseException:
-            self._slots.release()
-            raise
-        fut.add_done_callback(self._finished)
-        return await asyncio.shield(fut)
-
-    def _finished(self, fut: asyncio.Future[Any]) -> None:
-        self._slots.release()
-        if not fut.cancelled():
-            fut.exception()  # retrieved here too, for requests that stopped waiting
 
 
 def _write_refusal(head: str) -> QueryError | None:
@@ -495,15 +568,19 @@ def _error_response(e: QueryError, headers: dict[str, str]) -> web.Response:
 
 
 def make_query_app(store: EmbeddedStore, *, user: str = "", password: str = "",
-                   max_concurrency: int = DEFAULT_MAX_CONCURRENCY) -> web.Application:
+                   max_concurrent_queries: int = MAX_CONCURRENT_QUERIES) -> web.Application:
     """The read-only ClickHouse HTTP interface over `store`; with `user`, clients must authenticate."""
-    if max_concurrency < 1:
-        raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
-    endpoint = QueryEndpoint(store, user, password, max_concurrency)
-    # Bodies are decoded here, with ClickHouse's error codes and a bound on the output.
+    if max_concurrent_queries < 1:
+        raise ValueError(f"max_concurrent_queries must be at least 1, got {max_concurrent_queries}")
+    endpoint = QueryEndpoint(store, user, password, max_concurrent_queries)
+    # Bodies are decoded here, with ClickHouse's error codes and a bound on the output;
+    # handler_cancellation: a client that disconnects cancels its handler, which kills its query.
     app = web.Application(client_max_size=MAX_QUERY_BYTES,
-                          handler_args={"auto_decompress": False, "max_line_size": MAX_URL_BYTES})
+                          handler_args={"auto_decompress": False, "max_line_size": MAX_URL_BYTES,
+                                        "handler_cancellation": True})
     app.router.add_route("*", "/", endpoint.root)
     app.router.add_route("*", "/ping", endpoint.ok)
     app.router.add_route("*", "/replicas_status", endpoint.ok)
+    app.on_shutdown.append(lambda _app: endpoint.shutdown())
+    app.on_cleanup.append(lambda _app: endpoint.cleanup())
     return app

@@ -75,8 +75,9 @@ async def serve(cfg: CollectorConfig, opened: Opened) -> None:
     if isinstance(opened.store, EmbeddedStore) and cfg.query_port >= 0:
         from meshlens.collector.query_http import make_query_app
 
-        query_runner = web.AppRunner(make_query_app(opened.store, user=cfg.query_user,
-                                                    password=cfg.query_password), access_log=None)
+        query_app = make_query_app(opened.store, user=cfg.query_user, password=cfg.query_password,
+                                   max_concurrent_queries=cfg.query_max_concurrent)
+        query_runner = web.AppRunner(query_app, access_log=None)
         await query_runner.setup()
         sites.append(web.TCPSite(query_runner, cfg.query_host, cfg.query_port, reuse_address=True))
     try:

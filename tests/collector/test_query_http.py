@@ -1,14 +1,19 @@
-"""The query endpoint against a live app: clickhouse-connect unchanged, curl-style requests, refusals."""
+"""The query endpoint against a live app: clickhouse-connect unchanged, curl-style requests, refusals, concurrency."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import gzip
 import json
+import select
+import socket
 import threading
+import time
 import zlib
 from collections.abc import Iterator
-from urllib.parse import urlencode
+from http.client import HTTPResponse
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -18,9 +23,12 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshlens.collector import batch_format
+from meshlens.collector.config import CollectorConfig
 from meshlens.collector.query_http import (
     DEFAULT_MAX_EXECUTION_TIME,
     ENCODINGS,
+    MAX_CONCURRENT_QUERIES,
     MAX_QUERY_BYTES,
     QueryError,
     Statement,
@@ -32,9 +40,12 @@ from meshlens.collector.query_http import (
     make_query_app,
     zstd,
 )
+from meshlens.collector.stores import connect
 from meshlens.collector.stores.base import StoreError
 from meshlens.collector.stores.http import HttpStore
 from meshlens.collector.stores.embedded import EmbeddedStore
+from tests.collector_process import CollectorProcess
+from tests.waiting import PATIENCE_S, wait_until
 
 clickhouse_connect = pytest.importorskip("clickhouse_connect")
 from clickhouse_connect.driver.exceptions import DatabaseError  # noqa: E402
@@ -45,6 +56,8 @@ ROWS = [
     (3, "/c", "GET", 2.5),
 ]
 http = urllib3.PoolManager(retries=False, timeout=30, maxsize=16)
+# 10^15 rows: hours on any machine, so "still running" never depends on how fast this one is.
+LONG_SQL = "SELECT count() FROM numbers(1000000000000000)"
 
 
 class LoopThread:
@@ -124,6 +137,36 @@ def assert_still_serving(url: str) -> None:
     assert http.request("GET", url + "/ping").data == b"Ok.\n"
     r = post(url, "SELECT count() FROM meshlens.calls")
     assert (r.status, r.data) == (200, f"{len(ROWS)}\n".encode())
+
+
+class LongQuery:
+    """LONG_SQL sent on a socket of its own: the test can see it has not answered yet, read its answer or hang up."""
+
+    def __init__(self, url: str, query_id: str) -> None:
+        parts = urlsplit(url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=PATIENCE_S)
+        body = LONG_SQL.encode()
+        self.sock.sendall(f"POST /?query_id={query_id}&max_execution_time=36000 HTTP/1.1\r\nHost: x\r\n"
+                          f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+
+    def answered(self) -> bool:
+        """Whether any byte of an answer has arrived, without waiting for one."""
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def response(self) -> tuple[int, str, bytes]:
+        """Wait for the answer: status, X-ClickHouse-Exception-Code, body."""
+        resp = HTTPResponse(self.sock)
+        resp.begin()
+        return resp.status, resp.headers.get("X-ClickHouse-Exception-Code", ""), resp.read()
+
+    def hang_up(self) -> None:
+        self.sock.close()
+
+
+def running(store: EmbeddedStore | HttpStore) -> set[str]:
+    """Query ids (the endpoint tags each statement's log_comment with it) of what chdb is running now."""
+    rows = store.query_rows("SELECT Settings['log_comment'] FROM system.processes")
+    return {r[0] for r in rows if r[0]}
 
 
 # --- health ---------------------------------------------------------------------------------
@@ -388,7 +431,7 @@ def test_url_settings_applied_unknown_ones_ignored(url: str) -> None:
 def test_execution_time_is_bounded_by_default(url: str) -> None:
     r = post(url, "SELECT getSetting('max_execution_time')")
     assert r.data == f"{DEFAULT_MAX_EXECUTION_TIME}\n".encode()
-    r = post(url, "SELECT count() FROM numbers(100000000000)", max_execution_time="0.2")
+    r = post(url, LONG_SQL, max_execution_time="0.2")
     assert (r.status, r.headers["X-ClickHouse-Exception-Code"]) == (408, "159")
     assert_still_serving(url)
 
@@ -465,38 +508,98 @@ def test_concurrent_clients(url: str) -> None:
         assert list(pool.map(one, range(24))) == [i + len(ROWS) for i in range(24)]
 
 
-class CountingStore:
-    """Stands in for EmbeddedStore to observe how many store calls run at once."""
+# --- concurrency ------------------------------------------------------------------------
 
-    database = "meshlens"
+def test_a_short_query_answers_while_a_long_one_runs_then_hanging_up_kills_the_long_one(
+        url: str, store: EmbeddedStore) -> None:
+    long = LongQuery(url, "long-1")
+    try:
+        wait_until(lambda: "long-1" in running(store), "the long query runs")
+        client = clickhouse_connect.get_client(host="127.0.0.1", port=urlsplit(url).port,
+                                               send_receive_timeout=PATIENCE_S)
+        # The short query's own answer says the long one was running while it ran.
+        short = client.command("SELECT count() FROM system.processes WHERE Settings['log_comment'] = 'long-1'")
+        assert short == 1
+        assert not long.answered() and "long-1" in running(store)
+    finally:
+        long.hang_up()
+    wait_until(lambda: "long-1" not in running(store), "the long query is killed")
+    assert_still_serving(url)
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.running = self.peak = 0
 
-    def raw_query(self, sql: str, fmt: str = "TabSeparated") -> bytes:
-        with self.lock:
-            self.running += 1
-            self.peak = max(self.peak, self.running)
+def test_one_query_past_the_limit_is_refused_as_clickhouse_does_the_others_run_on(
+        loop_thread: LoopThread, store: EmbeddedStore) -> None:
+    limited = loop_thread.serve(make_query_app(store, max_concurrent_queries=2))
+    first, second = LongQuery(limited, "limit-1"), LongQuery(limited, "limit-2")
+    try:
+        wait_until(lambda: {"limit-1", "limit-2"} <= running(store), "both long queries run")
+        r = post(limited, "SELECT 1")
+        assert (r.status, r.headers["X-ClickHouse-Exception-Code"]) == (500, "202")
+        assert r.data == (b"Code: 202. DB::Exception: Too many simultaneous queries. Maximum: 2 "
+                          b"(the collector's query_max_concurrent). (TOO_MANY_SIMULTANEOUS_QUERIES)\n")
+        assert not first.answered() and not second.answered()
+        assert {"limit-1", "limit-2"} <= running(store)
+        store.command("KILL QUERY WHERE Settings['log_comment'] = 'limit-1' SYNC")
+        assert first.response()[:2] == (500, "394")  # QUERY_WAS_CANCELLED; its slot is free before it answers
+        assert post(limited, "SELECT 1").data == b"1\n"
+        assert not second.answered() and "limit-2" in running(store)
+    finally:
+        first.hang_up()
+        second.hang_up()
+    wait_until(lambda: "limit-2" not in running(store), "the second long query is killed")
+    assert_still_serving(limited)
+
+
+def test_a_query_id_already_running_is_refused(url: str, store: EmbeddedStore) -> None:
+    long = LongQuery(url, "same-id")
+    try:
+        wait_until(lambda: "same-id" in running(store), "the long query runs")
+        r = post(url, "SELECT 1", query_id="same-id")
+        assert (r.status, r.headers["X-ClickHouse-Exception-Code"]) == (500, "216")
+        assert r.data == b"Code: 216. DB::Exception: Query with id = same-id is already running. " \
+                         b"(QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING)\n"
+    finally:
+        long.hang_up()
+    wait_until(lambda: "same-id" not in running(store), "the long query is killed")
+    assert post(url, "SELECT 1", query_id="same-id").data == b"1\n"
+
+
+def test_stopping_the_endpoint_kills_its_running_queries(store: EmbeddedStore) -> None:
+    own = LoopThread()
+    long = LongQuery(own.serve(make_query_app(store)), "at-shutdown")
+    try:
+        wait_until(lambda: "at-shutdown" in running(store), "the long query runs")
+        own.close()
+        assert long.response()[:2] == (500, "394")
+        assert "at-shutdown" not in running(store)
+    finally:
+        long.hang_up()
+
+
+def test_the_default_limit_is_the_collectors(store: EmbeddedStore) -> None:
+    assert CollectorConfig(store="chdb:/unused").query_max_concurrent == MAX_CONCURRENT_QUERIES
+    with pytest.raises(ValueError, match="max_concurrent_queries"):
+        make_query_app(store, max_concurrent_queries=0)
+
+
+def test_ingestion_completes_while_a_long_read_runs(tmp_path: Path) -> None:
+    with CollectorProcess(tmp_path) as col:
+        remote = connect(col.query_url)
+        long = LongQuery(col.query_url, "long-read")
         try:
-            threading.Event().wait(0.05)
-            if "system.formats" in sql:
-                return b"TabSeparated\ttext/tab-separated-values; charset=UTF-8\n"
-            if "timezone()" in sql:
-                return b"UTC\t1\n"
-            return b"SELECT 1" if "formatQuerySingleLine" in sql else b"1\n"
+            wait_until(lambda: "long-read" in running(remote), "the long query runs")
+            now = time.time_ns()  # recent: the calls table drops rows older than its retention
+            batch = batch_format.encode({"time": [now + i for i in range(100)], "dst_service": ["checkout"] * 100})
+            r = http.request("POST", f"{col.base}/v1/calls", body=batch,
+                             headers={"Content-Type": batch_format.CONTENT_TYPE})
+            assert r.status == 200, r.data
+            wait_until(lambda: remote.query_rows("SELECT count() FROM meshlens.calls") == [(100,)],
+                       "the batch is queryable")
+            assert not long.answered() and "long-read" in running(remote)
         finally:
-            with self.lock:
-                self.running -= 1
-
-
-def test_max_concurrency_bounds_store_calls(loop_thread: LoopThread) -> None:
-    fake = CountingStore()
-    url = loop_thread.serve(make_query_app(fake, max_concurrency=2))  # type: ignore[arg-type]
-    with ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(lambda _: post(url, "SELECT 1").status, range(16)))
-    assert statuses == [200] * 16
-    assert fake.peak == 2
+            long.hang_up()
+        wait_until(lambda: "long-read" not in running(remote), "the long query is killed")
+        remote.close()
 
 
 # --- the pure parts, as transcripts ---------------------------------------------------------
@@ -522,6 +625,8 @@ def test_build_sql_uses_database_and_settings_then_readonly() -> None:
     sql = build_sql(inspect("SELECT 1 FORMAT JSON"), "my`db", settings)
     assert sql == ("USE `my\\`db`; SELECT 1 FORMAT JSON SETTINGS max_threads = 2, "
                    "session_timezone = 'Europe/Paris', readonly = 1")
+    sql = build_sql(inspect("SELECT 1"), "db", {}, tag="42'")
+    assert sql == "USE `db`; SELECT 1 SETTINGS log_comment = '42\\'', readonly = 1"
 
 
 def test_error_text_is_normalised() -> None:
