@@ -13,11 +13,12 @@ import pyarrow as pa
 import pytest
 
 from meshlens.collector.columns import to_table
-from meshlens.collector.ingest import MAX_REFUSALS, BatchPolicy, Ingest, Overloaded
+from meshlens.collector.ingest import BACKOFF_MAX, MAX_REFUSALS, BatchPolicy, Ingest, Overloaded
 from meshlens.collector.metrics import CollectorMetrics
 from meshlens.collector.schema import Layout, migrate
 from meshlens.collector.spool import Segment, Spool
 from meshlens.collector.stores import Store, connect
+from tests.waiting import PATIENCE_S
 
 BIG = 1 << 30
 WRITABLE_SERVER = Path(__file__).resolve().parents[1] / "writable_chdb_server.py"
@@ -79,7 +80,7 @@ def metric(metrics: CollectorMetrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 20.0) -> bool:
+def wait_for(check: Callable[[], bool], timeout: float = PATIENCE_S) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -208,7 +209,7 @@ def test_refused_segment_is_retried_then_quarantined(store: Store, service: str,
     ingest = running(Ingest(store, spool, "nope", metrics))  # no such database: every insert is refused
 
     ingest.submit({"calls": calls(4, service)}, "calls")
-    assert ingest.flush(timeout=60)
+    assert ingest.flush(timeout=PATIENCE_S)
 
     assert metric(metrics, "meshlens_collector_insert_errors_total", kind="refused") == MAX_REFUSALS
     assert metric(metrics, "meshlens_collector_dropped_rows_total", reason="refused") == 4
@@ -228,7 +229,7 @@ def test_refused_segment_does_not_block_the_ones_behind_it(store: Store, service
     spool.seal()
 
     ingest = running(Ingest(store, spool, "meshlens", metrics))
-    assert ingest.flush(timeout=60)
+    assert ingest.flush(timeout=PATIENCE_S)
 
     assert stored_calls(store, service) == 3
     assert metric(metrics, "meshlens_collector_dropped_rows_total", reason="refused") == 2
@@ -266,7 +267,7 @@ def test_unreadable_segment_is_quarantined_and_the_ones_behind_it_stored(store: 
     bad.path.write_bytes(bytes(data))
 
     ingest = running(Ingest(store, Spool(tmp_path, BIG), "meshlens", CollectorMetrics()))
-    assert ingest.flush(timeout=30)
+    assert ingest.flush(timeout=PATIENCE_S)
 
     assert stored_calls(store, service) == 3
     assert [p.name for p in (tmp_path / "rejected").iterdir()] == [bad.path.name]
@@ -286,6 +287,8 @@ def test_unreachable_store_keeps_the_spool_until_it_returns(service: str, tmp_pa
     ingest = running(Ingest(remote, spool, "meshlens", metrics, BatchPolicy(max_backlog_bytes=1)))
 
     ingest.submit({"calls": calls(2, service)}, "calls")
+    # the first insert fails, however long it takes to try
+    assert wait_for(lambda: metric(metrics, "meshlens_collector_insert_errors_total", kind="unavailable") >= 1)
     assert not ingest.flush(timeout=1)
     assert not ingest.store_up
     assert metric(metrics, "meshlens_collector_store_up") == 0
@@ -299,7 +302,7 @@ def test_unreachable_store_keeps_the_spool_until_it_returns(service: str, tmp_pa
     try:
         assert server.stdout is not None and b"ready" in server.stdout.readline()
         migrate(remote, Layout())
-        assert ingest.flush(timeout=120)  # backoff is at most BACKOFF_MAX (30 s)
+        assert ingest.flush(timeout=BACKOFF_MAX + PATIENCE_S)  # one backoff (at most 30 s), then the insert
 
         assert stored_calls(remote, service) == 5
         assert ingest.store_up

@@ -17,6 +17,7 @@ import pytest
 from meshlens.collector.stores import Store, connect
 from tests.collector_process import CollectorProcess
 from tests.dashboards.traffic import N_PER_EDGE, send_calls, send_spans
+from tests.waiting import PATIENCE_S
 
 
 @dataclass
@@ -26,7 +27,7 @@ class PanelStore:
     source: str
 
 
-def _wait_rows(store: Store, table: str, n: int, timeout: float = 60.0) -> None:
+def _wait_rows(store: Store, table: str, n: int, timeout: float = PATIENCE_S) -> None:
     deadline = time.monotonic() + timeout
     got = 0
     while time.monotonic() < deadline:

@@ -18,6 +18,7 @@ import pytest
 from meshlens.collector import batch_format
 from meshlens.collector.stores import connect
 from tests.collector_process import CollectorProcess
+from tests.waiting import PATIENCE_S
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,13 +27,13 @@ def post(url: str, body: bytes, ctype: str, headers: dict[str, str] | None = Non
     req = urllib.request.Request(url, data=body, method="POST",
                                  headers={"Content-Type": ctype, **(headers or {})})
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=PATIENCE_S) as resp:
             return resp.status, resp.read(), dict(resp.headers)
     except urllib.error.HTTPError as e:
         return e.code, e.read(), dict(e.headers)
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+def wait_for(predicate, timeout: float = PATIENCE_S, what: str = "condition"):
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -186,14 +187,14 @@ def test_bad_requests_get_4xx_with_a_message_and_the_collector_keeps_serving(tmp
         with grpc.insecure_channel(f"127.0.0.1:{col.grpc_port}") as channel:
             export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
             with pytest.raises(grpc.RpcError) as err:
-                export(b"\xff\xff\xff\xff garbage", timeout=10)
+                export(b"\xff\xff\xff\xff garbage", timeout=PATIENCE_S)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details()
 
-        with urllib.request.urlopen(f"{col.base}/healthz", timeout=5) as resp:
+        with urllib.request.urlopen(f"{col.base}/healthz", timeout=PATIENCE_S) as resp:
             assert json.loads(resp.read())["status"] == "ok"
         store = connect(col.query_url)
         wait_for(lambda: count(store, "SELECT count() FROM meshlens.otel_traces") == 3, what="3 good spans")
-        with urllib.request.urlopen(f"{col.base}/metrics", timeout=5) as resp:
+        with urllib.request.urlopen(f"{col.base}/metrics", timeout=PATIENCE_S) as resp:
             metrics = resp.read().decode()
         assert "meshlens_collector_rejected_spans_total 2.0" in metrics
         assert 'meshlens_collector_rejected_requests_total{reason="bad_request"}' in metrics
@@ -221,6 +222,8 @@ def test_kill_9_at_any_moment_loses_no_acknowledged_call_and_duplicates_none(tmp
         stop = threading.Event()
         t = threading.Thread(target=_producer, args=(col.base, acked, stop, next_id))
         t.start()
+        acked_before = len(acked)
+        wait_for(lambda: len(acked) > acked_before, what="an acknowledgement")  # the stream runs, however slowly
         time.sleep(delay)
         col.kill()  # SIGKILL, wherever it is: mid-request, mid-seal, mid-insert
         stop.set()
@@ -230,13 +233,19 @@ def test_kill_9_at_any_moment_loses_no_acknowledged_call_and_duplicates_none(tmp
         store = connect(col.query_url)
         sql = "SELECT count(), uniqExact(attributes['seq']) FROM meshlens.calls"
         wait_for(lambda: (lambda r: r[0] >= len(acked))(store.query_rows(sql)[0]), what="replay")
-        time.sleep(1.0)  # let anything else still spooled land, so a duplicate would show
+        # everything spooled has landed (a duplicate would show now), however long that took
+        wait_for(lambda: "meshlens_collector_spool_bytes 0.0" in collector_metrics(col), what="an empty spool")
         total, unique = store.query_rows(sql)[0]
         assert int(total) == int(unique), "a replayed batch was stored twice"
         stored = {int(r[0]) for r in store.query_rows("SELECT attributes['seq'] FROM meshlens.calls")}
     assert acked, "the producer never got an acknowledgement"
     missing = set(acked) - stored
     assert not missing, f"{len(missing)} acknowledged calls lost"
+
+
+def collector_metrics(col: CollectorProcess) -> str:
+    with urllib.request.urlopen(f"{col.base}/metrics", timeout=PATIENCE_S) as resp:
+        return resp.read().decode()
 
 
 def _free_port() -> int:
@@ -279,15 +288,12 @@ def test_store_outage_spools_then_replays_in_order_and_a_full_spool_answers_503(
                     break
                 i += 500
             assert statuses[-1] == 503, "the spool never filled"
-            def metrics() -> str:
-                with urllib.request.urlopen(f"{col.base}/metrics", timeout=5) as resp:
-                    return resp.read().decode()
-            assert "meshlens_collector_spool_errors_total 1.0" in metrics()
-            wait_for(lambda: "meshlens_collector_store_up 0.0" in metrics(), what="store_up 0")
+            assert "meshlens_collector_spool_errors_total 1.0" in collector_metrics(col)
+            wait_for(lambda: "meshlens_collector_store_up 0.0" in collector_metrics(col), what="store_up 0")
 
             store_proc = _start_store_server(tmp_path / "server-data", port)
             expected = 100 + len(accepted)
-            wait_for(lambda: count(store, "SELECT count() FROM meshlens.calls") >= expected, 90, "replay")
+            wait_for(lambda: count(store, "SELECT count() FROM meshlens.calls") >= expected, what="replay")
             rows = store.query_rows("SELECT count(), uniqExact(attributes['seq']) FROM meshlens.calls")[0]
             assert int(rows[0]) == int(rows[1]) == expected
             # the collector takes new work again
@@ -310,7 +316,7 @@ def test_store_outage_spools_then_replays_in_order_and_a_full_spool_answers_503(
 def test_unusable_settings_end_in_one_line_and_exit_code_2(tmp_path, args, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLENS_")}
     proc = subprocess.run([sys.executable, "-m", "meshlens.cli.main", "collector", "--spool-dir",
-                           str(tmp_path / "spool"), *args], capture_output=True, text=True, env=env, timeout=60)
+                           str(tmp_path / "spool"), *args], capture_output=True, text=True, env=env, timeout=PATIENCE_S)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) <= 2 and message in proc.stderr, proc.stderr  # argparse adds a usage line
@@ -322,7 +328,7 @@ def test_unwritable_spool_dir_is_one_line_and_exit_code_2(tmp_path):
     blocker.write_text("")
     proc = subprocess.run([sys.executable, "-m", "meshlens.cli.main", "collector", "--spool-dir",
                            str(blocker / "spool"), "--store", f"chdb:{tmp_path / 's'}"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=PATIENCE_S)
     assert proc.returncode == 2 and "cannot use spool directory" in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -13,6 +13,7 @@ import pytest
 from meshlens.collector.stores import connect
 from tests.collector_process import CollectorProcess
 from tests.tap.pcapgen import Flow, write_pcap, write_pcapng
+from tests.waiting import PATIENCE_S, wait_until
 
 NOW = time.time_ns()  # the collector drops calls older than its retention
 MESH = """services:
@@ -24,7 +25,7 @@ MESH = """services:
 """
 
 
-def tap(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def tap(*args: str, timeout: float = PATIENCE_S) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "meshlens.cli.main", "tap", "--no-progress", *args],
                           capture_output=True, text=True, timeout=timeout)
 
@@ -94,7 +95,7 @@ def test_truncated_pcap_keeps_calls_read_before(tmp_path: Path) -> None:
 ])
 def test_user_errors_are_one_line_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "meshlens.cli.main", "tap", *args], capture_output=True, text=True,
-                       timeout=30, cwd=tmp_path)
+                       timeout=PATIENCE_S, cwd=tmp_path)
     assert (r.returncode, r.stderr) == (2, message + "\n")
 
 
@@ -113,12 +114,8 @@ def test_pcap_into_a_real_collector(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         assert "sent=12 dropped=0" in r.stderr
         store = connect(proc.query_url)
-        deadline = time.monotonic() + 20
-        while (rows := store.query_rows("SELECT path, status, response_bytes, observer, protocol, dst_service "
-                                        "FROM meshlens.calls")) and len(rows) < 12 or not rows:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        sql = "SELECT path, status, response_bytes, observer, protocol, dst_service FROM meshlens.calls"
+        rows = wait_until(lambda: (got := store.query_rows(sql)) and len(got) >= 12 and got, "12 calls stored")
         assert sorted(x[:3] for x in rows) == expected()
         assert {x[3:] for x in rows} == {("wire", "http/1.1", "10.0.0.2:80")}
 
