@@ -157,13 +157,13 @@ def parse(doc: Any, source: str = "mesh") -> Mesh:
         return Mesh.build([], source)
     if not isinstance(doc, dict):
         raise MeshError(f"{source}: expected a mapping with 'services'")
-    unknown = sorted(map(str, set(doc) - {"services"}))
+    unknown = sorted(map(_key, set(doc) - {"services"}))
     if unknown:
         raise MeshError(f"{source}: unknown field(s) {', '.join(unknown)} (expected: services)")
     services = doc.get("services") or {}
     if not isinstance(services, dict):
         raise MeshError(f"{source}: services: expected a mapping of service name to its definition")
-    return Mesh.build([_service(str(name), body, f"{source}: services.{name}")
+    return Mesh.build([_service(str(name), body, f"{source}: services.{_key(name)}")
                        for name, body in services.items()], source)
 
 
@@ -173,7 +173,7 @@ def _service(name: str, body: Any, where: str) -> Service:
     body = {} if body is None else body
     if not isinstance(body, dict):
         raise MeshError(f"{where}: expected a mapping")
-    unknown = sorted(map(str, set(body) - _SERVICE_KEYS))
+    unknown = sorted(map(_key, set(body) - _SERVICE_KEYS))
     if unknown:
         raise MeshError(f"{where}: unknown field(s) {', '.join(unknown)} "
                         f"(expected: {', '.join(sorted(_SERVICE_KEYS))})")
@@ -188,7 +188,7 @@ def _service(name: str, body: Any, where: str) -> Service:
     raw_subsets = body.get("subsets") or {}
     if not isinstance(raw_subsets, dict):
         raise MeshError(f"{where}.subsets: expected a mapping of subset name to labels")
-    subsets = {str(k): _labels(v, f"{where}.subsets.{k}") for k, v in raw_subsets.items()}
+    subsets = {str(k): _labels(v, f"{where}.subsets.{_key(k)}") for k, v in raw_subsets.items()}
     return Service(name, protocol, mode, instances, subsets)  # type: ignore[arg-type]
 
 
@@ -197,7 +197,7 @@ def _instance(item: Any, where: str) -> Instance:
         item = {"address": item}
     if not isinstance(item, dict):
         raise MeshError(f"{where}: expected an address string or a mapping with address and labels")
-    unknown = sorted(map(str, set(item) - _INSTANCE_KEYS))
+    unknown = sorted(map(_key, set(item) - _INSTANCE_KEYS))
     if unknown:
         raise MeshError(f"{where}: unknown field(s) {', '.join(unknown)} (expected: address, labels)")
     host, port = parse_address(item.get("address"), f"{where}.address")
@@ -235,9 +235,15 @@ def _labels(value: Any, where: str) -> dict[str, str]:
     out = {}
     for k, v in value.items():
         if isinstance(v, (dict, list)) or v is None:
-            raise MeshError(f"{where}.{k}: a label value is a string, got {v!r}")
+            raise MeshError(f"{where}.{_key(k)}: a label value is a string, got {v!r}")
         out[str(k)] = str(v).lower() if isinstance(v, bool) else str(v)
     return out
+
+
+def _key(key: Any) -> str:
+    """A key as an error message names it: as written, or quoted and escaped if it would break the line."""
+    text = str(key)
+    return text if text and text.isprintable() and text.strip() == text else repr(text)
 
 
 def _choice(value: Any, allowed: tuple[str, ...], where: str, later: dict[str, str]) -> str:

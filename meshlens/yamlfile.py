@@ -12,10 +12,16 @@ def read_yaml(path: str | Path, what: str, error: type[Exception]) -> Any:
     try:
         text = Path(path).read_text()
     except OSError as e:
-        raise error(f"cannot read {what} {path}: {e.strerror}") from None
+        raise error(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"cannot read {what} {path}: not UTF-8 text (byte {e.start})") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise error(f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+        if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow; its text spans two lines
+            problem = f"character #x{e.character:04x} at position {e.position} is not allowed"  # type: ignore[str-format]
+        else:
+            problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        raise error(f"{path}{where}: invalid YAML: {problem}") from None

@@ -52,6 +52,10 @@ class NativeStore(Store):
         except (errors.NetworkError, errors.SocketTimeoutError, socket.error, EOFError) as e:
             self._client.disconnect()
             raise StoreUnavailable(f"cannot reach the store at {redact(self.url)}: {_network_reason(e)}") from None
+        except (errors.UnexpectedPacketFromServerError, errors.UnknownPacketFromServerError):
+            self._client.disconnect()
+            raise StoreError(f"the store at {redact(self.url)} does not speak ClickHouse's native protocol "
+                             f"(is that its native port, 9000 by default?)") from None
         except errors.Error as e:
             raise StoreError(first_line(str(e))) from None
 

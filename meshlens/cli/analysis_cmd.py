@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any
 
-from meshlens.cli.errors import UserError
+from meshlens.cli.errors import UserError, bad_store_url
 
 ANALYZE_EPILOG = """examples:
   meshlens analyze                               # service graph and routes, all recorded calls
@@ -69,16 +69,18 @@ def _open(args: argparse.Namespace):
     from meshlens.collector.stores import StoreError, StoreUnavailable, connect, redact
     from meshlens.collector.stores import reader_store_url
 
-    url = args.store or reader_store_url()
+    url = args.store if args.store is not None else reader_store_url()
     try:
         store = connect(url)
         store.use_database()
         store.query_rows("SELECT 1 FROM calls LIMIT 0")
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise bad_store_url(url, e) from None
     except StoreUnavailable as e:  # names the store and why
         raise UserError(str(e)) from None
     except StoreError as e:
+        if "UNKNOWN_TABLE" not in str(e) and "UNKNOWN_DATABASE" not in str(e):
+            raise UserError(str(e)) from None
         raise UserError(f"store {redact(url)} has no calls table ({e}); start the collector once to create it") from None
     return store
 

@@ -40,8 +40,23 @@ def run(args: argparse.Namespace) -> int:
     from meshlens.cli.errors import UserError
 
     cfg = resolve(CollectorConfig, vars(args), config_file=args.config)
+    _check_ports(cfg)
     try:
         run_collector(cfg)
     except StartupError as e:
         raise UserError(str(e)) from None
     return 0
+
+
+def _check_ports(cfg) -> None:  # type: ignore[no-untyped-def]
+    """The listeners' ports, checked before the store is opened: one line naming the flag if one is taken."""
+    from meshlens.cli.listen import check_ports
+    from meshlens.collector.stores import parse_store_url
+
+    check_ports(cfg.host, {"--otlp-http-port": cfg.otlp_http_port, "--otlp-grpc-port": cfg.otlp_grpc_port})
+    try:
+        embedded = parse_store_url(cfg.store)["scheme"] == "chdb" if cfg.store else True
+    except ValueError:  # reported by the collector itself, with its wording
+        return
+    if embedded:  # the query endpoint serves the embedded store only
+        check_ports(cfg.query_host, {"--query-port": cfg.query_port})

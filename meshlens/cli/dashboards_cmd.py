@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from meshlens.cli.argtypes import positive
 from meshlens.cli.errors import UserError
 
 DEFAULT_CLICKHOUSE_URL = "http://127.0.0.1:8123/?database=meshlens"  # the local collector's query endpoint
@@ -45,7 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="basic auth user instead of a token (env MESHLENS_GRAFANA_USER)")
     prov.add_argument("--password", default=os.environ.get("MESHLENS_GRAFANA_PASSWORD"),
                       help="basic auth password (env MESHLENS_GRAFANA_PASSWORD)")
-    prov.add_argument("--timeout", type=float, default=10.0, help="seconds per Grafana request (default 10)")
+    prov.add_argument("--timeout", type=positive("seconds"), default=10.0,
+                      help="seconds per Grafana request (default 10)")
     prov.add_argument("--write-files", metavar="DIR", type=Path,
                       help="write file-provisioning files to DIR instead of calling Grafana")
     _common(prov)
@@ -91,6 +93,11 @@ def _target(args: argparse.Namespace):
         return ClickHouseTarget.from_url(args.clickhouse_url)
     except ProvisionError as e:
         raise UserError(str(e)) from None
+    except ValueError as e:  # the URL parser's own (StoreURLError's messages name the URL already)
+        from meshlens.collector.stores import StoreURLError
+
+        raise UserError(str(e) if isinstance(e, StoreURLError) else
+                        f"invalid --clickhouse-url {args.clickhouse_url!r}: {e}") from None
 
 
 def run_provision(args: argparse.Namespace) -> int:
@@ -110,6 +117,8 @@ def run_provision(args: argparse.Namespace) -> int:
         report = provision(api, args.grafana_url, ch, _names(args), args.prometheus_url)
     except ProvisionError as e:
         raise UserError(str(e)) from None
+    except ValueError as e:  # urlsplit's, on a --grafana-url it cannot split
+        raise UserError(f"invalid --grafana-url {args.grafana_url!r}: {e}") from None
     for line in report.lines():
         print(line)
     return 0

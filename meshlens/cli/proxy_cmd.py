@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from meshlens.cli.argtypes import port, positive
-from meshlens.cli.errors import UserError
+from meshlens.cli.errors import UserError, bad_collector_url
 
 EPILOG = """examples:
   meshlens proxy --service catalog --mesh mesh.yaml --app-port 8080
@@ -153,6 +153,7 @@ def run_iptables(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from meshlens.cli.listen import check_ports, listen_failure
     from meshlens.collector.client import CallRecorder
     from meshlens.mesh import MeshError, load
     from meshlens.proxy.server import RECORD_BATCH_ROWS, ProxyConfig, run as run_proxy
@@ -162,12 +163,16 @@ def run(args: argparse.Namespace) -> int:
         mesh.service(args.service)
     except MeshError as e:
         raise UserError(str(e)) from None
+    check_ports(ProxyConfig.local_host, {"--outbound-port": args.outbound_port, "--admin-port": args.admin_port,
+                                         "--metrics-port": args.metrics_port})
+    if args.app_port is not None:
+        check_ports(args.inbound_host, {"--inbound-port": args.inbound_port})
     recorder = None
     if not args.no_record:
         try:
             recorder = CallRecorder(args.collector, batch_rows=RECORD_BATCH_ROWS)
         except ValueError as e:
-            raise UserError(str(e)) from None
+            raise bad_collector_url(args.collector, e) from None
     config = ProxyConfig(service=args.service, mesh=mesh, inbound_port=args.inbound_port,
                          inbound_host=args.inbound_host,
                          outbound_port=args.outbound_port, admin_port=args.admin_port,
@@ -177,5 +182,5 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_proxy(config, recorder)
     except OSError as e:
-        raise UserError(f"cannot listen: {e.strerror or e}") from None
+        raise UserError(listen_failure(e)) from None
     return 0

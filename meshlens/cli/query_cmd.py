@@ -6,7 +6,7 @@ import csv
 import json
 import sys
 
-from meshlens.cli.errors import UserError
+from meshlens.cli.errors import UserError, bad_store_url
 
 EPILOG = """examples:
   meshlens query "SELECT dst_service, count() FROM calls GROUP BY dst_service"
@@ -29,23 +29,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshlens.collector.stores import StoreError, connect, reader_store_url
+    from meshlens.collector.stores import StoreError, StoreUnavailable, connect, reader_store_url, redact
 
     sql = sys.stdin.read() if args.sql == "-" else args.sql
     if not sql.strip():
         raise UserError("empty query")
-    url = args.store or reader_store_url()
+    url = args.store if args.store is not None else reader_store_url()
     try:
         store = connect(url)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise bad_store_url(url, e) from None
     except StoreError as e:
         raise UserError(str(e)) from None
     try:
-        store.use_database()
-        names, rows = store.query_table(sql)
-    except StoreError as e:
-        raise UserError(str(e)) from None
+        try:
+            store.use_database()
+        except StoreUnavailable as e:
+            raise UserError(str(e)) from None
+        except StoreError as e:
+            raise UserError(f"the store at {redact(url)} has no database {store.database!r} ({e}); "
+                            f"start the collector on it once to create it") from None
+        try:
+            names, rows = store.query_table(sql)
+        except StoreError as e:
+            raise UserError(str(e)) from None
     finally:
         store.close()
     out = sys.stdout

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from meshlens.cli.errors import UserError
+from meshlens.cli.errors import UserError, bad_store_url
 
 EPILOG = """examples:
   meshlens schema                                     # embedded store, database meshlens
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         parts = parse_store_url(args.store)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise bad_store_url(args.store, e) from None
     if args.calls_retention_days < 0 or args.traces_retention_days < 0:
         raise UserError("retention days must be 0 or more")
     try:

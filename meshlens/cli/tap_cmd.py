@@ -10,7 +10,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from meshlens.cli.errors import UserError
+from meshlens.cli.errors import UserError, bad_collector_url
 from meshlens.cli.progress import ProgressLine
 
 if TYPE_CHECKING:
@@ -128,11 +128,15 @@ def run(args: argparse.Namespace) -> int:
               f"incomplete={s['incomplete_calls']}", f"gaps={s['gaps']}"]
     if capture is not None:
         fields += [f"kernel_received={capture.kernel_received}", f"kernel_dropped={capture.kernel_dropped}"]
-    print("meshlens tap: " + " ".join(fields + out_fields), file=sys.stderr)
-    if error:
-        raise UserError(f"{error} ({s['calls']} calls read before it were kept)")
-    if unsent:
-        raise UserError(unsent)
+    summary = " ".join(fields + out_fields)
+    if error or unsent:  # one line: what went wrong, then what was done before it
+        problem = "; ".join(p for p in (error, unsent) if p)
+        if not s["packets"]:
+            raise UserError(problem)
+        if error:
+            raise UserError(f"{problem} ({s['calls']} calls read before it were kept: {summary})")
+        raise UserError(f"{problem}; {summary}")
+    print("meshlens tap: " + summary, file=sys.stderr)
     return 0
 
 
@@ -149,7 +153,7 @@ def _open_output(args: argparse.Namespace, out: str | None) -> tuple[FileSink | 
     try:
         recorder = CallRecorder(args.collector or DEFAULT_COLLECTOR)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise bad_collector_url(args.collector or DEFAULT_COLLECTOR, e) from None
     if not args.pcap:
         return None, recorder, recorder.record
 
