@@ -24,20 +24,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshlens.collector import batch_format
-from meshlens.collector.config import CollectorConfig
-from meshlens.collector.query_http import (
+from meshlens.collector.config import MAX_CONCURRENT_QUERIES, CollectorConfig
+from meshlens.collector.query_http import make_query_app
+from meshlens.collector.query_protocol import (
     DEFAULT_MAX_EXECUTION_TIME,
     ENCODINGS,
-    MAX_CONCURRENT_QUERIES,
     MAX_QUERY_BYTES,
-    QueryError,
     Statement,
     build_sql,
-    choose_encoding,
-    decompress,
-    inspect,
     lz4_frame,
-    make_query_app,
     zstd,
 )
 from meshlens.collector.stores import connect
@@ -452,14 +447,6 @@ def test_refused_parameters(url: str) -> None:
 
 # --- compression and limits -----------------------------------------------------------------
 
-@pytest.mark.parametrize("accept, expected", [
-    ("gzip", "gzip"), ("deflate", "deflate"), ("lz4,zstd,gzip,deflate", ENCODINGS[0]), ("identity", None),
-    ("gzip;q=0, deflate", "deflate"), ("GZIP; q=0.5", "gzip"), ("br", None), ("*", ENCODINGS[0]), ("", None),
-])
-def test_choose_encoding(accept: str, expected: str | None) -> None:
-    assert choose_encoding(accept) == expected
-
-
 @pytest.mark.parametrize("accept", ["gzip", "deflate", "zstd", "lz4"])
 def test_compressed_response(url: str, accept: str) -> None:
     if accept not in ENCODINGS:
@@ -600,53 +587,6 @@ def test_ingestion_completes_while_a_long_read_runs(tmp_path: Path) -> None:
             long.hang_up()
         wait_until(lambda: "long-read" not in running(remote), "the long query is killed")
         remote.close()
-
-
-# --- the pure parts, as transcripts ---------------------------------------------------------
-
-@pytest.mark.parametrize("normal, fmt", [
-    ("SELECT 1", None),
-    ("SELECT 1 FORMAT JSON", "JSON"),
-    ("SELECT FORMAT FROM (SELECT 1 AS FORMAT)", None),
-    ("SELECT format('{}', 'a') FORMAT Native", "Native"),
-    ("SHOW TABLES FROM meshlens FORMAT JSONEachRow", "JSONEachRow"),
-    ("WITH 1 AS a SELECT a", None),
-    ("EXPLAIN SYNTAX SELECT 1", None),
-    ("DESCRIBE TABLE meshlens.calls", None),
-    ("EXISTS TABLE meshlens.calls", None),
-    ("SELECT 'file(' AS s, URLHierarchy('http://a/b')", None),
-])
-def test_inspect_accepts(normal: str, fmt: str | None) -> None:
-    assert inspect(normal).output_format == fmt
-
-
-def test_build_sql_uses_database_and_settings_then_readonly() -> None:
-    settings = {"max_threads": "2", "session_timezone": "Europe/Paris"}
-    sql = build_sql(inspect("SELECT 1 FORMAT JSON"), "my`db", settings)
-    assert sql == ("USE `my\\`db`; SELECT 1 FORMAT JSON SETTINGS max_threads = 2, "
-                   "session_timezone = 'Europe/Paris', readonly = 1")
-    sql = build_sql(inspect("SELECT 1"), "db", {}, tag="42'")
-    assert sql == "USE `db`; SELECT 1 SETTINGS log_comment = '42\\'', readonly = 1"
-
-
-def test_error_text_is_normalised() -> None:
-    nested = ("Code: 73. DB::Exception: Code: 73. DB::Exception: Unknown format Nope. Maybe you meant: "
-              "['One','Npy']. (UNKNOWN_FORMAT) (version 26.9.2.1). (UNKNOWN_FORMAT) (version 26.9.2.1). "
-              "(UNKNOWN_FORMAT)")
-    e = QueryError.from_store(nested)
-    assert (e.code, e.name, e.status) == (73, "UNKNOWN_FORMAT", 404)
-    assert e.body() == ("Code: 73. DB::Exception: Unknown format Nope. "
-                        "Maybe you meant: ['One','Npy']. (UNKNOWN_FORMAT)\n")
-    assert QueryError.from_store("something odd").code == 1002
-
-
-def test_decompress_bounds_output() -> None:
-    assert decompress(gzip.compress(b"abc"), "gzip", 10) == b"abc"
-    with pytest.raises(QueryError) as info:
-        decompress(gzip.compress(b"a" * 100), "gzip", 10)
-    assert info.value.status == 413
-    with pytest.raises(QueryError):
-        decompress(gzip.compress(b"abc")[:-6], "gzip", 10)
 
 
 # --- fuzz -----------------------------------------------------------------------------------
