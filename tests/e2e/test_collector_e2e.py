@@ -98,6 +98,8 @@ def test_spans_from_the_otel_sdk_over_http_and_grpc_are_queryable_with_clickhous
         port = int(col.query_url.rsplit(":", 1)[1].strip("/"))
         client = clickhouse_connect.get_client(host="127.0.0.1", port=port)
         wait_for(lambda: client.command("SELECT count() FROM meshlens.otel_traces") == 4, what="4 spans")
+        # the calls made from the server spans are an insert of their own: they may land later
+        wait_for(lambda: client.command("SELECT count() FROM meshlens.calls") == 2, what="2 calls")
         rows = client.query("SELECT ServiceName, SpanName, SpanKind FROM meshlens.otel_traces "
                             "ORDER BY ServiceName, SpanName").result_rows
         assert rows == [("grpc-svc", "GET /orders/{id}", "Server"), ("grpc-svc", "lookup", "Internal"),
