@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from meshlens.collector.record import AT, DEFAULT_ROW
 from meshlens.mesh import RECORDED_PROTOCOL, Mesh, Service, parse_address
 from meshlens.proxy.downstream import HEADER_TIMEOUT, IDLE_TIMEOUT, Downstream
 from meshlens.proxy.headers import peer_field
@@ -254,25 +255,29 @@ class Proxy:
         attributes = {"x_request_id": req.request_id.decode("latin-1")} if req.request_id else {}
         if req.status == 101:
             attributes["upgraded"] = "true"  # the tap's attribute for an exchange that became a tunnel
-        # A plain tuple in CALL_COLUMNS order, not Call(**kw): a quarter of the cost on the thread
-        # that serves traffic (0.36 against 1.54 µs a request, measured). Columns the proxy never
-        # sets hold their defaults: route "", grpc_status -1, tls False, peer_identity "", action "",
-        # attempt 0. tests/collector/test_client.py checks rows arrive exactly as Calls do.
-        routed = route is not None
-        self.recorder.record((
-            req.t_wall, end - req.t0,                                          # time, duration_ns
-            "server" if inbound else "client", self.config.observer_id,        # observer, observer_id
-            trace.trace_id if trace else "", trace.span_id if trace else "",   # trace_id, span_id
-            trace.parent_span_id if trace else "",                             # parent_span_id
-            src, "" if inbound else self.config.observer_id,                   # src_service, src_instance
-            conn.peer[0], conn.peer[1],                                        # src_addr, src_port
-            dst, route.dst_subset if routed else "",                           # dst_service, dst_subset
-            route.addr[0] if routed else "", route.addr[1] if routed else 0,   # dst_addr, dst_port
-            "http/1.1", req.method, req.authority, req.path, "",               # protocol .. path, route
-            req.status, -1, req.request_bytes, req.response_bytes,            # status, grpc_status, *_bytes
-            req.error, False, "", self.service.mode, "", 0,                    # error .. attempt
-            attributes,                                                        # attributes
-        ))
+        # A row (Call.as_row() order) filled by column position, not Call(**kw): a third of the cost
+        # on the thread that serves traffic, ~0.3 µs more than the tuple written out in column order
+        # (record.RowPositions has the figures). Columns not set keep their defaults (route, tls, ...).
+        row = list(DEFAULT_ROW)
+        row[AT.time], row[AT.duration_ns] = req.t_wall, end - req.t0
+        row[AT.observer] = "server" if inbound else "client"
+        row[AT.observer_id] = self.config.observer_id
+        if trace:
+            row[AT.trace_id], row[AT.span_id], row[AT.parent_span_id] = (
+                trace.trace_id, trace.span_id, trace.parent_span_id)
+        row[AT.src_service] = src
+        if not inbound:
+            row[AT.src_instance] = self.config.observer_id
+        row[AT.src_addr], row[AT.src_port] = conn.peer[0], conn.peer[1]
+        row[AT.dst_service] = dst
+        if route is not None:
+            row[AT.dst_subset], row[AT.dst_addr], row[AT.dst_port] = route.dst_subset, route.addr[0], route.addr[1]
+        row[AT.protocol], row[AT.method], row[AT.authority], row[AT.path] = (
+            "http/1.1", req.method, req.authority, req.path)
+        row[AT.status], row[AT.request_bytes], row[AT.response_bytes] = (
+            req.status, req.request_bytes, req.response_bytes)
+        row[AT.error], row[AT.mode], row[AT.attributes] = req.error, self.service.mode, attributes
+        self.recorder.record(tuple(row))
 
     def snapshot(self) -> dict[str, object]:
         """Counters for /stats."""
