@@ -1,10 +1,14 @@
-"""Arrow schemas of the tables the collector writes, derived from their definitions.
+"""The columns of the tables the collector writes, and their Arrow schemas.
 
-`calls` comes from collector.record.CALL_COLUMNS; `otel_traces` lists the
-exporter's insert columns (collector/schema.py holds its DDL).
+`calls` comes from collector.record.CALL_COLUMNS. `otel_traces` is listed here,
+once: OTEL_TRACES, the OpenTelemetry Collector ClickHouse exporter's columns.
+The DDL that created both tables is collector/schema.py's migrations, frozen as
+written; tests/collector/test_migrations.py checks that a database they build
+has exactly these columns.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -20,30 +24,47 @@ KIND_ARROW: dict[str, pa.DataType] = {
 
 CALLS_SCHEMA = pa.schema([pa.field(c.name, KIND_ARROW[c.kind], nullable=False) for c in CALL_COLUMNS])
 
-TRACES_SCHEMA = pa.schema([
-    ("Timestamp", pa.timestamp("ns")),
-    ("TraceId", pa.string()),
-    ("SpanId", pa.string()),
-    ("ParentSpanId", pa.string()),
-    ("TraceState", pa.string()),
-    ("SpanName", pa.string()),
-    ("SpanKind", pa.string()),
-    ("ServiceName", pa.string()),
-    ("ResourceAttributes", STR_MAP),
-    ("ScopeName", pa.string()),
-    ("ScopeVersion", pa.string()),
-    ("SpanAttributes", STR_MAP),
-    ("Duration", pa.uint64()),
-    ("StatusCode", pa.string()),
-    ("StatusMessage", pa.string()),
-    ("Events.Timestamp", pa.list_(pa.timestamp("ns"))),
-    ("Events.Name", pa.list_(pa.string())),
-    ("Events.Attributes", pa.list_(STR_MAP)),
-    ("Links.TraceId", pa.list_(pa.string())),
-    ("Links.SpanId", pa.list_(pa.string())),
-    ("Links.TraceState", pa.list_(pa.string())),
-    ("Links.Attributes", pa.list_(STR_MAP)),
-])
+
+@dataclass(frozen=True, slots=True)
+class TraceColumn:
+    """One column of `otel_traces`: its ClickHouse type and codec as system.columns shows them
+    (a field of Events or Links, which are Nested, is an Array column there), and its Arrow type."""
+
+    name: str
+    sql_type: str
+    codec: str
+    arrow: pa.DataType
+
+
+_DELTA, _T64, _ZSTD = "CODEC(Delta(8), ZSTD(1))", "CODEC(T64, ZSTD(1))", "CODEC(ZSTD(1))"
+_TIME, _STR, _LCSTR, _MAP = "DateTime64(9)", "String", "LowCardinality(String)", "Map(LowCardinality(String), String)"
+_ARROW_TIME = pa.timestamp("ns")
+
+OTEL_TRACES: tuple[TraceColumn, ...] = (
+    TraceColumn("Timestamp", _TIME, _DELTA, _ARROW_TIME),
+    TraceColumn("TraceId", _STR, _ZSTD, pa.string()),
+    TraceColumn("SpanId", _STR, _ZSTD, pa.string()),
+    TraceColumn("ParentSpanId", _STR, _ZSTD, pa.string()),
+    TraceColumn("TraceState", _STR, _ZSTD, pa.string()),
+    TraceColumn("SpanName", _LCSTR, _ZSTD, pa.string()),
+    TraceColumn("SpanKind", _LCSTR, _ZSTD, pa.string()),
+    TraceColumn("ServiceName", _LCSTR, _ZSTD, pa.string()),
+    TraceColumn("ResourceAttributes", _MAP, _ZSTD, STR_MAP),
+    TraceColumn("ScopeName", _STR, _ZSTD, pa.string()),
+    TraceColumn("ScopeVersion", _STR, _ZSTD, pa.string()),
+    TraceColumn("SpanAttributes", _MAP, _ZSTD, STR_MAP),
+    TraceColumn("Duration", "UInt64", _T64, pa.uint64()),
+    TraceColumn("StatusCode", _LCSTR, _ZSTD, pa.string()),
+    TraceColumn("StatusMessage", _STR, _ZSTD, pa.string()),
+    TraceColumn("Events.Timestamp", f"Array({_TIME})", _ZSTD, pa.list_(_ARROW_TIME)),
+    TraceColumn("Events.Name", f"Array({_LCSTR})", _ZSTD, pa.list_(pa.string())),
+    TraceColumn("Events.Attributes", f"Array({_MAP})", _ZSTD, pa.list_(STR_MAP)),
+    TraceColumn("Links.TraceId", f"Array({_STR})", _ZSTD, pa.list_(pa.string())),
+    TraceColumn("Links.SpanId", f"Array({_STR})", _ZSTD, pa.list_(pa.string())),
+    TraceColumn("Links.TraceState", f"Array({_STR})", _ZSTD, pa.list_(pa.string())),
+    TraceColumn("Links.Attributes", f"Array({_MAP})", _ZSTD, pa.list_(STR_MAP)),
+)
+TRACES_SCHEMA = pa.schema([pa.field(c.name, c.arrow) for c in OTEL_TRACES])
 TRACES_COLUMNS: tuple[str, ...] = tuple(TRACES_SCHEMA.names)
 
 SCHEMAS: dict[str, pa.Schema] = {"calls": CALLS_SCHEMA, "otel_traces": TRACES_SCHEMA}

@@ -16,7 +16,8 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from meshlens.collector.record import CALL_COLUMNS
+from meshlens.collector.columns import TRACES_COLUMNS
+from meshlens.collector.record import AT, CALL_COLUMN_NAMES, CALL_COLUMNS, DEFAULT_ROW
 
 U16_MAX = 2**16 - 1
 U64_MAX = 2**64 - 1
@@ -48,21 +49,16 @@ ERROR_CLASSES: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p, re
     (r"(?<![a-z])(ssl|tls)|certificate|x509|handshake", "tls_error"),
 ))
 
-# The `calls` columns an otlp row fills, in the order of the tuples built below;
-# the others take their defaults in collector.columns.to_table.
-OTLP_CALL_COLUMNS: tuple[str, ...] = (
-    "time", "duration_ns", "observer", "observer_id", "trace_id", "span_id", "parent_span_id",
-    "src_service", "src_instance", "src_addr", "src_port", "dst_service", "dst_addr", "dst_port",
-    "protocol", "method", "authority", "path", "route", "status", "grpc_status",
-    "request_bytes", "response_bytes", "error", "tls", "attributes",
-)
+# What a span never says about a call: spans_to_calls leaves these columns out and
+# collector.columns.to_table fills their defaults.
+NOT_FROM_SPANS = frozenset({"dst_subset", "peer_identity", "mode", "action", "attempt"})
+# The `calls` columns an otlp row fills, in CALL_COLUMNS order.
+OTLP_CALL_COLUMNS: tuple[str, ...] = tuple(n for n in CALL_COLUMN_NAMES if n not in NOT_FROM_SPANS)
+_OTLP_AT: tuple[int, ...] = tuple(getattr(AT, n) for n in OTLP_CALL_COLUMNS)
 
-# The `otel_traces` columns calls_to_spans fills (Events.*, Links.* take their defaults).
-CALL_SPAN_COLUMNS: tuple[str, ...] = (
-    "Timestamp", "TraceId", "SpanId", "ParentSpanId", "TraceState", "SpanName", "SpanKind",
-    "ServiceName", "ResourceAttributes", "ScopeName", "ScopeVersion", "SpanAttributes",
-    "Duration", "StatusCode", "StatusMessage",
-)
+# The `otel_traces` columns calls_to_spans fills, in the order of the tuples it builds
+# (the exporter's layout, fixed); Events.* and Links.* take their defaults.
+CALL_SPAN_COLUMNS: tuple[str, ...] = tuple(n for n in TRACES_COLUMNS if "." not in n)
 
 # The `calls` columns calls_to_spans reads, in the order its loop unpacks them.
 _SPAN_INPUTS: tuple[str, ...] = (
@@ -77,7 +73,7 @@ _HTTP_PROTOCOLS = {"http/1.1": "1.1", "h2": "2"}
 
 def spans_to_calls(traces: dict[str, list[Any]]) -> dict[str, list[Any]]:
     """`calls` columns for the HTTP/RPC Server and Client spans among decoded `otel_traces` columns."""
-    rows: list[tuple[Any, ...]] = []
+    rows: list[list[Any]] = []
     append = rows.append
     instances: dict[int, str] = {}
     names: dict[str, tuple[tuple[str, str], ...]] = {}  # span name -> its (shared) attributes map
@@ -153,18 +149,27 @@ def spans_to_calls(traces: dict[str, list[Any]]) -> dict[str, list[Any]]:
             if cls and cls != error:  # keep what the app said when it was normalized to a class
                 extra = (*extra, ("error.type", error))
             error = cls
-        append((
-            start, duration, "otlp", instance, tid, sid, pid,
-            src_service, src_instance, src_addr, u16(src_port), dst_service, dst_addr, u16(dst_port),
-            protocol, method, authority, path, get("http.route") or "",
-            u16(get("http.response.status_code") or get("http.status_code")), grpc_status,
-            u64(get("http.request.body.size") or get("http.request_content_length")),
-            u64(get("http.response.body.size") or get("http.response_content_length")),
-            error, tls, extra,
-        ))
+        # Filled by column position (record.AT): the order of the calls columns is written only in
+        # Call. It costs ~0.7 µs a span over a tuple written out in that order (3.6 -> 4.3 µs for
+        # spans_to_calls, measured). Rows stay lists: tuple(row) measured slower still (4.6 µs).
+        row = list(DEFAULT_ROW)
+        row[AT.time], row[AT.duration_ns], row[AT.observer], row[AT.observer_id] = start, duration, "otlp", instance
+        row[AT.trace_id], row[AT.span_id], row[AT.parent_span_id] = tid, sid, pid
+        row[AT.src_service], row[AT.src_instance] = src_service, src_instance
+        row[AT.src_addr], row[AT.src_port] = src_addr, u16(src_port)
+        row[AT.dst_service], row[AT.dst_addr], row[AT.dst_port] = dst_service, dst_addr, u16(dst_port)
+        row[AT.protocol], row[AT.method], row[AT.authority], row[AT.path] = protocol, method, authority, path
+        row[AT.route] = get("http.route") or ""
+        row[AT.status] = u16(get("http.response.status_code") or get("http.status_code"))
+        row[AT.grpc_status] = grpc_status
+        row[AT.request_bytes] = u64(get("http.request.body.size") or get("http.request_content_length"))
+        row[AT.response_bytes] = u64(get("http.response.body.size") or get("http.response_content_length"))
+        row[AT.error], row[AT.tls], row[AT.attributes] = error, tls, extra
+        append(row)
     if not rows:
         return {}
-    return {name: list(col) for name, col in zip(OTLP_CALL_COLUMNS, zip(*rows))}
+    columns = list(zip(*rows))
+    return {name: list(columns[i]) for name, i in zip(OTLP_CALL_COLUMNS, _OTLP_AT)}
 
 
 class _IntMemo(dict[Any, int]):
