@@ -5,23 +5,25 @@ follow the OpenTelemetry Collector ClickHouse exporter's layout column for
 column (types, codecs, skip indexes, partitioning, ORDER BY, TTL), so Grafana's
 ClickHouse plugin and existing OTel tooling read them unchanged.
 
-Migrations are forward-only and recorded in `meshlens_schema_migrations`;
-each statement is idempotent (IF NOT EXISTS), so two collectors starting at once
-are harmless. Retention (TTL) is not a migration: it is configuration, applied
-with ALTER ... MODIFY TTL whenever it differs from what the table has.
+Migrations are append-only and recorded in `meshlens_schema_migrations`. Each
+one is frozen as written: its statements are literal text (functions of the
+Layout only: database, cluster, engine, TTL), never of the live `Call` or column
+lists, so what "migration 1" did is what every database that ran it has. A
+new column of `calls` (a field added to collector/record.py's `Call`) or of
+`otel_traces` comes with a new migration that adds it (`add_columns`);
+tests/collector/test_migrations.py fails until it does. Each statement is
+idempotent (IF NOT EXISTS), so two collectors starting at once are harmless.
+Retention (TTL) is not a migration: it is configuration, applied with
+ALTER ... MODIFY TTL whenever it differs from what the table has.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from meshlens.collector.record import CALL_COLUMNS
 from meshlens.collector.stores.base import quote_ident
-
-# Rows a plain MergeTree remembers insert_deduplication_token for. A replayed
-# spool segment is at most a few hundred batches behind; 10,000 is generous.
-DEDUP_WINDOW = 10_000
 
 MIGRATIONS_TABLE = "meshlens_schema_migrations"
 
@@ -69,12 +71,46 @@ def trace_id_ts_ttl(days: int) -> str:
     return _ttl("toDateTime(Start)", days)
 
 
-def _calls_ddl(lay: Layout) -> list[str]:
+# Both data tables' SETTINGS: non_replicated_deduplication_window is the rows a plain
+# MergeTree remembers insert_deduplication_token for. A replayed spool segment is at
+# most a few hundred batches behind; 10000 is generous.
+
+def _v1_create_calls(lay: Layout) -> list[str]:
+    """Migration 1 as first written (cdc7cfa): `calls` with the 31 columns `Call` had then."""
     db = quote_ident(lay.database)
-    cols = ",\n    ".join(f"`{c.name}` {c.sql_type} {c.codec}" for c in CALL_COLUMNS)
     local = quote_ident(lay.local("calls"))
     stmts = [f"""CREATE TABLE IF NOT EXISTS {db}.{local} {lay.on_cluster()} (
-    {cols},
+    `time` DateTime64(9) CODEC(Delta(8), ZSTD(1)),
+    `duration_ns` UInt64 CODEC(T64, ZSTD(1)),
+    `observer` LowCardinality(String) CODEC(ZSTD(1)),
+    `observer_id` LowCardinality(String) CODEC(ZSTD(1)),
+    `trace_id` String CODEC(ZSTD(1)),
+    `span_id` String CODEC(ZSTD(1)),
+    `parent_span_id` String CODEC(ZSTD(1)),
+    `src_service` LowCardinality(String) CODEC(ZSTD(1)),
+    `src_instance` LowCardinality(String) CODEC(ZSTD(1)),
+    `src_addr` String CODEC(ZSTD(1)),
+    `src_port` UInt16 CODEC(T64, ZSTD(1)),
+    `dst_service` LowCardinality(String) CODEC(ZSTD(1)),
+    `dst_subset` LowCardinality(String) CODEC(ZSTD(1)),
+    `dst_addr` String CODEC(ZSTD(1)),
+    `dst_port` UInt16 CODEC(T64, ZSTD(1)),
+    `protocol` LowCardinality(String) CODEC(ZSTD(1)),
+    `method` LowCardinality(String) CODEC(ZSTD(1)),
+    `authority` LowCardinality(String) CODEC(ZSTD(1)),
+    `path` String CODEC(ZSTD(1)),
+    `route` LowCardinality(String) CODEC(ZSTD(1)),
+    `status` UInt16 CODEC(T64, ZSTD(1)),
+    `grpc_status` Int16 CODEC(T64, ZSTD(1)),
+    `request_bytes` UInt64 CODEC(T64, ZSTD(1)),
+    `response_bytes` UInt64 CODEC(T64, ZSTD(1)),
+    `error` LowCardinality(String) CODEC(ZSTD(1)),
+    `tls` Bool CODEC(ZSTD(1)),
+    `peer_identity` String CODEC(ZSTD(1)),
+    `mode` LowCardinality(String) CODEC(ZSTD(1)),
+    `action` LowCardinality(String) CODEC(ZSTD(1)),
+    `attempt` UInt8 CODEC(T64, ZSTD(1)),
+    `attributes` Map(LowCardinality(String), String) CODEC(ZSTD(1)),
     INDEX idx_trace_id trace_id TYPE bloom_filter(0.001) GRANULARITY 1,
     INDEX idx_src_service src_service TYPE set(0) GRANULARITY 1,
     INDEX idx_duration duration_ns TYPE minmax GRANULARITY 1,
@@ -84,7 +120,7 @@ PARTITION BY toDate(time)
 PRIMARY KEY (dst_service, toStartOfHour(time))
 ORDER BY (dst_service, toStartOfHour(time), src_service, observer, time)
 {calls_ttl(lay.retention.calls_days)}
-SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_deduplication_window = {DEDUP_WINDOW}"""]
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_deduplication_window = 10000"""]
     if lay.cluster:
         stmts.append(
             f"CREATE TABLE IF NOT EXISTS {db}.`calls` {lay.on_cluster()} AS {db}.{local} "
@@ -93,7 +129,8 @@ SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_dedup
     return stmts
 
 
-def _traces_ddl(lay: Layout) -> list[str]:
+def _v2_create_traces(lay: Layout) -> list[str]:
+    """Migration 2 as first written (cdc7cfa): the exporter's otel_traces, its trace-id lookup and view."""
     db = quote_ident(lay.database)
     local = quote_ident(lay.local("otel_traces"))
     lookup = quote_ident(lay.local("otel_traces_trace_id_ts"))
@@ -135,7 +172,7 @@ PARTITION BY toDate(Timestamp)
 PRIMARY KEY (ServiceName, SpanName, toDateTime(Timestamp))
 ORDER BY (ServiceName, SpanName, toDateTime(Timestamp), Timestamp)
 {traces_ttl(lay.retention.traces_days)}
-SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_deduplication_window = {DEDUP_WINDOW}""",
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_deduplication_window = 10000""",
              f"""CREATE TABLE IF NOT EXISTS {db}.{lookup} {lay.on_cluster()} (
     TraceId String CODEC(ZSTD(1)),
     Start SimpleAggregateFunction(min, DateTime) CODEC(ZSTD(1)),
@@ -163,18 +200,48 @@ GROUP BY TraceId"""]
     return stmts
 
 
+def add_columns(lay: Layout, table: str, columns: Sequence[tuple[str, str, str]], after: str = "") -> list[str]:
+    """The statements of a migration adding (name, type, codec) columns to `table`, written out literally.
+
+    ADD COLUMN IF NOT EXISTS: a database that already has them is unchanged. The first
+    new column goes AFTER `after` (the end when ''), the next ones after each other, so
+    a database upgraded by ALTER keeps the order a fresh one gets. On a cluster the
+    Distributed table gets the columns too (without a codec: it stores nothing).
+    """
+    db = quote_ident(lay.database)
+
+    def alter(name: str, with_codec: bool) -> str:
+        adds, previous = [], after
+        for column, sql_type, codec in columns:
+            add = f"ADD COLUMN IF NOT EXISTS {quote_ident(column)} {sql_type}"
+            if with_codec and codec:
+                add += f" {codec}"
+            if previous:
+                add += f" AFTER {quote_ident(previous)}"
+                previous = column
+            adds.append(add)
+        return " ".join(filter(None, ["ALTER TABLE", f"{db}.{quote_ident(name)}", lay.on_cluster(), ", ".join(adds)]))
+
+    stmts = [alter(lay.local(table), True)]
+    if lay.cluster:
+        stmts.append(alter(table, False))
+    return stmts
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
+    """One schema change: its version (1, 2, ...), what it does in a few words, and its statements."""
+
     version: int
     name: str
     statements: list[str]
 
 
 def migrations(lay: Layout) -> list[Migration]:
-    """Every schema change ever made, oldest first. Append; never edit or reorder."""
+    """Every schema change ever made, oldest first. Append; never edit or reorder one already released."""
     return [
-        Migration(1, "create calls", _calls_ddl(lay)),
-        Migration(2, "create otel_traces, trace id lookup and its view", _traces_ddl(lay)),
+        Migration(1, "create calls", _v1_create_calls(lay)),
+        Migration(2, "create otel_traces, trace id lookup and its view", _v2_create_traces(lay)),
     ]
 
 
@@ -202,15 +269,19 @@ class Executes(Protocol):
     def use_database(self) -> None: ...
 
 
-def migrate(store: Executes, lay: Layout) -> list[int]:
-    """Apply the migrations this database has not seen yet; return their versions."""
+def migrate(store: Executes, lay: Layout, history: Sequence[Migration] | None = None) -> list[int]:
+    """Apply the migrations this database has not seen yet; return their versions.
+
+    `history` is the list to bring the database to, `migrations(lay)` unless given
+    (tests give a prefix of it, to build a database as an older release left it).
+    """
     for stmt in bootstrap_ddl(lay):
         store.command(stmt)
     db = quote_ident(lay.database)
     rows = store.query_rows(f"SELECT max(version) FROM {db}.`{MIGRATIONS_TABLE}`")
     current = int(rows[0][0] or 0) if rows else 0
     applied = []
-    for m in migrations(lay):
+    for m in migrations(lay) if history is None else history:
         if m.version <= current:
             continue
         for stmt in m.statements:

@@ -16,9 +16,7 @@ import pyarrow as pa
 import pytest
 
 from meshlens.collector.columns import TRACES_SCHEMA, to_table
-from meshlens.collector.record import CALL_COLUMNS
-from meshlens.collector.schema import (MIGRATIONS_TABLE, Layout, Retention, bootstrap_ddl, full_ddl, migrate,
-                              migrations)
+from meshlens.collector.schema import MIGRATIONS_TABLE, Layout, Retention, full_ddl, migrate, migrations
 from meshlens.collector.stores import (DEFAULT_DATABASE, Store, StoreError, StoreUnavailable, StoreURLError,
                               UnsupportedServer, connect, parse_store_url)
 from meshlens.collector.stores.embedded import EmbeddedStore, default_data_dir
@@ -249,9 +247,9 @@ def test_migrate_twice_is_idempotent_and_recorded(embedded: EmbeddedStore) -> No
     assert tables == {MIGRATIONS_TABLE, "calls", "otel_traces", "otel_traces_trace_id_ts", "otel_traces_trace_id_ts_mv"}
 
 
-def test_calls_columns_come_from_the_call_record(embedded: EmbeddedStore) -> None:
+def test_calls_is_partitioned_by_day_and_sorted_by_destination(embedded: EmbeddedStore) -> None:
+    # Its columns against the Call record: tests/collector/test_migrations.py, on every backend.
     migrate(embedded, Layout())
-    assert columns(embedded, "calls") == [(c.name, c.sql_type, c.codec) for c in CALL_COLUMNS]
     info = table_info(embedded, "calls")
     assert info["partition_key"] == "toDate(time)"
     assert info["sorting_key"].startswith("dst_service, toStartOfHour(time)")
@@ -312,21 +310,6 @@ def test_a_replayed_batch_is_stored_once(embedded: EmbeddedStore) -> None:
     assert count(embedded, "calls") == 6
     looked_up = embedded.query_rows("SELECT TraceId FROM meshlens.otel_traces_trace_id_ts GROUP BY TraceId ORDER BY TraceId")
     assert looked_up == [(f"{1:032x}",), (f"{2:032x}",)]
-
-
-def test_an_upgrade_from_version_1_keeps_the_data(embedded: EmbeddedStore) -> None:
-    lay = Layout()
-    for stmt in bootstrap_ddl(lay) + migrations(lay)[0].statements:
-        embedded.command(stmt)
-    embedded.command(f"INSERT INTO meshlens.{MIGRATIONS_TABLE} (version, name, applied_at) "
-                     f"VALUES (1, 'create calls', now64(3))")
-    embedded.insert("meshlens.calls", calls(4), "before-upgrade")
-
-    assert migrate(embedded, lay) == [2]
-    assert count(embedded, "calls") == 4
-    assert embedded.query_rows(f"SELECT version FROM meshlens.{MIGRATIONS_TABLE} ORDER BY version") == [(1,), (2,)]
-    embedded.insert("meshlens.otel_traces", spans(1), "after-upgrade")
-    assert count(embedded, "otel_traces") == 1
 
 
 def test_full_ddl_on_a_cluster_replicates_and_distributes() -> None:
