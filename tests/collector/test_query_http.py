@@ -50,7 +50,7 @@ ROWS = [
     (2, "/b", "POST", 1.5),
     (3, "/c", "GET", 2.5),
 ]
-http = urllib3.PoolManager(retries=False, timeout=30, maxsize=16)
+http = urllib3.PoolManager(retries=False, timeout=PATIENCE_S, maxsize=16)
 # 10^15 rows: hours on any machine, so "still running" never depends on how fast this one is.
 LONG_SQL = "SELECT count() FROM numbers(1000000000000000)"
 

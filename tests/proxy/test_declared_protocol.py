@@ -21,6 +21,7 @@ from tests.netns import Namespaces
 from tests.proxy.meshnet import APP_PORT, MeshNet
 from tests.proxy.processes import EchoService, ProxyProcess, recorded_calls, self_signed_cert
 from tests.proxy.wire import read_all
+from tests.waiting import PATIENCE_S
 
 SNI = "declared.example"
 HTTP_GET = b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -53,11 +54,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 def _send(port: int, data: bytes) -> tuple[bytes, int]:
     """Send `data`, half-close, read to EOF; (what came back, our port)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=PATIENCE_S) as s:
         ours = s.getsockname()[1]
         s.sendall(data)
         s.shutdown(socket.SHUT_WR)
-        return read_all(s, 10), ours
+        return read_all(s), ours
 
 
 def _call(env: dict, port: int) -> dict:
@@ -81,7 +82,7 @@ def test_tcp_records_an_h2_preface_as_tcp(env: dict) -> None:
 
 
 def test_tls_records_the_hellos_of_real_tls(env: dict) -> None:
-    with socket.create_connection(("127.0.0.1", env["real-tls"].inbound), timeout=10) as raw:
+    with socket.create_connection(("127.0.0.1", env["real-tls"].inbound), timeout=PATIENCE_S) as raw:
         port = raw.getsockname()[1]
         ctx = ssl.create_default_context(cafile=str(env["cert"][0]))
         with ctx.wrap_socket(raw, server_hostname=SNI) as s:
