@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from meshlens.collector.batch_format import CONTENT_TYPE, encode, omit_defaults
-from meshlens.collector.record import CALL_COLUMNS, Call
+from meshlens.collector.record import CALL_COLUMN_NAMES, Call
 
 log = logging.getLogger("meshlens.client")
 
@@ -38,12 +38,11 @@ log = logging.getLogger("meshlens.client")
 # compressing a 64 KiB body costs ~1 ms in the shipping thread, not the caller.
 GZIP_ABOVE = 64 * 1024
 DEFAULT_URL = "http://127.0.0.1:4318/v1/calls"
-_NAMES = tuple(c.name for c in CALL_COLUMNS)
 
-# One call's values in CALL_COLUMNS order, as `Call.as_row()` returns them. Building
-# this tuple costs about a quarter of `Call(**keywords)` on the thread that serves
-# traffic (0.36 against 1.54 µs, measured), and a batch of rows becomes columns in one
-# C-speed zip.
+# One call's values in CALL_COLUMNS order, as `Call.as_row()` returns them (the proxy
+# fills a copy of record.DEFAULT_ROW by position, record.AT: about a third of the cost of
+# `Call(**keywords)` on the thread that serves traffic, figures in record.RowPositions),
+# and a batch of rows becomes columns in one C-speed zip.
 Row = tuple[Any, ...]
 Recorded = Call | Row
 
@@ -133,9 +132,9 @@ class CallRecorder:
         keep the getattr comprehension: `Call.as_row()` then zip measured slower.
         """
         if tuple not in set(map(type, calls)):
-            return {name: [getattr(c, name) for c in calls] for name in _NAMES}
+            return {name: [getattr(c, name) for c in calls] for name in CALL_COLUMN_NAMES}
         rows = [c if type(c) is tuple else c.as_row() for c in calls]
-        width = len(_NAMES)
+        width = len(CALL_COLUMN_NAMES)
         if set(map(len, rows)) != {width}:  # a producer's bug: never ship misaligned columns
             bad = sum(len(r) != width for r in rows)
             self.dropped["rejected"] += bad
@@ -143,7 +142,7 @@ class CallRecorder:
             rows = [r for r in rows if len(r) == width]
             if not rows:
                 return None
-        return dict(zip(_NAMES, map(list, zip(*rows))))
+        return dict(zip(CALL_COLUMN_NAMES, map(list, zip(*rows))))
 
     def _ship(self) -> None:
         while self._pending and time.monotonic() >= self._retry_at:
