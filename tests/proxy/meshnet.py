@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,3 +143,18 @@ class MeshNet:
             finally:
                 p.kill()
         self.namespaces.close()
+
+
+@contextmanager
+def client_and_server(tmp: Path, prefix: str, net_class: type[MeshNet] = MeshNet) -> Iterator[MeshNet]:
+    """client (10.200.0.1) and server (10.200.0.2), each with app, sidecar and rules; collector on the hub."""
+    with Namespaces(prefix) as namespaces:
+        net = net_class(tmp, namespaces)
+        try:
+            net.start_hub()
+            client, server = net.add_node("client", 1), net.add_node("server", 2)
+            net.start_node(server)
+            net.start_node(client)
+            yield net
+        finally:
+            net.close()

@@ -17,8 +17,7 @@ import pytest
 
 from meshlens.protocols.sniff import H2_PREFACE
 from tests.collector_process import CollectorProcess
-from tests.netns import Namespaces
-from tests.proxy.meshnet import APP_PORT, MeshNet
+from tests.proxy.meshnet import APP_PORT, MeshNet, client_and_server
 from tests.proxy.processes import EchoService, ProxyProcess, recorded_calls, self_signed_cert
 from tests.proxy.wire import read_all
 from tests.waiting import PATIENCE_S
@@ -137,16 +136,8 @@ class _TcpServerMesh(MeshNet):
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshNet]:
-    with Namespaces("mldp") as namespaces:
-        net = _TcpServerMesh(tmp_path_factory.mktemp("declared-net"), namespaces)
-        try:
-            net.start_hub()
-            client, server = net.add_node("client", 1), net.add_node("server", 2)
-            net.start_node(server)
-            net.start_node(client)
-            yield net
-        finally:
-            net.close()
+    with client_and_server(tmp_path_factory.mktemp("declared-net"), "mldp", _TcpServerMesh) as net:
+        yield net
 
 
 def test_a_redirected_call_to_a_tcp_service_is_tunnelled_by_both_sidecars(net: MeshNet) -> None:

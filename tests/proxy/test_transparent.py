@@ -14,7 +14,7 @@ import pytest
 
 from meshlens.proxy.transparent import IptablesPlan, original_dst, removal, rules
 from tests.netns import Namespaces
-from tests.proxy.meshnet import APP_PORT, HUB_IP, INBOUND, OUTBOUND, MeshNet
+from tests.proxy.meshnet import APP_PORT, HUB_IP, INBOUND, OUTBOUND, MeshNet, client_and_server
 from tests.waiting import PATIENCE_S
 
 CMD = [sys.executable, "-m", "meshlens.cli.main", "proxy-iptables"]
@@ -128,17 +128,8 @@ def test_apply_without_iptables_is_one_line() -> None:
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshNet]:
-    """client (10.200.0.1) and server (10.200.0.2), each with app, sidecar and rules; collector on the hub."""
-    with Namespaces("mltp") as namespaces:
-        net = MeshNet(tmp_path_factory.mktemp("transparent"), namespaces)
-        try:
-            net.start_hub()
-            client, server = net.add_node("client", 1), net.add_node("server", 2)
-            net.start_node(server)
-            net.start_node(client)
-            yield net
-        finally:
-            net.close()
+    with client_and_server(tmp_path_factory.mktemp("transparent"), "mltp") as net:
+        yield net
 
 
 def test_calls_are_redirected_through_both_sidecars_and_recorded(net: MeshNet) -> None:
