@@ -82,12 +82,15 @@ def analyze(store: Store, window: Window = Window(), service: str | None = None)
 
 
 def recommend(store: Store, window: Window = Window(), service: str | None = None,
-              scope: Scope | None = None) -> Report:
-    """Every recommendation for calls to `service` (all services when None)."""
+              scope: Scope | None = None, paths: bool = True) -> Report:
+    """Every recommendation for calls to `service` (all services when None).
+
+    `paths=False` leaves `Report.paths` empty, which only `istio_yaml` reads (it then
+    writes every route as a comment): cheaper where no YAML is written."""
     scope = scope or open_scope(store, window, service)
     whole = dataclasses.replace(scope, service=None)
     depth = graph.downstream_depth(scope.edges)
-    stats = route_stats(whole)
+    stats = route_stats(whole, paths)
     mine = stats if service is None else stats[stats["callee"] == service]
     timeouts = recommend_timeouts(scope, mine)
     per_try = {(r.target["caller"], r.target["callee"], r.target["method"], r.target["route"]): r.policy["timeout_s"]

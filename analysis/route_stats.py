@@ -25,24 +25,27 @@ QS = "0.5, 0.9, 0.99, 0.999"
 PATH_SAMPLE = 100
 
 
-def route_stats(scope: Scope) -> pd.DataFrame:
+def route_stats(scope: Scope, paths: bool = True) -> pd.DataFrame:
     """caller, callee, method, route: n, ok, failed, transient, informed, recovered, keyed, upgraded,
     stream_name, max_ok_s, p50_s/p90_s/p99_s/p999_s (healthy calls), p_retry, and up to PATH_SAMPLE
-    distinct recorded paths (an empty list when the calls carry a route but no path)."""
+    distinct recorded paths (an empty list when the calls carry a route but no path, or when `paths`
+    is False: only the Istio YAML needs them, and keeping them costs ~25 % of a whole
+    `meshlens recommend` on 10M calls, bench/analysis.py)."""
+    outer_paths = f"groupUniqArrayArray({PATH_SAMPLE})(bpaths)" if paths else "CAST([], 'Array(String)')"
+    inner_paths = f",\n             groupUniqArrayIf({PATH_SAMPLE})(path, path != '') AS bpaths" if paths else ""
     keyed = " OR ".join(f"mapContains(attributes, {quote(k)})" for k in IDEMPOTENCY_KEYS)
     sql = f"""SELECT caller, callee, method, route, sum(bn) AS n, sum(bok) AS ok, sum(bf) AS failed,
        sum(bt) AS transient, sumIf(bt, bn > 1) AS informed, sumIf(bt * bok / (bn - 1), bn > 1) AS recovered,
        sum(bk) AS keyed, sum(bup) > 0 AS upgraded, match(route, {quote(STREAMING_ROUTE_RE)}) AS stream_name,
        max(bmax) / 1e9 AS max_ok_s, quantilesTDigestIfMerge({QS})(bq) AS q,
-       groupUniqArrayArray({PATH_SAMPLE})(bpaths) AS paths
+       {outer_paths} AS paths
 FROM (SELECT caller, toString(dst_service) AS callee, toString(method) AS method, route_t AS route,
              intDiv(toUnixTimestamp64Nano(time), {RETRY_WINDOW_S * 10**9}) AS b,
              count() AS bn, countIf({FAILED_SQL}) AS bf, countIf({TRANSIENT_SQL}) AS bt,
              countIf({HEALTHY_SQL}) AS bok, countIf({keyed}) AS bk,
              countIf(lower(attributes['upgrade']) = 'websocket' OR protocol = 'tcp') AS bup,
              maxIf(duration_ns, {HEALTHY_SQL}) AS bmax,
-             quantilesTDigestIfState({QS})(duration_ns, {HEALTHY_SQL}) AS bq,
-             groupUniqArrayIf({PATH_SAMPLE})(path, path != '') AS bpaths
+             quantilesTDigestIfState({QS})(duration_ns, {HEALTHY_SQL}) AS bq{inner_paths}
       FROM {scope.calls()} GROUP BY caller, callee, method, route, b)
 GROUP BY caller, callee, method, route ORDER BY caller, callee, route, method"""
     df = scope.frame(sql)

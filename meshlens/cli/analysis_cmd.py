@@ -124,8 +124,9 @@ def run_recommend(args: argparse.Namespace) -> int:
     from meshlens.analysis.recommend import recommend
     from meshlens.cli.query_cmd import format_table
 
-    report = _scoped(args, recommend)
-    if args.format == "yaml":
+    yaml = args.format == "yaml"
+    report = _scoped(args, lambda store, window, service: recommend(store, window, service, paths=yaml))
+    if yaml:
         sys.stdout.write(istio_yaml(report))
     elif args.format == "json":
         sys.stdout.write(report.as_json() + "\n")

@@ -66,6 +66,9 @@ def test_recommend_yaml_and_json(url, capsys):
     assert run("recommend", "--store", url, "--service", "payments", "--format", "yaml") == 0
     docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
     assert {d["kind"] for d in docs} == {"VirtualService", "DestinationRule", "PeerAuthentication"}
+    # the command asks for the recorded paths the YAML's uri matches are checked against
+    uris = [m["uri"] for d in docs if d["kind"] == "VirtualService" for h in d["spec"]["http"] for m in h.get("match", [])]
+    assert uris and all(set(u) <= {"exact", "regex"} for u in uris)
     assert run("recommend", "--store", url, "--service", "inventory", "--format", "json") == 0
     doc = json.loads(capsys.readouterr().out)
     assert {r["target"]["callee"] for r in doc["recommendations"]} == {"inventory"}
