@@ -185,7 +185,7 @@ class CallRecorder:
                     self._conn.close()
                 self._conn = None
                 if attempt == 1 or isinstance(e, ConnectionRefusedError):
-                    return 0, 1.0, str(e)
+                    return 0, 1.0, _reason(e)
         return 0, 1.0, "unreachable"
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -219,3 +219,10 @@ def _retry_after(value: str | None) -> float:
         return min(60.0, max(0.1, float(value))) if value else 1.0
     except ValueError:
         return 1.0
+
+
+def _reason(e: BaseException) -> str:
+    """A connection failure in words for the log ("connection refused"), not "[Errno 111] ..."."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror[:1].lower() + e.strerror[1:]
+    return str(e) or type(e).__name__

@@ -93,6 +93,9 @@ class Session:
 def _message(e: GrafanaException) -> str:
     if isinstance(e.response, dict) and e.response.get("message"):
         return str(e.response["message"])
+    if not isinstance(e.response, dict) and "<!doctype html" in (e.message or "").lower():
+        # Grafana's API answers JSON; a web page means another server, or a path in front of the API
+        return "a web page, not Grafana's API (is --grafana-url Grafana's own address, without /api?)"
     return e.message
 
 

@@ -232,15 +232,19 @@ def record_batches(recorder: CallRecorder, batches: int, rows: int) -> None:
         assert wait_until(lambda: recorder.buffered == 0), "the shipping thread did not cut a batch"
 
 
-def test_unreachable_collector_keeps_the_newest_batches_and_counts_the_rest(recorders) -> None:
+def test_unreachable_collector_keeps_the_newest_batches_and_counts_the_rest(recorders, caplog) -> None:
     recorder = recorders(f"http://127.0.0.1:{free_port()}/v1/calls", batch_rows=2, flush_interval=3600,
                          max_pending_batches=3)
 
-    record_batches(recorder, batches=5, rows=2)
+    with caplog.at_level("WARNING", logger="meshlens.client"):
+        record_batches(recorder, batches=5, rows=2)
 
     assert recorder.dropped == {"buffer_full": 0, "collector_unavailable": 4, "rejected": 0}  # the 2 oldest
     assert recorder.sent_calls == 0
     assert not recorder.flush(timeout=0.3)
+    # logged once per burst, in words
+    (line,) = [r.getMessage() for r in caplog.records if "collector unavailable" in r.getMessage()]
+    assert line.endswith("error=connection refused") and "Errno" not in line
 
 
 def test_record_returns_while_the_collector_does_not_answer(recorders) -> None:

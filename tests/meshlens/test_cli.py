@@ -220,6 +220,9 @@ ERRORS = [
     (["recommend", "--window", "1x"], "meshlens recommend: invalid duration '1x'"),
     (["dashboards", "provision", "--grafana-url", "http://127.0.0.1:{dead}", "--token", "t"],
      "meshlens dashboards: cannot reach Grafana at http://127.0.0.1:{dead}"),
+    (["dashboards", "provision", "--grafana-url", "http://127.0.0.1:{web}", "--token", "t"],
+     "meshlens dashboards: Grafana at http://127.0.0.1:{web} answered 501 to the health check: "
+     "a web page, not Grafana's API (is --grafana-url Grafana's own address, without /api?)"),
     (["dashboards", "provision", "--grafana-url", "http://[::1", "--token", "t"],
      "meshlens dashboards: invalid --grafana-url 'http://[::1': Invalid IPv6 URL"),
     (["dashboards", "provision", "--grafana-url", "http://127.0.0.1:{dead}", "--timeout", "-1"],
