@@ -113,8 +113,8 @@ class CallBuilder:
         self.observer_id = observer_id
         self.stats = TapStats()
         self._flows: dict[Conn, _Flow] = {}
-        self._names: dict[tuple[bytes, int], tuple[str, str, str]] = {}
-        self._declared = _declared_protocols(mesh)
+        # (packed IP, port) -> (address text, service, subset, declared protocol as records name it)
+        self._names: dict[tuple[bytes, int], tuple[str, str, str, str | None]] = {}
 
     def __len__(self) -> int:
         return len(self._flows)
@@ -129,10 +129,9 @@ class CallBuilder:
             elif cls is Open:
                 f = self._flows[ev.conn] = _Flow(ev.conn, ev.t, ev.midstream)
                 self.stats.connections += 1
-                if self._declared:
-                    declared = self._declared.get((ev.conn.server, ev.conn.server_port))
-                    if declared is not None:
-                        self._decide(f, declared)
+                declared = self._names_of(ev.conn.server, ev.conn.server_port)[3]
+                if declared is not None:
+                    self._decide(f, declared)
             elif cls is Gap:
                 f = self._flows.get(ev.conn)
                 if f is not None:
@@ -262,24 +261,28 @@ class CallBuilder:
 
     # -- calls ---------------------------------------------------------------
 
-    def _names_of(self, ip: bytes, port: int) -> tuple[str, str, str]:
+    def _names_of(self, ip: bytes, port: int) -> tuple[str, str, str, str | None]:
+        """What the mesh says of an address, cached: its text, service, subset and declared protocol."""
         key = (ip, port)
         found = self._names.get(key)
         if found is None:
             if len(self._names) >= MAX_NAME_CACHE:
                 self._names.clear()
             text = str(ip_address(ip))
+            declared: str | None = None
             if self.mesh is not None:
                 service, subset = self.mesh.name_of(text, port)
+                protocol = self.mesh.declared_protocol(text, port)
+                declared = RECORDED_PROTOCOL[protocol] if protocol is not None else None
             else:
                 service, subset = (f"[{text}]:{port}" if ":" in text else f"{text}:{port}"), ""
-            found = self._names[key] = (text, service, subset)
+            found = self._names[key] = (text, service, subset, declared)
         return found
 
     def _base(self, f: _Flow, protocol: str, time: int, duration: int) -> Call:
         c = f.conn
-        src_addr, src_service, _ = self._names_of(c.client, c.client_port)
-        dst_addr, dst_service, dst_subset = self._names_of(c.server, c.server_port)
+        src_addr, src_service, _, _ = self._names_of(c.client, c.client_port)
+        dst_addr, dst_service, dst_subset, _ = self._names_of(c.server, c.server_port)
         return Call(time=time, duration_ns=duration, observer="wire", observer_id=self.observer_id,
                     src_service=src_service, src_addr=src_addr, src_port=c.client_port,
                     dst_service=dst_service, dst_subset=dst_subset, dst_addr=dst_addr, dst_port=c.server_port,
@@ -340,20 +343,6 @@ class CallBuilder:
         elif reason == "rst":
             call.error = "reset"
         self._emit(call)
-
-
-def _declared_protocols(mesh: Mesh | None) -> dict[tuple[bytes, int], str]:
-    """(packed IP, port) -> the protocol declared for the service there, as records name it."""
-    out: dict[tuple[bytes, int], str] = {}
-    for svc in mesh.services.values() if mesh is not None else ():
-        if svc.protocol is None:
-            continue
-        for inst in svc.instances:
-            try:
-                out[(ip_address(inst.host).packed, inst.port)] = RECORDED_PROTOCOL[svc.protocol]
-            except ValueError:  # a host name: the wire only shows addresses
-                pass
-    return out
 
 
 class Tap:
