@@ -92,6 +92,11 @@ def first_line(error: BaseException | str, default: str = "ClickHouse error") ->
     return text.splitlines()[0] if text else default
 
 
+def in_sentence(text: str) -> str:
+    """An OS or driver message ("Connection refused") as the tail of our line ("…: connection refused")."""
+    return text[:1].lower() + text[1:]
+
+
 def quote_ident(name: str) -> str:
     """`name` as a ClickHouse identifier; only plain names are accepted."""
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):

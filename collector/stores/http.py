@@ -22,7 +22,7 @@ import pyarrow as pa
 import urllib3
 
 from meshlens.collector.stores.base import (MIN_VERSION, Store, StoreError, StoreUnavailable, first_line,
-                                   insert_columns_sql, parse_version, redact)
+                                   in_sentence, insert_columns_sql, parse_version, redact)
 
 __all__ = ["HttpStore", "connection_reason"]
 
@@ -152,14 +152,10 @@ def connection_reason(error: BaseException) -> str:
         if isinstance(e, ConnectionResetError):
             return "connection reset by the server"
         if isinstance(e, OSError) and e.strerror:
-            return _lower(e.strerror)
+            return in_sentence(e.strerror)
         wrapped = e.args[1] if isinstance(e, urllib3.exceptions.ProtocolError) and len(e.args) > 1 else None
         e = wrapped if isinstance(wrapped, BaseException) and id(wrapped) not in seen else (e.__cause__ or e.__context__)
     return _REPR.sub("", first_line(error, type(error).__name__)) or type(error).__name__
-
-
-def _lower(text: str) -> str:
-    return text[:1].lower() + text[1:]
 
 
 def _tsv(data: pa.Table) -> bytes:

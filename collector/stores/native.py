@@ -11,8 +11,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from meshlens.collector.stores.base import (Store, StoreError, StoreUnavailable, first_line, insert_columns_sql,
-                                            redact)
+from meshlens.collector.stores.base import (Store, StoreError, StoreUnavailable, first_line, in_sentence,
+                                            insert_columns_sql, redact)
 
 # clickhouse-driver logs every failed connect as a warning with its traceback; the failure
 # reaches the caller as StoreUnavailable, which says it in one line (and the collector logs it once).
@@ -103,7 +103,7 @@ def _network_reason(e: BaseException) -> str:
     text = text.strip() or type(e).__name__
     if _UNRESOLVED.search(text):
         return "cannot resolve the host name"
-    return text[:1].lower() + text[1:]
+    return in_sentence(text)
 
 
 def _to_driver(col: pa.ChunkedArray) -> list:
