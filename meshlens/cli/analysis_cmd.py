@@ -66,8 +66,7 @@ def window_from(args: argparse.Namespace):
 
 
 def _open(args: argparse.Namespace):
-    from meshlens.collector.stores import StoreError, StoreUnavailable, connect, redact
-    from meshlens.collector.stores import reader_store_url
+    from meshlens.collector.stores import StoreError, StoreUnavailable, connect, reader_store_url, redact
 
     url = args.store if args.store is not None else reader_store_url()
     try:

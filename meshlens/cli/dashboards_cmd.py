@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from meshlens.cli.argtypes import positive
-from meshlens.cli.errors import UserError
+from meshlens.cli.errors import UserError, bad_store_url
 
 DEFAULT_CLICKHOUSE_URL = "http://127.0.0.1:8123/?database=meshlens"  # the local collector's query endpoint
 
@@ -93,11 +93,8 @@ def _target(args: argparse.Namespace):
         return ClickHouseTarget.from_url(args.clickhouse_url)
     except ProvisionError as e:
         raise UserError(str(e)) from None
-    except ValueError as e:  # the URL parser's own (StoreURLError's messages name the URL already)
-        from meshlens.collector.stores import StoreURLError
-
-        raise UserError(str(e) if isinstance(e, StoreURLError) else
-                        f"invalid --clickhouse-url {args.clickhouse_url!r}: {e}") from None
+    except ValueError as e:
+        raise bad_store_url(args.clickhouse_url, e, "--clickhouse-url") from None
 
 
 def run_provision(args: argparse.Namespace) -> int:
