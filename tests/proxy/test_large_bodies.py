@@ -2,19 +2,27 @@
 while the proxy's memory stays bounded (a memory bound, not a speed one).
 
 Both ends are raw sockets that generate or discard bytes as they go, so the only thing
-that could hold a gigabyte is the proxy.
+that could hold a gigabyte is the proxy. Then the same through two sidecars (client outbound ->
+server inbound) with real programs at the ends: curl, and the chain tests' aiohttp app, which
+streams and checksums; each sidecar may grow by 20 MiB at most.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from tests.proxy.chain_app import ChainApp, pattern
 from tests.proxy.processes import ProxyProcess
+from tests.server_process import ServerProcess
+from tests.waiting import PATIENCE_S
 
 GIB = 1 << 30
 BLOCK = b"\xa5" * (1 << 20)
@@ -241,3 +249,173 @@ def test_a_1gib_response_body_streams_through_in_bounded_memory(proxy, chunked):
         assert _download(proxy.inbound, GIB, chunked) == GIB
     watch.check()
     assert proxy.alive()
+
+
+# -- through two sidecars: client (outbound) -> server (inbound), real client and server ---------------------
+
+# Growth allowed per sidecar over its RSS just before the transfer: a streaming sidecar holds a few
+# transport buffers per direction (tens to hundreds of KiB); 20 MiB is most of what Linkerd's whole proxy
+# takes (18-26 MB) and 2 % of what the transfer would leave behind if it were buffered.
+MAX_SIDECAR_GROWTH_KB = 20 * 1024
+# A deadline for the transfer, never a speed: 1 GiB through two Python sidecars on a slow shared machine
+# takes tens of seconds; only a transfer that stalls runs into this.
+TRANSFER_DEADLINE_S = 5 * PATIENCE_S
+
+
+class PeakRss:
+    """Each process's VmRSS just before a transfer and its peak during it. The peak is VmHWM, reset to
+    the current RSS first by writing 5 to /proc/PID/clear_refs (the process's owner may); where that is
+    refused, VmRSS sampled every 20 ms, which a buffering sidecar (growing with the body) cannot slip by."""
+
+    def __init__(self, processes: dict[str, int]) -> None:
+        self.pids = processes
+        self.hwm_reset = True
+        for pid in processes.values():
+            try:
+                with open(f"/proc/{pid}/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                self.hwm_reset = False
+        self.before = {name: _status_kb(pid, "VmRSS") for name, pid in processes.items()}
+        self.sampled = dict(self.before)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            for name, pid in self.pids.items():
+                self.sampled[name] = max(self.sampled[name], _status_kb(pid, "VmRSS"))
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = {name: max(self.sampled[name], _status_kb(pid, "VmHWM") if self.hwm_reset else 0)
+                     for name, pid in self.pids.items()}
+
+    def check(self) -> None:
+        growth = {name: self.peak[name] - self.before[name] for name in self.pids}
+        seen = ", ".join(f"{name} {self.before[name]} KiB before, peak {self.peak[name]} KiB (+{growth[name]} KiB)"
+                         for name in self.pids)
+        assert all(g <= MAX_SIDECAR_GROWTH_KB for g in growth.values()), \
+            f"{seen}; bound +{MAX_SIDECAR_GROWTH_KB} KiB ({'VmHWM' if self.hwm_reset else 'sampled VmRSS'})"
+
+
+@pytest.fixture(scope="module")
+def two_sidecars(tmp_path_factory) -> Iterator[tuple[ProxyProcess, ProxyProcess]]:
+    """The blob service's app (tests/proxy/chain_app.py) behind its sidecar's inbound listener, and a client
+    sidecar whose mesh file puts blob at that listener: client -> client sidecar -> server sidecar -> app."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    tmp = tmp_path_factory.mktemp("large-chain")
+    started: list[ServerProcess] = []
+    try:
+        app = ChainApp(tmp / "app", "blob")
+        started.append(app)
+        app.start()
+        server = ProxyProcess(tmp / "server-sidecar", json.dumps({"services": {"blob": {}}}), "blob",
+                              "--app-port", str(app.port), "--no-record")
+        started.append(server)
+        server.start()
+        mesh = {"services": {"client": {}, "blob": {"instances": [f"127.0.0.1:{server.inbound}"]}}}
+        client = ProxyProcess(tmp / "client-sidecar", json.dumps(mesh), "client", "--no-record")
+        started.append(client)
+        client.start()
+        yield client, server
+    finally:
+        for p in reversed(started):
+            p.stop()
+            p.kill()
+
+
+def _curl(*args: str) -> list[str]:
+    return ["curl", "-sS", "--fail", "--max-time", f"{TRANSFER_DEADLINE_S:g}", "-H", "Host: blob", *args]
+
+
+def _curl_upload(outbound: int, n: int) -> tuple[dict, str]:
+    """POST `pattern(n)` through curl's stdin (`-T -`: streamed, chunked; `--data-binary @-` would read it
+    all into curl first); returns the app's answer and the SHA-256 of what was sent."""
+    sent = hashlib.sha256()
+    curl = subprocess.Popen(_curl("-X", "POST", "-T", "-", "-H", "Expect:", f"http://127.0.0.1:{outbound}/sink"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert curl.stdin is not None and curl.stdout is not None and curl.stderr is not None
+
+    def feed() -> None:
+        try:
+            for block in pattern(n):
+                sent.update(block)
+                curl.stdin.write(block)  # type: ignore[union-attr]
+            curl.stdin.close()  # type: ignore[union-attr]
+        except BrokenPipeError:
+            pass  # curl gave up: its exit status and stderr say why
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        out = curl.stdout.read()
+        err = curl.stderr.read()
+        assert curl.wait(TRANSFER_DEADLINE_S + 30) == 0, err.decode()
+    finally:
+        if curl.poll() is None:
+            curl.kill()
+            curl.wait()
+    writer.join(PATIENCE_S)
+    return json.loads(out), sent.hexdigest()
+
+
+def _curl_download(outbound: int, n: int) -> tuple[int, str]:
+    """GET /stream?n=N through curl to a pipe, counted and hashed as it arrives."""
+    got, digest = 0, hashlib.sha256()
+    curl = subprocess.Popen(_curl(f"http://127.0.0.1:{outbound}/stream?n={n}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert curl.stdout is not None and curl.stderr is not None
+    try:
+        while block := curl.stdout.read(1 << 20):
+            got += len(block)
+            digest.update(block)
+        err = curl.stderr.read()
+        assert curl.wait(TRANSFER_DEADLINE_S + 30) == 0, err.decode()
+    finally:
+        if curl.poll() is None:
+            curl.kill()
+            curl.wait()
+    return got, digest.hexdigest()
+
+
+def _pattern_sha256(n: int) -> str:
+    digest = hashlib.sha256()
+    for block in pattern(n):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _warm_chain(client: ProxyProcess) -> None:
+    """1 MiB each way first, so that the RSS before includes the code paths' and the pool's own allocations."""
+    answer, sent = _curl_upload(client.outbound, 1 << 20)
+    assert answer == {"bytes": 1 << 20, "sha256": sent}
+    assert _curl_download(client.outbound, 1 << 20) == (1 << 20, _pattern_sha256(1 << 20))
+
+
+def test_a_1gib_upload_streams_through_two_sidecars_in_bounded_memory(two_sidecars):
+    client, server = two_sidecars
+    _warm_chain(client)
+    assert client.proc is not None and server.proc is not None
+    with PeakRss({"client sidecar": client.proc.pid, "server sidecar": server.proc.pid}) as rss:
+        answer, sent = _curl_upload(client.outbound, GIB)
+    assert answer == {"bytes": GIB, "sha256": sent}
+    rss.check()
+    assert client.alive() and server.alive()
+
+
+def test_a_1gib_download_streams_through_two_sidecars_in_bounded_memory(two_sidecars):
+    client, server = two_sidecars
+    _warm_chain(client)
+    assert client.proc is not None and server.proc is not None
+    with PeakRss({"client sidecar": client.proc.pid, "server sidecar": server.proc.pid}) as rss:
+        got = _curl_download(client.outbound, GIB)
+    assert got == (GIB, _pattern_sha256(GIB))
+    rss.check()
+    assert client.alive() and server.alive()
