@@ -29,7 +29,8 @@ from meshlens.collector.record import Call
 from meshlens.mesh import RECORDED_PROTOCOL, Mesh
 from meshlens.protocols.errors import PeerError
 from meshlens.protocols.exchange import Exchange, TunnelClosed
-from meshlens.protocols.http1 import Http1Tracker, State
+from meshlens.protocols.http1_tracker import Http1Tracker, State
+from meshlens.protocols.trace_context import parse_traceparent as _traceparent_fields
 from meshlens.protocols.sniff import SNIFF_MAX_BYTES, sniff
 from meshlens.protocols.tls import ClientHello, HelloParser, ServerHello, hello_attributes
 from meshlens.tap.packets import PacketDecoder
@@ -48,8 +49,6 @@ MAX_NAME_CACHE = 65_536
 # searched for an HTTP/1 start line before it is called plain tcp.
 MIDSTREAM_PROBE_BYTES = 8 * 1024
 
-# W3C Trace Context: version-traceid-parentid-flags, lowercase hex, ids not all zero.
-_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _HTTP1_MARK = re.compile(rb"HTTP/1\.[01](?:\r\n| [1-5][0-9]{2})")
 
 Sink = Callable[[Call], None]
@@ -57,12 +56,8 @@ Sink = Callable[[Call], None]
 
 def parse_traceparent(value: str | None) -> tuple[str, str]:
     """(trace id, span id) of a valid `traceparent` header, else ('', '')."""
-    if not value:
-        return "", ""
-    m = _TRACEPARENT.fullmatch(value.strip())
-    if m is None or m.group(1) == "ff" or m.group(2) == "0" * 32 or m.group(3) == "0" * 16:
-        return "", ""
-    return m.group(2), m.group(3)
+    fields = _traceparent_fields(value)
+    return ("", "") if fields is None else (fields[0], fields[1])
 
 
 @dataclass(slots=True)

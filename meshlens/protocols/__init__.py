@@ -2,7 +2,9 @@
 
 - `sniff`: which protocol a connection speaks, from its first bytes;
 - `tls`: ClientHello / ServerHello (SNI, versions, ALPN);
-- `http1`: HTTP/1.1 exchange tracking for one connection, both directions;
+- `http1`: the HTTP/1.1 codec, a reader per direction (the proxy drives it);
+- `http1_tracker`: the two readers paired into `Exchange` records, with gap recovery (the tap);
+- `trace_context`: the W3C `traceparent` parser;
 - `errors`: `PeerError` (the peer's fault, with the HTTP status) and `LocalError` (ours).
 """
 from __future__ import annotations

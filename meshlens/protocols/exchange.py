@@ -1,11 +1,11 @@
-"""What the HTTP/1.1 tracker emits: one `Exchange` record per request/response pair,
-and the events the proxy acts on (heads, tunnel open/close)."""
+"""What the HTTP/1.1 tracker (the tap's observer) emits: one `Exchange` record per
+request/response pair, and a tunnel's opening and close."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Union
 
-__all__ = ["Event", "Exchange", "RequestHead", "ResponseHead", "TunnelClosed", "TunnelOpened"]
+__all__ = ["Event", "Exchange", "TunnelClosed", "TunnelOpened"]
 
 
 @dataclass(slots=True, eq=True)
@@ -49,27 +49,6 @@ class Exchange:
 
 
 @dataclass(frozen=True, slots=True)
-class RequestHead:
-    """A request's headers are complete: what the proxy routes on."""
-
-    method: str
-    target: str
-    headers: list[tuple[bytes, bytes]]
-    keep_alive: bool
-    t_ns: int
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseHead:
-    """A response's headers are complete; `interim` for 1xx other than 101."""
-
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    interim: bool
-    t_ns: int
-
-
-@dataclass(frozen=True, slots=True)
 class TunnelOpened:
     """After a 101 or a 2xx to CONNECT: from here on bytes are only counted."""
 
@@ -86,4 +65,4 @@ class TunnelClosed:
     end_ns: int
 
 
-Event = Union[RequestHead, ResponseHead, Exchange, TunnelOpened, TunnelClosed]
+Event = Union[Exchange, TunnelOpened, TunnelClosed]

@@ -6,7 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshlens.protocols.errors import PeerError, ProtocolError
-from meshlens.protocols.http1 import MAX_HEADER_BYTES, MAX_PENDING_EXCHANGES, RESYNC_WINDOW, Http1Tracker, State
+from meshlens.protocols.http1 import MAX_HEADER_BYTES, MAX_PENDING_EXCHANGES, RESYNC_WINDOW
+from meshlens.protocols.http1_tracker import Http1Tracker, State
 from meshlens.protocols.sniff import sniff
 from meshlens.protocols.tls import MAX_HELLO_BYTES, MAX_RECORD_BYTES, HelloParser
 from meshlens.protocols.tls import State as TlsState
@@ -137,7 +138,7 @@ def test_huge_body_keeps_memory_flat() -> None:
     for i in range(256):  # 16 MiB here; the body is never kept
         t.feed_request(chunk, i)
         assert t.buffered == 0
-    assert t.pending[0].request_body_bytes == 256 * 65536
+    assert t.request.body_bytes == 256 * 65536
 
 
 def test_endless_resync_garbage_keeps_memory_flat() -> None:

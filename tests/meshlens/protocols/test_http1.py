@@ -1,379 +1,260 @@
-"""Http1Tracker transcripts: bytes of each direction in (with times), events and Exchange records out."""
+"""RequestReader / ResponseReader transcripts: bytes in, the consumer's callbacks out.
+
+The proxy drives the readers directly (heads, body bytes as framed, ends); the tap
+through Http1Tracker (test_http1_tracker.py). Both see the same heads: the drift the
+two used to have (absolute-form authority, traceparent versions) is pinned here.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from meshlens.protocols.errors import LocalError, PeerError
+from meshlens.protocols.errors import PeerError
 from meshlens.protocols.http1 import (
+    MAX_CHUNK_LINE,
     MAX_HEADER_BYTES,
-    Event,
-    Exchange,
-    Http1Tracker,
+    MAX_HEADER_COUNT,
     Phase,
-    RequestHead,
-    ResponseHead,
-    State,
-    TunnelClosed,
-    TunnelOpened,
+    RequestReader,
+    ResponseReader,
 )
+from meshlens.protocols.http1_tracker import Http1Tracker
+from meshlens.protocols.trace_context import parse_traceparent
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN = "00f067aa0ba902b7"
 
 
-def play(tracker: Http1Tracker, *steps: tuple[Any, ...]) -> list[Event]:
-    """Steps: ("req"|"resp", bytes, t), ("req_eof"|"resp_eof", t), ("gap", direction, nbytes, t)."""
-    events: list[Event] = []
-    for step in steps:
-        kind = step[0]
-        if kind == "req":
-            events += tracker.feed_request(step[1], step[2])
-        elif kind == "resp":
-            events += tracker.feed_response(step[1], step[2])
-        elif kind == "req_eof":
-            events += tracker.feed_request_eof(step[1])
-        elif kind == "resp_eof":
-            events += tracker.feed_response_eof(step[1])
-        elif kind == "gap":
-            events += tracker.gap(step[1], step[2], step[3])
+class Log:
+    """A consumer that writes down every callback."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[Any, ...]] = []
+        self.heads: list[Any] = []
+
+    def on_request(self, head: Any) -> None:
+        self.heads.append(head)
+        self.log.append(("request", head.method, head.target, head.raw))
+
+    def on_request_body(self, data: bytes) -> None:
+        self.log.append(("request_body", bytes(data)))
+
+    def on_request_end(self, head: Any, body_bytes: int) -> None:
+        self.log.append(("request_end", body_bytes))
+
+    def on_response(self, head: Any) -> None:
+        self.heads.append(head)
+        self.log.append(("response", head.status, head.interim, head.raw))
+
+    def on_response_body(self, data: bytes) -> None:
+        self.log.append(("response_body", bytes(data)))
+
+    def on_response_end(self, head: Any, body_bytes: int) -> None:
+        self.log.append(("response_end", body_bytes))
+
+    def on_tunnel(self, data: bytes) -> None:
+        self.log.append(("tunnel", bytes(data)))
+
+
+def merged(log: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Adjacent body pieces joined: how bytes are cut must not matter."""
+    out: list[tuple[Any, ...]] = []
+    for entry in log:
+        if out and entry[0].endswith("_body") and out[-1][0] == entry[0]:
+            out[-1] = (entry[0], out[-1][1] + entry[1])
         else:
-            raise AssertionError(kind)
-    return events
+            out.append(entry)
+    return out
 
 
-def exchanges(events: list[Event]) -> list[Exchange]:
-    return [e for e in events if isinstance(e, Exchange)]
-
-
-def get(path: str, host: str = "svc", extra: str = "") -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
-
-
-def ok(body: bytes = b"", status: str = "200 OK", extra: str = "") -> bytes:
-    return f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
-
-
-def test_three_pipelined_requests_in_one_packet() -> None:
-    t = Http1Tracker()
-    events = play(
-        t,
-        ("req", get("/a?page=2", extra="traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n")
-         + b"POST /b HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\nx-request-id: r-2\r\n\r\nhello"
-         + get("/c"), 100),
-        ("resp", ok(b"one") + ok(b"two!", "201 Created"), 200),
-        ("resp", ok(b"", "404 Not Found"), 300),
-    )
-    assert [type(e).__name__ for e in events[:3]] == ["RequestHead"] * 3
-    assert exchanges(events) == [
-        Exchange(100, "GET", "/a", "svc", "1.1", 200, 0, 3, 200, 200,
-                 traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-        Exchange(100, "POST", "/b", "svc", "1.1", 201, 5, 4, 200, 200, x_request_id="r-2"),
-        Exchange(100, "GET", "/c", "svc", "1.1", 404, 0, 0, 300, 300),
+def test_pipelined_requests_give_each_head_exactly_and_body_bytes_as_framed() -> None:
+    c = Log()
+    r = RequestReader(c)
+    first = b"GET /a?x=1 HTTP/1.1\r\nHost: svc\r\n\r\n"
+    second = b"POST /b HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"3\r\nabc\r\n0\r\nx-sum: 1\r\n\r\n"
+    third = b"PUT /c HTTP/1.1\r\nHost: svc\r\nContent-Length: 4\r\n\r\n"
+    r.feed(first + second + body + third + b"dataGET")
+    assert merged(c.log) == [
+        ("request", "GET", b"/a?x=1", first), ("request_end", 0),
+        ("request", "POST", b"/b", second), ("request_body", body), ("request_end", 3),
+        ("request", "PUT", b"/c", third), ("request_body", b"data"), ("request_end", 4),
     ]
-    assert t.pending == type(t.pending)() and t.request.phase is Phase.IDLE
+    assert r.phase is Phase.HEAD and bytes(r.held) == b"GET"
+    a, b, _ = c.heads
+    assert (a.path, a.authority, a.keep_alive, b.chunked, b.content_length) == ("/a", "svc", True, True, -1)
 
 
-def test_response_split_byte_by_byte() -> None:
-    t = Http1Tracker()
-    play(t, ("req", get("/slow"), 10))
-    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwiki\r\n5\r\npedia\r\n0\r\n\r\n"
-    events = play(t, *[("resp", raw[i:i + 1], 1000 + i) for i in range(len(raw))])
-    assert exchanges(events) == [Exchange(10, "GET", "/slow", "svc", "1.1", 200, 0, 9, 1000, 1000 + len(raw) - 1)]
-    assert exchanges(events)[0].duration_ns == 1000 + len(raw) - 1 - 10
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(1, 150), max_size=8))
+def test_the_same_callbacks_whatever_the_cut(cuts: list[int]) -> None:
+    data = (b"POST /u HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            b"GET /v HTTP/1.1\r\nHost: s\r\n\r\nPOST /w HTTP/1.1\r\nContent-Length: 3\r\n\r\nxyz")
+    whole, pieces = Log(), Log()
+    RequestReader(whole).feed(data)
+    reader = RequestReader(pieces)
+    bounds = sorted({0, len(data), *(c % len(data) for c in cuts)})
+    for a, b in zip(bounds, bounds[1:]):
+        reader.feed(data[a:b])
+    assert merged(pieces.log) == merged(whole.log)
 
 
-def test_chunked_with_trailers_both_ways() -> None:
-    t = Http1Tracker()
-    events = play(
-        t,
-        ("req", b"PUT /blob HTTP/1.1\r\nHost: s3\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n"
-                b"3\r\nabc\r\n", 1),
-        ("req", b"a\r\n0123456789\r\n0\r\nx-checksum: 42\r\n\r\n", 2),
-        ("resp", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nserver-timing: db;dur=3\r\n\r\n", 3),
-    )
-    assert exchanges(events) == [Exchange(1, "PUT", "/blob", "s3", "1.1", 200, 13, 2, 3, 3)]
-    heads = [e for e in events if isinstance(e, ResponseHead)]
-    assert heads[0].headers == [(b"Transfer-Encoding", b"chunked")]  # trailers are not headers
+def test_absolute_form_authority_ends_at_the_query_as_rfc_3986_says() -> None:
+    c = Log()
+    RequestReader(c).feed(b"GET http://h:1?x=1 HTTP/1.1\r\n\r\nGET http://inv:8080/items?id=7 HTTP/1.1\r\n\r\n")
+    assert [(h.authority, h.path) for h in c.heads] == [("h:1", "/"), ("inv:8080", "/items")]
+    t = Http1Tracker()  # the tap reads the same heads
+    t.feed_request(b"GET http://h:1?x=1 HTTP/1.1\r\n\r\n", 1)
+    (ex,) = t.feed_response(b"HTTP/1.1 204 No Content\r\n\r\n", 2)
+    assert (ex.authority, ex.path) == ("h:1", "/")
 
 
-def test_head_with_content_length_has_no_body_and_keep_alive_continues() -> None:
-    t = Http1Tracker()
-    events = play(
-        t,
-        ("req", b"HEAD /big HTTP/1.1\r\nHost: cdn\r\n\r\n", 1),
-        ("resp", b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n", 2),
-        ("req", get("/small", "cdn"), 3),
-        ("resp", ok(b"hi"), 4),
-    )
-    assert exchanges(events) == [
-        Exchange(1, "HEAD", "/big", "cdn", "1.1", 200, 0, 0, 2, 2),
-        Exchange(3, "GET", "/small", "cdn", "1.1", 200, 0, 2, 4, 4),
-    ]
+def test_host_wins_over_the_target_and_connect_names_its_authority() -> None:
+    c = Log()
+    RequestReader(c).feed(b"GET http://a:1/p HTTP/1.1\r\nHost: b:2\r\n\r\nCONNECT db:5432 HTTP/1.1\r\n\r\n")
+    assert [(h.authority, h.path, h.upgrade) for h in c.heads] == [("b:2", "/p", False), ("db:5432", "", True)]
 
 
-def test_pipelined_head_after_get_in_one_packet() -> None:
-    t = Http1Tracker()
-    events = play(
-        t,
-        ("req", get("/a") + b"HEAD /b HTTP/1.1\r\nHost: svc\r\n\r\n" + get("/c"), 1),
-        ("resp", ok(b"x" * 10) + b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + ok(b"yz"), 2),
-    )
-    assert [(x.method, x.path, x.status, x.response_body_bytes) for x in exchanges(events)] == [
-        ("GET", "/a", 200, 10), ("HEAD", "/b", 200, 0), ("GET", "/c", 200, 2)]
+def test_fields_read_in_any_spelling_and_hop_by_hop_noticed() -> None:
+    c = Log()
+    RequestReader(c, extra=frozenset({b"x-meshlens-peer"})).feed(
+        b"GET / HTTP/1.1\r\nHOST: h\r\nTRACEPARENT: 00-" + TRACE.encode() + b"-" + SPAN.encode() + b"-01\r\n"
+        b"X-Request-Id: r1\r\nx-MeshLens-Peer: web\r\nConnection: keep-alive\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close, x-secret\r\nx-secret: 1\r\n\r\n")
+    a, b = c.heads
+    assert (a.authority, a.request_id, a.extra, a.hop_by_hop, a.keep_alive) == ("h", b"r1", {b"x-meshlens-peer": b"web"}, False, True)
+    assert parse_traceparent(a.traceparent) == (TRACE, SPAN, "01")
+    assert (b.hop_by_hop, b.keep_alive, b.connection) == (True, False, b"close, x-secret")
 
 
-def test_304_and_204_have_no_body() -> None:
-    t = Http1Tracker()
-    events = play(
-        t,
-        ("req", get("/etag", extra='If-None-Match: "v1"\r\n') + b"DELETE /x HTTP/1.1\r\nHost: svc\r\n\r\n", 1),
-        ("resp", b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n', 2),
-    )
-    assert [(x.method, x.status, x.response_body_bytes, x.incomplete) for x in exchanges(events)] == [
-        ("GET", 304, 0, False), ("DELETE", 204, 0, False)]
+def test_after_connection_close_nothing_more_is_read() -> None:
+    c = Log()
+    r = RequestReader(c)
+    r.feed(b"GET /bye HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\nGET /ignored HTTP/1.1\r\n\r\n")
+    assert [h.path for h in c.heads] == ["/bye"] and r.phase is Phase.CLOSED and r.skipped_bytes == 25
 
 
-def test_100_continue_then_final_response() -> None:
-    t = Http1Tracker()
-    events = play(
-        t,
-        ("req", b"POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n", 1),
-        ("resp", b"HTTP/1.1 100 Continue\r\n\r\n", 2),
-        ("req", b"data", 3),
-        ("resp", ok(b"stored", "201 Created"), 4),
-    )
-    assert [e for e in events if isinstance(e, ResponseHead)] == [
-        ResponseHead(100, [], True, 2), ResponseHead(201, [(b"Content-Length", b"6")], False, 4)]
-    assert exchanges(events) == [Exchange(1, "POST", "/upload", "api", "1.1", 201, 4, 6, 2, 4)]
+def test_http_1_0_keeps_alive_only_when_asked() -> None:
+    c = Log()
+    RequestReader(c).feed(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /b HTTP/1.0\r\n\r\n")
+    assert [(h.version, h.keep_alive) for h in c.heads] == [("1.0", True), ("1.0", False)]
 
 
-def test_101_upgrade_becomes_a_counted_tunnel() -> None:
-    t = Http1Tracker()
-    events = play(
-        t,
-        ("req", b"GET /chat HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x02hi", 1),
-        ("resp", b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x03hey", 2),
-        ("req", b"GET / HTTP/1.1\r\n\r\n", 3),  # inside the tunnel: not parsed, counted
-        ("resp_eof", 9),
-    )
-    assert exchanges(events) == [Exchange(1, "GET", "/chat", "ws", "1.1", 101, 0, 0, 2, 2, upgraded=True)]
-    assert events[-2:] == [TunnelOpened(2), TunnelClosed(request_bytes=4 + 18, response_bytes=5, start_ns=2, end_ns=9)]
-    assert t.state is State.CLOSED
+def test_responses_are_framed_by_their_requests() -> None:
+    c = Log()
+    r = ResponseReader(c)
+    for method in ("HEAD", "GET", "GET", "GET"):
+        r.expect(method)
+    r.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"  # HEAD: no body whatever the length says
+           b"HTTP/1.1 100 Continue\r\n\r\n"
+           b"HTTP/1.1 204 No Content\r\n\r\n"
+           b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+           b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    assert [(e[0], e[1]) for e in merged(c.log)] == [
+        ("response", 200), ("response_end", 0), ("response", 100), ("response", 204), ("response_end", 0),
+        ("response", 200), ("response_body", b"2\r\nok\r\n0\r\n\r\n"), ("response_end", 2),
+        ("response", 200), ("response_body", b"hi"), ("response_end", 2)]
+    assert [h.method for h in c.heads] == ["HEAD", "", "GET", "GET", "GET"] and r.phase is Phase.IDLE
 
 
-def test_refused_upgrade_goes_on_as_http() -> None:
-    t = Http1Tracker()
-    events = play(
-        t,
-        ("req", b"GET /h2c HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
-                b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n" + get("/next", "a"), 1),
-        ("resp", ok(b"no h2c") + ok(b"next"), 2),
-    )
-    assert [(x.path, x.status, x.upgraded) for x in exchanges(events)] == [("/h2c", 200, False), ("/next", 200, False)]
-    assert t.state is State.HTTP and TunnelOpened(2) not in events
+def test_a_response_without_length_ends_at_close() -> None:
+    c = Log()
+    r = ResponseReader(c)
+    r.expect("GET")
+    r.feed(b"HTTP/1.0 200 OK\r\n\r\nstreamed")
+    r.feed(b" until close")
+    assert r.feed_eof() is False
+    assert merged(c.log)[1:] == [("response_body", b"streamed until close"), ("response_end", 20)]
+    assert c.heads[0].keep_alive is False
 
 
-def test_connect_2xx_becomes_a_tunnel() -> None:
-    t = Http1Tracker()
-    events = play(
-        t,
-        ("req", b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n", 1),
-        ("resp", b"HTTP/1.1 200 Connection Established\r\n\r\n\x16\x03\x03", 2),
-        ("req", b"\x16\x03\x01\x00\x05hello", 3),
-    )
-    assert exchanges(events) == [Exchange(1, "CONNECT", "", "db.internal:5432", "1.1", 200, 0, 0, 2, 2, upgraded=True)]
-    assert (t.state, t.tunnel_request_bytes, t.tunnel_response_bytes) == (State.TUNNEL, 10, 3)
+def test_eof_inside_a_framed_body_is_a_cut_message() -> None:
+    r = ResponseReader(Log())
+    r.expect("GET")
+    r.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123")
+    assert r.feed_eof() is True and r.body_bytes == 4
 
 
-def test_http10_response_delimited_by_close() -> None:
-    t = Http1Tracker()
-    events = play(
-        t,
-        ("req", b"GET /legacy HTTP/1.0\r\n\r\n", 1),
-        ("resp", b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst ", 2),
-        ("resp", b"second", 3),
-        ("resp_eof", 4),
-    )
-    assert exchanges(events) == [Exchange(1, "GET", "/legacy", "", "1.0", 200, 0, 12, 2, 4)]
-    assert t.state is State.CLOSED
+def test_101_and_connect_2xx_hand_what_follows_to_the_tunnel() -> None:
+    c = Log()
+    req = RequestReader(c)
+    req.feed(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nearly")
+    assert req.phase is Phase.UPGRADE_WAIT and c.heads[0].upgrade
+    resp = ResponseReader(c)
+    resp.expect("GET")
+    resp.feed(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x02hi")
+    assert c.log[-1] == ("tunnel", b"\x81\x02hi") and c.heads[-1].upgraded
+    assert req.upgrade_answered(True) == b"early" and req.phase is Phase.TUNNEL
+
+    c = Log()
+    resp = ResponseReader(c)
+    resp.expect("CONNECT")
+    resp.feed(b"HTTP/1.1 200 Connection established\r\n\r\n\x16\x03\x01")
+    assert c.log[-1] == ("tunnel", b"\x16\x03\x01") and resp.phase is Phase.TUNNEL
 
 
-def test_connection_close_ends_the_exchanges() -> None:
-    t = Http1Tracker()
-    events = play(
-        t,
-        ("req", get("/bye", extra="Connection: close\r\n") + get("/ignored"), 1),
-        ("resp", ok(b"bye", extra="Connection: close\r\n"), 2),
-        ("resp_eof", 3),
-    )
-    assert [e for e in events if isinstance(e, RequestHead)][0].keep_alive is False
-    assert exchanges(events) == [Exchange(1, "GET", "/bye", "svc", "1.1", 200, 0, 3, 2, 2)]
-    assert t.request.skipped_bytes >= len(get("/ignored"))  # llhttp does not say where the extra bytes began
+def test_a_refused_upgrade_parses_the_held_bytes_as_requests() -> None:
+    c = Log()
+    req = RequestReader(c)
+    req.feed(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nGET /next HTTP/1.1\r\n\r\n")
+    assert [h.path for h in c.heads] == ["/ws"]
+    assert req.upgrade_answered(False) == b""
+    assert [h.path for h in c.heads] == ["/ws", "/next"]
 
 
-def test_absolute_form_target_gives_the_authority() -> None:
-    t = Http1Tracker()
-    events = play(t, ("req", b"GET http://inventory:8080/items?id=7 HTTP/1.1\r\n\r\n", 1), ("resp", ok(), 2))
-    assert (exchanges(events)[0].authority, exchanges(events)[0].path) == ("inventory:8080", "/items")
-
-
-def test_oversized_request_headers_are_431() -> None:
-    t = Http1Tracker()
-    with pytest.raises(PeerError, match="MAX_HEADER_BYTES") as info:
-        t.feed_request(get("/", extra=f"Cookie: {'c' * MAX_HEADER_BYTES}\r\n"), 1)
-    assert info.value.status == 431
-
-
-def test_oversized_headers_fed_in_small_pieces_are_431_with_bounded_memory() -> None:
-    t = Http1Tracker()
-    t.feed_request(b"GET / HTTP/1.1\r\nX-Big: ", 1)
+@pytest.mark.parametrize(("data", "status", "words"), [
+    (b"GET / HTTP/1.1\r\nHost: h\r\n" + b"x-pad: " + b"a" * MAX_HEADER_BYTES + b"\r\n\r\n", 431, "MAX_HEADER_BYTES"),
+    (b"GET / HTTP/1.1\r\n" + b"".join(b"h%d: v\r\n" % i for i in range(MAX_HEADER_COUNT + 1)) + b"\r\n", 431, "MAX_HEADER_COUNT"),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "malformed"),
+    (b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400, "malformed"),
+    (b"GET /\x00 HTTP/1.1\r\n\r\n", 400, "malformed"),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400, "chunk size"),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1;" + b"e" * MAX_CHUNK_LINE, 400, "MAX_CHUNK_LINE"),
+])
+def test_bad_requests_raise_the_status_to_answer_and_resynchronise(data: bytes, status: int, words: str) -> None:
+    r = RequestReader(Log())
     with pytest.raises(PeerError) as info:
-        for _ in range(MAX_HEADER_BYTES // 1000 + 2):
-            t.feed_request(b"v" * 1000, 2)
-    assert info.value.status == 431 and t.request.phase is Phase.RESYNC and t.buffered == 0
+        r.feed(data)
+    assert info.value.status == status and words in str(info.value)
+    assert r.phase is Phase.RESYNC
+    r.feed(b"GET /after HTTP/1.1\r\nHost: h\r\n\r\n")  # the tap carries on at the next request line
+    assert r.phase is Phase.IDLE
 
 
-def test_oversized_response_headers_are_502() -> None:
-    t = Http1Tracker()
-    t.feed_request(get("/"), 1)
+def test_a_head_never_ended_is_refused_at_the_limit_not_after() -> None:
+    r = RequestReader(Log())
+    r.feed(b"GET / HTTP/1.1\r\n")
     with pytest.raises(PeerError) as info:
-        t.feed_response(ok(extra=f"Set-Cookie: {'c' * MAX_HEADER_BYTES}\r\n"), 2)
+        for _ in range(MAX_HEADER_BYTES // 64 + 2):
+            r.feed(b"x-a: " + b"b" * 57 + b"\r\n")
+    assert info.value.status == 431 and len(r.held) == 0
+
+
+def test_bad_responses_are_502() -> None:
+    r = ResponseReader(Log())
+    r.expect("GET")
+    with pytest.raises(PeerError) as info:
+        r.feed(b"HTTP/1.1 2000 OK\r\n\r\n")
     assert info.value.status == 502
-    assert exchanges(info.value.events) == [
-        Exchange(1, "GET", "/", "svc", "1.1", 0, 0, 0, 2, 2, incomplete=True, error="protocol_error")]
 
 
-@pytest.mark.parametrize("line", [b"GET / HTTX/1.1\r\n\r\n", b"GET / HTTP/1.1 extra\r\n\r\n", b"\x00\x01\x02 / HTTP/1.1\r\n\r\n",
-                                  b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"])
-def test_malformed_request_is_400_and_the_tracker_resyncs(line: bytes) -> None:
-    t = Http1Tracker()
-    with pytest.raises(PeerError) as info:
-        t.feed_request(line, 1)
-    assert info.value.status == 400 and t.request.phase is Phase.RESYNC
-    events = play(t, ("resp", ok(b"bad", "400 Bad Request"), 2), ("req", get("/after"), 3), ("resp", ok(b"!"), 4))
-    assert [(x.path, x.status, x.incomplete, x.error) for x in exchanges(events)] == [
-        ("", 400, True, "protocol_error"), ("/after", 200, False, "")]
-
-
-def test_gap_in_a_response_body_marks_it_incomplete_and_resyncs() -> None:
-    t = Http1Tracker()
-    events = play(
-        t,
-        ("req", get("/1") + get("/2"), 1),
-        ("resp", b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100, 2),
-        ("gap", "response", 800, 3),  # lost: 800 body bytes
-        ("resp", b"b" * 100 + ok(b"second"), 4),  # the tail of the first body, then the next response
-    )
-    assert exchanges(events) == [
-        Exchange(1, "GET", "/1", "svc", "1.1", 200, 0, 900, 2, 3, incomplete=True, error="gap"),
-        Exchange(1, "GET", "/2", "svc", "1.1", 200, 0, 6, 4, 4),
-    ]
-    assert t.response.skipped_bytes == 100
-
-
-def test_gap_covering_a_whole_request_keeps_responses_paired() -> None:
-    t = Http1Tracker()
-    events = play(
-        t,
-        ("req", get("/1"), 1),
-        ("gap", "request", 40, 2),  # GET /2 was lost
-        ("req", get("/3"), 3),
-        ("resp", ok(b"1") + ok(b"22") + ok(b"333"), 4),
-    )
-    assert [(x.path, x.response_body_bytes, x.incomplete) for x in exchanges(events)] == [
-        ("/1", 1, False), ("", 2, True), ("/3", 3, False)]
-
-
-def test_capture_started_mid_connection() -> None:
-    t = Http1Tracker(midstream=True)
-    events = play(
-        t,
-        ("req", b"ody of an earlier request\r\n" + get("/seen"), 1),
-        ("resp", b"tail of an earlier response\r\n" + ok(b"ok"), 2),
-    )
-    assert [(x.path, x.status, x.incomplete) for x in exchanges(events)] == [("/seen", 200, False)]
-
-
-def test_response_without_request_and_eof_with_pending_requests() -> None:
-    t = Http1Tracker()
-    events = play(t, ("resp", ok(b"?", "408 Request Timeout"), 1))
-    assert exchanges(events) == [Exchange(0, "", "", "", "1.1", 408, 0, 1, 1, 1, incomplete=True, error="no_request")]
-    events = play(t, ("req", get("/late"), 2), ("resp_eof", 3))
-    assert exchanges(events) == [Exchange(2, "GET", "/late", "svc", "1.1", 0, 0, 0, 0, 3, incomplete=True, error="no_response")]
-
-
-def test_truncated_response_at_eof_is_incomplete() -> None:
-    t = Http1Tracker()
-    events = play(t, ("req", get("/"), 1), ("resp", ok(b"0123456789")[:-4], 2), ("resp_eof", 3))
-    assert exchanges(events) == [Exchange(1, "GET", "/", "svc", "1.1", 200, 0, 6, 2, 3, incomplete=True, error="truncated")]
-
-
-def test_close_flushes_and_feeding_a_closed_tracker_is_our_bug() -> None:
-    t = Http1Tracker()
-    t.feed_request(get("/"), 1)
-    assert "pending=1" in repr(t) and "state=HTTP" in repr(t)
-    assert exchanges(t.close(5, "reset"))[0].error == "reset"
-    with pytest.raises(LocalError, match="CLOSED"):
-        t.feed_request(get("/"), 6)
-    assert t.close(7) == []
-
-
-def test_head_response_split_byte_by_byte_then_pipelined_get() -> None:
-    t = Http1Tracker()
-    play(t, ("req", b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\n" + get("/g", "a"), 1))
-    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n" + ok(b"body")
-    events = play(t, *[("resp", raw[i:i + 1], 10 + i) for i in range(len(raw))])
-    head_end = raw.index(b"\r\n\r\n") + 3
-    assert exchanges(events) == [
-        Exchange(1, "HEAD", "/h", "a", "1.1", 200, 0, 0, 10, 10 + head_end),
-        Exchange(1, "GET", "/g", "a", "1.1", 200, 0, 4, 10 + head_end + 1, 10 + len(raw) - 1),
-    ]
-
-
-def test_refused_connect_with_a_body_goes_on_as_http() -> None:
-    t = Http1Tracker()
-    events = play(
-        t,
-        ("req", b"CONNECT evil:25 HTTP/1.1\r\nHost: evil:25\r\n\r\n", 1),
-        ("resp", ok(b"denied", "403 Forbidden"), 2),
-        ("req", get("/ok"), 3),
-        ("resp", ok(b"fine"), 4),
-    )
-    assert [(x.method, x.status, x.response_body_bytes, x.upgraded) for x in exchanges(events)] == [
-        ("CONNECT", 403, 6, False), ("GET", 200, 4, False)]
-    assert t.state is State.HTTP
-
-
-def test_gap_inside_a_tunnel_is_counted() -> None:
-    t = Http1Tracker()
-    play(t, ("req", b"CONNECT a:1 HTTP/1.1\r\n\r\n", 1), ("resp", b"HTTP/1.1 200 OK\r\n\r\n", 2))
-    events = play(t, ("gap", "response", 1000, 3), ("req", b"abc", 4), ("resp_eof", 5))
-    assert events == [TunnelClosed(request_bytes=3, response_bytes=1000, start_ns=2, end_ns=5)]
-
-
-def test_too_many_unanswered_requests_is_refused() -> None:
-    from meshlens.protocols.http1 import MAX_PENDING_EXCHANGES
-
-    t = Http1Tracker()
-    t.feed_request(get("/") * MAX_PENDING_EXCHANGES, 1)
-    with pytest.raises(PeerError, match="MAX_PENDING_EXCHANGES") as info:
-        t.feed_request(get("/one-too-many"), 2)
-    assert info.value.status == 429 and len(t.pending) == MAX_PENDING_EXCHANGES
-
-
-def test_request_heads_carry_what_the_proxy_routes_on() -> None:
-    t = Http1Tracker()
-    (head,) = t.feed_request(b"POST /v1/pay HTTP/1.1\r\nHost: pay\r\nContent-Length: 2\r\n\r\n", 7)
-    assert head == RequestHead("POST", "/v1/pay", [(b"Host", b"pay"), (b"Content-Length", b"2")], True, 7)
-    assert "request=BODY" in repr(t)
-
-
-def test_response_before_the_request_is_fully_sent() -> None:
-    t = Http1Tracker()
-    events = play(
-        t,
-        ("req", b"POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: 10\r\n\r\n0123", 1),
-        ("resp", ok(b"too big", "413 Content Too Large", "Connection: close\r\n"), 2),
-        ("req", b"456789", 3),  # the client keeps sending: parsed, the emitted record does not change
-    )
-    assert exchanges(events) == [Exchange(1, "POST", "/upload", "api", "1.1", 413, 4, 7, 2, 2)]
-    assert exchanges(events)[0].request_body_bytes == 4
+@pytest.mark.parametrize(("value", "expected"), [
+    (f"00-{TRACE}-{SPAN}-01", (TRACE, SPAN, "01")),
+    (f"01-{TRACE}-{SPAN}-01", (TRACE, SPAN, "01")),  # a later version: the fields 00 defines, continued
+    (f"cc-{TRACE}-{SPAN}-00-what-the-future-adds", (TRACE, SPAN, "00")),
+    (f"00-{TRACE}-{SPAN}-01-extra", None),  # version 00 is exactly 55 characters
+    (f"cc-{TRACE}-{SPAN}-01x", None),  # a later version still needs '-' after the flags
+    (f"ff-{TRACE}-{SPAN}-01", None),
+    (f"00-{'0' * 32}-{SPAN}-01", None),
+    (f"00-{TRACE}-{'0' * 16}-01", None),
+    (f"00-{TRACE.upper()}-{SPAN}-01", None),
+    ("garbage", None),
+    (None, None),
+])
+def test_one_traceparent_parser_for_the_proxy_and_the_tap(value: str | None, expected: tuple[str, str, str] | None) -> None:
+    assert parse_traceparent(value) == expected
+    if value is not None:
+        assert parse_traceparent(value.encode()) == expected

@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshlens.protocols.http1 import Exchange, Http1Tracker
+from meshlens.protocols.exchange import Exchange
+from meshlens.protocols.http1_tracker import Http1Tracker
 
 BODY = st.binary(max_size=50)
 
