@@ -1,23 +1,32 @@
-"""What the proxy changes in a message head, as pure functions over bytes.
+"""What the proxy changes in a message head, as pure functions over its bytes.
 
-RFC 9110 7.6.1: hop-by-hop fields (Connection, the fields it names, Keep-Alive,
-Proxy-Connection, TE, Transfer-Encoding, Upgrade) are not forwarded; the proxy
-frames each hop itself. W3C Trace Context: an incoming `traceparent` is continued
-with a new span id (the incoming span becomes the parent), else one is started;
-`tracestate` passes unchanged; `x-request-id` is added when absent.
-Every other field passes byte for byte, in order, with its original case.
+Heads are forwarded as they were received, with fields spliced in after the start
+line and the proxy's own fields cut out, not rebuilt: the codec hands over each head's
+exact bytes (meshlens.protocols.http1), and a head that needs nothing else leaves as
+one slice and one join. Only a head with hop-by-hop fields (RFC 9110 7.6.1: Connection
+and the fields it names, Keep-Alive, Proxy-Connection, TE, Upgrade) is taken apart
+and rebuilt without them; bodies keep their framing (Content-Length or chunked)
+hop to hop, so Transfer-Encoding passes. An upgrade keeps its Upgrade field and
+`connection: upgrade` (RFC 9110 7.8).
+
+W3C Trace Context: an incoming `traceparent` is continued with a new span id (the
+incoming span becomes the parent), else one is started; `tracestate` passes
+unchanged; `x-request-id` is added when absent (as Envoy does).
 """
 from __future__ import annotations
 
-import re
 from random import getrandbits
+from typing import TYPE_CHECKING
 
-__all__ = ["HOP_BY_HOP", "Trace", "forwardable", "hop_by_hop_names", "new_request_id", "trace_for", "upgrade_fields"]
+from meshlens.protocols.trace_context import parse_traceparent
 
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te",
-                        b"transfer-encoding", b"upgrade"})
-_TRACEPARENT = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
+if TYPE_CHECKING:
+    from meshlens.protocols.http1 import RequestHead, ResponseHead
+
+__all__ = ["HOP_BY_HOP", "PEER_HEADER", "Trace", "new_request_id", "peer_field", "request_head", "response_head",
+           "trace_for"]
+
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade"})
 
 
 class Trace:
@@ -33,12 +42,12 @@ class Trace:
 
 
 def trace_for(traceparent: bytes | None) -> Trace:
-    """Continue a valid version-00 `traceparent` (new span, incoming span as parent), else start one."""
+    """Continue a valid `traceparent` (new span, incoming span as parent), else start a trace."""
     span = f"{getrandbits(64) or 1:016x}"
     if traceparent is not None:
-        m = _TRACEPARENT.fullmatch(traceparent.strip())
-        if m is not None and m.group(1) != _ZERO_TRACE and m.group(2) != _ZERO_SPAN:
-            return Trace(m.group(1).decode(), span, m.group(2).decode(), m.group(3).decode())
+        fields = parse_traceparent(traceparent)
+        if fields is not None:
+            return Trace(fields[0], span, fields[1], fields[2])
     return Trace(f"{getrandbits(128) or 1:032x}", span, "", "01")
 
 
@@ -48,11 +57,92 @@ def new_request_id() -> bytes:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:]}".encode()
 
 
+# -- the caller's service, sidecar to sidecar ------------------------------------------------------
+# An outbound sidecar adds `x-meshlens-peer: SERVICE` (its own service) to every request it
+# forwards; the callee's inbound sidecar reads it to fill the record's src_service when the
+# caller's address does not name a service (loopback, NAT), and strips it before the app sees
+# it. Outbound sidecars strip any copy the app sent, and answer 508 to a request carrying their
+# own name (it already went through them: a redirect loop). Like Istio's x-envoy-peer-metadata,
+# it is a claim, not an identity: mTLS peer identities are what enforcement will trust.
+PEER_HEADER = b"x-meshlens-peer"
+
+
+def peer_field(service: str) -> bytes:
+    """The serialized `x-meshlens-peer` field an outbound sidecar of `service` adds."""
+    return PEER_HEADER + b": " + service.encode("ascii") + b"\r\n"
+
+
+# -- heads -----------------------------------------------------------------------------------------
+
+def request_head(head: RequestHead, trace: Trace, new_id: bytes | None, peer: bytes) -> bytes:
+    """The head to send upstream: `traceparent` (ours), `x-request-id` when `new_id`, `peer` spliced
+    in after the request line; an incoming traceparent and x-meshlens-peer cut out."""
+    raw = head.raw
+    if head.hop_by_hop:
+        raw = _without_hop_by_hop(raw, head.upgrade and head.method != "CONNECT")
+    if head.traceparent is not None:
+        raw = _cut(raw, b"\r\ntraceparent:")
+    if head.extra is not None and PEER_HEADER in head.extra:
+        raw = _cut(raw, b"\r\nx-meshlens-peer:")
+    line = raw.find(b"\r\n") + 2
+    added = b"traceparent: " + trace.header() + b"\r\n"
+    if new_id is not None:
+        added += b"x-request-id: " + new_id + b"\r\n"
+    return raw[:line] + added + peer + raw[line:]
+
+
+def response_head(head: ResponseHead, close: bool) -> bytes:
+    """The head to send downstream: as received, hop-by-hop fields out; `connection: close` in
+    when this response is the connection's last and the head does not say so already."""
+    raw = head.raw
+    if head.hop_by_hop:
+        raw = _without_hop_by_hop(raw, head.status == 101)
+    elif not close:
+        return raw  # the common case: nothing to change
+    elif head.connection:  # `connection: keep-alive`, which would now be wrong
+        raw = _without_hop_by_hop(raw, False)
+    if close:
+        line = raw.find(b"\r\n") + 2
+        raw = raw[:line] + b"connection: close\r\n" + raw[line:]
+    return raw
+
+
+def _cut(raw: bytes, marker: bytes) -> bytes:
+    """`raw` without every field line that `marker` (CRLF + lowercase name + ':') starts."""
+    low = raw.lower()
+    i = low.find(marker)
+    while i >= 0:
+        j = raw.find(b"\r\n", i + 2)
+        raw, low = raw[:i] + raw[j:], low[:i] + low[j:]
+        i = low.find(marker, i)
+    return raw
+
+
+def _without_hop_by_hop(raw: bytes, upgrade: bool) -> bytes:
+    """Rebuild a head without its hop-by-hop fields (keeping Upgrade and `connection: upgrade`
+    when `upgrade`); every other line is kept byte for byte, in order."""
+    lines = raw[:-4].split(b"\r\n")
+    named: set[bytes] = set()
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.lower() == b"connection":
+            named.update(t.strip().lower() for t in value.split(b","))
+    drop = HOP_BY_HOP | named
+    if upgrade:
+        drop = drop - {b"upgrade"}
+    kept = [lines[0]] + [line for line in lines[1:] if line.partition(b":")[0].lower() not in drop]
+    if upgrade:
+        kept.append(b"connection: upgrade")
+    return b"\r\n".join(kept) + b"\r\n\r\n"
+
+
+# -- the old proxy's head builders, until downstream.py and upstream.py move to the splicing above --
+OLD_HOP_BY_HOP = HOP_BY_HOP | {b"transfer-encoding"}
 def hop_by_hop_names(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """HOP_BY_HOP plus every field named in Connection (lowercase)."""
+    """OLD_HOP_BY_HOP plus every field named in Connection (lowercase)."""
     extra = [tok.strip().lower() for name, value in headers if name.lower() == b"connection"
              for tok in value.split(b",")]
-    return HOP_BY_HOP.union(t for t in extra if t) if extra else HOP_BY_HOP
+    return OLD_HOP_BY_HOP.union(t for t in extra if t) if extra else OLD_HOP_BY_HOP
 
 
 def upgrade_fields(headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -72,7 +162,7 @@ def forwardable(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bool, bool]:
     named: list[bytes] | None = None
     for n, v in headers:
         ln = n.lower()
-        if ln in HOP_BY_HOP:
+        if ln in OLD_HOP_BY_HOP:
             if ln == b"transfer-encoding":
                 chunked = chunked or b"chunked" in v.lower()
             elif ln == b"connection":
@@ -87,16 +177,3 @@ def forwardable(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bool, bool]:
     return b"".join(out), chunked, has_length
 
 
-# -- the caller's service, sidecar to sidecar ------------------------------------------------------
-# An outbound sidecar adds `x-meshlens-peer: SERVICE` (its own service) to every request it
-# forwards; the callee's inbound sidecar reads it to fill the record's src_service when the
-# caller's address does not name a service (loopback, NAT), and strips it before the app sees
-# it. Outbound sidecars strip any copy the app sent, and answer 508 to a request carrying their
-# own name (it already went through them: a redirect loop). Like Istio's x-envoy-peer-metadata,
-# it is a claim, not an identity: mTLS peer identities are what enforcement will trust.
-PEER_HEADER = b"x-meshlens-peer"
-
-
-def peer_field(service: str) -> bytes:
-    """The serialized `x-meshlens-peer` field an outbound sidecar of `service` adds."""
-    return PEER_HEADER + b": " + service.encode("ascii") + b"\r\n"

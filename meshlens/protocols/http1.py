@@ -405,17 +405,24 @@ class _Reader:
         self.body_bytes = 0
         self._done = False
 
-    def _framing(self, head: Any) -> None:
-        """After a head that llhttp says a body follows: how that body is framed."""
+    @staticmethod
+    def _frame(head: Any) -> None:
+        """A head's body framing from its fields, set before the consumer sees the head."""
         te = head.transfer_encoding
-        if te is not None and te.rstrip().lower().endswith(b"chunked"):  # RFC 9112 6.3: chunked must be last
-            head.chunked = True
+        if te is not None:
+            head.chunked = te.rstrip().lower().endswith(b"chunked")  # RFC 9112 6.3: chunked must be last
+        elif head.content_length_field is not None:
+            head.content_length = int(head.content_length_field)  # llhttp checked the digits
+
+    def _framing(self, head: Any) -> None:
+        """After a head that llhttp says a body follows: read that body."""
+        if head.chunked:
             self._left = _CHUNKED
             self._chunk_left = 0
             self._trailers = False
             self._trailer_bytes = 0
-        elif te is None and head.content_length_field is not None:
-            head.content_length = self._left = int(head.content_length_field)  # llhttp checked the digits
+        elif head.content_length >= 0 and head.transfer_encoding is None:
+            self._left = head.content_length
         else:
             self._left = _UNTIL_EOF  # RFC 9112 6.3: a response without length ends when the server closes
             head.keep_alive = False
@@ -547,6 +554,8 @@ class RequestReader(_Reader):
                 head.authority = authority
         if upgrade:
             head.upgrade = True
+        if head.transfer_encoding is not None or head.content_length_field is not None:
+            self._frame(head)
         if self.phase is _HEAD:
             self.phase = _IDLE
         self._on_head(head)
@@ -642,6 +651,9 @@ class ResponseReader(_Reader):
         head.version = version = "1.1" if raw[7] == 49 else "1.0"  # "HTTP/1.1": the minor digit
         connection = head.connection
         head.keep_alive = keep_alive = (version == "1.1") if not connection else _keep_alive(version, connection)
+        unframed = head.transfer_encoding is None and head.content_length_field is None
+        if not unframed:
+            self._frame(head)
         if self.phase is _HEAD:
             self.phase = _IDLE
         if status < 200 and status != 101:
@@ -659,13 +671,16 @@ class ResponseReader(_Reader):
             if self._on_tunnel is not None:
                 self._on_tunnel(data[end:])
             return len(data)
+        no_body = method == "HEAD" or status == 204 or status == 304
+        if unframed and not self._done and not no_body:
+            head.keep_alive = keep_alive = False  # RFC 9112 6.3: no length, the body ends at close
         self._on_head(head)
         if self._done:
             if self._on_end is not None:
                 self._on_end(head, 0)
             if not keep_alive:
                 self.move(_CLOSED)
-        elif method == "HEAD" or status == 204 or status == 304:
+        elif no_body:
             self.parser = self._new_parser()  # llhttp expected the body its fields announce
             self._message_end()
         else:

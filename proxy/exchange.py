@@ -1,0 +1,426 @@
+"""One request and its response through the sidecar: the exchange and the order things happen in.
+
+The exchange is the one place that knows the order of a request's life: route, the
+policy chain at the request head, an endpoint from the cluster, an upstream connection
+from the pool or `connect`, the head sent (fields spliced in), the body streamed (and a
+bounded copy kept for a retry), the response head through the chain, the response
+streamed back, the end. Each attempt is one try at one endpoint. Time comes from the
+`env` passed in (`now_ns`, `call_later`), never from the clock directly: transcript
+tests drive an exchange with a fake environment and clock (tests/proxy/test_exchange.py).
+
+The shells feed it: `Downstream` (the client's bytes, parsed) calls `start`,
+`request_body`, `request_end`; `Upstream` calls `response_head`, `response_body`,
+`response_end`, `upstream_lost`, `upgraded`. It writes to the client through
+`conn.write` and tells the connection when it is done.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from meshlens.proxy.chain import Decision, Kind
+from meshlens.proxy.connect import (
+    UPSTREAM_PROTOCOL_ERROR,
+    UPSTREAM_RESET,
+    UC,
+    UT,
+    URX,
+    LocalReply,
+)
+from meshlens.proxy.headers import new_request_id, request_head, response_head, trace_for
+
+if TYPE_CHECKING:
+    from meshlens.protocols.http1 import RequestHead, ResponseHead
+    from meshlens.proxy.router import Route
+
+__all__ = ["MAX_ATTEMPTS", "MAX_REPLAY_BYTES", "PIPELINE_BUFFER_BYTES", "Env", "Exchange", "State", "plain_response"]
+
+# Request body bytes kept for a retry: Linkerd retries requests with bodies up to 64 KiB
+# and never larger ones; a request beyond this is never retried.
+MAX_REPLAY_BYTES = 64 * 1024
+# Tries of one request, whatever asks for them: the first, a policy's retries, and the one
+# free retry of a request a pooled connection lost before the upstream read it.
+MAX_ATTEMPTS = 5
+# Request body bytes held while no upstream connection is attached yet (connecting,
+# or a later pipelined request waiting its turn); past it the client is not read.
+PIPELINE_BUFFER_BYTES = 64 * 1024
+
+_REASONS = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
+            408: b"Request Timeout", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+            500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable",
+            504: b"Gateway Timeout", 508: b"Loop Detected"}
+
+
+def plain_response(status: int, text: str, close: bool) -> bytes:
+    body = text.encode("utf-8", "replace") + b"\n"
+    return b"HTTP/1.1 %d %b\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n%b\r\n%b" % (
+        status, _REASONS.get(status, b"Error"), len(body), b"connection: close\r\n" if close else b"", body)
+
+
+class Env:
+    """What an exchange needs from its process, one per listener: the policy chain, the pool,
+    connecting, balancing again for a retry, the field it adds, and the clock. Tests pass a fake."""
+
+    __slots__ = ("chain", "pool", "peer_field", "upstream_timeout", "dial", "rebalance")
+
+    now_ns = staticmethod(time.monotonic_ns)
+    wall_ns = staticmethod(time.time_ns)
+
+    def __init__(self, chain: Any, pool: Any, peer_field: bytes, upstream_timeout: float | None,
+                 dial: Callable[[tuple[str, int], Exchange], None], rebalance: Callable[[Any], Any]) -> None:
+        self.chain = chain
+        self.pool = pool
+        self.peer_field = peer_field
+        """Added to every request sent upstream (outbound: x-meshlens-peer), else b''."""
+        self.upstream_timeout = upstream_timeout
+        """Route timeout: the whole response within this many seconds of the request, else 504 UT. None: off."""
+        self.dial = dial
+        """Open a connection to an address for an exchange: calls back `connected` or `connect_failed`."""
+        self.rebalance = rebalance
+        """The route for another attempt (the cluster picks again), or a LocalReply."""
+
+    @staticmethod
+    def call_later(delay: float, fn: Callable[[], None]) -> asyncio.TimerHandle:
+        return asyncio.get_running_loop().call_later(delay, fn)
+
+
+class State(enum.Enum):
+    """Where the exchange is."""
+
+    __hash__ = object.__hash__
+
+    QUEUED = "queued"  # a pipelined request waiting for the ones before it
+    CONNECTING = "connecting"  # an upstream connection is being opened for this attempt
+    SENT = "sent"  # the head went upstream; no response head forwarded yet
+    RESPONDING = "responding"  # a response head went to the client: no retry, no local reply now
+    TUNNEL = "tunnel"  # upgraded: the connection carries the tunnel (recorded when it ends)
+    DONE = "done"
+
+
+# Rules: QUEUED -> CONNECTING | SENT | DONE (a local reply); CONNECTING -> SENT | DONE | CONNECTING (a retry);
+# SENT -> CONNECTING | SENT (a retry) | RESPONDING | TUNNEL | DONE; RESPONDING -> DONE | TUNNEL;
+# TUNNEL -> DONE. Nothing leaves DONE.
+_STATES: dict[State, frozenset[State]] = {
+    State.QUEUED: frozenset({State.CONNECTING, State.SENT, State.DONE}),
+    State.CONNECTING: frozenset({State.CONNECTING, State.SENT, State.DONE}),
+    State.SENT: frozenset({State.CONNECTING, State.SENT, State.RESPONDING, State.TUNNEL, State.DONE}),
+    State.RESPONDING: frozenset({State.DONE, State.TUNNEL}),
+    State.TUNNEL: frozenset({State.DONE}),
+    State.DONE: frozenset(),
+}
+_QUEUED, _CONNECTING, _SENT, _RESPONDING, _TUNNEL, _DONE = (
+    State.QUEUED, State.CONNECTING, State.SENT, State.RESPONDING, State.TUNNEL, State.DONE)
+
+
+class Exchange:
+    """One request/response pair, with its attempts. Also what the recorder reads."""
+
+    __slots__ = (
+        # fixed at the request head
+        "conn", "env", "head", "t_wall", "t0", "method", "path", "authority", "trace", "request_id", "new_id",
+        # where it goes, and the tries
+        "route", "state", "upstream", "attempt", "reused", "lost_retried", "timer",
+        # request body
+        "pending", "pending_bytes", "replay", "replay_bytes", "request_done", "request_bytes",
+        # response and outcome
+        "status", "response_bytes", "close_after", "local", "error", "flags", "actions", "refused",
+    )
+
+    def __init__(self, conn: Any, env: Any, head: RequestHead) -> None:
+        self.conn = conn
+        self.env = env
+        self.head = head
+        self.t_wall = env.wall_ns()
+        self.t0 = env.now_ns()
+        self.method, self.path, self.authority = head.method, head.path, head.authority
+        self.trace = trace_for(head.traceparent)
+        self.new_id = None if head.request_id is not None else new_request_id()
+        self.request_id = head.request_id or self.new_id
+        self.route: Route | None = None
+        self.state = _QUEUED
+        self.upstream: Any = None
+        self.attempt = 0
+        self.reused = False
+        self.lost_retried = False
+        self.timer: Any = None
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.replay: list[bytes] | None = []  # None once the body outgrew MAX_REPLAY_BYTES
+        self.replay_bytes = 0
+        self.request_done = False
+        self.request_bytes = 0
+        self.status = 0
+        self.response_bytes = 0
+        self.close_after = not head.keep_alive
+        self.local: bytes | None = None
+        self.error = ""
+        self.flags = ""
+        self.actions: list[str] = []
+        self.refused: LocalReply | None = None
+        """Set when the client broke HTTP in this request (or timed out): answered with it at its turn."""
+
+    def __repr__(self) -> str:
+        return f"<Exchange {self.method} {self.path} {self.state.name} status={self.status} attempt={self.attempt}>"
+
+    def _move(self, new: State) -> None:
+        if new not in _STATES[self.state]:
+            raise RuntimeError(f"Exchange: no transition {self.state.name} -> {new.name}")
+        self.state = new
+
+    # -- the request --------------------------------------------------------------------------
+
+    def start(self, route: Route | LocalReply) -> None:
+        """Its turn came (first in its connection's queue), routed or answered by the router."""
+        if isinstance(route, LocalReply):
+            self.reply(route)
+            return
+        self.route = route
+        chain = self.env.chain
+        if chain:
+            d = chain.on_request(self)
+            if d is not None and self._decided(d):
+                return
+        self._try(route)
+
+    def request_body(self, data: bytes) -> None:
+        """Body bytes as framed by the client."""
+        if self.state is _DONE:
+            return  # answered already (a local reply, a 413 from upstream): read and dropped
+        replay = self.replay
+        if replay is not None:
+            self.replay_bytes += len(data)
+            if self.replay_bytes > MAX_REPLAY_BYTES:
+                self.replay = None  # never retried now
+            else:
+                replay.append(data)
+        up = self.upstream
+        if up is not None and self.state is not _CONNECTING:
+            up.send(data)
+        else:
+            self.pending.append(data)
+            self.pending_bytes += len(data)
+            if self.pending_bytes > PIPELINE_BUFFER_BYTES:
+                self.conn.pause_reading("buffer")
+
+    def request_end(self, body_bytes: int) -> None:
+        self.request_done = True
+        self.request_bytes = body_bytes
+
+    # -- attempts -------------------------------------------------------------------------------
+
+    def _try(self, route: Route, fresh: bool = False) -> None:
+        """One attempt at `route`'s endpoint: a pooled connection (unless `fresh`), else a new one."""
+        self.attempt += 1
+        up = None if fresh else self.env.pool.take(route.addr)
+        if up is not None:
+            self.reused = True
+            self._send(up)
+        else:
+            self.reused = False
+            self._move(_CONNECTING)
+            self.env.dial(route.addr, self)
+
+    def connected(self, up: Any) -> None:
+        """`env.dial` opened a connection for this attempt."""
+        if self.state is not _CONNECTING:
+            self.env.pool.release(up)  # the exchange ended while connecting (client left, timeout)
+            return
+        self._send(up)
+
+    def connect_failed(self, reply: LocalReply) -> None:
+        if self.state is _CONNECTING:
+            self._failed(reply)
+
+    def _send(self, up: Any) -> None:
+        self.upstream = up
+        up.attach(self)
+        self._move(_SENT)
+        out = request_head(self.head, self.trace, self.new_id, self.env.peer_field)
+        # a first attempt sends what came while it was queued or connecting; a retry, all of it
+        body = self.pending if self.attempt == 1 else self.replay
+        up.send(out + b"".join(body) if body else out)
+        if self.pending:
+            self.pending = []
+            self.pending_bytes = 0
+            self.conn.resume_reading("buffer")
+        timeout = self.env.upstream_timeout
+        if timeout and self.timer is None:
+            self.timer = self.env.call_later(timeout, self._timed_out)
+
+    def _retry(self) -> str:
+        """Another attempt, at the endpoint the cluster picks now: '' when it was made, else why not
+        ('limit': MAX_ATTEMPTS were made; 'body': the body outgrew the replay buffer)."""
+        if self.attempt >= MAX_ATTEMPTS:
+            return "limit"
+        if self.replay is None:
+            return "body"
+        up, self.upstream = self.upstream, None
+        if up is not None:
+            up.abort()  # what it would still send can no longer be read as this exchange's
+        assert self.route is not None
+        again = self.env.rebalance(self.route)
+        if isinstance(again, LocalReply):
+            self.reply(again)
+            return ""
+        self.route = again
+        self._try(again)
+        return ""
+
+    # -- the response ---------------------------------------------------------------------------
+
+    def response_head(self, head: ResponseHead) -> None:
+        if self.state is not _SENT and self.state is not _RESPONDING:
+            return
+        if head.interim:
+            if self.head.version == "1.1":  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client
+                self.conn.write(head.raw)
+            return
+        chain = self.env.chain
+        if chain and self.state is _SENT:
+            d = chain.on_response(self, head)
+            if d is not None and self._decided(d):
+                return
+        self._move(_RESPONDING)
+        self.status = head.status
+        if not head.keep_alive and head.content_length < 0 and not head.chunked and head.method != "HEAD" \
+                and head.status not in (204, 304):
+            self.close_after = True  # the body ends when the upstream closes: so must the client's connection
+        close = self.close_after or self.conn.closing
+        self.conn.write(response_head(head, close))
+
+    def response_body(self, data: bytes) -> None:
+        if self.state is _RESPONDING:
+            self.conn.write(data)
+
+    def response_end(self, head: ResponseHead, body_bytes: int) -> None:
+        if self.state is not _RESPONDING:
+            return
+        self.response_bytes = body_bytes
+        up, self.upstream = self.upstream, None
+        if up is not None:
+            if head.keep_alive and self.head.keep_alive and self.request_done:
+                self.env.pool.release(up)
+            else:
+                up.close()
+        self._finish()
+
+    def upgraded(self, up: Any, rest: bytes) -> None:
+        """The upstream switched protocols (its 101 head is written): the connection becomes a tunnel."""
+        self.upstream = None
+        self._move(_TUNNEL)
+        self._cancel_timer()
+        self.conn.upgraded(self, up, rest)
+
+    def tunnel_ended(self, request_bytes: int, response_bytes: int, error: str) -> None:
+        self.request_bytes += request_bytes
+        self.response_bytes += response_bytes
+        self.error = self.error or error
+        self._move(_DONE)
+
+    # -- failures -------------------------------------------------------------------------------
+
+    def upstream_lost(self, protocol_error: bool = False) -> None:
+        """The upstream connection closed or sent what is not HTTP, before the response ended."""
+        state = self.state
+        if state is _DONE or state is _TUNNEL:
+            return
+        self.upstream = None
+        if state is _RESPONDING:
+            # mid-response: the client must see the response cut, so its connection is cut too
+            self.error = "protocol_error" if protocol_error else "reset"
+            self.flags = "UPE" if protocol_error else UC
+            self.close_after = True
+            self.conn.abort()
+            self._finish()
+            return
+        if (not protocol_error and self.reused and not self.lost_retried and self.replay is not None
+                and self.route is not None and self.attempt < MAX_ATTEMPTS):
+            # Envoy's rule: a pooled connection the upstream closed before answering is retried
+            # once on a fresh connection, whatever the retry policy says
+            self.lost_retried = True
+            self._try(self.route, fresh=True)
+            return
+        self._failed(UPSTREAM_PROTOCOL_ERROR if protocol_error else UPSTREAM_RESET)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.state is _DONE or self.state is _TUNNEL:
+            return
+        up, self.upstream = self.upstream, None
+        if up is not None:
+            up.abort()
+        if self.state is _RESPONDING:
+            self.error, self.flags, self.close_after = "timeout", UT, True
+            self.conn.abort()
+            self._finish()
+            return
+        self._failed(LocalReply(504, "upstream request timeout", "timeout", UT))
+
+    def _failed(self, reply: LocalReply) -> None:
+        """An attempt failed before any response reached the client: the chain may retry."""
+        chain = self.env.chain
+        if chain:
+            d = chain.on_error(self, reply)
+            if d is not None and self._decided(d):
+                return
+        self.reply(reply)
+
+    def _decided(self, d: Decision) -> bool:
+        """Carry out an enforced decision; False when it cannot be (the exchange goes on as if none)."""
+        if d.kind is Kind.RETRY:
+            why_not = self._retry()
+            if not why_not:
+                return True
+            if why_not == "limit":
+                self.flags = URX  # Envoy's: the retry limit was reached
+            return False
+        assert d.reply is not None
+        if self.state is _RESPONDING:
+            self.error, self.flags, self.close_after = d.reply.error, d.reply.flags, True
+            self.conn.abort()
+            self._finish()
+        else:
+            up, self.upstream = self.upstream, None
+            if up is not None:
+                up.abort()
+            self.reply(d.reply)
+        return True
+
+    def reply(self, r: LocalReply) -> None:
+        """Answer the client ourselves (nothing of an upstream's response was sent)."""
+        if self.state is _DONE:
+            return
+        # 400/408/431: the request stream cannot be trusted further; 508: the connection loops
+        close = self.close_after or self.conn.closing or r.status in (400, 408, 431, 508)
+        self.close_after = close
+        self.local = plain_response(r.status, r.text, close)
+        self.status, self.error = r.status, r.error
+        if r.flags:
+            self.flags = r.flags if not self.flags else self.flags + "," + r.flags
+        self.conn.write(self.local)
+        self._finish()
+
+    def abandon(self, error: str, flags: str) -> None:
+        """The client went away: whatever is upstream is cut, and the exchange recorded as it stands."""
+        if self.state is _DONE:
+            return
+        if not self.error:
+            self.error, self.flags = error, flags
+        up, self.upstream = self.upstream, None
+        if up is not None:
+            up.abort()
+        self._cancel_timer()
+        self.state = _DONE
+        self.conn.exchange_done(self)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _finish(self) -> None:
+        self._cancel_timer()
+        self._move(_DONE)
+        self.conn.exchange_done(self)
