@@ -1,7 +1,8 @@
 """Ingestion: accept rows into the spool, batch them, insert them into the store in order.
 
 Producers (the OTLP and call-batch endpoints, from any thread) call `submit`;
-it returns once the rows are in the spool, which is what "accepted" means. One
+it returns once the rows are in the spool, which is what "accepted" means, or
+at once for a batch whose id the spool already took (collector/spool.py). One
 background thread seals segments (on size or age) and inserts them oldest
 first. When the store fails, the segment stays in the spool and the thread
 backs off; when it returns, the backlog drains in order.
@@ -74,17 +75,27 @@ class Ingest:
 
     # -- producers -------------------------------------------------------------
 
-    def submit(self, tables: dict[str, pa.Table], endpoint: str) -> int:
-        """Make the rows durable in the spool; raise Overloaded when we cannot take them."""
+    def submit(self, tables: dict[str, pa.Table], endpoint: str, batch_id: str | None = None) -> int | None:
+        """Make the rows durable in the spool; raise Overloaded when we cannot take them.
+
+        None when `batch_id` names a batch already accepted (a producer's resend): nothing
+        is stored again. That is answered first, even when we are behind: it costs nothing.
+        """
+        if batch_id is not None and self.spool.has_batch(batch_id):
+            self.metrics.duplicate_batches.inc()
+            return None
         if self._store_up and self.spool.depth_bytes > self.policy.max_backlog_bytes:
             self.metrics.rejected.labels("backlog").inc()
             raise Overloaded("collector is behind: retry later", 429, 1)
         try:
-            rows = self.spool.append(tables)
+            rows = self.spool.append(tables, batch_id)
         except SpoolFull as e:
             self.metrics.spool_errors.inc()
             self.metrics.rejected.labels("spool_full").inc()
             raise Overloaded(str(e), 503, max(1, int(self._backoff))) from None
+        if rows is None:  # the same id in a request that was spooled since the check above
+            self.metrics.duplicate_batches.inc()
+            return None
         if self._opened_at is None:
             self._opened_at = time.monotonic()
         for name, t in tables.items():

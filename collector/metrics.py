@@ -24,6 +24,9 @@ class CollectorMetrics:
                                      "Failed inserts, by kind (unavailable, refused).", ["kind"], registry=r)
         self.rejected_spans = Counter("meshlens_collector_rejected_spans_total",
                                       "Spans refused one by one (missing or invalid ids).", registry=r)
+        self.duplicate_batches = Counter("meshlens_collector_duplicate_batches_total",
+                                         "Call batches whose id was already accepted: answered 200, not stored again.",
+                                         registry=r)
         self.rejected = Counter("meshlens_collector_rejected_requests_total",
                                 "Requests refused whole, by reason.", ["reason"], registry=r)
         self.dropped_rows = Counter("meshlens_collector_dropped_rows_total",

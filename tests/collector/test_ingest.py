@@ -4,6 +4,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -198,6 +199,70 @@ def test_restart_with_a_drained_spool_stores_new_rows(store: Store, tmp_path: Pa
     assert restarted.flush()
 
     assert (stored_calls(store, first), stored_calls(store, second)) == (3, 4)
+
+
+# -- batch ids: each stored once ------------------------------------------------------
+
+
+def test_a_resent_batch_is_stored_once_and_counted(store: Store, service: str, tmp_path: Path, running) -> None:
+    metrics = CollectorMetrics()
+    ingest = running(Ingest(store, Spool(tmp_path, BIG), "meshlens", metrics, BatchPolicy(flush_interval=3600)))
+
+    assert ingest.submit({"calls": calls(3, service)}, "calls", "p-0") == 3
+    assert ingest.submit({"calls": calls(3, service)}, "calls", "p-0") is None
+    assert ingest.flush()
+    assert ingest.submit({"calls": calls(3, service)}, "calls", "p-0") is None  # stored and removed: still known
+    assert ingest.submit({"calls": calls(2, service)}, "calls", "p-1") == 2
+    assert ingest.flush()
+
+    assert stored_calls(store, service) == 5
+    assert metric(metrics, "meshlens_collector_duplicate_batches_total") == 2
+    assert metric(metrics, "meshlens_collector_rows_received_total", table="calls") == 5
+    assert metric(metrics, "meshlens_collector_batches_received_total", endpoint="calls") == 2
+
+
+def test_a_resend_is_answered_even_when_behind(store: Store, service: str, tmp_path: Path) -> None:
+    ingest = Ingest(store, Spool(tmp_path, BIG), "meshlens", CollectorMetrics(), BatchPolicy(max_backlog_bytes=1))
+    ingest.submit({"calls": calls(2, service)}, "calls", "p-0")  # not started: nothing drains
+
+    assert ingest.submit({"calls": calls(2, service)}, "calls", "p-0") is None  # not 429: we have it
+    with pytest.raises(Overloaded, match="collector is behind"):
+        ingest.submit({"calls": calls(2, service)}, "calls", "p-1")
+
+
+def spool_and_die(directory: Path, service: str) -> None:
+    """A collector's process spools batch k-0, which the store takes (its segment removed, as the inserter
+    does), then batch k-1, and is killed (-9) before it could answer that one."""
+    script = textwrap.dedent(f"""
+        import os, signal, time
+        from meshlens.collector.columns import to_table
+        from meshlens.collector.spool import Spool
+        spool = Spool({str(directory)!r}, 1 << 30)
+        def calls(n):
+            return {{"calls": to_table("calls", {{"time": [time.time_ns() + i for i in range(n)],
+                                                  "dst_service": [{service!r}] * n}})}}
+        spool.append(calls(2), "k-0")
+        spool.remove(spool.seal())
+        spool.append(calls(3), "k-1")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=PATIENCE_S)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+
+
+def test_batches_taken_before_a_kill_9_are_duplicates_after_it(store: Store, service: str, tmp_path: Path,
+                                                               running) -> None:
+    spool_and_die(tmp_path, service)
+    metrics = CollectorMetrics()
+    ingest = running(Ingest(store, Spool(tmp_path, BIG), "meshlens", metrics))
+
+    # k-0 stored and removed before the kill, k-1 spooled and never answered: both known; k-2 is new
+    answers = [ingest.submit({"calls": calls(3, service)}, "calls", i) for i in ("k-0", "k-1", "k-2")]
+    assert ingest.flush()
+
+    assert answers == [None, None, 3]
+    assert stored_calls(store, service) == 3 + 3  # k-1 from the spool it left, k-2
+    assert metric(metrics, "meshlens_collector_duplicate_batches_total") == 2
 
 
 # -- failures ----------------------------------------------------------------------

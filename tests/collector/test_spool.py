@@ -17,8 +17,9 @@ from typing import Iterator
 import pyarrow as pa
 import pytest
 
+from meshlens.collector import spool as spool_module
 from meshlens.collector.columns import to_table
-from meshlens.collector.spool import Segment, Spool, SpoolFull
+from meshlens.collector.spool import Segment, Spool, SpoolFull, frame_ids
 
 FRAME_HEADER = struct.Struct("<II")  # u32 length | u32 crc32, as documented in collector/spool.py
 BIG = 1 << 30
@@ -209,18 +210,112 @@ def test_a_drained_spool_reopened_never_repeats_a_token(tmp_path: Path) -> None:
     assert reopened.token(seg, "calls") != used
 
 
+# -- batch ids -----------------------------------------------------------------------
+
+
+def test_a_batch_id_is_taken_once(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, BIG)
+
+    assert spool.append({"calls": calls(2)}, "p-0") == 2
+    size = spool.depth_bytes
+    assert spool.append({"calls": calls(2)}, "p-0") is None  # nothing written
+    assert spool.append({"calls": calls(3)}, "p-1") == 3
+    assert spool.append({"calls": calls(1)}) == 1  # without an id: always taken
+
+    assert spool.has_batch("p-0") and spool.has_batch("p-1") and not spool.has_batch("p-2")
+    assert spool.depth_bytes > size and spool.open_rows == 6
+    seg = spool.seal()
+    assert spool.read(seg)["calls"].num_rows == 6  # the ids are not rows
+
+
+def test_the_batch_id_is_the_first_part_of_its_frame(tmp_path: Path) -> None:
+    # u8 0 | u32 length | the id, then the tables, as documented in collector/spool.py
+    spool = Spool(tmp_path, BIG)
+    spool.append({"calls": calls(1)}, "abc-7")
+    data = spool.seal().path.read_bytes()
+
+    assert data[FRAME_HEADER.size:FRAME_HEADER.size + 10] == b"\x00\x05\x00\x00\x00abc-7"
+    assert frame_ids(spool.sealed()[0].path) == ["abc-7"]
+
+
+def test_ids_in_segments_left_by_a_kill_9_are_known_after_it(tmp_path: Path) -> None:
+    crash_while_appending(tmp_path, [2, 3], ids=["a-0", None])  # killed with its segment open
+    crash_while_appending(tmp_path, [4], ids=["a-1"])  # recovers that one, opens another, killed too
+
+    spool = Spool(tmp_path, BIG)
+
+    assert spool.has_batch("a-0") and spool.has_batch("a-1")
+    assert spool.append({"calls": calls(1)}, "a-0") is None and spool.append({"calls": calls(1)}, "a-1") is None
+    assert sum(spool.read(s)["calls"].num_rows for s in spool.sealed()) == 9
+
+
+def test_ids_of_a_stored_segment_outlive_it_and_a_restart(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, BIG)
+    spool.append({"calls": calls(1)}, "s-0")
+    spool.append({"calls": calls(1)}, "s-1")
+    stored = spool.seal()
+    spool.append({"calls": calls(1)}, "s-2")
+    refused = spool.seal()
+
+    spool.remove(stored)
+    spool.quarantine(refused)  # acknowledged, then refused by the store: a resend is still a duplicate
+
+    assert (tmp_path / "batch-ids").read_text() == "s-0\ns-1\ns-2\n"
+    assert all(spool.has_batch(i) for i in ("s-0", "s-1", "s-2"))
+    reopened = Spool(tmp_path, BIG)  # a restart: no segment is left, the ids are
+    assert all(reopened.has_batch(i) for i in ("s-0", "s-1", "s-2"))
+    assert reopened.append({"calls": calls(1)}, "s-1") is None
+    assert reopened.append({"calls": calls(1)}, "s-3") == 1
+
+
+def test_a_line_torn_by_a_crash_is_not_an_id(tmp_path: Path) -> None:
+    (tmp_path / "batch-ids").write_text("t-0\nt-1\nt-")  # killed mid-append: its segment was not removed yet
+
+    spool = Spool(tmp_path, BIG)
+
+    assert spool.has_batch("t-0") and spool.has_batch("t-1") and not spool.has_batch("t-")
+
+
+def test_stored_ids_are_remembered_up_to_the_bound_and_the_file_stays_bounded(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(spool_module, "REMEMBERED_BATCH_IDS", 4)
+    spool = Spool(tmp_path, BIG)
+    for i in range(11):
+        spool.append({"calls": calls(1)}, f"b-{i}")
+        spool.remove(spool.seal())
+
+    assert [i for i in range(11) if spool.has_batch(f"b-{i}")] == [7, 8, 9, 10]  # the newest
+    lines = (tmp_path / "batch-ids").read_text().splitlines()
+    assert len(lines) <= 2 * 4 and lines[-4:] == ["b-7", "b-8", "b-9", "b-10"]
+    reopened = Spool(tmp_path, BIG)
+    assert [i for i in range(11) if reopened.has_batch(f"b-{i}")] == [7, 8, 9, 10]
+
+
+def test_ids_still_in_the_spool_are_kept_whatever_the_bound(tmp_path: Path, monkeypatch) -> None:
+    # the bound is for ids already stored; a backlog's are recognised until it is stored
+    monkeypatch.setattr(spool_module, "REMEMBERED_BATCH_IDS", 2)
+    spool = Spool(tmp_path, BIG)
+    for i in range(6):
+        spool.append({"calls": calls(1)}, f"k-{i}")
+        spool.seal()
+
+    assert all(Spool(tmp_path, BIG).has_batch(f"k-{i}") for i in range(6))
+
+
 # -- recovery after a crash ------------------------------------------------------
 
 
-def crash_while_appending(directory: Path, rows: list[int]) -> None:
-    """A process appends one frame per entry of `rows` and is killed (-9) before sealing."""
+def crash_while_appending(directory: Path, rows: list[int], ids: list[str | None] | None = None) -> None:
+    """A process appends one frame per entry of `rows` (with the batch id of `ids`, if any) and is killed (-9)
+    before sealing."""
+    ids = ids or [None] * len(rows)
     script = textwrap.dedent(f"""
         import os, signal, time
         from meshlens.collector.columns import to_table
         from meshlens.collector.spool import Spool
         spool = Spool({str(directory)!r}, {BIG})
-        for n in {rows!r}:
-            spool.append({{"calls": to_table("calls", {{"time": [time.time_ns()] * n, "dst_service": ["s%d" % n] * n}})}})
+        for n, batch_id in zip({rows!r}, {ids!r}):
+            spool.append({{"calls": to_table("calls", {{"time": [time.time_ns()] * n, "dst_service": ["s%d" % n] * n}})}},
+                         batch_id)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
