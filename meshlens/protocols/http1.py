@@ -66,6 +66,7 @@ RESYNC_WINDOW = 8 * 1024
 MAX_CHUNK_LINE = 16 * 1024
 
 _CHUNKED, _UNTIL_EOF = -1, -2  # body framing other than a Content-Length
+_SMALL_HEAD = 4 * MAX_HEADER_COUNT  # a head this short cannot break either limit: a field line is >= 4 bytes
 _METHODS = rb"GET|HEAD|POST|PUT|DELETE|CONNECT|OPTIONS|TRACE|PATCH|PROPFIND|PROPPATCH|MKCOL|COPY|MOVE|LOCK|UNLOCK|REPORT|SEARCH|PURGE"
 _REQUEST_START = re.compile(rb"(?:" + _METHODS + rb") [^\s]+ HTTP/1\.[01]\r\n")
 _RESPONSE_START = re.compile(rb"HTTP/1\.[01] [1-5][0-9]{2}(?: [^\r\n]*)?\r\n")
@@ -115,6 +116,7 @@ _REQUEST_NAMES = {"host": "host", "traceparent": "traceparent", "tracestate": "t
                   "proxy-connection": _HOP, "te": _HOP, "upgrade": _HOP}
 _RESPONSE_NAMES = {"content-length": "content_length_field", "transfer-encoding": "transfer_encoding",
                    "connection": _CONNECTION, "keep-alive": _HOP, "proxy-connection": _HOP, "upgrade": _HOP}
+_PLAIN = frozenset({"host", "traceparent", "tracestate", "request_id", "content_length_field", "transfer_encoding"})
 _SKIPPED = ("user-agent", "content-type", "accept-encoding", "accept-language", "referer", "set-cookie",
             "last-modified", "x-forwarded-for", "cache-control", "authorization")
 
@@ -208,6 +210,7 @@ class _Reader:
         # per connection
         self.consumer = consumer
         self.phase = _IDLE
+        self.on_header = self._on_header(self._FIELDS, self._LENGTHS)
         self.parser = self._new_parser()
         self.held = bytearray()  # a head not yet complete; request bytes after an upgrade request
         self.resync_buf = bytearray()
@@ -239,17 +242,32 @@ class _Reader:
 
     # -- llhttp callbacks (never on_body: llhttp then skips body bytes without calling Python) ---
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        attr = self._FIELDS.get(name)
-        if attr is None:
-            if len(name) not in self._LENGTHS:
-                return
-            name = name.lower()
-            attr = self._FIELDS.get(name)
+    def _on_header(self, fields: dict[bytes, str], lengths: frozenset[int]) -> Any:
+        """llhttp's per-field callback, as a closure over what it reads: it runs for every field of
+        every message, and a miss (most fields) must cost one dict lookup and one length test."""
+        get = fields.get
+        me = self
+        plain = _PLAIN
+        set_ = setattr
+
+        def on_header(name: bytes, value: bytes) -> None:
+            attr = get(name)
             if attr is None:
+                if len(name) not in lengths:
+                    return
+                attr = get(name.lower())
+                if attr is None:
+                    return
+            if not attr or me.phase is _BODY:  # a common field nobody reads, or a trailer
                 return
-        if not attr or self.phase is _BODY:  # a common field nobody reads, or a trailer
-            return
+            if attr in plain:
+                set_(me.head, attr, value)
+            else:
+                me._field(attr, name, value)
+
+        return on_header
+
+    def _field(self, attr: str, name: bytes, value: bytes) -> None:
         head = self.head
         if attr is _CONNECTION:
             value = value.lower()
@@ -258,12 +276,10 @@ class _Reader:
                 head.hop_by_hop = True
         elif attr is _HOP:
             head.hop_by_hop = True
-        elif attr == "extra":
+        else:  # "extra"
             if head.extra is None:
                 head.extra = {}
             head.extra[name.lower()] = value
-        else:
-            setattr(head, attr, value)
 
     def on_message_complete(self) -> None:
         self._done = True
@@ -357,6 +373,26 @@ class _Reader:
             self._message_end()
         return end
 
+    def _whole_body(self, data: bytes, pos: int, length: int, head: Any) -> int:
+        """A Content-Length body that is all in `data` from `pos` (the common case): one llhttp
+        call and the message's end, without entering BODY. Returns where the message ends."""
+        end = pos + length
+        piece = data if pos == 0 and end == len(data) else data[pos:end]
+        try:
+            self.parser.feed_data(piece)
+        except httptools.HttpParserError as e:
+            raise self._llhttp_error(e) from None
+        if not self._done:
+            raise self._fail(f"{self.direction} body framing: llhttp and the reader disagree on where it ends")
+        self.body_bytes = length
+        if self._body_cb is not None:
+            self._body_cb(piece)
+        if self._on_end is not None:
+            self._on_end(head, length)
+        if not head.keep_alive:
+            self.move(_CLOSED)
+        return end
+
     def _chunks(self, data: bytes, pos: int) -> int:
         """Walk chunked framing from `pos`: the offset just past the message, or -1 if it goes on."""
         n = len(data)
@@ -431,8 +467,7 @@ class _Reader:
     def _check_head(self, raw: bytes, status: int) -> None:
         if len(raw) > MAX_HEADER_BYTES:
             raise self._fail(f"{self.direction} head exceeds MAX_HEADER_BYTES={MAX_HEADER_BYTES}", status)
-        # a field line is at least 4 bytes ("a:" CRLF): only a long head can hold too many
-        if len(raw) > 4 * MAX_HEADER_COUNT and raw.count(b"\r\n") > MAX_HEADER_COUNT + 2:
+        if raw.count(b"\r\n") > MAX_HEADER_COUNT + 2:
             raise self._fail(f"more than MAX_HEADER_COUNT={MAX_HEADER_COUNT} header fields", status)
 
     def _llhttp_error(self, e: Exception) -> PeerError:
@@ -505,7 +540,6 @@ class RequestReader(_Reader):
 
     def __init__(self, consumer: Any, *, extra: frozenset[bytes] = frozenset(), midstream: bool = False) -> None:
         """`extra`: lowercase names of more fields to read into `RequestHead.extra`."""
-        self._extra = extra
         if extra:
             self._FIELDS = {**self._FIELDS, **{n: "extra" for n in extra}}
             self._LENGTHS = self._LENGTHS | {len(n) for n in extra}
@@ -518,7 +552,8 @@ class RequestReader(_Reader):
 
     def _head(self, data: bytes, start: int, end: int) -> int:
         raw = data if start == 0 and end == len(data) else data[start:end]
-        self._check_head(raw, 431)
+        if len(raw) > _SMALL_HEAD:
+            self._check_head(raw, 431)
         self.head = head = RequestHead()
         head.raw = raw
         self.body_bytes = 0
@@ -554,8 +589,10 @@ class RequestReader(_Reader):
                 head.authority = authority
         if upgrade:
             head.upgrade = True
-        if head.transfer_encoding is not None or head.content_length_field is not None:
+        if head.transfer_encoding is not None:
             self._frame(head)
+        elif head.content_length_field is not None:
+            head.content_length = int(head.content_length_field)  # llhttp checked the digits
         if self.phase is _HEAD:
             self.phase = _IDLE
         self._on_head(head)
@@ -571,6 +608,9 @@ class RequestReader(_Reader):
             if not keep_alive:
                 self.move(_CLOSED)  # RFC 9112 9.6: nothing is read after Connection: close
         else:
+            cl = head.content_length
+            if 0 <= cl <= len(data) - end and not head.chunked:
+                return self._whole_body(data, end, cl, head)
             self._framing(head)
         return end
 
@@ -632,7 +672,8 @@ class ResponseReader(_Reader):
 
     def _head(self, data: bytes, start: int, end: int) -> int:
         raw = data if start == 0 and end == len(data) else data[start:end]
-        self._check_head(raw, 502)
+        if len(raw) > _SMALL_HEAD:
+            self._check_head(raw, 502)
         self.head = head = ResponseHead()
         head.raw = raw
         self.body_bytes = 0
@@ -651,9 +692,13 @@ class ResponseReader(_Reader):
         head.version = version = "1.1" if raw[7] == 49 else "1.0"  # "HTTP/1.1": the minor digit
         connection = head.connection
         head.keep_alive = keep_alive = (version == "1.1") if not connection else _keep_alive(version, connection)
-        unframed = head.transfer_encoding is None and head.content_length_field is None
-        if not unframed:
+        unframed = False
+        if head.transfer_encoding is not None:
             self._frame(head)
+        elif head.content_length_field is not None:
+            head.content_length = int(head.content_length_field)  # llhttp checked the digits
+        else:
+            unframed = True
         if self.phase is _HEAD:
             self.phase = _IDLE
         if status < 200 and status != 101:
@@ -684,6 +729,9 @@ class ResponseReader(_Reader):
             self.parser = self._new_parser()  # llhttp expected the body its fields announce
             self._message_end()
         else:
+            cl = head.content_length
+            if 0 <= cl <= len(data) - end and not head.chunked:
+                return self._whole_body(data, end, cl, head)
             self._framing(head)
         return end
 
