@@ -8,7 +8,9 @@
 Answers follow the OTLP/HTTP specification: the response has the request's
 content type; 400 carries a google.rpc.Status with the decoder's message;
 429/503 carry Retry-After; spans refused one by one are reported in
-partial_success and the rest are kept.
+partial_success and the rest are kept. /v1/calls answers JSON in the same
+spirit: {"accepted": calls, "rows": rows spooled}, plus "duplicate": true (and
+nothing spooled) for a batch whose id was accepted before; {"error": ...} else.
 """
 from __future__ import annotations
 
@@ -105,13 +107,13 @@ def make_ingest_app(ingest: Ingest, max_body_bytes: int = MAX_BODY_BYTES) -> web
             return web.json_response({"error": f"unsupported Content-Type {request.content_type!r}: "
                                       f"use {batch_format.CONTENT_TYPE}"}, status=415)
         try:
-            columns = batch_format.decode(await read_body(request))
-            table = to_table("calls", columns)
+            batch = batch_format.decode(await read_body(request))
+            table = to_table("calls", batch.columns)
             tables = {"calls": table}
-            spans = calls_to_spans(columns)
+            spans = calls_to_spans(batch.columns)
             if spans and spans.get("TraceId"):
                 tables["otel_traces"] = to_table("otel_traces", spans)
-            accepted = ingest.submit(tables, "calls") if table.num_rows else 0
+            accepted = ingest.submit(tables, "calls", batch.id) if table.num_rows else 0
         except BadRequest as e:
             metrics.rejected.labels("bad_request" if e.status == 400 else str(e.status)).inc()
             return web.json_response({"error": str(e)}, status=e.status)
@@ -121,6 +123,8 @@ def make_ingest_app(ingest: Ingest, max_body_bytes: int = MAX_BODY_BYTES) -> web
         except Overloaded as e:
             return web.json_response({"error": str(e)}, status=e.status,
                                      headers={"Retry-After": str(e.retry_after)})
+        if accepted is None:  # a resend of a batch we have: the producer may forget it
+            return web.json_response({"accepted": table.num_rows, "rows": 0, "duplicate": True})
         return web.json_response({"accepted": table.num_rows, "rows": accepted})
 
     async def healthz(_: web.Request) -> web.Response:

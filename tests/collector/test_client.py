@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
+from meshlens.collector.batch_format import encode
 from meshlens.collector.client import CallRecorder
 from meshlens.collector.record import CALL_COLUMN_NAMES, Call
 from meshlens.collector.stores import connect
@@ -104,7 +108,8 @@ def test_recorded_calls_arrive(collector: CollectorProcess, recorders) -> None:
 
 
 def test_big_batches_are_gzipped_and_arrive(collector: CollectorProcess, recorders) -> None:
-    recorder = recorders(calls_url(collector), batch_rows=3_000, flush_interval=3600)
+    # on loopback a recorder does not compress by default (CPU for nothing); one that is told to
+    recorder = recorders(calls_url(collector), batch_rows=3_000, flush_interval=3600, compress=True)
 
     for i in range(3_000):  # ~300 bytes a call in JSON: past GZIP_ABOVE
         recorder.record(call(i, service="big", authority="x" * 200))
@@ -112,6 +117,15 @@ def test_big_batches_are_gzipped_and_arrive(collector: CollectorProcess, recorde
     assert recorder.flush(timeout=PATIENCE_S)
     assert recorder.sent_calls == 3_000
     assert wait_for_count(collector, 3_000, "dst_service = 'big'") == 3_000
+
+
+@pytest.mark.parametrize("url, compress", [
+    ("http://127.0.0.1:4318/v1/calls", False), ("http://localhost:4318/v1/calls", False),
+    ("http://[::1]:4318/v1/calls", False), ("http://10.0.0.7:4318/v1/calls", True),
+    ("http://collector.mesh:4318/v1/calls", True),
+])
+def test_bodies_are_compressed_unless_the_collector_is_on_loopback(recorders, url: str, compress: bool) -> None:
+    assert recorders(url).compress is compress
 
 
 def test_flush_returns_once_every_recorded_call_is_sent(collector: CollectorProcess, recorders) -> None:
@@ -234,13 +248,13 @@ def record_batches(recorder: CallRecorder, batches: int, rows: int) -> None:
 
 def test_unreachable_collector_keeps_the_newest_batches_and_counts_the_rest(recorders, caplog) -> None:
     recorder = recorders(f"http://127.0.0.1:{free_port()}/v1/calls", batch_rows=2, flush_interval=3600,
-                         max_pending_batches=3)
+                         max_unsent_calls=6)
 
     with caplog.at_level("WARNING", logger="meshlens.client"):
         record_batches(recorder, batches=5, rows=2)
 
     assert recorder.dropped == {"buffer_full": 0, "collector_unavailable": 4, "rejected": 0}  # the 2 oldest
-    assert recorder.sent_calls == 0
+    assert recorder.sent_calls == 0 and recorder.unsent_calls == 6
     assert not recorder.flush(timeout=0.3)
     # logged once per burst, in words
     (line,) = [r.getMessage() for r in caplog.records if "collector unavailable" in r.getMessage()]
@@ -279,15 +293,16 @@ def test_record_returns_while_the_collector_does_not_answer(recorders) -> None:
 def test_collector_that_comes_up_later_gets_the_kept_batches(tmp_path: Path, recorders) -> None:
     port = free_port()
     recorder = recorders(f"http://127.0.0.1:{port}/v1/calls", batch_rows=2, flush_interval=3600,
-                         max_pending_batches=2)
+                         max_unsent_calls=4)
     record_batches(recorder, batches=3, rows=2)
     assert recorder.sent_calls == 0
     assert recorder.dropped["collector_unavailable"] == 2  # batch0, the oldest
+    assert recorder.unsent_calls == 4
 
     proc = start_collector(tmp_path / "collector", "--otlp-http-port", str(port))
     try:
         assert recorder.flush(timeout=PATIENCE_S)
-        assert recorder.sent_calls == 4 and recorder.sent_batches == 2
+        assert recorder.sent_calls == 4 and recorder.sent_batches == 2 and recorder.unsent_calls == 0
         assert recorder.dropped == {"buffer_full": 0, "collector_unavailable": 2, "rejected": 0}
         assert wait_for_count(proc, 4, "dst_service IN ('batch1', 'batch2')") == 4
         assert stored_calls(proc, "dst_service = 'batch0'") == 0
@@ -316,3 +331,220 @@ def test_a_full_collector_is_retried_after_retry_after(tmp_path: Path, recorders
     finally:
         proc.stop()
         proc.kill()
+
+
+# -- batch ids: a resend is stored once ------------------------------------------------
+
+
+class LossyRelay:
+    """A TCP relay in front of the collector that can lose answers: the collector gets the batch (and
+    answers it), the recorder never hears back. The first `lose` answers are swallowed; each such
+    connection is held open until `release` is set, then closed unanswered, as a dying collector's is."""
+
+    def __init__(self, upstream_port: int, lose: int = 1) -> None:
+        self.upstream_port = upstream_port
+        self.lose = lose
+        self.lost = threading.Event()  # an answer was swallowed
+        self.release = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/calls"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            reader = conn.makefile("rb")
+            while (request := read_message(reader)) is not None:
+                with socket.create_connection(("127.0.0.1", self.upstream_port), timeout=PATIENCE_S) as up:
+                    up.sendall(request)
+                    answer = read_message(up.makefile("rb"))
+                if self.lose > 0:
+                    self.lose -= 1
+                    self.lost.set()
+                    self.release.wait(PATIENCE_S)
+                    return  # closed, unanswered
+                conn.sendall(answer or b"")
+
+    def close(self) -> None:
+        self.release.set()
+        self._listener.close()
+
+
+def read_message(reader) -> bytes | None:
+    """One HTTP/1.1 message with a Content-Length body, as bytes; None at the end of the stream."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        line = reader.readline()
+        if not line:
+            return None
+        head += line
+    length = next((int(ln.split(b":", 1)[1]) for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")), 0)
+    return head + reader.read(length)
+
+
+def test_a_batch_whose_answer_was_lost_is_resent_and_stored_once(collector: CollectorProcess, recorders) -> None:
+    relay = LossyRelay(collector.http_port, lose=1)
+    relay.release.set()  # the lost answer's connection closes at once: the recorder tries again
+    try:
+        recorder = recorders(relay.url, batch_rows=50, flush_interval=3600)
+        for i in range(50):
+            recorder.record(call(i, service="resent"))
+
+        assert recorder.flush(timeout=PATIENCE_S)
+        assert relay.lost.is_set()
+        assert recorder.sent_calls == 50 and recorder.duplicate_batches == 1
+        assert recorder.dropped == {"buffer_full": 0, "collector_unavailable": 0, "rejected": 0}
+        # the resend never reached the spool: the rows are in it once
+        assert collector_metric(collector, "meshlens_collector_rows_received_total", 'table="calls"') == 50
+        assert "meshlens_collector_duplicate_batches_total 1.0" in metrics_text(collector)
+        assert wait_for_count(collector, 50, "dst_service = 'resent'") == 50
+    finally:
+        relay.close()
+
+
+@pytest.mark.parametrize("window", ["in the spool", "stored and removed"])
+def test_a_batch_accepted_before_a_kill_9_is_recognised_after_the_restart(tmp_path: Path, recorders,
+                                                                          window: str) -> None:
+    """The collector took the batch and died before the recorder heard back: the resend, to the collector
+    restarted on the same port and directories, is answered as a duplicate, whether the batch was still in
+    the spool (an open segment, recovered at start) or already stored and its segment removed."""
+    port = free_port()
+    held = ["--flush-interval", "3600"] if window == "in the spool" else []  # nothing sealed, nothing inserted
+    first = start_collector(tmp_path / "collector", "--otlp-http-port", str(port), *held)
+    relay = LossyRelay(port, lose=1)
+    try:
+        recorder = recorders(relay.url, batch_rows=40, flush_interval=3600)
+        for i in range(40):
+            recorder.record(call(i, service="across"))
+        assert relay.lost.wait(PATIENCE_S), "the batch never reached the collector"
+        if window == "stored and removed":
+            assert wait_for_count(first, 40, "dst_service = 'across'") == 40
+            assert wait_until(lambda: "meshlens_collector_spool_bytes 0.0" in metrics_text(first))
+        first.kill()  # SIGKILL
+        second = start_collector(tmp_path / "collector", "--otlp-http-port", str(port))
+        try:
+            relay.release.set()  # the recorder's connection closes unanswered: it resends
+
+            assert recorder.flush(timeout=PATIENCE_S)
+            assert recorder.sent_calls == 40 and recorder.duplicate_batches == 1
+            assert "meshlens_collector_duplicate_batches_total 1.0" in metrics_text(second)
+            assert collector_metric(second, "meshlens_collector_rows_received_total", 'table="calls"') == 0
+            # what the second collector stores is what the first left in its spool, once
+            assert wait_until(lambda: "meshlens_collector_spool_bytes 0.0" in metrics_text(second))
+            assert stored_calls(second, "dst_service = 'across'") == 40
+        finally:
+            second.stop()
+            second.kill()
+    finally:
+        relay.close()
+        first.kill()
+
+
+def test_the_same_id_posted_twice_is_answered_duplicate_and_stored_once(collector: CollectorProcess) -> None:
+    body = encode({"time": [time.time_ns() + i for i in range(3)], "dst_service": ["twice"] * 3}, "prod-1-0")
+
+    answers = [post_calls(collector, body) for _ in range(2)]
+
+    assert answers[0] == (200, {"accepted": 3, "rows": 3})
+    assert answers[1] == (200, {"accepted": 3, "rows": 0, "duplicate": True})
+    assert collector_metric(collector, "meshlens_collector_rows_received_total", 'table="calls"') == 3
+    assert "meshlens_collector_duplicate_batches_total 1.0" in metrics_text(collector)
+    assert wait_for_count(collector, 3, "dst_service = 'twice'") == 3
+    # another id is another batch, however alike the rows
+    assert post_calls(collector, body.replace(b"prod-1-0", b"prod-1-1")) == (200, {"accepted": 3, "rows": 3})
+    assert wait_for_count(collector, 6, "dst_service = 'twice'") == 6
+
+
+@pytest.mark.parametrize("batch_id, message", [
+    (7, "'id' must be a string (the producer's batch id), not int"),
+    ("x" * 65, "'id' must be 1 to 64 characters, not 65"),
+    ("", "'id' must be 1 to 64 characters, not 0"),
+    ("a b", "'id' may hold only A-Z a-z 0-9 . _ : -"),
+])
+def test_a_malformed_batch_id_is_a_400_in_one_line(collector: CollectorProcess, batch_id, message: str) -> None:
+    body = json.dumps({"v": 1, "id": batch_id, "n": 1, "columns": {"dst_service": ["bad-id"]}}).encode()
+
+    assert post_calls(collector, body) == (400, {"error": message})
+    assert stored_calls(collector, "dst_service = 'bad-id'") == 0
+
+
+def post_calls(proc: CollectorProcess, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(calls_url(proc), data=body, method="POST",
+                                 headers={"Content-Type": "application/x-meshlens-calls+json"})
+    try:
+        with urllib.request.urlopen(req, timeout=PATIENCE_S) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def metrics_text(proc: CollectorProcess) -> str:
+    return urllib.request.urlopen(f"{proc.base}/metrics", timeout=PATIENCE_S).read().decode()
+
+
+# -- the unsent batches while the collector is away ---------------------------------------
+
+
+def test_the_unsent_bound_drops_the_oldest_batch_only_at_the_bound(recorders) -> None:
+    recorder = recorders(f"http://127.0.0.1:{free_port()}/v1/calls", batch_rows=3, flush_interval=3600,
+                         max_unsent_calls=9)
+
+    seen = []
+    for b in range(5):
+        record_batches_from(recorder, b, rows=3)
+        seen.append((recorder.unsent_calls, recorder.dropped["collector_unavailable"]))
+
+    assert seen == [(3, 0), (6, 0), (9, 0), (9, 3), (9, 6)]  # nothing goes until the bound, then one batch each
+    assert recorder.dropped["buffer_full"] == 0 and recorder.sent_calls == 0
+
+
+def test_while_the_collector_is_away_calls_are_cut_into_unsent_batches_not_dropped(recorders) -> None:
+    # The buffer of calls not yet cut holds 100: the outage is carried by the unsent batches, not by it.
+    recorder = recorders(f"http://127.0.0.1:{free_port()}/v1/calls", batch_rows=50, flush_interval=3600,
+                         max_buffered=100)
+
+    for b in range(40):
+        record_batches_from(recorder, b, rows=50)
+
+    assert recorder.dropped == {"buffer_full": 0, "collector_unavailable": 0, "rejected": 0}
+    assert recorder.unsent_calls == 2_000 and recorder.buffered == 0
+
+
+def test_the_backlog_drains_once_the_collector_returns(tmp_path: Path, recorders, caplog) -> None:
+    port = free_port()
+    recorder = recorders(f"http://127.0.0.1:{port}/v1/calls", batch_rows=25, flush_interval=3600)
+    for b in range(20):
+        record_batches_from(recorder, b, rows=25)
+    assert recorder.unsent_calls == 500 and recorder.sent_calls == 0
+
+    proc = start_collector(tmp_path / "collector", "--otlp-http-port", str(port))
+    try:
+        with caplog.at_level("INFO", logger="meshlens.client"):
+            assert recorder.flush(timeout=PATIENCE_S)
+
+        assert recorder.sent_calls == 500 and recorder.sent_batches == 20 and recorder.unsent_calls == 0
+        assert recorder.duplicate_batches == 0 and not any(recorder.dropped.values())
+        assert wait_for_count(proc, 500, "dst_service LIKE 'batch%'") == 500
+        assert [r.getMessage() for r in caplog.records if "accepting again" in r.getMessage()] == [
+            f"collector accepting again url=http://127.0.0.1:{port}/v1/calls unsent_calls=475"]
+    finally:
+        proc.stop()
+        proc.kill()
+
+
+def record_batches_from(recorder: CallRecorder, b: int, rows: int) -> None:
+    """Record `rows` calls to service batch{b} and wait until the shipping thread has cut them."""
+    for r in range(rows):
+        recorder.record(call(b * rows + r, service=f"batch{b}"))
+    assert wait_until(lambda: recorder.buffered == 0), "the shipping thread did not cut a batch"
