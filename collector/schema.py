@@ -242,6 +242,8 @@ def migrations(lay: Layout) -> list[Migration]:
     return [
         Migration(1, "create calls", _v1_create_calls(lay)),
         Migration(2, "create otel_traces, trace id lookup and its view", _v2_create_traces(lay)),
+        Migration(3, "add calls.response_flags", add_columns(
+            lay, "calls", [("response_flags", "LowCardinality(String)", "CODEC(ZSTD(1))")], after="error")),
     ]
 
 

@@ -51,7 +51,7 @@ ERROR_CLASSES: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p, re
 
 # What a span never says about a call: spans_to_calls leaves these columns out and
 # collector.columns.to_table fills their defaults.
-NOT_FROM_SPANS = frozenset({"dst_subset", "peer_identity", "mode", "action", "attempt"})
+NOT_FROM_SPANS = frozenset({"dst_subset", "peer_identity", "mode", "action", "attempt", "response_flags"})
 # The `calls` columns an otlp row fills, in CALL_COLUMNS order.
 OTLP_CALL_COLUMNS: tuple[str, ...] = tuple(n for n in CALL_COLUMN_NAMES if n not in NOT_FROM_SPANS)
 _OTLP_AT: tuple[int, ...] = tuple(getattr(AT, n) for n in OTLP_CALL_COLUMNS)
@@ -65,7 +65,8 @@ _SPAN_INPUTS: tuple[str, ...] = (
     "time", "duration_ns", "observer", "observer_id", "trace_id", "span_id", "parent_span_id",
     "src_service", "src_instance", "src_addr", "src_port", "dst_service", "dst_addr", "dst_port",
     "protocol", "method", "authority", "path", "route", "status", "grpc_status",
-    "request_bytes", "response_bytes", "error", "tls", "mode", "action", "peer_identity", "attempt", "attributes",
+    "request_bytes", "response_bytes", "error", "response_flags", "tls", "mode", "action", "peer_identity", "attempt",
+    "attributes",
 )
 _CALL_DEFAULTS: dict[str, Any] = {c.name: c.default() for c in CALL_COLUMNS}
 _HTTP_PROTOCOLS = {"http/1.1": "1.1", "h2": "2"}
@@ -202,7 +203,7 @@ def calls_to_spans(calls: dict[str, list[Any]]) -> dict[str, list[Any]]:
     append = rows.append
     for (time, duration, observer, observer_id, trace_id, span_id, parent_span_id, src_service, src_instance,
          src_addr, src_port, dst_service, dst_addr, dst_port, protocol, method, authority, path, route, status,
-         grpc_status, request_bytes, response_bytes, error, tls, mode, action, peer_identity, attempt,
+         grpc_status, request_bytes, response_bytes, error, response_flags, tls, mode, action, peer_identity, attempt,
          extra) in zip(*columns):
         if not trace_id or not span_id or observer not in ("client", "server"):
             continue
@@ -262,6 +263,8 @@ def calls_to_spans(calls: dict[str, list[Any]]) -> dict[str, list[Any]]:
             attrs["http.response.body.size" if version else "meshlens.response_bytes"] = str(response_bytes)
         if error:
             attrs["error.type"] = error
+        if response_flags:
+            attrs["meshlens.response_flags"] = response_flags  # as Envoy's tracer tags its spans
         attrs["meshlens.observer"] = observer
         if mode:
             attrs["meshlens.mode"] = mode

@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from meshlens.collector.columns import OTEL_TRACES
+from meshlens.collector.columns import OTEL_TRACES, to_table
 from meshlens.collector.record import CALL_COLUMNS
 from meshlens.collector.schema import (MIGRATIONS_TABLE, Layout, Migration, Retention, add_columns, bootstrap_ddl,
                                        full_ddl, migrate, migrations)
@@ -31,10 +32,12 @@ CLUSTER = Layout("obs", "prod", Retention(90, 3))
 # A mismatch means a released migration was edited: databases that ran it have the old text.
 # Append a new migration instead.
 FROZEN: dict[Layout, dict[int, str]] = {
-    LAYOUT: {1: "812859c0ad41ae88", 2: "65658e1d308008de"},
-    CLUSTER: {1: "e7b9d70847f28f27", 2: "ff2e7c6315276f4e"},
+    LAYOUT: {1: "812859c0ad41ae88", 2: "65658e1d308008de", 3: "44d3c051c55ed936"},
+    CLUSTER: {1: "e7b9d70847f28f27", 2: "ff2e7c6315276f4e", 3: "da9877f4553b989d"},
 }
 
+# Columns of `calls` that migrations after 1 added (a row as migration 1's release wrote it lacks them).
+ADDED_SINCE_1 = ["response_flags"]
 # A column a later release might add: the ALTER path, proven on stores that hold rows.
 REGION = [("region", "LowCardinality(String)", "CODEC(ZSTD(1))"), ("zone", "String", "CODEC(ZSTD(1))")]
 
@@ -110,16 +113,29 @@ def test_a_fresh_database_has_exactly_the_columns_call_and_the_otel_list_declare
 
 def test_a_store_left_at_migration_1_upgrades_with_its_rows(store: Store) -> None:
     assert migrate(store, LAYOUT, migrations(LAYOUT)[:1]) == [1]
-    store.insert("meshlens.calls", calls(4), "before-upgrade")
+    store.insert("meshlens.calls", calls(4).drop_columns(ADDED_SINCE_1), "before-upgrade")  # as that release wrote
 
-    assert migrate(store, LAYOUT) == [2]
-    assert recorded_versions(store) == [1, 2]
-    seqs = store.query_rows("SELECT attributes['seq'], status FROM meshlens.calls ORDER BY time")
-    assert [tuple(r) for r in seqs] == [("0", 200), ("1", 200), ("2", 200), ("3", 200)]
+    assert migrate(store, LAYOUT) == [2, 3]
+    assert recorded_versions(store) == [1, 2, 3]
+    seqs = store.query_rows("SELECT attributes['seq'], status, response_flags FROM meshlens.calls ORDER BY time")
+    assert [tuple(r) for r in seqs] == [("0", 200, ""), ("1", 200, ""), ("2", 200, ""), ("3", 200, "")]
     store.insert("meshlens.otel_traces", spans(2), "after-upgrade")
     store.insert("meshlens.calls", calls(1, start=4), "after-upgrade")
     assert (count(store, "calls"), count(store, "otel_traces")) == (5, 2)
     assert count(store, "otel_traces_trace_id_ts") == 2  # the view, created by migration 2, fills the lookup
+
+
+def test_migration_3_adds_response_flags_after_error_to_a_store_at_migration_2(store: Store) -> None:
+    assert migrate(store, LAYOUT, migrations(LAYOUT)[:2]) == [1, 2]
+    store.insert("meshlens.calls", calls(2).drop_columns(ADDED_SINCE_1), "at-2")
+
+    assert migrate(store, LAYOUT) == [3]
+    names = [name for name, _, _ in schema_of(store, "calls")]
+    assert names[names.index("error"):names.index("error") + 3] == ["error", "response_flags", "tls"]
+    store.insert("meshlens.calls", to_table("calls", {"time": [time.time_ns()], "dst_service": ["checkout"],
+                                                      "status": [503], "response_flags": ["UF"]}), "at-3")
+    flags = store.query_rows("SELECT status, response_flags FROM meshlens.calls ORDER BY time")
+    assert [tuple(r) for r in flags] == [(200, ""), (200, ""), (503, "UF")]
 
 
 def test_a_column_a_later_migration_adds_reaches_the_rows_already_stored(store: Store) -> None:
