@@ -61,9 +61,9 @@ DEFAULT_URL = "http://127.0.0.1:4318/v1/calls"
 # restart or rolling upgrade (tens of seconds) loses nothing, with room for one twice
 # as long; ~145 bytes a proxy call as encoded (~17 MB full), ~65 gzipped, measured.
 MAX_UNSENT_CALLS = 120_000
-# Calls the shipping thread handles between two releases of the interpreter lock: 0.3 ms
-# of its work on the project's machine, 0.55 at worst (256 took 0.8-0.95 ms), at the same
-# cost a call within the noise (bench/recorder.py).
+# Calls the shipping thread handles between two releases of the interpreter lock: at most
+# 0.44-0.64 ms of its work on the project's machine (256 held it 0.8-0.95 ms; 64 gave no
+# shorter stall, at a higher cost a call), bench/recorder.py.
 SLICE_ROWS = 128
 # A body goes out (and through gzip) in chunks of about this size: joining 64 KiB holds the
 # interpreter lock for tens of µs, and a 5,000-call body is a dozen sends, not hundreds.
@@ -240,9 +240,7 @@ class CallRecorder:
         size = sum(map(len, body))
         gzipped = self.compress and size > GZIP_ABOVE
         if gzipped:
-            gz = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: the gzip container
-            body = [out for out in map(gz.compress, body) if out]
-            body.append(gz.flush())
+            body = _gzip(body)
             size = sum(map(len, body))
         while self._unsent and self._unsent_calls + calls > self.max_unsent_calls:
             oldest = self._unsent.popleft()
@@ -377,6 +375,18 @@ def _coalesce(pieces: list[bytes]) -> list[bytes]:
             pause()
     if group:
         out.append(b"".join(group))
+    return out
+
+
+def _gzip(chunks: list[bytes]) -> list[bytes]:
+    """The chunks as one gzip stream, in chunks; zlib lets go of the lock while it works, pause() between."""
+    gz = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+    out = []
+    for chunk in chunks:
+        if compressed := gz.compress(chunk):
+            out.append(compressed)
+        pause()
+    out.append(gz.flush())
     return out
 
 
