@@ -95,9 +95,10 @@ def test_a_collector_killed_for_ten_seconds_loses_and_duplicates_no_call(tmp_pat
         a.start()
         pace = tmp_path / "pace.lua"
         pace.write_text(PACE.format(load_s=LOAD_S, delay_ms=DELAY_MS))
-        wrk = subprocess.Popen(["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{WRK_S}s", "-s", str(pace),
-                                f"http://127.0.0.1:{a.outbound}/call"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+        # --timeout: wrk's 2 s default would count a slow answer on a busy machine as a failure
+        wrk = subprocess.Popen(["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{WRK_S}s", f"--timeout={WRK_S}s",
+                                "-s", str(pace), f"http://127.0.0.1:{a.outbound}/call"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
         # the load runs and both sides' records arrive; then the collector dies wherever it is
         wait_until(lambda: set(stored(col)) == {"client", "server"}, "records from both sidecars")
