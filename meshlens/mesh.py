@@ -9,6 +9,7 @@ nothing are recorded as `ip:port`, never dropped.
       catalog:
         protocol: http            # optional: http, tcp or tls; left out, it is detected per connection
         mode: observe             # observe, the only mode there is until the control plane
+        load_balancer: LEAST_REQUEST  # optional: ROUND_ROBIN (default) or LEAST_REQUEST
         instances:
           - address: 10.0.0.5:8080
             labels: {version: v1}
@@ -26,6 +27,11 @@ is a protocol error); `tcp`: passed through as bytes, never parsed; `tls`: passe
 with the ClientHello's attributes recorded. `grpc` is refused: HTTP/2 is passed through,
 not parsed, so a gRPC call could not be recorded as one.
 
+`load_balancer` is how a caller's sidecar picks the instance of this service a request goes
+to, named as Istio's DestinationRule `trafficPolicy.loadBalancer.simple`: `ROUND_ROBIN`
+(each in turn, the default) or `LEAST_REQUEST` (Envoy's: of two instances drawn at random,
+the one with fewer requests in flight). See proxy/cluster.py.
+
 `mode` is refused unless `observe`: dry-run and enforce come with the control plane, and
 a record's `mode` must never claim one that nothing applied.
 
@@ -42,10 +48,13 @@ from meshlens.yamlfile import read_yaml
 
 Protocol = Literal["http", "tcp", "tls"]
 Mode = Literal["observe"]
+LoadBalancer = Literal["ROUND_ROBIN", "LEAST_REQUEST"]
 PROTOCOLS: tuple[str, ...] = ("http", "tcp", "tls")
 """What `protocol` may declare; without it the protocol is detected (meshlens.protocols.sniff)."""
 MODES: tuple[str, ...] = ("observe",)
 """The modes in force today; `dry-run` and `enforce` come with the control plane."""
+LOAD_BALANCERS: tuple[str, ...] = ("ROUND_ROBIN", "LEAST_REQUEST")
+"""What `load_balancer` may name: Istio's `loadBalancer.simple` values the sidecar implements."""
 # Declared protocol -> the protocol a record names (collector/record.py PROTOCOLS).
 RECORDED_PROTOCOL: dict[str, str] = {"http": "http/1.1", "tcp": "tcp", "tls": "tls"}
 # Values meshlens will take but cannot honour yet: refused saying so, never accepted and ignored.
@@ -54,9 +63,13 @@ _NOT_YET = {
                          "out to have the connection detected, or declare tcp"},
     "mode": {m: f"{m} is not available yet (meshlens observes only; modes come with the control plane)"
              for m in ("dry-run", "enforce")},
+    "load_balancer": {
+        "LEAST_CONN": "LEAST_CONN is Istio's deprecated name for LEAST_REQUEST: use LEAST_REQUEST",
+        **{lb: f"{lb} is not available yet (ROUND_ROBIN or LEAST_REQUEST)" for lb in ("RANDOM", "PASSTHROUGH")},
+    },
 }
 
-_SERVICE_KEYS = {"protocol", "mode", "instances", "subsets"}
+_SERVICE_KEYS = {"protocol", "mode", "load_balancer", "instances", "subsets"}
 _INSTANCE_KEYS = {"address", "labels"}
 
 
@@ -87,6 +100,8 @@ class Service:
     """The mode calls to this service are recorded under: observe, as nothing is enforced yet."""
     instances: tuple[Instance, ...] = ()
     subsets: dict[str, dict[str, str]] = field(default_factory=dict, hash=False, compare=False)
+    load_balancer: LoadBalancer = "ROUND_ROBIN"
+    """How callers' sidecars pick among the instances (proxy/cluster.py)."""
 
     def subset_of(self, instance: Instance) -> str:
         """The first subset (in file order) whose labels the instance carries, else ''."""
@@ -181,6 +196,8 @@ def _service(name: str, body: Any, where: str) -> Service:
     if "protocol" in body:
         protocol = _choice(body["protocol"], PROTOCOLS, f"{where}.protocol", _NOT_YET["protocol"])
     mode = _choice(body.get("mode", "observe"), MODES, f"{where}.mode", _NOT_YET["mode"])
+    load_balancer = _choice(body.get("load_balancer", "ROUND_ROBIN"), LOAD_BALANCERS, f"{where}.load_balancer",
+                            _NOT_YET["load_balancer"])
     raw_instances = body.get("instances") or []
     if not isinstance(raw_instances, list):
         raise MeshError(f"{where}.instances: expected a list")
@@ -189,7 +206,7 @@ def _service(name: str, body: Any, where: str) -> Service:
     if not isinstance(raw_subsets, dict):
         raise MeshError(f"{where}.subsets: expected a mapping of subset name to labels")
     subsets = {str(k): _labels(v, f"{where}.subsets.{_key(k)}") for k, v in raw_subsets.items()}
-    return Service(name, protocol, mode, instances, subsets)  # type: ignore[arg-type]
+    return Service(name, protocol, mode, instances, subsets, load_balancer)  # type: ignore[arg-type]
 
 
 def _instance(item: Any, where: str) -> Instance:

@@ -23,6 +23,7 @@ services:
   payment:
     protocol: tcp
     mode: observe
+    load_balancer: LEAST_REQUEST
     instances: ["10.0.0.9:9090"]
   batch:
 """
@@ -39,8 +40,9 @@ def test_a_mesh_file_names_services_instances_and_subsets(tmp_path: Path) -> Non
     assert mesh.name_of("10.0.0.5", 9999) == ("10.0.0.5:9999", "")  # unknown: recorded as it is
     assert mesh.name_of("fd00::8", 80) == ("[fd00::8]:80", "")
     pay = mesh.service("payment")
-    assert (pay.protocol, pay.mode) == ("tcp", "observe")
-    assert (mesh.service("catalog").protocol, mesh.service("catalog").mode) == (None, "observe")  # the defaults
+    assert (pay.protocol, pay.mode, pay.load_balancer) == ("tcp", "observe", "LEAST_REQUEST")
+    cat = mesh.service("catalog")
+    assert (cat.protocol, cat.mode, cat.load_balancer) == (None, "observe", "ROUND_ROBIN")  # the defaults
     assert mesh.declared_protocol("10.0.0.9", 9090) == "tcp"  # what the proxy and the tap ask
     assert mesh.declared_protocol("10.0.0.5", 8080) is None  # not declared: sniffed
     assert mesh.declared_protocol("10.0.0.99", 80) is None  # not in the mesh
@@ -60,8 +62,15 @@ def test_a_mesh_file_names_services_instances_and_subsets(tmp_path: Path) -> Non
     ("services: {catalog: {mode: dry-run}}", "services.catalog.mode: dry-run is not available yet (meshlens "
                                              "observes only; modes come with the control plane)"),
     ("services: {a: {mode: enforce}}", "services.a.mode: enforce is not available yet"),
-    ("services: {a: {timeout: 3s}}", "services.a: unknown field(s) timeout (expected: instances, mode, protocol, "
-                                     "subsets)"),
+    ("services: {a: {timeout: 3s}}", "services.a: unknown field(s) timeout (expected: instances, load_balancer, "
+                                     "mode, protocol, subsets)"),
+    ("services: {a: {load_balancer: least_request}}",
+     "services.a.load_balancer: expected one of ROUND_ROBIN, LEAST_REQUEST, got 'least_request'"),
+    ("services: {a: {load_balancer: {simple: LEAST_REQUEST}}}", "services.a.load_balancer: expected one of "
+                                                                "ROUND_ROBIN, LEAST_REQUEST, got {'simple': "),
+    ("services: {a: {load_balancer: LEAST_CONN}}",
+     "services.a.load_balancer: LEAST_CONN is Istio's deprecated name for LEAST_REQUEST: use LEAST_REQUEST"),
+    ("services: {a: {load_balancer: RANDOM}}", "services.a.load_balancer: RANDOM is not available yet"),
     ("version: 1\nservices: {}", "unknown field(s) version (expected: services)"),
     ("services: {a: {retries: 3}}", "services.a: unknown field(s) retries"),
     ("services: {a: {instances: [10.0.0.1]}}", "services.a.instances[0].address: expected 'host:port'"),
