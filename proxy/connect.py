@@ -1,0 +1,93 @@
+"""Opening upstream connections, and what a failure is called: the only place either happens.
+
+Every upstream connection the sidecar opens comes through `open_connection`: an HTTP
+pool miss (proxy/upstream.py), a CONNECT tunnel and a passed-through connection
+(proxy/passthrough.py). A failure becomes one `LocalReply` (status, text, error class
+for the record's `error` column, Envoy-style response flags), so the same failure is
+answered and recorded the same way on every path: refused, timed out or unreachable is
+503 `UF`, as Envoy answers an upstream connection failure.
+
+The response flags are Envoy's (`%RESPONSE_FLAGS%`, configuration/observability/
+access_log/usage), named here once: the record's `response_flags` column carries them,
+comma-separated, '' when none.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
+
+__all__ = ["CONNECT_TIMEOUT", "DC", "DPE", "LR", "NR", "UC", "UF", "UH", "UO", "UPE", "UPSTREAM_PROTOCOL_ERROR",
+           "UPSTREAM_RESET", "UR", "URX", "UT", "LocalReply", "failure", "no_endpoint", "open_connection"]
+
+# Envoy's cluster connect_timeout default is 5 s (nginx proxy_connect_timeout 60 s).
+CONNECT_TIMEOUT = 5.0
+
+# -- Envoy's response flags: what each means in Envoy's access log ----------------------------
+UF = "UF"
+"""Upstream connection failure, in addition to a 503."""
+UH = "UH"
+"""No healthy upstream hosts in the upstream cluster, in addition to a 503."""
+UO = "UO"
+"""Upstream overflow (circuit breaking), in addition to a 503."""
+URX = "URX"
+"""Rejected because the upstream retry limit (HTTP) or maximum connect attempts (TCP) was reached."""
+UT = "UT"
+"""Upstream request timeout, in addition to a 504."""
+UC = "UC"
+"""Upstream connection termination, in addition to a 503."""
+UR = "UR"
+"""Upstream remote reset, in addition to a 503."""
+UPE = "UPE"
+"""The upstream response had an HTTP protocol error."""
+DC = "DC"
+"""Downstream connection termination."""
+DPE = "DPE"
+"""The downstream request had an HTTP protocol error."""
+NR = "NR"
+"""No route configured for the request (with a 404), or no matching filter chain for a downstream connection."""
+LR = "LR"
+"""Connection local reset, in addition to a 503."""
+
+
+class LocalReply(NamedTuple):
+    """An answer the sidecar gives itself instead of an upstream's, and how the record names it."""
+
+    status: int
+    text: str
+    """One line, the plain-text body."""
+    error: str
+    """The record's `error` class: refused, timeout, reset, protocol_error, no_healthy_upstream, loop, ..."""
+    flags: str = ""
+    """Envoy-style response flags for the record's `response_flags` column."""
+
+
+UPSTREAM_RESET = LocalReply(503, "upstream reset the connection before responding", "reset", UC)
+UPSTREAM_PROTOCOL_ERROR = LocalReply(502, "upstream sent a malformed response", "protocol_error", UPE)
+
+
+def failure(exc: BaseException) -> LocalReply:
+    """What a failed `open_connection` is answered and recorded as: 503 UF, whichever way it failed."""
+    if isinstance(exc, ConnectionRefusedError):
+        return LocalReply(503, "upstream connect error: connection refused", "refused", UF)
+    if isinstance(exc, TimeoutError):  # asyncio.wait_for's, and the kernel's ETIMEDOUT
+        return LocalReply(503, "upstream connect error: timed out", "timeout", UF)
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)  # unreachable, no route, ...
+    return LocalReply(503, f"upstream connect error: {text}", "refused", UF)
+
+
+def no_endpoint(service: str) -> LocalReply:
+    """A mesh service with no instance to send to: 503 UH."""
+    return LocalReply(503, f"service {service} has no instances", "no_healthy_upstream", UH)
+
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+
+async def open_connection(protocol: Callable[[], P], addr: tuple[str, int]) -> P:
+    """Connect to `addr` within CONNECT_TIMEOUT; the protocol is returned connected.
+
+    Raises OSError (TimeoutError included): `failure` says what it is answered and recorded as."""
+    loop = asyncio.get_running_loop()
+    _, proto = await asyncio.wait_for(loop.create_connection(protocol, addr[0], addr[1]), CONNECT_TIMEOUT)
+    return proto

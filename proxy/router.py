@@ -1,0 +1,161 @@
+"""Where a request or a connection goes: a `Route`, or a `LocalReply` to answer it with.
+
+One entry point per kind of lookup, each taking what it needs as arguments (no sockets):
+
+- `inbound(peer_host, peer_field)`: to the local app, naming the caller.
+- `outbound(authority, peer_field, original_dst)`: an HTTP request leaving the app. A Host
+  naming a mesh service goes to one of its instances (proxy/cluster.py balances); on a
+  transparently redirected connection anything else goes where the app was connecting;
+  an explicit proxy request goes to the address its Host names.
+- `address(addr)`: one address, named by the mesh (connections passed through, and the
+  transparent fallback above); our own outbound listener is a loop (508).
+
+Routes to single addresses are cached (bounded); balanced ones are picked per request.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from meshlens.mesh import Mesh, Service, parse_address
+from meshlens.proxy.cluster import Cluster, Endpoint
+from meshlens.proxy.connect import DPE, LocalReply, no_endpoint
+
+__all__ = ["LOOPBACK", "ROUTE_CACHE_SIZE", "LocalReply", "Route", "Router"]
+
+# Resolved non-service authorities kept: far more than one app talks to; bounded against odd Host values.
+ROUTE_CACHE_SIZE = 4096
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost", "0.0.0.0", "::"})
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one request goes, and how the record names it."""
+
+    addr: tuple[str, int]
+    dst_service: str
+    dst_subset: str
+    src_service: str = ""
+    """Inbound only: the calling service, when the mesh or the caller's sidecar says (else '')."""
+    endpoint: Endpoint | None = field(default=None, compare=False)
+    """The cluster endpoint it was balanced to, whose active requests it counts until `Router.finished`."""
+
+
+class Router:
+    """Routes for one sidecar (per process): the mesh's clusters and the route caches."""
+
+    def __init__(self, mesh: Mesh, service: Service, app: tuple[str, int] | None = None,
+                 local_host: str = "127.0.0.1", rng: random.Random | None = None) -> None:
+        self.mesh = mesh
+        self.service = service
+        self.app = app
+        """The local application's address; inbound routes go there."""
+        self.local_host = local_host
+        self.outbound_port: int | None = None
+        """Our own outbound listener's port once it listens: an address there is a loop."""
+        rng = rng or random.Random()
+        self.clusters: dict[str, Cluster] = {name: Cluster(svc, rng) for name, svc in mesh.services.items()}
+        self._own_name = service.name.encode()
+        self._inbound_subset = mesh.name_of(*app)[1] if app is not None else ""
+        self._by_authority: dict[bytes, Route] = {}
+        self._by_addr: dict[tuple[str, int], Route] = {}
+        self._inbound: dict[str, Route] = {}  # by calling service; at most one per mesh service
+        self._src_by_host: dict[str, str | None] = {}  # caller address -> the mesh service there
+
+    def __repr__(self) -> str:
+        return f"<Router {self.service.name} clusters={len(self.clusters)}>"
+
+    def inbound(self, peer_host: str, peer_field: bytes = b"") -> Route:
+        """The route to the local app, naming the caller: by its address when the mesh lists exactly one
+        service there (loopback names no one), else by its sidecar's `x-meshlens-peer` field if that names
+        a mesh service."""
+        if peer_host in self._src_by_host:
+            src = self._src_by_host[peer_host]
+        else:
+            src = self.mesh.service_at(peer_host) if peer_host not in LOOPBACK else None
+            if len(self._src_by_host) < ROUTE_CACHE_SIZE:
+                self._src_by_host[peer_host] = src
+        if src is None and peer_field:
+            name = peer_field.decode("latin-1").strip()
+            src = name if name in self.mesh.services else None
+        src = src or ""
+        route = self._inbound.get(src)
+        if route is None:
+            assert self.app is not None, "no inbound routes without an app port"
+            route = Route(self.app, self.service.name, self._inbound_subset, src)
+            self._inbound[src] = route
+        return route
+
+    def outbound(self, authority: bytes, peer_field: bytes = b"",
+                 original_dst: tuple[str, int] | None = None) -> Route | LocalReply:
+        """The upstream for a request from the app: `authority` is the absolute-form target's or else the
+        Host field, `peer_field` the request's `x-meshlens-peer`, `original_dst` where iptables meant the
+        connection to go (transparent mode), None on an explicit proxy connection."""
+        if peer_field and peer_field.strip() == self._own_name:
+            # our own field on an outbound request: it already went through this sidecar once
+            return LocalReply(508, "request came back into the outbound listener (proxy traffic redirected?)", "loop")
+        if original_dst is not None:
+            svc = self.mesh.services.get(_split_authority(authority.decode("latin-1").strip())[0])
+            return self.address(original_dst) if svc is None else self.balanced(svc.name)
+        cached = self._by_authority.get(authority)
+        if cached is not None:
+            return cached
+        text = authority.decode("latin-1").strip()
+        if not text:
+            return LocalReply(400, "no Host header and no absolute-form target", "protocol_error", DPE)
+        name, port_text = _split_authority(text)
+        if name in self.mesh.services:
+            return self.balanced(name)
+        try:
+            host, port = parse_address(text if port_text else f"{text}:80")
+        except ValueError:
+            return LocalReply(400, f"cannot route to {text!r}", "protocol_error", DPE)
+        route = self.address((host, port))
+        if isinstance(route, Route) and len(self._by_authority) < ROUTE_CACHE_SIZE:
+            self._by_authority[authority] = route
+        return route
+
+    def address(self, addr: tuple[str, int]) -> Route | LocalReply:
+        """A route to one address (named by the mesh), or 508 if it is our own outbound listener."""
+        cached = self._by_addr.get(addr)
+        if cached is not None:
+            return cached
+        host, port = addr
+        if port == self.outbound_port and (host in LOOPBACK or host == self.local_host):
+            return LocalReply(508, "request would loop back into the outbound listener", "loop")
+        dst, subset = self.mesh.name_of(host, port)
+        route = Route((host, port), dst, subset)
+        if len(self._by_addr) < ROUTE_CACHE_SIZE:
+            self._by_addr[addr] = route
+        return route
+
+    def balanced(self, service: str) -> Route | LocalReply:
+        """The instance of a mesh service the next exchange goes to, as its cluster balances (503 UH if none).
+
+        The endpoint counts the exchange as active until `finished(route)`."""
+        cluster = self.clusters[service]
+        ep = cluster.pick()
+        if ep is None:
+            return no_endpoint(service)
+        cluster.started(ep)
+        return Route((ep.host, ep.port), service, ep.subset, "", ep)
+
+    def finished(self, route: Route) -> None:
+        """The exchange that took `route` ended: a balanced endpoint has one active request fewer."""
+        ep = route.endpoint
+        if ep is not None:
+            self.clusters[route.dst_service].finished(ep)
+
+    def source_service(self, inbound: bool, route: Route | None) -> str:
+        """Who called, for records and metrics: this service outbound; inbound, whom the route names."""
+        if not inbound:
+            return self.service.name
+        return route.src_service if route is not None else ""
+
+
+def _split_authority(text: str) -> tuple[str, str]:
+    """`host:port` -> (host, port text); a bare host or a bracketed IPv6 literal -> (text, '')."""
+    if ":" in text and not text.endswith("]"):
+        host, _, port = text.rpartition(":")
+        return host, port
+    return text, ""
