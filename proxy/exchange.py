@@ -287,7 +287,7 @@ class Exchange:
         if not head.keep_alive and head.content_length < 0 and not head.chunked and head.method != "HEAD" \
                 and head.status not in (204, 304):
             self.close_after = True  # the body ends when the upstream closes: so must the client's connection
-        close = self.close_after or self.conn.closing
+        close = (self.close_after or self.conn.closing) and head.status != 101
         self.conn.write(response_head(head, close))
 
     def response_body(self, data: bytes) -> None:
@@ -305,6 +305,16 @@ class Exchange:
             else:
                 up.close()
         self._finish()
+
+    def tunnel_connecting(self, route: Route) -> None:
+        """CONNECT to the outbound listener: proxy/passthrough.py connects the tunnel itself."""
+        self.route = route
+        self._move(_CONNECTING)
+
+    def tunnel_opened(self) -> None:
+        self.status = 200
+        self._move(_SENT)
+        self._move(_TUNNEL)
 
     def upgraded(self, up: Any, rest: bytes) -> None:
         """The upstream switched protocols (its 101 head is written): the connection becomes a tunnel."""
@@ -401,6 +411,14 @@ class Exchange:
             self.flags = r.flags if not self.flags else self.flags + "," + r.flags
         self.conn.write(self.local)
         self._finish()
+
+    def cut(self, reply: LocalReply) -> None:
+        """The client broke HTTP inside this request before any response went back: the upstream
+        (if any) is cut and the client hears `reply`."""
+        up, self.upstream = self.upstream, None
+        if up is not None:
+            up.abort()
+        self.reply(reply)
 
     def abandon(self, error: str, flags: str) -> None:
         """The client went away: whatever is upstream is cut, and the exchange recorded as it stands."""

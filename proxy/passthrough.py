@@ -6,24 +6,25 @@ inbound listener and the connection's original destination (transparent mode) on
 outbound one; an outbound connection without one has nowhere to go and is closed
 (`protocol_error`). The call mirrors the tap's (tap/calls.py): protocol `tls`, `h2` or
 `tcp`, bytes each way, the connection's lifetime, SNI as authority and the hellos'
-versions and ALPN as attributes, read as they pass (nothing is decrypted).
+versions and ALPN as attributes, read as they pass (nothing is decrypted). A destination
+that cannot be reached is recorded as proxy/connect.py names the failure (`UF`).
 """
 from __future__ import annotations
 
 import asyncio
-import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from meshlens.collector.record import Call
+from meshlens.collector.record import AT
 from meshlens.protocols.errors import PeerError
 from meshlens.protocols.tls import ClientHello, HelloParser, ServerHello, hello_attributes
+from meshlens.proxy.connect import NR, LocalReply, failure, open_connection
+from meshlens.proxy.exchange import State
 from meshlens.proxy.tunnel import SERVER, Tunnel
-from meshlens.proxy.upstream import CONNECT_TIMEOUT
 
 if TYPE_CHECKING:
     from meshlens.proxy.downstream import Downstream
-    from meshlens.proxy.request import Request
-    from meshlens.proxy.server import Route
+    from meshlens.proxy.exchange import Exchange
+    from meshlens.proxy.router import Route
 
 __all__ = ["SNIFF_TIMEOUT", "Passthrough", "TlsWatch", "connect_method", "destination"]
 
@@ -74,28 +75,29 @@ class TlsWatch:
         self.parsers[i] = None
         return True
 
-    def fill(self, call: Call) -> None:
-        """Authority and attributes as the tap names them."""
-        call.tls = True
+    def fill(self, row: list[Any]) -> None:
+        """A call row's tls, authority and attributes, as the tap names them."""
+        row[AT.tls] = True
         if self.client_hello is not None:
-            call.authority = self.client_hello.sni or ""
-        call.attributes.update(hello_attributes(self.client_hello, self.server_hello, self.error))
+            row[AT.authority] = self.client_hello.sni or ""
+        row[AT.attributes].update(hello_attributes(self.client_hello, self.server_hello, self.error))
 
 
-def destination(conn: Downstream) -> Route | tuple[int, str, str]:
+def destination(conn: Downstream) -> Route | LocalReply:
     """Where a connection that is not HTTP goes: the local app (inbound), the original destination (outbound)."""
-    if not conn.has_destination:
-        return 400, "not HTTP and no original destination", "protocol_error"
+    if not conn.has_destination:  # Envoy's NR: no filter chain matches the connection
+        return LocalReply(400, "not HTTP and no original destination", "protocol_error", NR)
+    router = conn.proxy.router
     if conn.inbound:
-        return conn.proxy.route(conn, b"")
+        return router.inbound(conn.peer[0])
     assert conn.original_dst is not None
-    return conn.proxy.route_to(conn.original_dst)
+    return router.address(conn.original_dst)
 
 
 class Passthrough:
     """One sniffed connection: its destination, its tunnel and its record."""
 
-    __slots__ = ("conn", "protocol", "route", "tunnel", "tls", "error")
+    __slots__ = ("conn", "protocol", "route", "tunnel", "tls", "error", "flags")
 
     def __init__(self, conn: Downstream, protocol: str) -> None:
         self.conn = conn
@@ -104,6 +106,7 @@ class Passthrough:
         self.tunnel: Tunnel | None = None
         self.tls = TlsWatch() if protocol == "tls" else None
         self.error = ""
+        self.flags = ""
 
     def __repr__(self) -> str:
         return f"<Passthrough {self.protocol} {self.conn.peer} tunnel={self.tunnel!r}>"
@@ -112,8 +115,8 @@ class Passthrough:
         """`first`: the client's bytes read so far. Route, adopt the client's transport, connect."""
         conn = self.conn
         route = destination(conn)
-        if isinstance(route, tuple):
-            self.error = route[2]
+        if isinstance(route, LocalReply):
+            self.error, self.flags = route.error, route.flags
             self._record(None)
             conn.transport.close()  # Downstream.connection_lost still runs: the proxy forgets it there
             return
@@ -130,19 +133,18 @@ class Passthrough:
     async def _connect(self, addr: tuple[str, int]) -> None:
         tunnel = self.tunnel
         assert tunnel is not None
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: tunnel.server, addr[0], addr[1]), CONNECT_TIMEOUT)
-        except (TimeoutError, asyncio.TimeoutError):
-            tunnel.connect_failed("timeout")
-        except OSError:
-            tunnel.connect_failed("refused")
+            await open_connection(lambda: tunnel.server, addr)
+        except OSError as e:  # refused, timed out (TimeoutError is one), unreachable
+            reply = failure(e)
+            self.flags = reply.flags
+            tunnel.connect_failed(reply.error)
         else:
             tunnel.start()
 
     def _labels(self) -> tuple[str, str, str]:
         conn, route = self.conn, self.route
-        return ("destination" if conn.inbound else "source", conn.proxy.source_service(conn, route),
+        return ("destination" if conn.inbound else "source", conn.proxy.router.source_service(conn.inbound, route),
                 route.dst_service if route else "")
 
     def _closed(self, tunnel: Tunnel) -> None:
@@ -152,49 +154,25 @@ class Passthrough:
         self.conn.proxy.closed(self.conn)
 
     def _record(self, tunnel: Tunnel | None) -> None:
-        conn = self.conn
-        proxy = conn.proxy
-        recorder = proxy.recorder
-        if recorder is None:
-            return
-        route = self.route
-        inbound = conn.inbound
-        call = Call(
-            time=conn.t_wall, duration_ns=time.monotonic_ns() - conn.t0,
-            observer="server" if inbound else "client", observer_id=proxy.config.observer_id,
-            src_service=self._labels()[1], src_instance="" if inbound else proxy.config.observer_id,
-            src_addr=conn.peer[0], src_port=conn.peer[1],
-            dst_service=route.dst_service if route else "", dst_subset=route.dst_subset if route else "",
-            dst_addr=route.addr[0] if route else "", dst_port=route.addr[1] if route else 0,
-            protocol=self.protocol, error=self.error, mode=proxy.service.mode,
-            request_bytes=tunnel.bytes[0] if tunnel else 0, response_bytes=tunnel.bytes[1] if tunnel else 0,
-        )
-        if tunnel is not None and tunnel.reason:
-            call.attributes["close"] = tunnel.reason
-        if self.tls is not None:
-            self.tls.fill(call)
-        recorder.record(call)
+        self.conn.proxy.recording.connection(self.conn, self.protocol, self.route, tunnel, self.error, self.flags,
+                                             self.tls)
 
 
-async def connect_method(conn: Downstream, req: Request) -> None:
+async def connect_method(conn: Downstream, ex: Exchange) -> None:
     """CONNECT through the outbound sidecar: connect to the routed target, answer 200, become a tunnel.
 
     Recorded as the CONNECT exchange (status 200, the tunnel's bytes) when the tunnel ends."""
-    route = req.route
+    route = ex.route
     assert route is not None
-    tunnel = Tunnel(conn.proxy.config.idle_timeout, lambda t: conn.tunnel_closed(req, t))
-    loop = asyncio.get_running_loop()
+    tunnel = Tunnel(conn.proxy.config.idle_timeout, lambda t: conn.tunnel_closed(ex, t))
     try:
-        await asyncio.wait_for(loop.create_connection(lambda: tunnel.server, *route.addr), CONNECT_TIMEOUT)
-    except (TimeoutError, asyncio.TimeoutError):
-        conn.answer(req, 504, "CONNECT target did not answer in time", "timeout")
+        await open_connection(lambda: tunnel.server, route.addr)
+    except OSError as e:  # as an HTTP request's upstream would be: 503 UF
+        ex.reply(failure(e))
         return
-    except OSError as e:
-        conn.answer(req, 502, f"CONNECT target refused: {e.strerror or e}", "refused")
-        return
-    if req.done or conn.transport.is_closing():  # the client left while we were connecting
+    if ex.state is State.DONE or conn.transport.is_closing():  # the client left while we were connecting
         tunnel.abort("closed", "downstream_closed")
         return
-    req.status = 200
-    conn.transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-    conn.upgraded(req, None, b"", tunnel)
+    ex.tunnel_opened()
+    conn.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+    conn.upgraded(ex, None, b"", tunnel)

@@ -1,8 +1,9 @@
-"""The sidecar process: configuration, routing, recording, listeners and graceful drain.
+"""The sidecar process: configuration, listeners, graceful drain, and what lives as long as the process.
 
-State here lives as long as the process: the upstream pool, the open downstream
-connections, counters and metrics, the recorder. Connections and requests keep
-their own state (proxy/downstream.py, proxy/upstream.py).
+Per-process state is built here and held by `Proxy`: the router (proxy/router.py, with
+its clusters), the upstream pool, the open downstream connections, counters, metrics,
+the recording of each call (proxy/record.py) and the recorder shipping them. Connections
+and requests keep their own state (proxy/downstream.py, proxy/upstream.py).
 """
 from __future__ import annotations
 
@@ -16,19 +17,23 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from meshlens.collector.record import AT, DEFAULT_ROW
-from meshlens.mesh import RECORDED_PROTOCOL, Mesh, Service, parse_address
+from meshlens.mesh import RECORDED_PROTOCOL, Mesh
+from meshlens.proxy.chain import Chain
+from meshlens.proxy.connect import LocalReply, failure, open_connection
 from meshlens.proxy.downstream import HEADER_TIMEOUT, IDLE_TIMEOUT, Downstream
+from meshlens.proxy.exchange import Env, Exchange
 from meshlens.proxy.headers import peer_field
-from meshlens.proxy.request import Request
 from meshlens.proxy.metrics import Metrics
+from meshlens.proxy.pool import Pool
+from meshlens.proxy.record import Recording
+from meshlens.proxy.router import Route, Router
 from meshlens.proxy.transparent import original_dst
-from meshlens.proxy.upstream import Pool
+from meshlens.proxy.upstream import Upstream
 
 if TYPE_CHECKING:
     from meshlens.collector.client import CallRecorder
 
-__all__ = ["DRAIN_TIMEOUT", "RECORD_BATCH_ROWS", "ProxyConfig", "Proxy", "Route", "run"]
+__all__ = ["DRAIN_TIMEOUT", "RECORD_BATCH_ROWS", "ProxyConfig", "Proxy", "run"]
 
 log = logging.getLogger("meshlens.proxy")
 
@@ -41,9 +46,6 @@ DRAIN_TIMEOUT = 25.0
 RECORD_BATCH_ROWS = 1000
 # Listen backlog: Envoy and nginx (on Linux) use the kernel's somaxconn cap; 1024 is its usual value.
 BACKLOG = 1024
-# Resolved non-service authorities kept: far more than one app talks to; bounded against odd Host values.
-ROUTE_CACHE_SIZE = 4096
-_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost", "0.0.0.0", "::"})
 
 
 @dataclass(frozen=True)
@@ -65,22 +67,13 @@ class ProxyConfig:
     header_timeout: float = HEADER_TIMEOUT
     idle_timeout: float = IDLE_TIMEOUT
     drain_timeout: float = DRAIN_TIMEOUT
+    upstream_timeout: float | None = None
+    """Route timeout: a response must be complete within this many seconds, else 504 UT. Off by default, as in Istio."""
     observer_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Where one request goes, and how the record names it."""
-
-    addr: tuple[str, int]
-    dst_service: str
-    dst_subset: str
-    src_service: str = ""
-    """Inbound only: the calling service, when the mesh or the caller's sidecar says (else '')."""
-
-
 class Proxy:
-    """One sidecar: its listeners, pool, connections, counters, metrics and recorder."""
+    """One sidecar: its listeners, router, pool, connections, counters, metrics and recording."""
 
     def __init__(self, config: ProxyConfig, recorder: CallRecorder | None) -> None:
         # per process
@@ -94,107 +87,26 @@ class Proxy:
         }
         self.pool = Pool(self.stats)
         self.metrics = Metrics()
+        self.router = Router(config.mesh, self.service,
+                             (config.app_host, config.app_port) if config.app_port is not None else None,
+                             config.local_host)
+        self.recording = Recording(self.service, config.observer_id, self.router, self.stats, self.metrics, recorder)
         self.conns: set[Downstream] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.ports: dict[str, int] = {}
         self.draining = False
-        self._rr: dict[str, int] = {}
-        self._routes: dict[bytes, Route] = {}
-        self._dst_routes: dict[tuple[str, int], Route] = {}
-        self._inbound_routes: dict[str, Route] = {}  # by calling service; at most one per mesh service
-        self._src_by_host: dict[str, str | None] = {}  # caller address -> the mesh service there
-        self._inbound_subset = ""
-        if config.app_port is not None:
-            _, self._inbound_subset = config.mesh.name_of(config.app_host, config.app_port)
-        self._own_name = self.service.name.encode()
         self.peer_field = peer_field(self.service.name)
         """The field outbound requests carry so that the callee's sidecar can name this service."""
+        self.chain = Chain()  # observe mode: no policy runs
+        self.envs = (Env(self.chain, self.pool, self.peer_field, config.upstream_timeout, self._dial, self._rebalance),
+                     Env(self.chain, self.pool, b"", config.upstream_timeout, self._dial, self._rebalance))
+        """What exchanges run in, by listener: [outbound, inbound]."""
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
 
     def __repr__(self) -> str:
         return f"<Proxy {self.service.name} conns={len(self.conns)} draining={self.draining}>"
 
-    # -- routing --------------------------------------------------------------------------------
-
-    def route(self, conn: Downstream, authority: bytes, peer: bytes = b"") -> Route | tuple[int, str, str]:
-        """The upstream for a request, or (status, reason, error) to answer it locally.
-
-        `authority` is the absolute-form target's or else the Host field; `peer` is the caller's
-        `x-meshlens-peer` field (proxy/headers.py). Inbound goes to the local app. Outbound on a
-        transparently redirected connection goes to the service the Host names if the mesh has
-        it (balanced), else where the app was connecting; explicit outbound needs a Host."""
-        if conn.inbound:
-            return self._inbound(conn.peer[0], peer)
-        if peer and peer.strip() == self._own_name:
-            # our own field on an outbound request: it already went through this sidecar once
-            return 508, "request came back into the outbound listener (proxy traffic redirected?)", "loop"
-        dst = conn.original_dst
-        if dst is not None:
-            text = authority.decode("latin-1").strip()
-            svc = self.config.mesh.services.get(_split_authority(text)[0])
-            return self.route_to(dst) if svc is None else self._balanced(svc)
-        cached = self._routes.get(authority)
-        if cached is not None:
-            return cached
-        text = authority.decode("latin-1").strip()
-        if not text:
-            return 400, "no Host header and no absolute-form target", "protocol_error"
-        name, port_text = _split_authority(text)
-        svc = self.config.mesh.services.get(name)
-        if svc is not None:
-            return self._balanced(svc)
-        try:
-            host, port = parse_address(text if port_text else f"{text}:80")
-        except ValueError:
-            return 400, f"cannot route to {text!r}", "protocol_error"
-        route = self.route_to((host, port))
-        if isinstance(route, Route) and len(self._routes) < ROUTE_CACHE_SIZE:
-            self._routes[authority] = route
-        return route
-
-    def route_to(self, addr: tuple[str, int]) -> Route | tuple[int, str, str]:
-        """A route to one address (named by the mesh), or 508 if it is our own outbound listener."""
-        cached = self._dst_routes.get(addr)
-        if cached is not None:
-            return cached
-        host, port = addr
-        if port == self.ports.get("outbound") and (host in _LOOPBACK or host == self.config.local_host):
-            return 508, "request would loop back into the outbound listener", "loop"
-        dst, subset = self.config.mesh.name_of(host, port)
-        route = Route((host, port), dst, subset)
-        if len(self._dst_routes) < ROUTE_CACHE_SIZE:
-            self._dst_routes[addr] = route
-        return route
-
-    def _balanced(self, svc: Service) -> Route | tuple[int, str, str]:
-        """The next instance of a mesh service, round robin."""
-        if not svc.instances:
-            return 503, f"service {svc.name} has no instances", "no_healthy_upstream"
-        i = self._rr.get(svc.name, 0)
-        self._rr[svc.name] = i + 1
-        inst = svc.instances[i % len(svc.instances)]
-        return Route((inst.host, inst.port), svc.name, svc.subset_of(inst))
-
-    def _inbound(self, peer_host: str, peer: bytes) -> Route:
-        """The route to the local app, naming the caller: by its address when the mesh lists exactly one
-        service there (loopback names no one), else by its sidecar's field if that names a mesh service."""
-        mesh = self.config.mesh
-        if peer_host in self._src_by_host:
-            src = self._src_by_host[peer_host]
-        else:
-            src = mesh.service_at(peer_host) if peer_host not in _LOOPBACK else None
-            if len(self._src_by_host) < ROUTE_CACHE_SIZE:
-                self._src_by_host[peer_host] = src
-        if src is None and peer:
-            name = peer.decode("latin-1").strip()
-            src = name if name in mesh.services else None
-        src = src or ""
-        route = self._inbound_routes.get(src)
-        if route is None:
-            cfg = self.config
-            assert cfg.app_port is not None
-            route = Route((cfg.app_host, cfg.app_port), self.service.name, self._inbound_subset, src)
-            self._inbound_routes[src] = route
-        return route
+    # -- connections ------------------------------------------------------------------------------
 
     def declared_protocol(self, conn: Downstream) -> str | None:
         """What the mesh declares a new connection carries ('http/1.1', 'tcp', 'tls'), None to sniff it.
@@ -208,14 +120,6 @@ class Proxy:
         else:
             return None
         return RECORDED_PROTOCOL[declared] if declared is not None else None
-
-    def source_service(self, conn: Downstream, route: Route | None) -> str:
-        """Who called, for records and metrics: this service outbound; inbound, whom the route names."""
-        if not conn.inbound:
-            return self.service.name
-        return route.src_service if route is not None else ""
-
-    # -- connections and records -------------------------------------------------------------------
 
     def opened(self, conn: Downstream) -> None:
         """A new downstream connection; outbound ones learn where iptables meant to send them."""
@@ -233,51 +137,30 @@ class Proxy:
     def closed(self, conn: Downstream) -> None:
         self.conns.discard(conn)
 
-    def record(self, req: Request, conn: Downstream) -> None:
-        stats = self.stats
-        stats["downstream_rq_total"] += 1
-        if req.error == "refused":
-            stats["upstream_rq_refused"] += 1
-        elif req.error == "reset":
-            stats["upstream_rq_reset"] += 1
-        if req.local is not None:
-            stats["downstream_rq_local_reply"] += 1
-        end = time.monotonic_ns()
-        route = req.route
-        inbound = conn.inbound
-        dst = route.dst_service if route is not None else ""
-        src = self.source_service(conn, route)
-        self.metrics.observe(("destination" if inbound else "source", src, dst, req.status, req.error),
-                             (end - req.t0) / 1e6, req.request_bytes, req.response_bytes)
-        if self.recorder is None:
-            return
-        trace = req.trace
-        attributes = {"x_request_id": req.request_id.decode("latin-1")} if req.request_id else {}
-        if req.status == 101:
-            attributes["upgraded"] = "true"  # the tap's attribute for an exchange that became a tunnel
-        # A row (Call.as_row() order) filled by column position, not Call(**kw): a third of the cost
-        # on the thread that serves traffic, ~0.3 µs more than the tuple written out in column order
-        # (record.RowPositions has the figures). Columns not set keep their defaults (route, tls, ...).
-        row = list(DEFAULT_ROW)
-        row[AT.time], row[AT.duration_ns] = req.t_wall, end - req.t0
-        row[AT.observer] = "server" if inbound else "client"
-        row[AT.observer_id] = self.config.observer_id
-        if trace:
-            row[AT.trace_id], row[AT.span_id], row[AT.parent_span_id] = (
-                trace.trace_id, trace.span_id, trace.parent_span_id)
-        row[AT.src_service] = src
-        if not inbound:
-            row[AT.src_instance] = self.config.observer_id
-        row[AT.src_addr], row[AT.src_port] = conn.peer[0], conn.peer[1]
-        row[AT.dst_service] = dst
-        if route is not None:
-            row[AT.dst_subset], row[AT.dst_addr], row[AT.dst_port] = route.dst_subset, route.addr[0], route.addr[1]
-        row[AT.protocol], row[AT.method], row[AT.authority], row[AT.path] = (
-            "http/1.1", req.method, req.authority, req.path)
-        row[AT.status], row[AT.request_bytes], row[AT.response_bytes] = (
-            req.status, req.request_bytes, req.response_bytes)
-        row[AT.error], row[AT.mode], row[AT.attributes] = req.error, self.service.mode, attributes
-        self.recorder.record(tuple(row))
+    # -- what exchanges ask of the process ---------------------------------------------------------
+
+    def _dial(self, addr: tuple[str, int], ex: Exchange) -> None:
+        self.loop.create_task(self._connect(addr, ex))
+
+    async def _connect(self, addr: tuple[str, int], ex: Exchange) -> None:
+        self.stats["upstream_cx_total"] += 1
+        try:
+            up = await open_connection(lambda: Upstream(self.pool, addr), addr)
+        except OSError as e:
+            ex.connect_failed(failure(e))
+        else:
+            ex.connected(up)
+
+    def _rebalance(self, route: Route) -> Route | LocalReply:
+        """Another attempt's route: the cluster picks again (an address outside the mesh stays)."""
+        if route.endpoint is None:
+            return route
+        self.router.finished(route)
+        return self.router.balanced(route.dst_service)
+
+    def _sweep(self) -> None:
+        self.pool.sweep()
+        self.loop.call_later(1.0, self._sweep)
 
     def snapshot(self) -> dict[str, object]:
         """Counters for /stats."""
@@ -289,6 +172,7 @@ class Proxy:
         if rec is not None:
             out["recorder_sent_calls"] = rec.sent_calls
             out["recorder_buffered"] = rec.buffered
+            out["recorder_unsent_calls"] = rec.unsent_calls
             for reason, n in rec.dropped.items():
                 out[f"recorder_dropped_{reason}"] = n
         return out
@@ -296,7 +180,8 @@ class Proxy:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
+        loop.call_later(1.0, self._sweep)
         cfg = self.config
         listeners = [("outbound", cfg.local_host, cfg.outbound_port, False)]
         if cfg.app_port is not None:
@@ -308,6 +193,7 @@ class Proxy:
                                               backlog=BACKLOG, reuse_address=True)
             self.servers.append(server)
             self.ports[name] = server.sockets[0].getsockname()[1]
+        self.router.outbound_port = self.ports.get("outbound")  # an address there is a loop
 
     async def drain(self) -> None:
         """Stop accepting, let in-flight exchanges finish (up to drain_timeout), close the rest."""
@@ -322,14 +208,6 @@ class Proxy:
         for conn in list(self.conns):
             conn.transport.abort()
         self.pool.close()
-
-
-def _split_authority(text: str) -> tuple[str, str]:
-    """`host:port` -> (host, port text); a bare host or a bracketed IPv6 literal -> (text, '')."""
-    if ":" in text and not text.endswith("]"):
-        host, _, port = text.rpartition(":")
-        return host, port
-    return text, ""
 
 
 def ready_line(proxy: Proxy, admin_ports: dict[str, int]) -> str:

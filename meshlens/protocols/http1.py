@@ -203,6 +203,7 @@ class _Reader:
     _FIELDS: dict[bytes, str] = {}
     _LENGTHS: frozenset[int] = frozenset()
     _START: re.Pattern[bytes] = _REQUEST_START
+    _FIRST = b""  # bytes a message can begin with
     direction = ""
     error_status = 400
 
@@ -313,6 +314,9 @@ class _Reader:
                             return
                     end = data.find(b"\r\n\r\n", pos)
                     if end < 0:
+                        if data[pos] not in self._FIRST and self.phase is _IDLE:
+                            # not the start of a message (TLS, binary, h2): say so now, not at the timeout
+                            raise self._fail(f"not an HTTP/1.x {self.direction}: {data[pos:pos + 16]!r}")
                         self.held += data[pos:]
                         self.phase = _HEAD
                         self._check_held()
@@ -459,9 +463,11 @@ class _Reader:
             self._trailer_bytes = 0
         elif head.content_length >= 0 and head.transfer_encoding is None:
             self._left = head.content_length
-        else:
+        elif self.error_status == 502:
             self._left = _UNTIL_EOF  # RFC 9112 6.3: a response without length ends when the server closes
             head.keep_alive = False
+        else:  # a request llhttp expects a body for, with neither length nor chunked: not ours to guess
+            raise self._fail("a request body with neither Content-Length nor chunked Transfer-Encoding")
         self.move(_BODY)
 
     def _check_head(self, raw: bytes, status: int) -> None:
@@ -535,6 +541,7 @@ class RequestReader(_Reader):
     _FIELDS = _spellings(_REQUEST_NAMES)
     _LENGTHS = frozenset(len(n) for n in _REQUEST_NAMES)
     _START = _REQUEST_START
+    _FIRST = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # llhttp knows only upper-case methods
     direction = "request"
     error_status = 400
 
@@ -567,6 +574,8 @@ class RequestReader(_Reader):
         except httptools.HttpParserError as e:
             raise self._llhttp_error(e) from None
         method_b = parser.get_method()
+        if method_b == b"PRI":  # llhttp reads the HTTP/2 preface as a request awaiting its "SM" line
+            raise self._fail("an HTTP/2 connection preface where HTTP/1.1 was expected")
         head.method = method = _METHOD_NAMES.get(method_b) or method_b.decode("ascii")
         line_end = raw.find(b"\r\n")
         head.target = target = raw[len(method_b) + 1:line_end - 9]  # llhttp checked "M SP target SP HTTP/x.y"
@@ -652,6 +661,7 @@ class ResponseReader(_Reader):
     _FIELDS = _spellings(_RESPONSE_NAMES)
     _LENGTHS = frozenset(len(n) for n in _RESPONSE_NAMES)
     _START = _RESPONSE_START
+    _FIRST = b"H"
     direction = "response"
     error_status = 502
 

@@ -77,7 +77,8 @@ def sample_app(gate: Gate | None = None) -> web.Application:
 
     async def chunked(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse()
-        resp.enable_chunked_encoding()
+        if request.version >= (1, 1):  # RFC 9112 7.1: no Transfer-Encoding to an HTTP/1.0 request
+            resp.enable_chunked_encoding()
         await resp.prepare(request)
         for i in range(int(request.query.get("n", "5"))):
             await resp.write(b"chunk %d\n" % i)

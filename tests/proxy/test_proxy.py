@@ -74,6 +74,7 @@ def test_head_has_no_body_and_keeps_the_connection(proxy):
 
 
 def test_http10_client_gets_a_closed_body(proxy):
+    # the sidecar forwards the version as sent: the app sees HTTP/1.0 and answers without length
     r = curl("--http1.0", "-D", "-", f"http://127.0.0.1:{proxy.inbound}/chunked?n=3")
     head, _, body = r.stdout.partition(b"\r\n\r\n")
     assert b"chunked" not in head.lower() and b"connection: close" in head.lower()

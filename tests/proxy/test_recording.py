@@ -14,7 +14,8 @@ from tests.proxy.processes import ProxyProcess, SampleService
 from tests.waiting import PATIENCE_S
 
 COLUMNS = ("observer", "trace_id", "span_id", "parent_span_id", "src_service", "dst_service", "method", "path",
-           "authority", "status", "request_bytes", "response_bytes", "error", "protocol", "mode", "attributes")
+           "authority", "status", "request_bytes", "response_bytes", "error", "response_flags", "protocol", "mode",
+           "attributes")
 
 
 def curl(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
@@ -87,8 +88,9 @@ def test_records_from_both_sidecars_match_what_the_client_saw(chain):
     head = [c for c in client if c["method"] == "HEAD"][0]
     assert head["status"] == 200 and head["response_bytes"] == 0
     gone = by_path["/gone"]
-    assert (gone["status"], gone["error"], gone["dst_service"]) == (503, "refused", "dead")
-    assert by_path["/reset"]["error"] == "reset"
+    assert (gone["status"], gone["error"], gone["response_flags"], gone["dst_service"]) == (503, "refused", "UF", "dead")
+    assert (by_path["/reset"]["error"], by_path["/reset"]["response_flags"]) == ("reset", "UC")
+    assert (hello["response_flags"], echo["response_flags"]) == ("", "")
 
     # one trace across the two sidecars: the server's parent is the client's span
     for c in client:

@@ -144,8 +144,9 @@ def test_a_server_reset_mid_tunnel_reaches_the_client(env):
 def test_a_refused_destination_closes_the_client(env):
     out, port = _echo(env["gone"].inbound, [b"\x02hello"])
     assert out == b""
-    (call,) = _calls(env, port)
-    assert (call["protocol"], call["error"], call["dst_service"]) == ("tcp", "refused", "gone")
+    (call,) = recorded_calls(env["col"].query_url, f"src_port = {port}",
+                             columns=("protocol", "error", "response_flags", "dst_service"))
+    assert call == {"protocol": "tcp", "error": "refused", "response_flags": "UF", "dst_service": "gone"}
 
 
 def test_outbound_without_an_original_destination_is_closed(env):

@@ -211,7 +211,9 @@ def test_connect_through_the_outbound_sidecar(env):
 def test_connect_refused_and_where_it_is_not_served(env):
     dead = free_port()
     out = exchange(env["echo"].outbound, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % dead)
-    assert out.startswith(b"HTTP/1.1 502 ") and b"connection: close" in out
+    # answered as any request's refused upstream is (proxy/connect.py): 503, Envoy's UF
+    assert out.startswith(b"HTTP/1.1 503 ") and b"connection: close" in out
+    assert out.endswith(b"upstream connect error: connection refused\n")
     out = exchange(env["echo"].inbound, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % dead)
     assert out.startswith(b"HTTP/1.1 405 ")
 

@@ -258,3 +258,10 @@ def test_one_traceparent_parser_for_the_proxy_and_the_tap(value: str | None, exp
     assert parse_traceparent(value) == expected
     if value is not None:
         assert parse_traceparent(value.encode()) == expected
+
+
+def test_the_http2_preface_is_not_an_http1_request() -> None:
+    r = RequestReader(Log())
+    with pytest.raises(PeerError) as info:
+        r.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert info.value.status == 400 and "HTTP/2" in str(info.value)
