@@ -40,7 +40,7 @@ IDLE_TIMEOUT = 60.0
 # any further (nginx reads one buffer ahead); far below the codec's MAX_PENDING_EXCHANGES.
 MAX_QUEUED = 16
 _EXTRA = frozenset({PEER_HEADER})
-_IDLE_PHASE, _UPGRADE_WAIT = Phase.IDLE, Phase.UPGRADE_WAIT
+_IDLE_PHASE, _HEAD_PHASE, _UPGRADE_WAIT = Phase.IDLE, Phase.HEAD, Phase.UPGRADE_WAIT
 _NO_TIMER, _IDLE_TIMER, _HEAD_TIMER, _SNIFF_TIMER = 0, 1, 2, 3
 assert MAX_QUEUED < MAX_PENDING_EXCHANGES
 
@@ -141,12 +141,15 @@ class Downstream(asyncio.Protocol):
             data = self._sniff(data)  # type: ignore[assignment]
             if not data:
                 return
-        if self.timer_kind == _IDLE_TIMER:  # the first bytes of a request head: its time starts now
-            self._arm(self.proxy.config.header_timeout, _HEAD_TIMER)
         try:
             self.reader.feed(data)
         except PeerError as e:
             self._refuse(LocalReply(e.status, str(e), "protocol_error", DPE))
+            return
+        if self.reader.phase is _HEAD_PHASE and self.timer_kind != _HEAD_TIMER:
+            # part of a head is held: from its first bytes it has header_timeout to complete (a whole
+            # head in one read, the common case, never arms this timer)
+            self._arm(self.proxy.config.header_timeout, _HEAD_TIMER)
 
     # -- the codec's callbacks ---------------------------------------------------------------
 

@@ -71,6 +71,7 @@ class Env:
     def __init__(self, chain: Any, pool: Any, peer_field: bytes, upstream_timeout: float | None,
                  dial: Callable[[tuple[str, int], Exchange], None], rebalance: Callable[[Any], Any]) -> None:
         self.chain = chain
+        """The policy chain, or None in observe mode (no policy: nothing to run, not even a test)."""
         self.pool = pool
         self.peer_field = peer_field
         """Added to every request sent upstream (outbound: x-meshlens-peer), else b''."""
@@ -178,7 +179,7 @@ class Exchange:
             return
         self.route = route
         chain = self.env.chain
-        if chain:
+        if chain is not None:
             d = chain.on_request(self)
             if d is not None and self._decided(d):
                 return
@@ -236,7 +237,9 @@ class Exchange:
     def _send(self, up: Any) -> None:
         self.upstream = up
         up.attach(self)
-        self._move(_SENT)
+        if self.state is not _QUEUED:  # the first attempt's QUEUED -> SENT is always allowed (hot path)
+            self._move(_SENT)
+        self.state = _SENT
         out = request_head(self.head, self.trace, self.new_id, self.env.peer_field)
         # a first attempt sends what came while it was queued or connecting; a retry, all of it
         body = self.pending if self.attempt == 1 else self.replay
@@ -278,11 +281,11 @@ class Exchange:
                 self.conn.write(head.raw)
             return
         chain = self.env.chain
-        if chain and self.state is _SENT:
+        if chain is not None and self.state is _SENT:
             d = chain.on_response(self, head)
             if d is not None and self._decided(d):
                 return
-        self._move(_RESPONDING)
+        self.state = _RESPONDING  # from SENT, checked above (hot path)
         self.status = head.status
         if not head.keep_alive and head.content_length < 0 and not head.chunked and head.method != "HEAD" \
                 and head.status not in (204, 304):
@@ -371,7 +374,7 @@ class Exchange:
     def _failed(self, reply: LocalReply) -> None:
         """An attempt failed before any response reached the client: the chain may retry."""
         chain = self.env.chain
-        if chain:
+        if chain is not None:
             d = chain.on_error(self, reply)
             if d is not None and self._decided(d):
                 return
@@ -439,6 +442,7 @@ class Exchange:
             self.timer = None
 
     def _finish(self) -> None:
-        self._cancel_timer()
-        self._move(_DONE)
+        if self.timer is not None:
+            self._cancel_timer()
+        self.state = _DONE  # every state but DONE may end; reply() and the others return early on DONE
         self.conn.exchange_done(self)

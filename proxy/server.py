@@ -98,8 +98,9 @@ class Proxy:
         self.peer_field = peer_field(self.service.name)
         """The field outbound requests carry so that the callee's sidecar can name this service."""
         self.chain = Chain()  # observe mode: no policy runs
-        self.envs = (Env(self.chain, self.pool, self.peer_field, config.upstream_timeout, self._dial, self._rebalance),
-                     Env(self.chain, self.pool, b"", config.upstream_timeout, self._dial, self._rebalance))
+        chain = self.chain or None
+        self.envs = (Env(chain, self.pool, self.peer_field, config.upstream_timeout, self._dial, self._rebalance),
+                     Env(chain, self.pool, b"", config.upstream_timeout, self._dial, self._rebalance))
         """What exchanges run in, by listener: [outbound, inbound]."""
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
 

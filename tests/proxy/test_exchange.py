@@ -97,7 +97,7 @@ class Pool:
 
 
 class Env:
-    def __init__(self, chain: Chain = Chain(), timeout: float | None = None, routes: tuple[Route, ...] = (B,)) -> None:
+    def __init__(self, chain: Chain | None = None, timeout: float | None = None, routes: tuple[Route, ...] = (B,)) -> None:
         self.clock = Clock()
         self.chain = chain
         self.pool = Pool()
