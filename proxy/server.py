@@ -40,9 +40,9 @@ log = logging.getLogger("meshlens.proxy")
 # Time in-flight exchanges get after SIGTERM: below Kubernetes' 30 s terminationGracePeriod,
 # so the sidecar exits on its own before it is killed.
 DRAIN_TIMEOUT = 25.0
-# Calls per batch shipped to the collector. Encoding a batch holds the interpreter lock for its
-# whole length (~1.5 us a call), stalling every exchange in flight: 5,000-call batches gave a p99
-# of 21-28 ms under wrk, 1,000-call batches 9-10 ms at the same throughput (bench/proxy.py, measured).
+# Calls per batch shipped to the collector: a second's worth at 1,000 req/s. Encoding no longer
+# holds the interpreter lock for a batch (the recorder encodes in slices, ~1 ms at most:
+# bench/recorder.py), so this bounds the batch's size on the wire, not the proxy's p99.
 RECORD_BATCH_ROWS = 1000
 # Listen backlog: Envoy and nginx (on Linux) use the kernel's somaxconn cap; 1024 is its usual value.
 BACKLOG = 1024

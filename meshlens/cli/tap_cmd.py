@@ -158,7 +158,9 @@ def _open_output(args: argparse.Namespace, out: str | None) -> tuple[FileSink | 
         return None, recorder, recorder.record
 
     def record(call: Any, _plain: Any = recorder.record, _r: Any = recorder) -> None:
-        while _r.buffered >= BACKPRESSURE_ROWS:  # offline: wait for the shipper rather than drop
+        # offline: wait for the shipper rather than drop, counting what is cut but not yet
+        # acknowledged too (while the collector is away, calls wait there, not in the buffer)
+        while _r.buffered + _r.unsent_calls >= BACKPRESSURE_ROWS:
             time.sleep(0.005)
         _plain(call)
     return None, recorder, record
@@ -290,7 +292,7 @@ def _close_output(sink: FileSink | None, recorder: Any) -> str:
         sink.close()
         return ""
     ok = recorder.flush(timeout=30.0)
-    left = recorder.buffered
+    left = recorder.buffered + recorder.unsent_calls
     recorder.close(timeout=1.0)
     if not ok:
         return f"the collector at {recorder.url} did not take {left or 'some'} calls (is it running?)"

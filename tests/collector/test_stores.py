@@ -239,7 +239,7 @@ def spans(n: int) -> pa.Table:
 
 
 def test_migrate_twice_is_idempotent_and_recorded(embedded: EmbeddedStore) -> None:
-    assert migrate(embedded, Layout()) == [1, 2]
+    assert migrate(embedded, Layout()) == [m.version for m in migrations(Layout())]
     assert migrate(embedded, Layout()) == []
     recorded = embedded.query_rows(f"SELECT version, name FROM meshlens.{MIGRATIONS_TABLE} ORDER BY version")
     assert recorded == [(m.version, m.name) for m in migrations(Layout())]
