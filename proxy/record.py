@@ -8,6 +8,11 @@ a per-process template of `record.DEFAULT_ROW` by column position (`record.AT`),
 calls are what cost (collector/record.py's RowPositions has the figures). Columns not
 set keep their defaults (route, peer_identity, ...). Metrics (proxy/metrics.py) are
 observed beside it, so the two always agree.
+
+Measured when it was cut out of server.py (CPU time, best of 8 alternated runs of 30 x
+50,000, CPython 3.11, a shared 2-CPU machine): an HTTP exchange's end (counters, metrics,
+row, recorder append) 3.10 us in `Proxy.record`, 3.16 us here, the row ~1.5 us of it in
+both; a passthrough connection's row 2.62 us as `Call(**kw)`, 1.54 us here.
 """
 from __future__ import annotations
 
