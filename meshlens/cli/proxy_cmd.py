@@ -89,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"seconds for a whole request head once it started (default {HEADER_TIMEOUT:g}); 408 after")
     p.add_argument("--idle-timeout", type=positive("seconds"), default=IDLE_TIMEOUT,
                    help=f"close client connections idle this long (default {IDLE_TIMEOUT:g})")
+    p.add_argument("--upstream-timeout", type=positive("seconds"), default=None, metavar="SECONDS",
+                   help="route timeout: a response not complete this long after the request is answered "
+                        "504 (flag UT); off by default, as in Istio")
     p.add_argument("--drain-timeout", type=positive("seconds"), default=DRAIN_TIMEOUT,
                    help=f"seconds in-flight requests get after SIGTERM (default {DRAIN_TIMEOUT:g})")
 
@@ -178,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
                          outbound_port=args.outbound_port, admin_port=args.admin_port,
                          metrics_port=args.metrics_port, app_port=args.app_port,
                          header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
-                         drain_timeout=args.drain_timeout)
+                         drain_timeout=args.drain_timeout, upstream_timeout=args.upstream_timeout)
     try:
         run_proxy(config, recorder)
     except OSError as e:

@@ -107,3 +107,26 @@ def test_the_sidecar_process_loads_no_data_libraries():
             "print(sorted(m for m in ('pyarrow', 'pandas', 'numpy', 'chdb') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_upstream_timeout_answers_504_ut_and_the_app_is_not_waited_for(tmp_path, upstream):
+    """--upstream-timeout (off by default, as in Istio): a response that does not come in time is
+    504 with response flag UT in the record; the held request is never released here."""
+    gate = upstream.gate
+    gate.arrived.clear()
+    gate.released.clear()
+    p = ProxyProcess(tmp_path, mesh_yaml(upstream.port, free_port()), "web", "--app-port", str(upstream.port),
+                     "--no-record", "--upstream-timeout", "0.5")
+    p.start()
+    try:
+        with socket.create_connection(("127.0.0.1", p.inbound), timeout=PATIENCE_S) as s:
+            s.sendall(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = s.recv(65536)
+        assert head.startswith(b"HTTP/1.1 504 Gateway Timeout\r\n") and b"upstream request timeout" in head
+        assert gate.arrived.is_set()  # it reached the app, which was too slow
+        out = subprocess.run([sys.executable, "-m", "meshlens.cli.main", "proxy", "--help"], capture_output=True, text=True)
+        assert "--upstream-timeout" in out.stdout
+    finally:
+        gate.released.set()
+        p.stop()
+        p.kill()
