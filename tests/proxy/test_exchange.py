@@ -157,7 +157,7 @@ class Conn:
         self.paused.discard(reason)
 
 
-class TestPolicy:
+class SamplePolicy:
     """Denies /deny, retries 503s, and (in its on_error) retries a connect failure once."""
 
     name = "test"
@@ -236,7 +236,7 @@ def test_a_body_that_arrives_while_connecting_is_sent_after_the_head() -> None:
 
 
 def test_enforced_local_reply_never_reaches_the_upstream() -> None:
-    env = Env(Chain([TestPolicy("enforce")]))
+    env = Env(Chain([SamplePolicy("enforce")]))
     ex, conn = begin(env, b"GET /deny HTTP/1.1\r\nHost: orders\r\n\r\n")
     assert env.dials == [] and conn.out.startswith(b"HTTP/1.1 403 Forbidden\r\n")
     assert b"RBAC: access denied" in conn.out
@@ -244,7 +244,7 @@ def test_enforced_local_reply_never_reaches_the_upstream() -> None:
 
 
 def test_dry_run_says_what_it_would_have_done_and_changes_nothing() -> None:
-    env = Env(Chain([TestPolicy("dry-run")]))
+    env = Env(Chain([SamplePolicy("dry-run")]))
     ex, conn = begin(env, b"GET /deny HTTP/1.1\r\nHost: orders\r\n\r\n")
     up = env.connect()
     up.answer(UNAVAILABLE)
@@ -253,7 +253,7 @@ def test_dry_run_says_what_it_would_have_done_and_changes_nothing() -> None:
 
 
 def test_enforced_retry_goes_to_a_second_endpoint_with_the_body_replayed() -> None:
-    env = Env(Chain([TestPolicy("enforce")]))
+    env = Env(Chain([SamplePolicy("enforce")]))
     ex, conn = begin(env, b"PUT /cart HTTP/1.1\r\nHost: orders\r\nContent-Length: 3\r\n\r\nabc")
     first = env.connect()
     first.answer(UNAVAILABLE)
@@ -266,7 +266,7 @@ def test_enforced_retry_goes_to_a_second_endpoint_with_the_body_replayed() -> No
 
 
 def test_a_request_larger_than_the_replay_buffer_is_never_retried() -> None:
-    env = Env(Chain([TestPolicy("enforce")]))
+    env = Env(Chain([SamplePolicy("enforce")]))
     body = b"x" * (MAX_REPLAY_BYTES + 1)
     ex, conn = begin(env, b"POST /big HTTP/1.1\r\nHost: orders\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     up = env.connect()
@@ -276,7 +276,7 @@ def test_a_request_larger_than_the_replay_buffer_is_never_retried() -> None:
 
 
 def test_retries_stop_at_max_attempts_with_urx() -> None:
-    env = Env(Chain([TestPolicy("enforce")]), routes=(B,) * MAX_ATTEMPTS)
+    env = Env(Chain([SamplePolicy("enforce")]), routes=(B,) * MAX_ATTEMPTS)
     ex, conn = begin(env, GET)
     for _ in range(MAX_ATTEMPTS):
         env.connect().answer(UNAVAILABLE)
@@ -316,7 +316,7 @@ def test_a_connect_failure_is_503_uf_and_a_policy_may_retry_it() -> None:
     env.dials[0][1].connect_failed(failure(ConnectionRefusedError()))
     assert conn.out.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and (ex.error, ex.flags) == ("refused", UF)
 
-    env = Env(Chain([TestPolicy("enforce")]))
+    env = Env(Chain([SamplePolicy("enforce")]))
     ex, conn = begin(env, GET)
     env.dials[0][1].connect_failed(failure(ConnectionRefusedError()))
     env.connect().answer(OK)
