@@ -174,8 +174,9 @@ class Downstream(asyncio.Protocol):
 
     def on_request_end(self, head: RequestHead, body_bytes: int) -> None:
         ex, self.reading = self.reading, None
-        if ex is not None:
-            ex.request_end(body_bytes)
+        if ex is not None:  # Exchange.request_end, inline: once per request
+            ex.request_done = True
+            ex.request_bytes = body_bytes
 
     # -- exchanges -----------------------------------------------------------------------------
 
@@ -217,7 +218,9 @@ class Downstream(asyncio.Protocol):
             queue.popleft()
         elif ex in queue:
             queue.remove(ex)
-        self.uncork()
+        if self.wbuf:
+            self.uncork()
+        self.corked = False
         if self.transport.is_closing():
             return
         if ex.close_after or (self.closing and not queue and self.reading is None):

@@ -73,7 +73,7 @@ class Upstream(asyncio.Protocol):
             self.close()  # bytes nobody asked for: the connection cannot be reused
             return
         conn = ex.conn
-        conn.cork()  # head, body and end of a small response leave in one send
+        conn.corked = True  # head, body and end of a small response leave in one send (Downstream.cork)
         try:
             self.reader.feed(data)
         except PeerError:
@@ -115,7 +115,9 @@ class Upstream(asyncio.Protocol):
 
     def attach(self, ex: Exchange) -> None:
         self.exchange = ex
-        self.reader.expect(ex.method)
+        reader = self.reader
+        reader.methods.append(ex.method)  # ResponseReader.expect, inline: once per request
+        reader._body_cb = ex.response_body  # body bytes straight to the exchange, not through a method here
         if self.write_paused:
             ex.conn.pause_reading("upstream")
         if ex.conn.write_paused and self.transport is not None:

@@ -581,7 +581,11 @@ class RequestReader(_Reader):
         head.target = target = raw[len(method_b) + 1:line_end - 9]  # llhttp checked "M SP target SP HTTP/x.y"
         head.version = version = "1.1" if raw[line_end - 1] == 49 else "1.0"  # the minor digit: "1"
         connection = head.connection
-        head.keep_alive = keep_alive = (version == "1.1") if not connection else _keep_alive(version, connection)
+        if not connection or connection == b"keep-alive":  # the usual two, without a call
+            keep_alive = version == "1.1" or connection == b"keep-alive"
+        else:
+            keep_alive = _keep_alive(version, connection)
+        head.keep_alive = keep_alive
         host = head.host
         if host is not None:
             head.authority = host.decode("latin-1")
@@ -701,7 +705,11 @@ class ResponseReader(_Reader):
         head.status = status = parser.get_status_code()
         head.version = version = "1.1" if raw[7] == 49 else "1.0"  # "HTTP/1.1": the minor digit
         connection = head.connection
-        head.keep_alive = keep_alive = (version == "1.1") if not connection else _keep_alive(version, connection)
+        if not connection or connection == b"keep-alive":  # the usual two, without a call
+            keep_alive = version == "1.1" or connection == b"keep-alive"
+        else:
+            keep_alive = _keep_alive(version, connection)
+        head.keep_alive = keep_alive
         unframed = False
         if head.transfer_encoding is not None:
             self._frame(head)
