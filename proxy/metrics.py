@@ -30,7 +30,8 @@ class Metrics:
         self.request_bytes: dict[Key, int] = {}
         self.response_bytes: dict[Key, int] = {}
         self.tcp_opened_total: dict[TcpKey, int] = {}
-        self.tcp_closed_total: dict[tuple[str, str, str, str], int] = {}  # + response_flags (the error)
+        # + response_flags: Envoy's flags (UF, UC, ...), "-" when none, as Istio's metrics carry them
+        self.tcp_closed_total: dict[tuple[str, str, str, str], int] = {}
         self.tcp_received: dict[TcpKey, int] = {}
         self.tcp_sent: dict[TcpKey, int] = {}
 

@@ -149,7 +149,7 @@ class Passthrough:
 
     def _closed(self, tunnel: Tunnel) -> None:
         self.error = tunnel.error
-        self.conn.proxy.metrics.tcp_closed(self._labels(), self.error, tunnel.bytes[0], tunnel.bytes[1])
+        self.conn.proxy.metrics.tcp_closed(self._labels(), self.flags or "-", tunnel.bytes[0], tunnel.bytes[1])
         self._record(tunnel)
         self.conn.proxy.closed(self.conn)
 

@@ -72,7 +72,7 @@ class Recording:
             self.router.finished(route)
         src = self.router.source_service(inbound, route)
         self.metrics.observe(("destination" if inbound else "source", src, route.dst_service if route else "",
-                              req.status, error), (end - req.t0) / 1e6, req.request_bytes, req.response_bytes)
+                              req.status, req.flags or "-"), (end - req.t0) / 1e6, req.request_bytes, req.response_bytes)
         if self.recorder is None:
             return
         row = self.row(inbound, req.t_wall, end - req.t0, src, conn.peer, route, "http/1.1", req.status,

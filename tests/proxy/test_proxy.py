@@ -194,7 +194,9 @@ def test_admin_and_metrics(proxy):
     config = json.loads(curl(f"http://127.0.0.1:{proxy.ports['admin']}/config").stdout)
     assert config["service"] == "web" and config["listeners"]["inbound"] == proxy.inbound
     text = curl(f"http://127.0.0.1:{proxy.ports['metrics']}/stats/prometheus").stdout.decode()
-    assert 'meshlens_requests_total{reporter="destination",source_workload="",destination_service="web",response_code="200"' in text
+    assert 'meshlens_requests_total{reporter="destination",source_workload="",destination_service="web",response_code="200",response_flags="-"}' in text
+    # Envoy's flags, as Istio's metrics carry them: /reset is cut mid-response (UC), /dead refused (UF)
+    assert 'response_code="200",response_flags="UC"}' in text and 'response_code="503",response_flags="UF"}' in text
     assert "meshlens_request_duration_milliseconds_bucket" in text and "meshlens_response_bytes_total" in text
     assert proxy.alive()
 

@@ -201,7 +201,7 @@ def test_tcp_metrics(env):
     labels = 'reporter="destination",source_workload="",destination_service="echo"'
     for name in ("tcp_connections_opened_total", "tcp_received_bytes_total", "tcp_sent_bytes_total"):
         assert f"meshlens_{name}{{{labels}}} " in text, text
-    assert f'meshlens_tcp_connections_closed_total{{{labels},response_flags=""}} ' in text
+    assert f'meshlens_tcp_connections_closed_total{{{labels},response_flags="-"}} ' in text
 
 
 # -- garbage first bytes ------------------------------------------------------------------------
