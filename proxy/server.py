@@ -220,11 +220,11 @@ def ready_line(proxy: Proxy, admin_ports: dict[str, int]) -> str:
 
 async def serve(config: ProxyConfig, recorder: CallRecorder | None) -> None:
     """Run until SIGTERM/SIGINT, then drain."""
-    from meshlens.proxy.admin import start_admin
+    from meshlens.proxy.admin import start_admin  # here, not at import: bench and tests build a Proxy alone
 
     proxy = Proxy(config, recorder)
     await proxy.start()
-    runners, admin_ports = await start_admin(proxy)
+    admin_servers, admin_ports = await start_admin(proxy)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -235,8 +235,8 @@ async def serve(config: ProxyConfig, recorder: CallRecorder | None) -> None:
     await stop.wait()
     log.info("draining in_flight_connections=%d", len(proxy.conns))
     await proxy.drain()
-    for runner in runners:
-        await runner.cleanup()
+    for server in admin_servers:
+        server.close()
 
 
 def run(config: ProxyConfig, recorder: CallRecorder | None) -> None:

@@ -239,3 +239,17 @@ def test_no_errors_logged(proxy):
     assert proxy.alive()
     log = proxy.log.read_text()
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+
+
+def test_admin_answers_what_it_does_not_serve_in_words(proxy):
+    base = f"http://127.0.0.1:{proxy.ports['admin']}"
+    r = curl("-i", "-X", "POST", f"{base}/stats")
+    assert r.stdout.startswith(b"HTTP/1.1 405 ") and r.stdout.endswith(b"GET or HEAD only\n")
+    r = curl("-i", f"{base}/nope")
+    assert r.stdout.startswith(b"HTTP/1.1 404 ") and r.stdout.endswith(b"no page /nope\n")
+    with socket.create_connection(("127.0.0.1", proxy.ports["admin"]), timeout=PATIENCE_S) as s:
+        s.sendall(b"\x16\x03\x01 not http\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 400 ")
+    r = curl("-I", f"{base}/healthz")  # HEAD: the length of what GET would send, no body
+    assert r.stdout.startswith(b"HTTP/1.1 200 ") and b"content-length: 3" in r.stdout
+    assert curl(f"{base}/healthz").stdout == b"ok\n" and proxy.alive()
