@@ -315,6 +315,12 @@ class Downstream(asyncio.Protocol):
         if self.timer is None:
             self.timer = loop.call_at(deadline, self._on_timer)
 
+    def _cancel_timer(self) -> None:
+        self.deadline, self.timer_kind = 0.0, _NO_TIMER
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
     def _on_timer(self) -> None:
         self.timer = None
         if not self.deadline:
@@ -357,7 +363,7 @@ class Downstream(asyncio.Protocol):
         self.sniffing = False
         self.sniffed = b""
         self.passthrough = True
-        self.deadline, self.timer_kind = 0.0, _NO_TIMER
+        self._cancel_timer()  # the tunnel adopts the transport: connection_lost, which would, never comes here
         Passthrough(self, protocol).start(first)
 
     def _sniff_expired(self) -> None:
@@ -376,7 +382,7 @@ class Downstream(asyncio.Protocol):
         """The upstream answered 101 (head already written), or CONNECT reached its target: both
         connections become one tunnel. `rest`: the upstream's bytes after its head; `tunnel`: one
         whose server end is already connected (CONNECT). Recorded as `ex` when the tunnel ends."""
-        self.deadline, self.timer_kind = 0.0, _NO_TIMER
+        self._cancel_timer()
         held = self.reader.upgrade_answered(True)
         if tunnel is None:
             assert up is not None and up.transport is not None
