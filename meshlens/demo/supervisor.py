@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import random
 import re
 import select
 import signal
@@ -46,10 +47,29 @@ def _child_setup() -> None:
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct ports free right now (held together while chosen, so they differ)."""
-    socks = []
+    """n distinct ports free right now, from below the kernel's ephemeral range.
+
+    They are bound later, by children started one after another; meanwhile every other
+    child binds port 0 (a sidecar's admin port, a client's source port), which the kernel
+    takes from `ip_local_port_range`. A port picked from inside that range could be handed
+    out again before its owner binds it (it happened: an admin port took a shop's port);
+    below the range only an explicit bind can take it."""
+    low = _ephemeral_low()
+    candidates = list(range(max(1024, low - 8192), low))
+    random.shuffle(candidates)
+    socks: list[socket.socket] = []
     try:
-        for _ in range(n):
+        for port in candidates:
+            if len(socks) == n:
+                break
+            s = socket.socket()
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < n:  # no room below the range (an odd sysctl): the kernel's choice
             s = socket.socket()
             s.bind((host, 0))
             socks.append(s)
@@ -57,6 +77,14 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 @dataclass
