@@ -19,7 +19,7 @@ from meshlens.protocols.errors import PeerError
 from meshlens.protocols.http1 import MAX_PENDING_EXCHANGES, Phase, RequestHead, RequestReader
 from meshlens.protocols.sniff import sniff
 from meshlens.proxy.connect import DC, DPE, LocalReply
-from meshlens.proxy.exchange import PIPELINE_BUFFER_BYTES, Exchange, State
+from meshlens.proxy.exchange import Exchange, State
 from meshlens.proxy.headers import PEER_HEADER
 from meshlens.proxy.passthrough import SNIFF_TIMEOUT, Passthrough, connect_method
 from meshlens.proxy.tunnel import CLIENT, SERVER, Tunnel
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from meshlens.proxy.server import Proxy
     from meshlens.proxy.upstream import Upstream
 
-__all__ = ["HEADER_TIMEOUT", "IDLE_TIMEOUT", "MAX_QUEUED", "PIPELINE_BUFFER_BYTES", "Downstream"]
+__all__ = ["HEADER_TIMEOUT", "IDLE_TIMEOUT", "MAX_QUEUED", "Downstream"]
 
 # Time allowed for a whole request head once its first byte arrived. nginx's
 # client_header_timeout is 60 s; Envoy recommends 10 s for edge proxies (slow-loris).
