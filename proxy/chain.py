@@ -97,7 +97,7 @@ class Chain:
 def _enforced(policy: Policy, decision: Decision, ex: Exchange) -> bool:
     """Write the decision down; True when it is to be carried out (the policy enforces)."""
     if policy.mode == "enforce":
-        ex.actions.append(decision.action)
+        ex.actions += (decision.action,)
         return True
-    ex.actions.append("would_" + decision.action)
+    ex.actions += ("would_" + decision.action,)
     return False

@@ -116,18 +116,37 @@ _QUEUED, _CONNECTING, _SENT, _RESPONDING, _TUNNEL, _DONE = (
 
 
 class Exchange:
-    """One request/response pair, with its attempts. Also what the recorder reads."""
+    """One request/response pair, with its attempts. Also what the recorder reads.
 
-    __slots__ = (
-        # fixed at the request head
-        "conn", "env", "head", "t_wall", "t0", "method", "path", "authority", "trace", "request_id", "new_id",
-        # where it goes, and the tries
-        "route", "state", "upstream", "attempt", "reused", "lost_retried", "timer",
-        # request body
-        "pending", "pending_bytes", "replay", "replay_bytes", "request_done", "request_bytes",
-        # response and outcome
-        "status", "response_bytes", "close_after", "local", "error", "flags", "actions", "refused",
-    )
+    Attributes not set on an instance read their class default (below): an exchange is built
+    once per request, and each store saved there is saved on every request."""
+
+    # where it goes, and the tries
+    route: Route | None = None
+    state = _QUEUED
+    upstream: Any = None
+    attempt = 0
+    reused = False
+    lost_retried = False
+    timer: Any = None
+    # request body
+    pending: list[bytes] | None = None
+    """Body bytes that came while no upstream was attached (queued, connecting)."""
+    pending_bytes = 0
+    replay: list[bytes] | tuple[()] | None = ()
+    """A copy of the body for a retry: () until some arrives, None once it outgrew MAX_REPLAY_BYTES."""
+    replay_bytes = 0
+    request_done = False
+    request_bytes = 0
+    # response and outcome
+    status = 0
+    response_bytes = 0
+    local: bytes | None = None
+    error = ""
+    flags = ""
+    actions: tuple[str, ...] = ()
+    refused: LocalReply | None = None
+    """Set when the client broke HTTP in this request (or timed out): answered with it at its turn."""
 
     def __init__(self, conn: Any, env: Any, head: RequestHead) -> None:
         self.conn = conn
@@ -137,30 +156,12 @@ class Exchange:
         self.t0 = env.now_ns()
         self.method, self.path, self.authority = head.method, head.path, head.authority
         self.trace = trace_for(head.traceparent)
-        self.new_id = None if head.request_id is not None else new_request_id()
-        self.request_id = head.request_id or self.new_id
-        self.route: Route | None = None
-        self.state = _QUEUED
-        self.upstream: Any = None
-        self.attempt = 0
-        self.reused = False
-        self.lost_retried = False
-        self.timer: Any = None
-        self.pending: list[bytes] = []
-        self.pending_bytes = 0
-        self.replay: list[bytes] | None = []  # None once the body outgrew MAX_REPLAY_BYTES
-        self.replay_bytes = 0
-        self.request_done = False
-        self.request_bytes = 0
-        self.status = 0
-        self.response_bytes = 0
+        request_id = head.request_id
+        if request_id is None:
+            self.new_id = self.request_id = new_request_id()
+        else:
+            self.new_id, self.request_id = None, request_id
         self.close_after = not head.keep_alive
-        self.local: bytes | None = None
-        self.error = ""
-        self.flags = ""
-        self.actions: list[str] = []
-        self.refused: LocalReply | None = None
-        """Set when the client broke HTTP in this request (or timed out): answered with it at its turn."""
 
     def __repr__(self) -> str:
         return f"<Exchange {self.method} {self.path} {self.state.name} status={self.status} attempt={self.attempt}>"
@@ -194,12 +195,16 @@ class Exchange:
             self.replay_bytes += len(data)
             if self.replay_bytes > MAX_REPLAY_BYTES:
                 self.replay = None  # never retried now
+            elif replay:
+                replay.append(data)  # type: ignore[union-attr]
             else:
-                replay.append(data)
+                self.replay = [data]
         up = self.upstream
         if up is not None and self.state is not _CONNECTING:
             up.send(data)
         else:
+            if self.pending is None:
+                self.pending = []
             self.pending.append(data)
             self.pending_bytes += len(data)
             if self.pending_bytes > PIPELINE_BUFFER_BYTES:
@@ -245,7 +250,7 @@ class Exchange:
         body = self.pending if self.attempt == 1 else self.replay
         up.send(out + b"".join(body) if body else out)
         if self.pending:
-            self.pending = []
+            self.pending = None
             self.pending_bytes = 0
             self.conn.resume_reading("buffer")
         timeout = self.env.upstream_timeout

@@ -10,7 +10,7 @@ Updating is a few dict operations per exchange; rendering happens only when scra
 """
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left
 
 __all__ = ["DURATION_BUCKETS_MS", "Metrics"]
 
@@ -22,13 +22,14 @@ Key = tuple[str, str, str, int, str]  # reporter, source, destination, code, fla
 TcpKey = tuple[str, str, str]  # reporter, source, destination
 
 
+# One request series: [requests, duration sum ms, request bytes, response bytes, *bucket counts].
+_COUNT, _SUM, _REQUEST_BYTES, _RESPONSE_BYTES, _BUCKETS = 0, 1, 2, 3, 4
+
+
 class Metrics:
     def __init__(self) -> None:
-        self.requests: dict[Key, int] = {}
-        self.buckets: dict[Key, list[int]] = {}
-        self.duration_sum: dict[Key, float] = {}
-        self.request_bytes: dict[Key, int] = {}
-        self.response_bytes: dict[Key, int] = {}
+        self.series: dict[Key, list] = {}
+        """Request series by label set: one lookup an exchange (observe runs once per request)."""
         self.tcp_opened_total: dict[TcpKey, int] = {}
         # + response_flags: Envoy's flags (UF, UC, ...), "-" when none, as Istio's metrics carry them
         self.tcp_closed_total: dict[tuple[str, str, str, str], int] = {}
@@ -36,18 +37,14 @@ class Metrics:
         self.tcp_sent: dict[TcpKey, int] = {}
 
     def observe(self, key: Key, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
-        n = self.requests.get(key)
-        if n is None:
-            self.requests[key] = 1
-            self.buckets[key] = [0] * (len(DURATION_BUCKETS_MS) + 1)
-            self.duration_sum[key] = 0.0
-            self.request_bytes[key] = self.response_bytes[key] = 0
-        else:
-            self.requests[key] = n + 1
-        self.buckets[key][bisect.bisect_left(DURATION_BUCKETS_MS, duration_ms)] += 1
-        self.duration_sum[key] += duration_ms
-        self.request_bytes[key] += request_bytes
-        self.response_bytes[key] += response_bytes
+        s = self.series.get(key)
+        if s is None:
+            s = self.series[key] = [0, 0.0, 0, 0] + [0] * (len(DURATION_BUCKETS_MS) + 1)
+        s[0] += 1  # literal positions (_COUNT, ...): a global lookup each would cost more than the rest
+        s[1] += duration_ms
+        s[2] += request_bytes
+        s[3] += response_bytes
+        s[4 + bisect_left(DURATION_BUCKETS_MS, duration_ms)] += 1
 
     def tcp_opened(self, key: TcpKey) -> None:
         self.tcp_opened_total[key] = self.tcp_opened_total.get(key, 0) + 1
@@ -68,10 +65,11 @@ class Metrics:
                     f'response_code="{code}",response_flags="{flags}"{extra}}}')
 
         out += ["# HELP meshlens_requests_total Requests handled by this sidecar.", "# TYPE meshlens_requests_total counter"]
-        out += [f"meshlens_requests_total{labels(k)} {v}" for k, v in self.requests.items()]
+        out += [f"meshlens_requests_total{labels(k)} {s[_COUNT]}" for k, s in self.series.items()]
         out += ["# HELP meshlens_request_duration_milliseconds First request byte to last response byte.",
                 "# TYPE meshlens_request_duration_milliseconds histogram"]
-        for k, counts in self.buckets.items():
+        for k, s in self.series.items():
+            counts = s[_BUCKETS:]
             acc = 0
             for le, c in zip(DURATION_BUCKETS_MS, counts):
                 acc += c
@@ -79,11 +77,11 @@ class Metrics:
                 out.append(f"meshlens_request_duration_milliseconds_bucket{bucket} {acc}")
             bucket = labels(k, ',le="+Inf"')
             out.append(f"meshlens_request_duration_milliseconds_bucket{bucket} {acc + counts[-1]}")
-            out.append(f"meshlens_request_duration_milliseconds_sum{labels(k)} {self.duration_sum[k]:.3f}")
-            out.append(f"meshlens_request_duration_milliseconds_count{labels(k)} {self.requests[k]}")
-        for name, table in (("request_bytes", self.request_bytes), ("response_bytes", self.response_bytes)):
+            out.append(f"meshlens_request_duration_milliseconds_sum{labels(k)} {s[_SUM]:.3f}")
+            out.append(f"meshlens_request_duration_milliseconds_count{labels(k)} {s[_COUNT]}")
+        for name, at in (("request_bytes", _REQUEST_BYTES), ("response_bytes", _RESPONSE_BYTES)):
             out += [f"# HELP meshlens_{name}_total Body bytes ({name.split('_')[0]}).", f"# TYPE meshlens_{name}_total counter"]
-            out += [f"meshlens_{name}_total{labels(k)} {v}" for k, v in table.items()]
+            out += [f"meshlens_{name}_total{labels(k)} {s[at]}" for k, s in self.series.items()]
         out += _tcp_lines(self)
         typed: set[str] = set()
         for name, value in gauges.items():  # a name may carry labels: recorder_dropped_total{reason="x"}
