@@ -303,7 +303,7 @@ class Exchange:
             self.conn.write(data)
 
     def response_end(self, head: ResponseHead, body_bytes: int) -> None:
-        if self.state is not _RESPONDING:
+        if self.state is not _RESPONDING or head.upgraded:  # an upgrade's end is its tunnel's (`upgraded`)
             return
         self.response_bytes = body_bytes
         up, self.upstream = self.upstream, None

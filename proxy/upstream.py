@@ -54,7 +54,7 @@ class Upstream(asyncio.Protocol):
             self.reader.feed_eof()  # ends a body delimited by close (RFC 9112 6.3), through the callbacks
         finally:
             if self.exchange is ex:
-                self.exchange = None
+                self._detach()
                 ex.upstream_lost()
 
     def pause_writing(self) -> None:
@@ -78,34 +78,33 @@ class Upstream(asyncio.Protocol):
             self.reader.feed(data)
         except PeerError:
             ex = self.exchange
-            self.exchange = None
             self.close()
             if ex is not None:
                 ex.upstream_lost(protocol_error=True)
         finally:
-            conn.uncork()
+            if conn.wbuf:
+                conn.uncork()
+            else:
+                conn.corked = False
 
     # -- the codec's callbacks ----------------------------------------------------------------
 
+    # While an exchange is attached, the reader calls its response_head, response_body and
+    # response_end directly (bound in `attach`: two calls a response fewer); these are the
+    # callbacks of a connection with none attached.
+
     def on_response(self, head: ResponseHead) -> None:
-        ex = self.exchange
-        if ex is None:
-            raise PeerError("a response nobody asked for", status=502)
-        ex.response_head(head)
+        raise PeerError("a response nobody asked for", status=502)
 
     def on_response_body(self, data: bytes) -> None:
-        ex = self.exchange
-        if ex is not None:
-            ex.response_body(data)
+        pass
 
     def on_response_end(self, head: ResponseHead, body_bytes: int) -> None:
-        ex = self.exchange
-        if ex is not None and not head.upgraded:
-            self.exchange = None
-            ex.response_end(head, body_bytes)
+        pass
 
     def on_tunnel(self, rest: bytes) -> None:
-        ex, self.exchange = self.exchange, None
+        ex = self.exchange
+        self._detach()
         self.closed = True  # this connection belongs to the tunnel now: out of the pool's sight
         self.pool.forget(self)
         if ex is not None:
@@ -117,7 +116,7 @@ class Upstream(asyncio.Protocol):
         self.exchange = ex
         reader = self.reader
         reader.methods.append(ex.method)  # ResponseReader.expect, inline: once per request
-        reader._body_cb = ex.response_body  # body bytes straight to the exchange, not through a method here
+        reader._on_head, reader._body_cb, reader._on_end = ex.response_head, ex.response_body, ex.response_end
         if self.write_paused:
             ex.conn.pause_reading("upstream")
         if ex.conn.write_paused and self.transport is not None:
@@ -127,23 +126,28 @@ class Upstream(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
+    def _detach(self) -> None:
+        self.exchange = None
+        reader = self.reader
+        reader._on_head, reader._body_cb, reader._on_end = self.on_response, self.on_response_body, self.on_response_end
+
     def release(self) -> None:
         """Back to the pool: idle from now."""
-        self.exchange = None
+        self._detach()
         self.idle_since = time.monotonic()
         if self.transport is not None:
             self.transport.resume_reading()
 
     def close(self) -> None:
         self.closed = True
-        self.exchange = None
+        self._detach()
         self.pool.forget(self)
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
         self.closed = True
-        self.exchange = None
+        self._detach()
         self.pool.forget(self)
         if self.transport is not None:
             self.transport.abort()
