@@ -6,13 +6,15 @@ upstream keepalive to the same upstream. Measured: meshlens proxy (inbound liste
 with recording off; on, shipping to a real collector subprocess on the same two cores;
 and on, shipping to a sink that takes batches and discards them (nginx `return 200`),
 which isolates what recording costs the sidecar itself, as when the collector runs on
-another machine. Prints req/s, p50/p99 and the ratios, and the proxy's RSS after the
-load. Reported, not asserted.
+another machine. Prints req/s, p50/p99 and the ratios, the CPU each request cost the
+process serving it (user and system µs, from /proc: the nginx worker, the sidecar, its
+recorder thread included), and the proxy's RSS after the load. Reported, not asserted.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import socket
@@ -83,7 +85,32 @@ def wrk(port: int, duration: int, connections: int) -> dict[str, float]:
         v, unit = float(m.group(1)), m.group(2)
         return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
 
-    return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"), "errors": errors.group(0) if errors else ""}
+    return {"rps": rps, "requests": int(re.search(r"(\d+) requests in", out).group(1)), "p50_ms": pct("50"),
+            "p99_ms": pct("99"), "errors": errors.group(0) if errors else ""}
+
+
+def cpu_s(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def worker(pid: int) -> int:
+    """nginx's one worker process (its master only forks it)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return int(f.read().split()[0])
+
+
+def measured(pid: int, port: int, duration: int, connections: int) -> dict[str, float]:
+    """wrk against `port`, with the CPU `pid` spent meanwhile, per request."""
+    c0 = cpu_s(pid)
+    r = wrk(port, duration, connections)
+    c1 = cpu_s(pid)
+    n = max(1, r["requests"])
+    r["user_us"], r["sys_us"] = (c1[0] - c0[0]) / n * 1e6, (c1[1] - c0[1]) / n * 1e6
+    return r
 
 
 def rss_mb(pid: int) -> float:
@@ -121,18 +148,20 @@ def main() -> None:
             proxies.append(p.start())
         wrk(up_port, 1, args.connections)  # warm-up
         results["nginx return 200 (direct)"] = wrk(up_port, args.duration, args.connections)
-        results["nginx proxy_pass"] = wrk(ref_port, args.duration, args.connections)
+        results["nginx proxy_pass"] = measured(worker(ref.pid), ref_port, args.duration, args.connections)
         rss = {}
         for (name, _), p in zip(variants, proxies):
             wrk(p.inbound, 1, args.connections)  # warm-up: pool filled, code paths hot
-            results[name] = wrk(p.inbound, args.duration, args.connections)
+            results[name] = measured(p.proc.pid, p.inbound, args.duration, args.connections)
             rss[name] = rss_mb(p.proc.pid)
         nginx_ref = results["nginx proxy_pass"]
-        print(f"wrk -t1 -c{args.connections} -d{args.duration}s, {__import__('os').cpu_count()} CPUs")
-        print(f"{'':34} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs nginx':>9} {'p99 vs':>7}  RSS MB")
+        print(f"wrk -t1 -c{args.connections} -d{args.duration}s, {os.cpu_count()} CPUs")
+        print(f"{'':34} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs nginx':>9} {'p99 vs':>7} {'user us':>8} "
+              f"{'sys us':>7}  RSS MB")
         for name, r in results.items():
+            cpu = f"{r['user_us']:8.1f} {r['sys_us']:7.1f}" if "user_us" in r else f"{'':8} {'':7}"
             print(f"{name:34} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
-                  f"{r['rps'] / nginx_ref['rps']:8.2f}x {r['p99_ms'] / nginx_ref['p99_ms']:6.2f}x"
+                  f"{r['rps'] / nginx_ref['rps']:8.2f}x {r['p99_ms'] / nginx_ref['p99_ms']:6.2f}x {cpu}"
                   f"  {rss.get(name, float('nan')):.1f} {r['errors']}")
         off = results[OFF]["rps"]
         print(f"recording costs {100 * (1 - results[ON]['rps'] / off):.1f}% of throughput with the collector "
