@@ -12,13 +12,11 @@ that cannot be reached is recorded as proxy/connect.py names the failure (`UF`).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from meshlens.collector.record import AT
-from meshlens.protocols.errors import PeerError
-from meshlens.protocols.tls import ClientHello, HelloParser, ServerHello, hello_attributes
 from meshlens.proxy.connect import NR, LocalReply, failure, open_connection
 from meshlens.proxy.exchange import State
+from meshlens.proxy.identity import TlsWatch
 from meshlens.proxy.tunnel import SERVER, Tunnel
 
 if TYPE_CHECKING:
@@ -26,61 +24,13 @@ if TYPE_CHECKING:
     from meshlens.proxy.exchange import Exchange
     from meshlens.proxy.router import Route
 
-__all__ = ["SNIFF_TIMEOUT", "Passthrough", "TlsWatch", "connect_method", "destination"]
+__all__ = ["SNIFF_TIMEOUT", "Passthrough", "connect_method", "destination"]
 
 # A client that has sent nothing this long after connecting is waiting for the server to
 # speak first (MySQL, SMTP, SSH): its connection is passed through as tcp. Istio's
 # protocolDetectionTimeout was 100 ms (later off by default, as slow clients then lost
 # HTTP handling); one second keeps any client that sends at once on the HTTP path.
 SNIFF_TIMEOUT = 1.0
-
-
-class TlsWatch:
-    """Both hellos of a TLS connection, read from the bytes as they pass through."""
-
-    __slots__ = ("parsers", "client_hello", "server_hello", "error")
-
-    def __init__(self) -> None:
-        self.parsers: list[HelloParser | None] = [HelloParser("client"), HelloParser("server")]
-        self.client_hello: ClientHello | None = None
-        self.server_hello: ServerHello | None = None
-        self.error = ""
-
-    def client_bytes(self, data: bytes) -> bool:
-        return self._feed(0, data)
-
-    def server_bytes(self, data: bytes) -> bool:
-        return self._feed(1, data)
-
-    def _feed(self, i: int, data: bytes) -> bool:
-        """True once this direction needs no more bytes."""
-        parser = self.parsers[i]
-        if parser is None:
-            return True
-        try:
-            hello = parser.feed(data)
-        except PeerError as e:  # not ours to judge: the bytes still pass, the record says why it has no SNI
-            self.error = self.error or str(e)
-            self.parsers[i] = None
-            return True
-        if hello is None:
-            return False
-        if isinstance(hello, ClientHello):
-            self.client_hello = hello
-        else:
-            self.server_hello = hello
-            if hello.hello_retry:  # RFC 8446 4.1.4: the real ServerHello follows the client's second hello
-                self.parsers[i] = HelloParser("server")
-                return False
-        self.parsers[i] = None
-        return True
-
-    def fill(self, row: list[Any]) -> None:
-        """A call row's tls, authority and attributes, as the tap names them."""
-        row[AT.tls] = True
-        if self.client_hello is not None:
-            row[AT.authority] = self.client_hello.sni or ""
-        row[AT.attributes].update(hello_attributes(self.client_hello, self.server_hello, self.error))
 
 
 def destination(conn: Downstream) -> Route | LocalReply:

@@ -27,7 +27,7 @@ from meshlens.proxy.router import Route, Router
 if TYPE_CHECKING:
     from meshlens.collector.client import CallRecorder
     from meshlens.proxy.downstream import Downstream
-    from meshlens.proxy.passthrough import TlsWatch
+    from meshlens.proxy.identity import TlsWatch
     from meshlens.proxy.exchange import Exchange
     from meshlens.proxy.tunnel import Tunnel
 
