@@ -4,12 +4,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 from meshlens.yamlfile import read_yaml
 
 T = TypeVar("T")
 ENV_PREFIX = "MESHLENS_"
+
+
+def data_home() -> Path:
+    """Where meshlens keeps what it stores for a user: $XDG_DATA_HOME/meshlens, else ~/.local/share/meshlens."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "meshlens"
 
 
 class ConfigError(ValueError):

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from meshlens.collector.stores.base import Store, StoreError, first_line, insert_columns_sql, quote_ident
+from meshlens.config import data_home
 
 if TYPE_CHECKING:
     from chdb.session import Session
 
 
 def default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "meshlens" / "chdb"
+    return data_home() / "chdb"
 
 
 class EmbeddedStore(Store):

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
 from meshlens.cli.argtypes import port, positive
 from meshlens.cli.errors import UserError
+from meshlens.config import data_home
 
 DEFAULT_DURATION = 180.0
 DEFAULT_RATE = 40.0
@@ -57,8 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def default_store_path() -> Path:
     """A fresh directory per run under the user's data dir: kept, so notebooks can reopen it later."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "meshlens" / "demo" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return data_home() / "demo" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
 def store_path(url: str | None) -> Path:
