@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # folder -> the package it installs as (pyproject.toml's package-dir)
 FOLDERS = {"meshlens": "meshlens", "collector": "meshlens.collector", "proxy": "meshlens.proxy",
-           "tap": "meshlens.tap", "analysis": "meshlens.analysis", "dashboards": "meshlens.dashboards"}
+           "tap": "meshlens.tap", "analysis": "meshlens.analysis", "dashboards": "meshlens.dashboards",
+           "control": "meshlens.control"}
 
 # meshlens/__init__.py (the package itself, `import meshlens`) is shared too: see layer_of.
 SHARED = ("meshlens.mesh", "meshlens.config", "meshlens.yamlfile", "meshlens.protocols")

@@ -6,7 +6,8 @@ import logging
 import sys
 
 from meshlens import __version__
-from meshlens.cli import analysis_cmd, collector_cmd, dashboards_cmd, demo_cmd, proxy_cmd, query_cmd, schema_cmd, tap_cmd
+from meshlens.cli import (analysis_cmd, collector_cmd, control_cmd, dashboards_cmd, demo_cmd, proxy_cmd, query_cmd,
+                          schema_cmd, tap_cmd)
 from meshlens.cli.errors import UserError
 from meshlens.config import ConfigError
 
@@ -29,6 +30,9 @@ EPILOG = """examples:
   meshlens analyze --window 1h            # service graph: rate, errors, latency quantiles
   meshlens recommend --format yaml        # timeouts, retries, outlier detection, mTLS, with evidence
   meshlens dashboards provision --grafana-url http://127.0.0.1:3000 --token "$TOKEN"
+  meshlens control                        # the control plane on 127.0.0.1:15010: policies, the mesh, modes
+  meshlens apply -f payment-service.yaml  # Istio VirtualService / DestinationRule YAML, validated, audited
+  meshlens mode set payment-service dry-run --reason "try the retry policy"
 
 Run `meshlens SUBCOMMAND --help` for each subcommand's options and examples."""
 
@@ -47,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log verbosity (logs go to stderr as key=value)")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
-    for mod in (collector_cmd, query_cmd, schema_cmd, analysis_cmd, proxy_cmd, tap_cmd, demo_cmd, dashboards_cmd):
+    for mod in (collector_cmd, query_cmd, schema_cmd, analysis_cmd, proxy_cmd, tap_cmd, demo_cmd, dashboards_cmd,
+                control_cmd):
         mod.add_parser(sub)
     return parser
 

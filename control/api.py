@@ -1,0 +1,231 @@
+"""The control plane's HTTP API (aiohttp): resources, modes and their history, as JSON.
+
+    GET    /healthz                                  ok
+    GET    /v1/resources[?kind=K]                    {"revision": r, "items": [resource, ...]}
+    GET    /v1/resources/{kind}/{name}               resource            (name: namespace/name for Istio's kinds)
+    POST   /v1/apply          body: YAML, one or more documents          {"revision": r, "results": [...]}
+    DELETE /v1/resources/{kind}/{name}                                   {"revision": r}
+    GET    /v1/modes[/{service}]                     {"revision": r, "modes": {service: mode}}
+    PUT    /v1/modes/{service}  {"mode": M, "reason": "..."}             {"revision": r, "action": ...}
+    GET    /v1/history[?kind=K&name=N&service=S&limit=L]   {"revision": r, "entries": [...]}
+    GET    /v1/watch?after=R[&timeout=S]             {"revision": r}: answered once the revision passes R
+
+A resource is {"kind", "name", "revision", "doc"}. Who changed something is the
+`X-Meshlens-User` the caller names (the CLI sends the local user), and why is the
+`X-Meshlens-Reason` header or the body's `reason`: until tokens exist, the control
+plane listens on loopback only. Every refusal is a 4xx with {"error": one line}; an
+apply stores all its documents or none. A service's mode can be set only for a
+service the stored Mesh defines.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from meshlens.control.resources import KINDS, MODES, Resource, ResourceError, mode_resource, parse_documents
+from meshlens.control.store import Change, SqliteStore
+
+__all__ = ["MAX_APPLY_BYTES", "MAX_WATCH_S", "build_app"]
+
+log = logging.getLogger("meshlens.control")
+
+# An apply body: kubectl's default --request-size limit is 3 MiB (etcd's request limit is 1.5 MiB).
+MAX_APPLY_BYTES = 3 * 1024 * 1024
+# The longest a watch is held: sidecars ask again after it (~30 s, as the issue's long poll).
+MAX_WATCH_S = 60.0
+_HISTORY_LIMIT = 1000
+
+
+def build_app(store: SqliteStore) -> web.Application:
+    app = web.Application(client_max_size=MAX_APPLY_BYTES, middlewares=[_errors])
+    app["store"] = store
+    app.add_routes([
+        web.get("/healthz", _healthz),
+        web.get("/v1/resources", _list),
+        web.get("/v1/resources/{kind}/{name:.+}", _get),
+        web.delete("/v1/resources/{kind}/{name:.+}", _delete),
+        web.post("/v1/apply", _apply),
+        web.get("/v1/modes", _modes),
+        web.get("/v1/modes/{service}", _modes),
+        web.put("/v1/modes/{service}", _set_mode),
+        web.get("/v1/history", _history),
+        web.get("/v1/watch", _watch),
+    ])
+    return app
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except _Refused as e:
+        return web.json_response({"error": str(e)}, status=e.status)
+    except ResourceError as e:
+        return web.json_response({"error": str(e)}, status=400)
+    except web.HTTPException as e:
+        if e.status >= 400:  # aiohttp's own (404 route, 405, 413): in the same shape as ours
+            return web.json_response({"error": e.reason if e.status != 413 else
+                                      f"request body exceeds MAX_APPLY_BYTES={MAX_APPLY_BYTES}"}, status=e.status)
+        raise
+
+
+def _store(request: web.Request) -> SqliteStore:
+    return request.app["store"]
+
+
+def _change(request: web.Request, reason: str | None = None) -> Change:
+    who = request.headers.get("X-Meshlens-User", "").strip() or "anonymous"
+    reason = reason if reason is not None else unquote(request.headers.get("X-Meshlens-Reason", ""))
+    return Change(who[:200], reason[:2000])
+
+
+def _kind(request: web.Request) -> str:
+    kind = request.match_info["kind"]
+    if kind not in KINDS:
+        raise _Refused(404, f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
+    return kind
+
+
+def _item(res: Resource) -> dict[str, Any]:
+    return {"kind": res.kind, "name": res.name, "revision": res.revision, "doc": res.doc}
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def _list(request: web.Request) -> web.Response:
+    kind = request.query.get("kind")
+    if kind is not None and kind not in KINDS:
+        raise _Refused(400, f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
+    store = _store(request)
+    return web.json_response({"revision": store.revision(), "items": [_item(r) for r in store.list(kind)]})
+
+
+async def _get(request: web.Request) -> web.Response:
+    kind, name = _kind(request), request.match_info["name"]
+    res = _store(request).get(kind, name)
+    if res is None:
+        raise _Refused(404, f"no {kind} {name!r}")
+    return web.json_response(_item(res))
+
+
+async def _apply(request: web.Request) -> web.Response:
+    raw = await request.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Refused(400, f"apply body is not UTF-8 text (byte {e.start})") from None
+    source = request.headers.get("X-Meshlens-Source", "request")[:200]
+    resources = parse_documents(text, source)
+    if not resources:
+        raise _Refused(400, f"{source}: no documents to apply")
+    store = _store(request)
+    _check_modes(store, resources, source)
+    results = store.put(resources, _change(request))
+    for res, action in results:
+        if action != "unchanged":
+            log.info("applied kind=%s name=%s action=%s revision=%d", res.kind, res.name, action, res.revision)
+    return web.json_response({"revision": store.revision(), "results": [
+        {"kind": r.kind, "name": r.name, "revision": r.revision, "action": a, "warnings": list(r.warnings)}
+        for r, a in results]})
+
+
+def _check_modes(store: SqliteStore, resources: list[Resource], source: str) -> None:
+    """A Mode names a service of the Mesh being applied with it, else of the stored one."""
+    modes = [r for r in resources if r.kind == "Mode"]
+    if not modes:
+        return
+    meshes = [r for r in resources if r.kind == "Mesh"] or [m for m in [store.get("Mesh", "mesh")] if m is not None]
+    services = set(meshes[0].doc["spec"].get("services") or {}) if meshes else set()
+    for res in modes:
+        if res.name not in services:
+            where = f"{source}: Mode {res.name}: " if source else ""
+            raise _Refused(400, f"{where}no service {res.name!r} in the mesh"
+                                + ("" if meshes else " (no Mesh is stored: apply one first)"))
+
+
+async def _delete(request: web.Request) -> web.Response:
+    kind, name = _kind(request), request.match_info["name"]
+    revision = _store(request).delete(kind, name, _change(request))
+    if revision is None:
+        raise _Refused(404, f"no {kind} {name!r}")
+    log.info("deleted kind=%s name=%s revision=%d", kind, name, revision)
+    return web.json_response({"revision": revision})
+
+
+async def _modes(request: web.Request) -> web.Response:
+    store = _store(request)
+    modes = {r.name: r.doc["spec"]["mode"] for r in store.list("Mode")}
+    mesh = store.get("Mesh", "mesh")
+    for service in (mesh.doc["spec"].get("services") or {}) if mesh else ():
+        modes.setdefault(service, "observe")  # a service nobody switched is observed
+    service = request.match_info.get("service")
+    if service is not None:
+        if service not in modes:
+            raise _Refused(404, f"no service {service!r} in the mesh")
+        modes = {service: modes[service]}
+    return web.json_response({"revision": store.revision(), "modes": dict(sorted(modes.items()))})
+
+
+async def _set_mode(request: web.Request) -> web.Response:
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise _Refused(400, 'expected a JSON body {"mode": ..., "reason": ...}') from None
+    if not isinstance(body, dict) or set(body) - {"mode", "reason"} or "mode" not in body:
+        raise _Refused(400, 'expected a JSON body {"mode": ..., "reason": ...}')
+    mode, reason = body["mode"], body.get("reason", "")
+    if mode not in MODES:
+        raise _Refused(400, f"unknown mode {mode!r} (known: {', '.join(MODES)})")
+    if not isinstance(reason, str):
+        raise _Refused(400, "reason must be a string")
+    service = request.match_info["service"]
+    try:
+        res = mode_resource(service, mode)
+    except ResourceError:
+        raise _Refused(400, f"{service!r} is not a service name (lowercase letters, digits, '-' and '.')") from None
+    store = _store(request)
+    _check_modes(store, [res], "")
+    [(stored, action)] = store.put([res], _change(request, reason))
+    if action != "unchanged":
+        log.info("mode set service=%s mode=%s revision=%d", service, mode, stored.revision)
+    return web.json_response({"revision": stored.revision, "action": action, "service": service, "mode": mode})
+
+
+async def _history(request: web.Request) -> web.Response:
+    q = request.query
+    kind = q.get("kind")
+    if kind is not None and kind not in KINDS:
+        raise _Refused(400, f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
+    try:
+        limit = int(q.get("limit", "100"))
+    except ValueError:
+        raise _Refused(400, f"limit must be a whole number, not {q.get('limit')!r}") from None
+    if not 1 <= limit <= _HISTORY_LIMIT:
+        raise _Refused(400, f"limit must be 1 to {_HISTORY_LIMIT}")
+    store = _store(request)
+    entries = store.history(kind, q.get("name"), limit, q.get("service"))
+    return web.json_response({"revision": store.revision(), "entries": [e.as_dict() for e in entries]})
+
+
+async def _watch(request: web.Request) -> web.Response:
+    q = request.query
+    try:
+        after = int(q.get("after", "0"))
+        timeout = float(q.get("timeout", "30"))
+    except ValueError:
+        raise _Refused(400, "after must be a revision (a whole number) and timeout seconds") from None
+    if not 0 <= timeout <= MAX_WATCH_S:
+        raise _Refused(400, f"timeout must be 0 to {MAX_WATCH_S:g} seconds")
+    return web.json_response({"revision": await _store(request).wait(after, timeout)})

@@ -1,0 +1,159 @@
+"""What the control plane stores: documents of known kinds, read from the YAML people already write.
+
+Kinds (Istio's APIs under any of the versions Istio serves, plus meshlens' own):
+
+    Mesh                   meshlens.io/v1alpha1    the mesh definition (mesh.yaml's format: `services:`);
+                                                   a document that is only `services:` is read as one
+    VirtualService         networking.istio.io/{v1alpha3,v1beta1,v1}
+    DestinationRule        networking.istio.io/{v1alpha3,v1beta1,v1}
+    PeerAuthentication     security.istio.io/{v1beta1,v1}
+    AuthorizationPolicy    security.istio.io/{v1beta1,v1}
+    LocalRateLimit         meshlens.io/v1alpha1    (Istio has no API for it; Envoy's token bucket)
+    Mode                   meshlens.io/v1alpha1    a service's mode: observe, dry-run or enforce
+
+A document is checked here for what makes it a resource (apiVersion, kind, a name, a
+`spec` mapping; a Mesh through meshlens.mesh), and every error names the source, the
+document's number and its line. What each kind's spec means is checked by its own
+module as it comes to be enforced; until then a spec is stored as written.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["API_VERSIONS", "KINDS", "MODES", "Resource", "ResourceError", "mode_resource", "parse_documents"]
+
+MODES: tuple[str, ...] = ("observe", "dry-run", "enforce")
+"""A service's modes: observe (untouched, recorded), dry-run (policies evaluated, what they would
+do recorded), enforce (policies applied)."""
+
+_ISTIO_NET = ("networking.istio.io/v1alpha3", "networking.istio.io/v1beta1", "networking.istio.io/v1")
+_ISTIO_SEC = ("security.istio.io/v1beta1", "security.istio.io/v1")
+_OURS = ("meshlens.io/v1alpha1",)
+API_VERSIONS: dict[str, tuple[str, ...]] = {
+    "Mesh": _OURS,
+    "VirtualService": _ISTIO_NET,
+    "DestinationRule": _ISTIO_NET,
+    "PeerAuthentication": _ISTIO_SEC,
+    "AuthorizationPolicy": _ISTIO_SEC,
+    "LocalRateLimit": _OURS,
+    "Mode": _OURS,
+}
+KINDS: tuple[str, ...] = tuple(API_VERSIONS)
+# Kubernetes' names: a DNS-1123 subdomain (lowercase alphanumerics, '-' and '.'), 253 characters at most.
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+_TOP = {"apiVersion", "kind", "metadata", "spec"}
+_METADATA = {"name", "namespace", "labels", "annotations"}
+DEFAULT_NAMESPACE = "default"
+
+
+class ResourceError(ValueError):
+    """A document that cannot be stored; the message names the source, the document and the line."""
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One stored document: its kind and name (namespace/name for namespaced kinds), as written."""
+
+    kind: str
+    name: str
+    """`namespace/name` for Istio's kinds (their namespace defaults to `default`); the name alone for meshlens'."""
+    doc: dict[str, Any]
+    """The whole document, as given (apiVersion, kind, metadata, spec)."""
+    revision: int = 0
+    """The store's revision at which it last changed (0: not stored yet)."""
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.kind, self.name
+
+
+def mode_resource(service: str, mode: str) -> Resource:
+    """The Mode document for `service`, checked."""
+    doc = {"apiVersion": _OURS[0], "kind": "Mode", "metadata": {"name": service}, "spec": {"mode": mode}}
+    return _resource(doc, "mode")
+
+
+def parse_documents(text: str, source: str) -> list[Resource]:
+    """Every document of a (multi-document) YAML text, checked; the first error raises ResourceError.
+
+    Empty documents are skipped, as kubectl does."""
+    import yaml
+
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        raise ResourceError(f"{source}{where}: invalid YAML: {problem}") from None
+    out: list[Resource] = []
+    seen: dict[tuple[str, str], int] = {}
+    for i, node in enumerate(nodes, 1):
+        if node is None:
+            continue
+        where = f"{source} document {i} (line {node.start_mark.line + 1})"
+        loader = yaml.SafeLoader("")
+        try:
+            doc = loader.construct_document(node)
+        except yaml.YAMLError as e:
+            raise ResourceError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+        finally:
+            loader.dispose()
+        if doc is None:
+            continue
+        res = _resource(doc, where)
+        if res.key in seen:
+            raise ResourceError(f"{where}: {res.kind} {res.name} is also document {seen[res.key]}")
+        seen[res.key] = i
+        out.append(res)
+    return out
+
+
+def _resource(doc: Any, where: str) -> Resource:
+    if not isinstance(doc, dict):
+        raise ResourceError(f"{where}: expected a mapping with apiVersion, kind, metadata and spec")
+    if "kind" not in doc and set(doc) == {"services"}:  # mesh.yaml as people have it
+        doc = {"apiVersion": _OURS[0], "kind": "Mesh", "metadata": {"name": "mesh"}, "spec": doc}
+    kind = doc.get("kind")
+    if kind not in API_VERSIONS:
+        raise ResourceError(f"{where}: unknown kind {kind!r} (known: {', '.join(KINDS)})")
+    version = doc.get("apiVersion")
+    if version not in API_VERSIONS[kind]:
+        raise ResourceError(f"{where}: {kind} apiVersion must be one of {', '.join(API_VERSIONS[kind])}, "
+                            f"not {version!r}")
+    unknown = sorted(set(map(str, doc)) - _TOP)
+    if unknown:
+        raise ResourceError(f"{where}: unknown field(s) {', '.join(unknown)} (expected: apiVersion, kind, metadata, spec)")
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        raise ResourceError(f"{where}: metadata.name is required")
+    unknown = sorted(set(map(str, meta)) - _METADATA)
+    if unknown:
+        raise ResourceError(f"{where}: unknown field(s) metadata.{', metadata.'.join(unknown)}")
+    name = meta["name"]
+    if not _NAME.fullmatch(name):
+        raise ResourceError(f"{where}: metadata.name {name!r} must be lowercase letters, digits, '-' and '.'")
+    namespace = meta.get("namespace")
+    if namespace is not None and (not isinstance(namespace, str) or not _NAME.fullmatch(namespace)):
+        raise ResourceError(f"{where}: metadata.namespace {namespace!r} must be lowercase letters, digits, '-' and '.'")
+    spec = doc.get("spec")
+    if not isinstance(spec, dict):
+        raise ResourceError(f"{where}: spec must be a mapping")
+    if kind == "Mesh":
+        from meshlens.mesh import MeshError, parse
+
+        if name != "mesh":
+            raise ResourceError(f"{where}: a control plane holds one Mesh, named 'mesh', not {name!r}")
+        try:
+            parse(spec, f"{where}: spec")
+        except MeshError as e:
+            raise ResourceError(str(e)) from None
+    elif kind == "Mode":
+        if set(spec) != {"mode"} or spec["mode"] not in MODES:
+            raise ResourceError(f"{where}: spec must be {{mode: {' | '.join(MODES)}}}, not {spec!r}")
+    if version == _OURS[0]:
+        return Resource(kind, name, doc)
+    return Resource(kind, f"{namespace or DEFAULT_NAMESPACE}/{name}", doc)

@@ -1,0 +1,264 @@
+"""`meshlens control` (the control plane) and the commands that talk to it, in kubectl/istioctl habits:
+`apply`, `get`, `delete`, `mode set|get`, `history`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from meshlens.cli.argtypes import port
+from meshlens.cli.errors import UserError
+
+CONTROL_EPILOG = """examples:
+  meshlens control
+      the control plane on 127.0.0.1:15010, its store under ~/.local/share/meshlens/control
+  meshlens control --store sqlite:/var/lib/meshlens/control.db --port 0
+
+It listens on loopback only (tokens, and with them other addresses, are still to come).
+Every change is validated before it is stored, gets a revision, and is audited."""
+
+CLIENT_EPILOG = """examples:
+  meshlens apply -f mesh.yaml -f payment-service.yaml --reason "canary for v2"
+  meshlens get virtualservice
+  meshlens get vs production/payment-service -o yaml
+  meshlens mode set payment-service dry-run --reason "try the retry policy"
+  meshlens mode get
+  meshlens history payment-service
+  meshlens delete destinationrule default/payment-service --reason "rolled back"
+
+All take --control URL (or MESHLENS_CONTROL; default http://127.0.0.1:15010)."""
+
+# kubectl's habit: kinds by name, lowercase, plural or short.
+_KIND_ALIASES = {
+    "mesh": "Mesh", "meshes": "Mesh",
+    "virtualservice": "VirtualService", "virtualservices": "VirtualService", "vs": "VirtualService",
+    "destinationrule": "DestinationRule", "destinationrules": "DestinationRule", "dr": "DestinationRule",
+    "peerauthentication": "PeerAuthentication", "peerauthentications": "PeerAuthentication", "pa": "PeerAuthentication",
+    "authorizationpolicy": "AuthorizationPolicy", "authorizationpolicies": "AuthorizationPolicy", "ap": "AuthorizationPolicy",
+    "localratelimit": "LocalRateLimit", "localratelimits": "LocalRateLimit",
+    "mode": "Mode", "modes": "Mode",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("control", help="the control plane: policies, the mesh and each service's mode",
+                       description="Serve the mesh model, the policies and each service's mode, with every change "
+                                   "validated, versioned and audited.", epilog=CONTROL_EPILOG, formatter_class=fmt)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only for now)")
+    p.add_argument("--port", type=port(0), default=15010, help="port (default 15010, Istio's; 0 = any free port)")
+    p.add_argument("--store", help="sqlite:PATH (default: ~/.local/share/meshlens/control/control.db)")
+    p.set_defaults(run=run_control)
+
+    def client(name: str, help_: str, description: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help_, description=description, epilog=CLIENT_EPILOG, formatter_class=fmt)
+        c.add_argument("--control", metavar="URL", help="the control plane (default: MESHLENS_CONTROL, "
+                                                       "else http://127.0.0.1:15010)")
+        return c
+
+    c = client("apply", "store policies and mesh definitions from YAML (all documents, or none)",
+               "Validate and store every document of the files given (multi-document YAML; '-' reads stdin): "
+               "all of them, or none if one is wrong.")
+    c.add_argument("-f", "--filename", action="append", required=True, metavar="FILE", help="YAML file, or - for stdin")
+    c.add_argument("--reason", default="", help="why, for the history")
+    c.set_defaults(run=run_apply)
+
+    c = client("get", "show stored resources", "Show the stored resources of a kind, or one of them.")
+    c.add_argument("kind", help="VirtualService (vs), DestinationRule (dr), PeerAuthentication, AuthorizationPolicy, "
+                                "LocalRateLimit, Mesh, Mode")
+    c.add_argument("name", nargs="?", help="namespace/name for Istio's kinds (default namespace: default)")
+    c.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
+    c.set_defaults(run=run_get)
+
+    c = client("delete", "delete a stored resource", "Delete one stored resource (audited).")
+    c.add_argument("kind")
+    c.add_argument("name")
+    c.add_argument("--reason", default="", help="why, for the history")
+    c.set_defaults(run=run_delete)
+
+    c = client("mode", "set or show each service's mode: observe, dry-run, enforce",
+               "observe: traffic untouched, every call recorded; dry-run: every policy evaluated and what it would "
+               "have done recorded; enforce: policies applied. A service's mode governs the policies for calls to it.")
+    msub = c.add_subparsers(dest="mode_command", metavar="set|get", required=True)
+    s = msub.add_parser("set", help="switch a service's mode (audited)", epilog=CLIENT_EPILOG, formatter_class=fmt,
+                        description="Switch the mode of calls to a service; the change is stored and audited.")
+    s.add_argument("service")
+    s.add_argument("mode", choices=["observe", "dry-run", "enforce"])
+    s.add_argument("--reason", required=True, help="why, for the history (required: a mode switch is a decision)")
+    s.set_defaults(run=run_mode_set)
+    g = msub.add_parser("get", help="show the mode of every service, or of one", epilog=CLIENT_EPILOG,
+                        formatter_class=fmt, description="Show the mode of every service in the mesh, or of one.")
+    g.add_argument("service", nargs="?")
+    g.set_defaults(run=run_mode_get)
+    for m in (s, g):
+        m.add_argument("--control", metavar="URL", default=argparse.SUPPRESS,
+                       help="the control plane (default: MESHLENS_CONTROL, else http://127.0.0.1:15010)")
+
+    c = client("history", "what changed, who changed it, and why",
+               "The audit log: every change with its revision, time, author, action and reason, oldest first.")
+    c.add_argument("service", nargs="?", help="only changes to resources named for this service")
+    c.add_argument("--kind")
+    c.add_argument("--limit", type=int, default=50)
+    c.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    c.set_defaults(run=run_history)
+
+
+# -- the control plane ------------------------------------------------------------------------------
+
+def run_control(args: argparse.Namespace) -> int:
+    from meshlens.cli.listen import check_ports
+    from meshlens.control.service import loopback, run
+    from meshlens.control.store import StoreURLError, default_store_url, open_store
+
+    if not loopback(args.host):
+        raise UserError(f"--host {args.host}: the control plane listens on loopback only until it has tokens "
+                        f"(127.0.0.1 or ::1)")
+    check_ports(args.host, {"--port": args.port})
+    try:
+        store = open_store(args.store or default_store_url())
+    except StoreURLError as e:
+        raise UserError(str(e)) from None
+    run(store, args.host, args.port)
+    return 0
+
+
+# -- its clients ------------------------------------------------------------------------------------
+
+def _client(args: argparse.Namespace) -> Any:
+    from meshlens.control.client import ControlClient, ControlError, control_url
+
+    try:
+        return ControlClient(control_url(getattr(args, "control", None)))
+    except ControlError as e:
+        raise UserError(str(e)) from None
+
+
+def _call(fn: Any, *a: Any, **kw: Any) -> dict[str, Any]:
+    from meshlens.control.client import ControlError
+
+    try:
+        return fn(*a, **kw)
+    except ControlError as e:
+        raise UserError(str(e)) from None
+
+
+def _kind(text: str) -> str:
+    from meshlens.control.resources import KINDS
+
+    kind = _KIND_ALIASES.get(text.lower(), text)
+    if kind not in KINDS:
+        raise UserError(f"unknown kind {text!r} (known: {', '.join(KINDS)})")
+    return kind
+
+
+def _name(kind: str, name: str) -> str:
+    """Istio's kinds are stored as namespace/name; a bare name is in `default`, as kubectl has it."""
+    from meshlens.control.resources import API_VERSIONS
+
+    if "/" not in name and not API_VERSIONS[kind][0].startswith("meshlens.io/"):
+        return f"default/{name}"
+    return name
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    client = _client(args)
+    docs = []
+    for path in args.filename:
+        if path == "-":
+            docs.append(("stdin", sys.stdin.read()))
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                docs.append((path, f.read()))
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"cannot read {path}: not UTF-8 text (byte {e.start})") from None
+    # one request a file, so that errors name it; checked all first, so that a bad second file stores nothing
+    from meshlens.control.resources import ResourceError, parse_documents
+
+    for source, text in docs:
+        try:
+            if not parse_documents(text, source):
+                raise UserError(f"{source}: no documents to apply")
+        except ResourceError as e:
+            raise UserError(str(e)) from None
+    for source, text in docs:
+        out = _call(client.apply, text, source, args.reason)
+        for r in out["results"]:
+            print(f"{r['kind'].lower()}/{r['name']} {r['action']}")
+            for w in r["warnings"]:
+                print(f"  warning: {w}", file=sys.stderr)
+    return 0
+
+
+def run_get(args: argparse.Namespace) -> int:
+    client = _client(args)
+    kind = _kind(args.kind)
+    if args.name is not None:
+        items = [_call(client.get, kind, _name(kind, args.name))]
+    else:
+        items = _call(client.get, kind)["items"]
+    if args.output == "json":
+        print(json.dumps([i["doc"] for i in items] if args.name is None else items[0]["doc"], indent=2))
+    elif args.output == "yaml":
+        import yaml
+
+        print(yaml.safe_dump_all([i["doc"] for i in items], sort_keys=False).rstrip())
+    elif not items:
+        print(f"no {kind} stored", file=sys.stderr)
+    else:
+        width = max(len(i["name"]) for i in items)
+        print(f"{'NAME':{width}}  REVISION")
+        for i in items:
+            print(f"{i['name']:{width}}  {i['revision']}")
+    return 0
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    kind = _kind(args.kind)
+    name = _name(kind, args.name)
+    out = _call(_client(args).delete, kind, name, args.reason)
+    print(f"{kind.lower()}/{name} deleted (revision {out['revision']})")
+    return 0
+
+
+def run_mode_set(args: argparse.Namespace) -> int:
+    out = _call(_client(args).set_mode, args.service, args.mode, args.reason)
+    state = "unchanged" if out["action"] == "unchanged" else f"set (revision {out['revision']})"
+    print(f"{out['service']}: {out['mode']} {state}")
+    return 0
+
+
+def run_mode_get(args: argparse.Namespace) -> int:
+    modes = _call(_client(args).modes, args.service)["modes"]
+    if not modes:
+        print("no services: apply a Mesh first", file=sys.stderr)
+        return 0
+    width = max(map(len, modes))
+    print(f"{'SERVICE':{width}}  MODE")
+    for service, mode in modes.items():
+        print(f"{service:{width}}  {mode}")
+    return 0
+
+
+def run_history(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= 1000:
+        raise UserError(f"--limit must be 1 to 1000, got {args.limit}")
+    kind = _kind(args.kind) if args.kind else None
+    entries = _call(_client(args).history, kind, None, args.limit, args.service)["entries"]
+    if args.output == "json":
+        print(json.dumps(entries, indent=2))
+        return 0
+    for e in entries:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e["time"]))
+        what = f"{e['kind']} {e['name']} {e['action']}"
+        if e["kind"] == "Mode":
+            before = (e["before"] or {}).get("spec", {}).get("mode", "observe")
+            after = (e["after"] or {}).get("spec", {}).get("mode", "observe")
+            what = f"mode of {e['name']}: {before} -> {after}"
+        reason = f"  ({e['reason']})" if e["reason"] else ""
+        print(f"{e['revision']:>6}  {when}  {e['who']}  {what}{reason}")
+    return 0

@@ -1,0 +1,31 @@
+"""A real `meshlens control` subprocess on an ephemeral port, for tests."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tests.server_process import ServerProcess
+from tests.waiting import PATIENCE_S
+
+READY = re.compile(r"meshlens control ready listen=(\S+):(\d+) store=(\S+) revision=(\d+)")
+
+
+class ControlProcess(ServerProcess):
+    name = "control"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.store = f"sqlite:{self.workdir / 'control.db'}"
+        self.port = 0
+
+    def start(self, timeout: float = PATIENCE_S) -> "ControlProcess":
+        m = self.launch(["meshlens.cli.main", "control", "--port", "0", "--store", self.store], READY, timeout)
+        self.port = int(m.group(2))
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "ControlProcess":
+        return self.start()
