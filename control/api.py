@@ -3,7 +3,7 @@
     GET    /healthz                                  ok
     GET    /v1/resources[?kind=K]                    {"revision": r, "items": [resource, ...]}
     GET    /v1/resources/{kind}/{name}               resource            (name: namespace/name for Istio's kinds)
-    POST   /v1/apply          body: YAML, one or more documents          {"revision": r, "results": [...]}
+    POST   /v1/apply          body: YAML, or JSON {"files": [...]}      {"revision": r, "results": [...]}
     DELETE /v1/resources/{kind}/{name}                                   {"revision": r}
     GET    /v1/modes[/{service}]                     {"revision": r, "modes": {service: mode}}
     PUT    /v1/modes/{service}  {"mode": M, "reason": "..."}             {"revision": r, "action": ...}
@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
 
-from meshlens.control.resources import KINDS, MODES, Resource, ResourceError, mode_resource, parse_documents
+from meshlens.control.resources import (KINDS, MODES, Resource, ResourceError, check_references, mode_resource,
+                                        parse_documents)
 from meshlens.control.store import Change, SqliteStore
 
 __all__ = ["MAX_APPLY_BYTES", "MAX_WATCH_S", "build_app"]
@@ -121,17 +123,33 @@ async def _get(request: web.Request) -> web.Response:
 
 
 async def _apply(request: web.Request) -> web.Response:
+    """A YAML body (its name in X-Meshlens-Source), or JSON {"files": [{"source": ..., "text": ...}, ...]}:
+    several files in one change, so that a route in one may name a subset defined in another."""
     raw = await request.read()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _Refused(400, f"apply body is not UTF-8 text (byte {e.start})") from None
-    source = request.headers.get("X-Meshlens-Source", "request")[:200]
-    resources = parse_documents(text, source)
-    if not resources:
-        raise _Refused(400, f"{source}: no documents to apply")
+    if request.content_type == "application/json":
+        files = _files(text)
+    else:
+        files = [(request.headers.get("X-Meshlens-Source", "request")[:200], text)]
+    resources: list[Resource] = []
+    seen: dict[tuple[str, str], str] = {}
+    for source, body in files:
+        docs = parse_documents(body, source)
+        if not docs:
+            raise _Refused(400, f"{source}: no documents to apply")
+        for r in docs:
+            if r.key in seen:
+                raise _Refused(400, f"{r.source}: {r.kind} {r.name} is also in {seen[r.key]}")
+            seen[r.key] = r.source
+        resources += docs
     store = _store(request)
-    _check_modes(store, resources, source)
+    _check_modes(store, resources, files[0][0] if len(files) == 1 else "apply")
+    applied = {r.key for r in resources}
+    more = check_references([r for r in store.list() if r.key not in applied] + resources)
+    resources = [replace(r, warnings=r.warnings + more.get(r.key, ())) for r in resources]
     results = store.put(resources, _change(request))
     for res, action in results:
         if action != "unchanged":
@@ -139,6 +157,18 @@ async def _apply(request: web.Request) -> web.Response:
     return web.json_response({"revision": store.revision(), "results": [
         {"kind": r.kind, "name": r.name, "revision": r.revision, "action": a, "warnings": list(r.warnings)}
         for r, a in results]})
+
+
+def _files(text: str) -> list[tuple[str, str]]:
+    try:
+        body = json.loads(text)
+        files = body["files"]
+        out = [(str(f["source"])[:200], f["text"]) for f in files]
+    except (ValueError, KeyError, TypeError):
+        raise _Refused(400, 'expected JSON {"files": [{"source": NAME, "text": YAML}, ...]}') from None
+    if not out or not all(isinstance(t, str) for _, t in out) or set(body) - {"files"}:
+        raise _Refused(400, 'expected JSON {"files": [{"source": NAME, "text": YAML}, ...]}')
+    return out
 
 
 def _check_modes(store: SqliteStore, resources: list[Resource], source: str) -> None:
@@ -157,7 +187,12 @@ def _check_modes(store: SqliteStore, resources: list[Resource], source: str) -> 
 
 async def _delete(request: web.Request) -> web.Response:
     kind, name = _kind(request), request.match_info["name"]
-    revision = _store(request).delete(kind, name, _change(request))
+    store = _store(request)
+    try:  # what stays must still hold together: a subset still routed to keeps its DestinationRule
+        check_references([r for r in store.list() if r.key != (kind, name)])
+    except ResourceError as e:
+        raise _Refused(409, f"deleting {kind} {name} would leave {e}") from None
+    revision = store.delete(kind, name, _change(request))
     if revision is None:
         raise _Refused(404, f"no {kind} {name!r}")
     log.info("deleted kind=%s name=%s revision=%d", kind, name, revision)

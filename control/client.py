@@ -65,9 +65,10 @@ class ControlClient:
         except ValueError:
             raise ControlError(f"the control plane at {self.url} answered something other than JSON") from None
 
-    def apply(self, text: str, source: str, reason: str = "") -> dict[str, Any]:
-        return self.request("POST", "/v1/apply", text.encode(), reason=reason,
-                            headers={"Content-Type": "application/yaml", "X-Meshlens-Source": source[:200]})
+    def apply(self, files: list[tuple[str, str]], reason: str = "") -> dict[str, Any]:
+        """Store every document of the files given ((source, YAML text) pairs) in one change, or none."""
+        body = json.dumps({"files": [{"source": s, "text": t} for s, t in files]}).encode()
+        return self.request("POST", "/v1/apply", body, reason=reason, headers={"Content-Type": "application/json"})
 
     def get(self, kind: str, name: str | None = None) -> dict[str, Any]:
         if name is None:

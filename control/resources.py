@@ -19,10 +19,11 @@ module as it comes to be enforced; until then a spec is stored as written.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-__all__ = ["API_VERSIONS", "KINDS", "MODES", "Resource", "ResourceError", "mode_resource", "parse_documents"]
+__all__ = ["API_VERSIONS", "KINDS", "MODES", "Resource", "ResourceError", "check_references", "mode_resource",
+           "parse_documents"]
 
 MODES: tuple[str, ...] = ("observe", "dry-run", "enforce")
 """A service's modes: observe (untouched, recorded), dry-run (policies evaluated, what they would
@@ -64,10 +65,21 @@ class Resource:
     revision: int = 0
     """The store's revision at which it last changed (0: not stored yet)."""
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    source: str = field(default="", compare=False)
+    """Where it was read: 'FILE document N (line L)' (not stored)."""
+    lines: dict[tuple[Any, ...], int] = field(default_factory=dict, compare=False, repr=False)
+    """Line of each path into the document, as read (not stored)."""
 
     @property
     def key(self) -> tuple[str, str]:
         return self.kind, self.name
+
+    def at(self, path: tuple[Any, ...]) -> str:
+        """'SOURCE: spec.http[0].route[1].weight (line 23)' for a path into the spec."""
+        full = ("spec", *path)
+        line = next((self.lines[full[:n]] for n in range(len(full), 0, -1) if full[:n] in self.lines), None)
+        text = "spec" + "".join(_step(p) for p in path)
+        return f"{self.source or self.kind + ' ' + self.name}: {text}" + (f" (line {line})" if line else "")
 
 
 def mode_resource(service: str, mode: str) -> Resource:
@@ -104,7 +116,7 @@ def parse_documents(text: str, source: str) -> list[Resource]:
             loader.dispose()
         if doc is None:
             continue
-        res = _resource(doc, where)
+        res = _resource(doc, where, _lines(node), f"{source} document {i}")
         if res.key in seen:
             raise ResourceError(f"{where}: {res.kind} {res.name} is also document {seen[res.key]}")
         seen[res.key] = i
@@ -112,7 +124,39 @@ def parse_documents(text: str, source: str) -> list[Resource]:
     return out
 
 
-def _resource(doc: Any, where: str) -> Resource:
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+def _step(key: Any) -> str:
+    """One step of a path as written: .name, [3], or ['odd key'] (quoted, so a message stays one line)."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return f"[{key}]"
+    return f".{key}" if isinstance(key, str) and _PLAIN_KEY.fullmatch(key) else f"[{key!r}]"
+
+
+def _names(keys: Any) -> str:
+    return ", ".join(k if isinstance(k, str) and _PLAIN_KEY.fullmatch(k) else repr(k) for k in keys)
+
+
+def _lines(node: Any, path: tuple[Any, ...] = (), out: dict[tuple[Any, ...], int] | None = None
+           ) -> dict[tuple[Any, ...], int]:
+    """The line (1-based) of every key and list item under a YAML node, by path."""
+    import yaml
+
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                out[path + (key.value,)] = key.start_mark.line + 1
+                _lines(value, path + (key.value,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[path + (i,)] = item.start_mark.line + 1
+            _lines(item, path + (i,), out)
+    return out
+
+
+def _resource(doc: Any, where: str, lines: dict[tuple[Any, ...], int] | None = None, source: str = "") -> Resource:
     if not isinstance(doc, dict):
         raise ResourceError(f"{where}: expected a mapping with apiVersion, kind, metadata and spec")
     if "kind" not in doc and set(doc) == {"services"}:  # mesh.yaml as people have it
@@ -124,15 +168,15 @@ def _resource(doc: Any, where: str) -> Resource:
     if version not in API_VERSIONS[kind]:
         raise ResourceError(f"{where}: {kind} apiVersion must be one of {', '.join(API_VERSIONS[kind])}, "
                             f"not {version!r}")
-    unknown = sorted(set(map(str, doc)) - _TOP)
+    unknown = sorted(set(doc) - _TOP, key=str)
     if unknown:
-        raise ResourceError(f"{where}: unknown field(s) {', '.join(unknown)} (expected: apiVersion, kind, metadata, spec)")
+        raise ResourceError(f"{where}: unknown field(s) {_names(unknown)} (expected: apiVersion, kind, metadata, spec)")
     meta = doc.get("metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
         raise ResourceError(f"{where}: metadata.name is required")
-    unknown = sorted(set(map(str, meta)) - _METADATA)
+    unknown = sorted(set(meta) - _METADATA, key=str)
     if unknown:
-        raise ResourceError(f"{where}: unknown field(s) metadata.{', metadata.'.join(unknown)}")
+        raise ResourceError(f"{where}: unknown field(s) in metadata: {_names(unknown)}")
     name = meta["name"]
     if not _NAME.fullmatch(name):
         raise ResourceError(f"{where}: metadata.name {name!r} must be lowercase letters, digits, '-' and '.'")
@@ -155,5 +199,44 @@ def _resource(doc: Any, where: str) -> Resource:
         if set(spec) != {"mode"} or spec["mode"] not in MODES:
             raise ResourceError(f"{where}: spec must be {{mode: {' | '.join(MODES)}}}, not {spec!r}")
     if version == _OURS[0]:
-        return Resource(kind, name, doc)
-    return Resource(kind, f"{namespace or DEFAULT_NAMESPACE}/{name}", doc)
+        return Resource(kind, name, doc, source=source or where, lines=lines or {})
+    res = Resource(kind, f"{namespace or DEFAULT_NAMESPACE}/{name}", doc, source=source or where, lines=lines or {})
+    check = _SPEC_CHECKS.get(kind)
+    if check is None:
+        return res
+    from meshlens.control.networking import SpecError
+
+    try:
+        warnings = check(spec, namespace or DEFAULT_NAMESPACE)
+    except SpecError as e:
+        raise ResourceError(f"{res.at(e.path)}: {e}") from None
+    return replace(res, warnings=tuple(f"{res.at(path)}: {text}" for path, text in warnings))
+
+
+def _spec_checks() -> dict[str, Any]:
+    from meshlens.control import networking
+
+    return {"VirtualService": networking.check_virtual_service, "DestinationRule": networking.check_destination_rule}
+
+
+class _Lazy(dict):  # the networking checks import re2: only when a document needs them
+    def get(self, key: Any, default: Any = None) -> Any:
+        if not self:
+            self.update(_spec_checks())
+        return super().get(key, default)
+
+
+_SPEC_CHECKS = _Lazy()
+
+
+def check_references(resources: list[Resource]) -> dict[tuple[str, str], tuple[str, ...]]:
+    """Across a whole set of resources (the stored ones with those applied): subsets routed to exist.
+    Refuses with ResourceError; returns more warnings by resource key."""
+    from meshlens.control.networking import SpecError, check_references as check
+
+    try:
+        found = check(resources)
+    except SpecError as e:
+        raise ResourceError(f"{e.resource.at(e.path)}: {e}") from None
+    by_key = {r.key: r for r in resources}
+    return {key: tuple(f"{by_key[key].at(path)}: {text}" for path, text in items) for key, items in found.items()}

@@ -176,21 +176,11 @@ def run_apply(args: argparse.Namespace) -> int:
             raise UserError(f"cannot read {path}: {e.strerror or e}") from None
         except UnicodeDecodeError as e:
             raise UserError(f"cannot read {path}: not UTF-8 text (byte {e.start})") from None
-    # one request a file, so that errors name it; checked all first, so that a bad second file stores nothing
-    from meshlens.control.resources import ResourceError, parse_documents
-
-    for source, text in docs:
-        try:
-            if not parse_documents(text, source):
-                raise UserError(f"{source}: no documents to apply")
-        except ResourceError as e:
-            raise UserError(str(e)) from None
-    for source, text in docs:
-        out = _call(client.apply, text, source, args.reason)
-        for r in out["results"]:
-            print(f"{r['kind'].lower()}/{r['name']} {r['action']}")
-            for w in r["warnings"]:
-                print(f"  warning: {w}", file=sys.stderr)
+    out = _call(client.apply, docs, args.reason)  # one change: all the files, or none of them
+    for r in out["results"]:
+        print(f"{r['kind'].lower()}/{r['name']} {r['action']}")
+        for w in r["warnings"]:
+            print(f"warning: {w}", file=sys.stderr)
     return 0
 
 

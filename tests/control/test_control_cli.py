@@ -56,6 +56,9 @@ def test_the_tour_apply_the_example_switch_modes_and_read_the_history(control, f
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["mesh/mesh created", "virtualservice/production/payment-service created",
                                        "destinationrule/default/payment-service created"]
+    warnings = out.stderr.splitlines()  # what Istio would read differently from what was meant, said once each
+    assert len(warnings) == 2 and all(w.startswith(f"warning: {example}") for w in warnings)
+    assert "two hosts" in warnings[0] and "reads it as consecutiveGatewayErrors" in warnings[1]
     assert cli(control, "apply", "-f", str(example)).stdout.splitlines()[0].endswith(" unchanged")
     got = cli(control, "get", "vs", "production/payment-service", "-o", "json")
     assert json.loads(got.stdout)["spec"]["http"][1]["route"][1]["weight"] == 10
@@ -75,8 +78,24 @@ def test_the_tour_apply_the_example_switch_modes_and_read_the_history(control, f
         "mode of payment-service: dry-run -> enforce  (dry-run agreed)"]
     entries = json.loads(cli(control, "history", "-o", "json").stdout)
     assert {e["who"] for e in entries} == {_user()} and [e["revision"] for e in entries] == [1, 2, 3, 4, 5]
+    refused = cli(control, "delete", "dr", "payment-service", "--reason", "clean up")  # its subsets are routed to
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and refused.stderr.startswith(
+        "meshlens delete: deleting DestinationRule default/payment-service would leave VirtualService "
+        "production/payment-service: spec.http[0].route[0].destination.subset: subset 'v2'")
     assert cli(control, "delete", "vs", "production/payment-service", "--reason", "rolled back").returncode == 0
+    assert cli(control, "delete", "dr", "payment-service", "--reason", "clean up").returncode == 0
     assert cli(control, "get", "vs").stderr == "no VirtualService stored\n"
+
+
+def test_a_route_in_one_file_may_name_a_subset_defined_in_another_applied_with_it(control, files, tmp_path):
+    mesh, example = files
+    vs_text, dr_text = EXAMPLE.split("---\n")
+    (tmp_path / "vs.yaml").write_text(vs_text)
+    (tmp_path / "dr.yaml").write_text(dr_text)
+    alone = cli(control, "apply", "-f", str(tmp_path / "vs.yaml"))
+    assert alone.returncode == 2 and "subset 'v2' of payment-service is defined by no DestinationRule" in alone.stderr
+    both = cli(control, "apply", "-f", str(tmp_path / "vs.yaml"), "-f", str(tmp_path / "dr.yaml"))
+    assert both.returncode == 0 and len(both.stdout.splitlines()) == 2
 
 
 def _user() -> str:

@@ -91,7 +91,7 @@ def test_a_mesh_yaml_as_people_have_it_is_a_mesh_and_empty_documents_are_skipped
     ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: Pay}\nspec: {}\n",
      "metadata.name 'Pay' must be lowercase"),
     ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, uid: 1}\nspec: {}\n",
-     "unknown field(s) metadata.uid"),
+     "unknown field(s) in metadata: uid"),
     ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\nspec: [1]\n",
      "spec must be a mapping"),
     ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\nspec: {}\nstatus: {}\n",
