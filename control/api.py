@@ -9,6 +9,9 @@
     PUT    /v1/modes/{service}  {"mode": M, "reason": "..."}             {"revision": r, "action": ...}
     GET    /v1/history[?kind=K&name=N&service=S&limit=L]   {"revision": r, "entries": [...]}
     GET    /v1/watch?after=R[&timeout=S]             {"revision": r}: answered once the revision passes R
+    GET    /v1/snapshot?service=S&instance=I&version=V[&timeout=T]   a sidecar's long poll (control/distribution.py)
+    POST   /v1/status   {"service", "instance", "version", "ack", "error", "mode"}   its ACK or NACK
+    GET    /v1/status                                {"revision": r, "sidecars": [...]}
 
 A resource is {"kind", "name", "revision", "doc"}. Who changed something is the
 `X-Meshlens-User` the caller names (the CLI sends the local user), and why is the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote
@@ -29,6 +33,7 @@ from aiohttp import web
 
 from meshlens.control.resources import (KINDS, MODES, Resource, ResourceError, check_references, mode_resource,
                                         parse_documents)
+from meshlens.control.distribution import Sidecars, snapshot
 from meshlens.control.store import Change, SqliteStore
 
 __all__ = ["MAX_APPLY_BYTES", "MAX_WATCH_S", "build_app"]
@@ -45,6 +50,7 @@ _HISTORY_LIMIT = 1000
 def build_app(store: SqliteStore) -> web.Application:
     app = web.Application(client_max_size=MAX_APPLY_BYTES, middlewares=[_errors])
     app["store"] = store
+    app["sidecars"] = Sidecars()
     app.add_routes([
         web.get("/healthz", _healthz),
         web.get("/v1/resources", _list),
@@ -56,6 +62,9 @@ def build_app(store: SqliteStore) -> web.Application:
         web.put("/v1/modes/{service}", _set_mode),
         web.get("/v1/history", _history),
         web.get("/v1/watch", _watch),
+        web.get("/v1/snapshot", _snapshot),
+        web.get("/v1/status", _status),
+        web.post("/v1/status", _report),
     ])
     return app
 
@@ -264,3 +273,55 @@ async def _watch(request: web.Request) -> web.Response:
     if not 0 <= timeout <= MAX_WATCH_S:
         raise _Refused(400, f"timeout must be 0 to {MAX_WATCH_S:g} seconds")
     return web.json_response({"revision": await _store(request).wait(after, timeout)})
+
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}")
+
+
+def _ident(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise _Refused(400, f"{what} must be 1-200 of A-Z a-z 0-9 . _ : @ / -, not {value!r}"[:300])
+    return value
+
+
+async def _snapshot(request: web.Request) -> web.StreamResponse:
+    q = request.query
+    service, instance = _ident(q.get("service"), "service"), _ident(q.get("instance"), "instance")
+    version = q.get("version", "")
+    try:
+        timeout = float(q.get("timeout", "30"))
+    except ValueError:
+        raise _Refused(400, "timeout must be seconds") from None
+    if not 0 <= timeout <= MAX_WATCH_S:
+        raise _Refused(400, f"timeout must be 0 to {MAX_WATCH_S:g} seconds")
+    store, sidecars = _store(request), request.app["sidecars"]
+    sidecars.polled(service, instance, version)
+    if version == str(store.revision()):
+        await store.wait(int(version), timeout)
+        if version == str(store.revision()):
+            return web.Response(status=304)
+    return web.json_response(snapshot(store))
+
+
+async def _report(request: web.Request) -> web.Response:
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    keys = {"service", "instance", "version", "ack", "error", "mode"}
+    if not isinstance(body, dict) or set(body) != keys or not isinstance(body["ack"], bool) \
+            or not all(isinstance(body[k], str) for k in ("version", "error", "mode")):
+        raise _Refused(400, 'expected JSON {"service", "instance", "version", "ack": true|false, "error", "mode"}')
+    request.app["sidecars"].reported(_ident(body["service"], "service"), _ident(body["instance"], "instance"),
+                                     body["version"][:40], body["ack"], body["error"][:1000], body["mode"][:20])
+    if not body["ack"]:
+        log.warning("sidecar refused snapshot service=%s instance=%s version=%s error=%s", body["service"],
+                    body["instance"], body["version"], body["error"][:300])
+    return web.json_response({"ok": True})
+
+
+async def _status(request: web.Request) -> web.Response:
+    store = _store(request)
+    desired = {r.name: r.doc["spec"]["mode"] for r in store.list("Mode")}
+    sidecars = [{**s, "desired_mode": desired.get(s["service"], "observe")} for s in request.app["sidecars"].listed()]
+    return web.json_response({"revision": store.revision(), "sidecars": sidecars})

@@ -87,6 +87,9 @@ class ControlClient:
     def modes(self, service: str | None = None) -> dict[str, Any]:
         return self.request("GET", "/v1/modes" + (f"/{urllib.parse.quote(service)}" if service else ""))
 
+    def status(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/status")
+
     def history(self, kind: str | None = None, name: str | None = None, limit: int = 100,
                 service: str | None = None) -> dict[str, Any]:
         return self.request("GET", "/v1/history", query={"kind": kind, "name": name, "service": service, "limit": limit})

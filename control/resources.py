@@ -22,12 +22,12 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from meshlens.mesh import CONTROL_MODES
+
 __all__ = ["API_VERSIONS", "KINDS", "MODES", "Resource", "ResourceError", "check_references", "mode_resource",
            "parse_documents"]
 
-MODES: tuple[str, ...] = ("observe", "dry-run", "enforce")
-"""A service's modes: observe (untouched, recorded), dry-run (policies evaluated, what they would
-do recorded), enforce (policies applied)."""
+MODES = CONTROL_MODES
 
 _ISTIO_NET = ("networking.istio.io/v1alpha3", "networking.istio.io/v1beta1", "networking.istio.io/v1")
 _ISTIO_SEC = ("security.istio.io/v1beta1", "security.istio.io/v1")

@@ -30,7 +30,8 @@ def loopback(host: str) -> bool:
 
 
 async def serve(store: SqliteStore, host: str, port: int) -> None:
-    runner = web.AppRunner(build_app(store), access_log=None)
+    # handler_cancellation: a long poll whose sidecar went away ends with it, not at its timeout
+    runner = web.AppRunner(build_app(store), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
@@ -41,6 +42,7 @@ async def serve(store: SqliteStore, host: str, port: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    store.release_waiters()  # long polls answer now (nothing changed), so that stopping does not wait for them
     await runner.cleanup()
     store.close()
     print("meshlens control stopped", file=sys.stderr, flush=True)

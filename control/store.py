@@ -176,7 +176,7 @@ class SqliteStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        self._notify()
+        self.release_waiters()
         return out
 
     def delete(self, kind: str, name: str, change: Change) -> int | None:
@@ -197,7 +197,7 @@ class SqliteStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        self._notify()
+        self.release_waiters()
         return revision
 
     # -- watching ----------------------------------------------------------------------------------
@@ -216,9 +216,8 @@ class SqliteStore:
         finally:
             self._waiters.discard(fut)
 
-    def _notify(self) -> None:
-        if not self._waiters:
-            return
+    def release_waiters(self) -> None:
+        """Answer every waiter now with the current revision: after a change, and when the process stops."""
         revision = self.revision()
         for fut in list(self._waiters):
             if not fut.done():

@@ -52,7 +52,11 @@ LoadBalancer = Literal["ROUND_ROBIN", "LEAST_REQUEST"]
 PROTOCOLS: tuple[str, ...] = ("http", "tcp", "tls")
 """What `protocol` may declare; without it the protocol is detected (meshlens.protocols.sniff)."""
 MODES: tuple[str, ...] = ("observe",)
-"""The modes in force today; `dry-run` and `enforce` come with the control plane."""
+"""The modes a mesh file may declare, and a sidecar applies, today; `dry-run` and `enforce` come with
+enforcement."""
+CONTROL_MODES: tuple[str, ...] = ("observe", "dry-run", "enforce")
+"""A service's modes as the control plane stores them: observe (traffic untouched, recorded), dry-run
+(policies evaluated, what they would do recorded), enforce (policies applied)."""
 LOAD_BALANCERS: tuple[str, ...] = ("ROUND_ROBIN", "LEAST_REQUEST")
 """What `load_balancer` may name: Istio's `loadBalancer.simple` values the sidecar implements."""
 # Declared protocol -> the protocol a record names (collector/record.py PROTOCOLS).

@@ -42,7 +42,10 @@ def admin_pages(proxy: Proxy) -> dict[str, Callable[[], Page]]:
             "recording": proxy.recorder.url if proxy.recorder is not None else None,
             "timeouts": {"header": cfg.header_timeout, "idle": cfg.idle_timeout, "drain": cfg.drain_timeout,
                          "upstream": cfg.upstream_timeout},
-            "services": {name: [i.address for i in s.instances] for name, s in cfg.mesh.services.items()},
+            "services": {name: [i.address for i in s.instances] for name, s in proxy.mesh.services.items()},
+            "control": None if proxy.control is None else {
+                "url": proxy.control.url, "version": proxy.control.version, "state": proxy.control.state,
+                "error": proxy.control.error, "desired_mode": proxy.desired_mode, "mode": svc.mode},
         }).encode()
 
     return {"/healthz": healthz, "/stats": stats, "/config": config}

@@ -53,14 +53,26 @@ class Router:
         self.local_host = local_host
         self.outbound_port: int | None = None
         """Our own outbound listener's port once it listens: an address there is a loop."""
-        rng = rng or random.Random()
-        self.clusters: dict[str, Cluster] = {name: Cluster(svc, rng) for name, svc in mesh.services.items()}
+        self._rng = rng or random.Random()
+        self.clusters: dict[str, Cluster] = {name: Cluster(svc, self._rng) for name, svc in mesh.services.items()}
         self._own_name = service.name.encode()
         self._inbound_subset = mesh.name_of(*app)[1] if app is not None else ""
         self._by_authority: dict[bytes, Route] = {}
         self._by_addr: dict[tuple[str, int], Route] = {}
         self._inbound: dict[str, Route] = {}  # by calling service; at most one per mesh service
         self._src_by_host: dict[str, str | None] = {}  # caller address -> the mesh service there
+
+    def update(self, mesh: Mesh, service: Service) -> None:
+        """A new mesh, from now on (the control plane's next snapshot). An instance that stays keeps its
+        endpoint, so its requests in flight are still counted; the caches start again."""
+        old = {(name, ep.addr): ep for name, c in self.clusters.items() for ep in c.endpoints}
+        clusters = {name: Cluster(svc, self._rng) for name, svc in mesh.services.items()}
+        for name, cluster in clusters.items():
+            cluster.endpoints = tuple(_kept(old.get((name, ep.addr)), ep) for ep in cluster.endpoints)
+        self.mesh, self.service, self.clusters = mesh, service, clusters
+        self._own_name = service.name.encode()
+        self._inbound_subset = mesh.name_of(*self.app)[1] if self.app is not None else ""
+        self._by_authority, self._by_addr, self._inbound, self._src_by_host = {}, {}, {}, {}
 
     def __repr__(self) -> str:
         return f"<Router {self.service.name} clusters={len(self.clusters)}>"
@@ -141,16 +153,27 @@ class Router:
         return Route((ep.host, ep.port), service, ep.subset, "", ep)
 
     def finished(self, route: Route) -> None:
-        """The exchange that took `route` ended: a balanced endpoint has one active request fewer."""
+        """The exchange that took `route` ended: a balanced endpoint has one active request fewer (its
+        service may have left the mesh since, with the control plane's next snapshot)."""
         ep = route.endpoint
         if ep is not None:
-            self.clusters[route.dst_service].finished(ep)
+            cluster = self.clusters.get(route.dst_service)
+            if cluster is not None:  # gone: nobody picks its endpoints any more, their counts do not matter
+                cluster.finished(ep)
 
     def source_service(self, inbound: bool, route: Route | None) -> str:
         """Who called, for records and metrics: this service outbound; inbound, whom the route names."""
         if not inbound:
             return self.service.name
         return route.src_service if route is not None else ""
+
+
+def _kept(old: Endpoint | None, new: Endpoint) -> Endpoint:
+    """The endpoint an instance had before an update, with its subset as the new mesh names it."""
+    if old is None:
+        return new
+    old.subset = new.subset
+    return old
 
 
 def _split_authority(text: str) -> tuple[str, str]:

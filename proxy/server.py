@@ -32,6 +32,7 @@ from meshlens.proxy.upstream import Upstream
 
 if TYPE_CHECKING:
     from meshlens.collector.client import CallRecorder
+    from meshlens.proxy.control import ControlWatch
 
 __all__ = ["DRAIN_TIMEOUT", "RECORD_BATCH_ROWS", "ProxyConfig", "Proxy", "run"]
 
@@ -46,6 +47,11 @@ DRAIN_TIMEOUT = 25.0
 RECORD_BATCH_ROWS = 1000
 # Listen backlog: Envoy and nginx (on Linux) use the kernel's somaxconn cap; 1024 is its usual value.
 BACKLOG = 1024
+
+
+def observer_id() -> str:
+    """This sidecar's instance name in its records and to the control plane: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ class ProxyConfig:
     drain_timeout: float = DRAIN_TIMEOUT
     upstream_timeout: float | None = None
     """Route timeout: a response must be complete within this many seconds, else 504 UT. Off by default, as in Istio."""
-    observer_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    observer_id: str = field(default_factory=lambda: observer_id())
 
 
 class Proxy:
@@ -78,6 +84,8 @@ class Proxy:
     def __init__(self, config: ProxyConfig, recorder: CallRecorder | None) -> None:
         # per process
         self.config = config
+        self.mesh = config.mesh
+        """The mesh in force: the --mesh file's, or the control plane's latest snapshot (`apply_snapshot`)."""
         self.service = config.mesh.service(config.service)
         self.recorder = recorder
         self.stats: dict[str, int] = {
@@ -87,7 +95,7 @@ class Proxy:
         }
         self.pool = Pool(self.stats)
         self.metrics = Metrics()
-        self.router = Router(config.mesh, self.service,
+        self.router = Router(self.mesh, self.service,
                              (config.app_host, config.app_port) if config.app_port is not None else None,
                              config.local_host)
         self.recording = Recording(self.service, config.observer_id, self.router, self.stats, self.metrics, recorder)
@@ -97,6 +105,10 @@ class Proxy:
         self.draining = False
         self.peer_field = peer_field(self.service.name)
         """The field outbound requests carry so that the callee's sidecar can name this service."""
+        self.control: ControlWatch | None = None
+        """The control plane this sidecar follows, if any."""
+        self.desired_mode = "observe"
+        """The mode the control plane asks of this service (applied: observe, until policies exist)."""
         self.chain = Chain()  # observe mode: no policy runs
         chain = self.chain or None
         self.envs = (Env(chain, self.pool, self.peer_field, config.upstream_timeout, self._dial, self._rebalance),
@@ -117,7 +129,7 @@ class Proxy:
         if conn.inbound:
             declared = self.service.protocol
         elif conn.original_dst is not None:
-            declared = self.config.mesh.declared_protocol(*conn.original_dst)
+            declared = self.mesh.declared_protocol(*conn.original_dst)
         else:
             return None
         return RECORDED_PROTOCOL[declared] if declared is not None else None
@@ -137,6 +149,28 @@ class Proxy:
 
     def closed(self, conn: Downstream) -> None:
         self.conns.discard(conn)
+
+    # -- the control plane's snapshots ---------------------------------------------------------------
+
+    def apply_snapshot(self, snap: dict[str, object]) -> str:
+        """A snapshot from the control plane (proxy/control.py), checked and in force from the next
+        request, connections and requests in flight untouched; returns the mode this sidecar applies.
+        Raises ValueError (nothing changed) when it cannot be applied."""
+        from meshlens.mesh import CONTROL_MODES, MeshError, parse
+
+        try:
+            mesh = parse(snap.get("mesh"), f"snapshot {snap.get('version')}")
+            service = mesh.service(self.config.service)
+        except MeshError as e:
+            raise ValueError(str(e)) from None
+        modes = snap.get("modes")
+        if not isinstance(modes, dict) or not all(m in CONTROL_MODES for m in modes.values()):
+            raise ValueError(f"snapshot {snap.get('version')}: modes must map services to one of "
+                             f"{', '.join(CONTROL_MODES)}")
+        self.mesh, self.service = mesh, service
+        self.router.update(mesh, service)
+        self.desired_mode = str(modes.get(service.name, "observe"))
+        return service.mode  # observe: no policy is enforced or dry-run yet, and a record never claims one
 
     # -- what exchanges ask of the process ---------------------------------------------------------
 
@@ -218,11 +252,21 @@ def ready_line(proxy: Proxy, admin_ports: dict[str, int]) -> str:
     return f"meshlens proxy ready service={proxy.service.name} {fields}"
 
 
-async def serve(config: ProxyConfig, recorder: CallRecorder | None) -> None:
-    """Run until SIGTERM/SIGINT, then drain."""
+async def serve(config: ProxyConfig, recorder: CallRecorder | None, watch: ControlWatch | None = None,
+                snap: dict[str, object] | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then drain; with `watch`, starting from `snap` and following the control plane."""
     from meshlens.proxy.admin import start_admin  # here, not at import: bench and tests build a Proxy alone
 
     proxy = Proxy(config, recorder)
+    if watch is not None:
+        assert snap is not None
+        try:
+            error = ""
+            proxy.control = watch
+            watch.mode = proxy.apply_snapshot(snap)
+        except ValueError as e:  # checked by the CLI already; a mode it cannot read is refused here
+            error = str(e)
+        watch.start(asyncio.get_running_loop(), proxy.apply_snapshot, snap, error)
     await proxy.start()
     admin_servers, admin_ports = await start_admin(proxy)
     stop = asyncio.Event()
@@ -233,13 +277,16 @@ async def serve(config: ProxyConfig, recorder: CallRecorder | None) -> None:
     log.info("proxy started service=%s ports=%s loop=%s", proxy.service.name, {**proxy.ports, **admin_ports},
              type(loop).__module__)
     await stop.wait()
+    if watch is not None:
+        watch.stop()
     log.info("draining in_flight_connections=%d", len(proxy.conns))
     await proxy.drain()
     for server in admin_servers:
         server.close()
 
 
-def run(config: ProxyConfig, recorder: CallRecorder | None) -> None:
+def run(config: ProxyConfig, recorder: CallRecorder | None, watch: ControlWatch | None = None,
+        snap: dict[str, object] | None = None) -> None:
     """Serve on uvloop when installed, else asyncio's default loop."""
     try:
         import uvloop
@@ -247,7 +294,7 @@ def run(config: ProxyConfig, recorder: CallRecorder | None) -> None:
     except ImportError:  # pragma: no cover - uvloop is optional
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(serve(config, recorder))
+        runner.run(serve(config, recorder, watch, snap))
     if recorder is not None:
         recorder.close()
     sys.stdout.flush()

@@ -26,6 +26,7 @@ CLIENT_EPILOG = """examples:
   meshlens mode set payment-service dry-run --reason "try the retry policy"
   meshlens mode get
   meshlens history payment-service
+  meshlens status
   meshlens delete destinationrule default/payment-service --reason "rolled back"
 
 All take --control URL (or MESHLENS_CONTROL; default http://127.0.0.1:15010)."""
@@ -95,6 +96,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     for m in (s, g):
         m.add_argument("--control", metavar="URL", default=argparse.SUPPRESS,
                        help="the control plane (default: MESHLENS_CONTROL, else http://127.0.0.1:15010)")
+
+    c = client("status", "every sidecar following the control plane: what it applied, ACK or NACK",
+               "Every sidecar that polled the control plane: the snapshot version it applied, its last ACK or NACK "
+               "and the error, the mode asked of it and the one it applies, when it was last heard from.")
+    c.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    c.set_defaults(run=run_status)
 
     c = client("history", "what changed, who changed it, and why",
                "The audit log: every change with its revision, time, author, action and reason, oldest first.")
@@ -231,6 +238,26 @@ def run_mode_get(args: argparse.Namespace) -> int:
     print(f"{'SERVICE':{width}}  MODE")
     for service, mode in modes.items():
         print(f"{service:{width}}  {mode}")
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    out = _call(_client(args).status)
+    sidecars = out["sidecars"]
+    if args.output == "json":
+        print(json.dumps(out, indent=2))
+        return 0
+    if not sidecars:
+        print(f"no sidecar has polled this control plane (revision {out['revision']})", file=sys.stderr)
+        return 0
+    now = time.time()
+    rows = [("SERVICE", "INSTANCE", "APPLIED", "STATE", "MODE (ASKED)", "SEEN", "ERROR")]
+    for s in sidecars:
+        rows.append((s["service"], s["instance"], s["applied_version"] or "-", s["state"],
+                     f"{s['mode'] or '-'} ({s['desired_mode']})", f"{now - s['last_seen']:.0f}s ago", s["error"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(f"{v:{w}}" for v, w in zip(r, widths)) + "  " + r[-1])
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from meshlens.cli.argtypes import port, positive
 from meshlens.cli.errors import UserError, bad_collector_url
@@ -16,6 +17,9 @@ EPILOG = """examples:
   meshlens proxy --service web --mesh mesh.yaml --collector http://10.0.0.9:4318/v1/calls
   meshlens proxy --service web --mesh mesh.yaml --inbound-port 0 --outbound-port 0 --app-port 8080
       port 0 picks a free port; the ready line on stdout names the ports bound
+  meshlens proxy --service web --control http://127.0.0.1:15010 --app-port 8080
+      the mesh from the control plane (`meshlens control`), applied as it changes; `meshlens status`
+      shows what each sidecar applied
 
 a service's `protocol` in the mesh file replaces detection: inbound for this service, outbound
 (transparent mode) for the service at the original destination. tcp: tunnelled, never parsed;
@@ -70,9 +74,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from meshlens.proxy.server import DRAIN_TIMEOUT
 
     p.add_argument("--service", required=True, help="this sidecar's service, as named in the mesh file")
-    p.add_argument("--mesh", required=True, metavar="FILE",
-                   help="mesh definition (mesh.yaml): services, instances, subsets, and each service's protocol "
-                        "(http, tcp or tls) where it should not be detected; mode is observe (nothing is enforced yet)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--mesh", metavar="FILE",
+                        help="mesh definition (mesh.yaml): services, instances, subsets, and each service's protocol "
+                             "(http, tcp or tls) where it should not be detected; mode is observe (nothing is enforced "
+                             "yet)")
+    source.add_argument("--control", metavar="URL", default=os.environ.get("MESHLENS_CONTROL"),
+                        help="take the mesh from the control plane instead (default: MESHLENS_CONTROL), kept up to "
+                             "date by long polling; started from the last snapshot kept when it cannot be reached")
+    p.add_argument("--snapshot-cache", metavar="FILE", default=None,
+                   help="where the last snapshot that applied is kept (default: "
+                        "~/.local/share/meshlens/proxy/SERVICE.snapshot.json)")
     p.add_argument("--inbound-port", type=port(-1), default=15006, help="inbound listener (default 15006)")
     p.add_argument("--outbound-port", type=port(-1), default=15001, help="outbound listener (default 15001)")
     p.add_argument("--admin-port", type=port(-1), default=15000, help="admin: /healthz /stats /config (default 15000)")
@@ -159,13 +171,19 @@ def run(args: argparse.Namespace) -> int:
     from meshlens.cli.listen import check_ports, listen_failure
     from meshlens.collector.client import CallRecorder
     from meshlens.mesh import MeshError, load
-    from meshlens.proxy.server import RECORD_BATCH_ROWS, ProxyConfig, run as run_proxy
+    from meshlens.proxy.server import RECORD_BATCH_ROWS, ProxyConfig, observer_id, run as run_proxy
 
-    try:
-        mesh = load(args.mesh)
-        mesh.service(args.service)
-    except MeshError as e:
-        raise UserError(str(e)) from None
+    watch, snap = None, None
+    if args.mesh is None and not args.control:
+        raise UserError("--mesh FILE or --control URL is required (or MESHLENS_CONTROL in the environment)")
+    if args.mesh is None:
+        watch, snap, mesh = _from_control(args)
+    else:
+        try:
+            mesh = load(args.mesh)
+            mesh.service(args.service)
+        except MeshError as e:
+            raise UserError(str(e)) from None
     check_ports(ProxyConfig.local_host, {"--outbound-port": args.outbound_port, "--admin-port": args.admin_port,
                                          "--metrics-port": args.metrics_port})
     if args.app_port is not None:
@@ -181,9 +199,33 @@ def run(args: argparse.Namespace) -> int:
                          outbound_port=args.outbound_port, admin_port=args.admin_port,
                          metrics_port=args.metrics_port, app_port=args.app_port,
                          header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
-                         drain_timeout=args.drain_timeout, upstream_timeout=args.upstream_timeout)
+                         drain_timeout=args.drain_timeout, upstream_timeout=args.upstream_timeout,
+                         observer_id=watch.instance if watch is not None else observer_id())
     try:
-        run_proxy(config, recorder)
+        run_proxy(config, recorder, watch, snap)
     except OSError as e:
         raise UserError(listen_failure(e)) from None
     return 0
+
+
+def _from_control(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The watch on the control plane, the snapshot to start from, and its mesh (checked)."""
+    from pathlib import Path
+
+    from meshlens.config import data_home
+    from meshlens.mesh import MeshError, parse
+    from meshlens.proxy.control import ControlError, ControlWatch
+    from meshlens.proxy.server import observer_id
+
+    cache = Path(args.snapshot_cache) if args.snapshot_cache else data_home() / "proxy" / f"{args.service}.snapshot.json"
+    try:
+        watch = ControlWatch(args.control, args.service, observer_id(), cache)
+        snap = watch.initial()
+    except (ValueError, ControlError) as e:
+        raise UserError(str(e)) from None
+    try:
+        mesh = parse(snap.get("mesh"), f"the control plane's snapshot {snap.get('version')}")
+        mesh.service(args.service)
+    except MeshError as e:
+        raise UserError(f"{e} (apply a mesh that names it: meshlens apply -f mesh.yaml)") from None
+    return watch, snap, mesh

@@ -13,13 +13,15 @@ READY = re.compile(r"meshlens control ready listen=(\S+):(\d+) store=(\S+) revis
 class ControlProcess(ServerProcess):
     name = "control"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, port: int = 0) -> None:
+        """`port` 0: any free one; a restart passes the port it had, where its sidecars look for it."""
         super().__init__(workdir)
         self.store = f"sqlite:{self.workdir / 'control.db'}"
-        self.port = 0
+        self.port = port
 
     def start(self, timeout: float = PATIENCE_S) -> "ControlProcess":
-        m = self.launch(["meshlens.cli.main", "control", "--port", "0", "--store", self.store], READY, timeout)
+        m = self.launch(["meshlens.cli.main", "control", "--port", str(self.port), "--store", self.store], READY,
+                        timeout)
         self.port = int(m.group(2))
         return self
 

@@ -176,6 +176,12 @@ def test_an_unreachable_control_plane_is_one_line():
     ("GET", "/v1/watch?after=x", None, 400, "after must be a revision"),
     ("GET", "/v1/watch?timeout=3600", None, 400, "timeout must be 0 to 60"),
     ("GET", "/v1/nothing", None, 404, "Not Found"),
+    ("GET", "/v1/snapshot?service=web", None, 400, "instance must be"),
+    ("GET", "/v1/snapshot?service=we%0Ab&instance=i", None, 400, "service must be"),
+    ("GET", "/v1/snapshot?service=web&instance=i&timeout=-1", None, 400, "timeout must be 0 to 60"),
+    ("POST", "/v1/status", b"[]", 400, "expected JSON"),
+    ("POST", "/v1/status", b'{"service": "web", "instance": "i", "version": "1", "ack": "yes", "error": "", "mode": ""}',
+     400, "expected JSON"),
     ("DELETE", "/v1/apply", None, 405, "Method Not Allowed"),
 ])
 def test_bad_requests_get_a_4xx_with_one_line_and_the_control_plane_keeps_serving(control, files, method, path, body,

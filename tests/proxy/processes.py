@@ -27,21 +27,30 @@ class ProxyProcess(ServerProcess):
 
     name = "proxy"
 
-    def __init__(self, workdir: Path, mesh: str, service: str, *args: str) -> None:
+    def __init__(self, workdir: Path, mesh: str | None, service: str, *args: str, control: str | None = None) -> None:
+        """`mesh`: the mesh file's text; or None with `control`, the control plane's URL (its last snapshot
+        kept in `snapshot_file`)."""
         super().__init__(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mesh_file = self.workdir / "mesh.yaml"
-        self.mesh_file.write_text(mesh)
+        self.snapshot_file = self.workdir / "snapshot.json"
+        if mesh is not None:
+            self.mesh_file.write_text(mesh)
+        self.source = (["--mesh", str(self.mesh_file)] if control is None else
+                       ["--control", control, "--snapshot-cache", str(self.snapshot_file)])
         self.service = service
         self.args = list(args)
         self.ports: dict[str, int] = {}
 
     def start(self, timeout: float = PATIENCE_S) -> "ProxyProcess":
-        m = self.launch(["meshlens.cli.main", "proxy", "--service", self.service, "--mesh", str(self.mesh_file),
+        m = self.launch(["meshlens.cli.main", "proxy", "--service", self.service, *self.source,
                          "--inbound-port", "0", "--outbound-port", "0", "--admin-port", "0", "--metrics-port", "0",
                          *self.args], READY, timeout)
         self.ports = {k: int(v.rsplit(":", 1)[1]) for k, v in (f.split("=") for f in m.group(2).split())}
         return self
+
+    def __enter__(self) -> "ProxyProcess":
+        return self  # started already: `with ProxyProcess(...).start() as p:`
 
     @property
     def inbound(self) -> int:

@@ -131,3 +131,29 @@ def test_least_request_services_are_balanced_by_their_active_requests() -> None:
 ])
 def test_source_service_is_this_service_outbound_and_the_routes_caller_inbound(inbound, route, expected) -> None:
     assert router().source_service(inbound, route) == expected
+
+
+def test_a_new_mesh_keeps_the_instances_that_stay_with_their_requests_in_flight() -> None:
+    old = parse({"services": {"web": {}, "api": {"instances": ["10.0.0.1:80", "10.0.0.2:80"],
+                                                  "load_balancer": "LEAST_REQUEST"}}})
+    router = Router(old, old.service("web"))
+    in_flight = router.balanced("api")
+    assert isinstance(in_flight, Route)
+    new = parse({"services": {"web": {}, "api": {"instances": [in_flight.addr[0] + ":80", "10.0.0.9:80"],
+                                                  "subsets": {}, "load_balancer": "LEAST_REQUEST"}}})
+    router.update(new, new.service("web"))
+    kept = next(ep for ep in router.clusters["api"].endpoints if ep.addr == in_flight.addr)
+    assert kept is in_flight.endpoint and kept.active == 1  # still counted: least-request avoids it
+    assert {ep.addr for ep in router.clusters["api"].endpoints} == {in_flight.addr, ("10.0.0.9", 80)}
+    router.finished(in_flight)
+    assert kept.active == 0
+
+
+def test_a_request_to_a_service_that_left_the_mesh_still_finishes() -> None:
+    old = parse({"services": {"web": {}, "api": {"instances": ["10.0.0.1:80"]}}})
+    router = Router(old, old.service("web"))
+    in_flight = router.balanced("api")
+    new = parse({"services": {"web": {}}})
+    router.update(new, new.service("web"))
+    router.finished(in_flight)  # no cluster any more: nothing to count, nothing raised
+    assert "api" not in router.clusters and isinstance(router.outbound(b"api"), Route)  # api is now an address

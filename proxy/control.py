@@ -1,0 +1,225 @@
+"""The sidecar's side of the control plane: its snapshot long-polled, applied, acknowledged, and kept on disk.
+
+`meshlens proxy --control URL` starts from the control plane's current snapshot or,
+when the control plane cannot be reached, from the last one that applied cleanly
+(kept at `cache_path`; Envoy forgets its configuration on restart, a sidecar here must
+not). Then a thread long-polls `GET /v1/snapshot` with the version it has (a wait of
+SNAPSHOT_WAIT_S with jitter), hands each new snapshot to the event loop, where
+`Proxy.apply_snapshot` checks and applies it between two callbacks (atomically: no
+connection or request in flight is touched), and reports ACK or NACK with the error
+(`POST /v1/status`). A snapshot that applied is written to disk (a temporary file,
+then renamed) before it is acknowledged. A NACKed version is polled with as the one
+held, so the control plane answers again only when something changes. While the
+control plane is away the sidecar keeps what it has and tries again with backoff
+(RETRY_MIN_S doubling to RETRY_MAX_S, with jitter), logging once per outage.
+
+A thread, not the loop: the poll is blocking I/O that releases the interpreter lock
+while it waits, and the proxy's loop imports no HTTP client (RSS).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import logging
+import os
+import random
+import threading
+import urllib.parse
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["RETRY_MAX_S", "RETRY_MIN_S", "SNAPSHOT_WAIT_S", "ControlError", "ControlWatch"]
+
+log = logging.getLogger("meshlens.proxy.control")
+
+# The long poll's wait, as the issue asks (~30 s), +-20 % jitter so that a fleet's polls spread out.
+SNAPSHOT_WAIT_S = 30.0
+# Back-off while the control plane is unreachable: a restarted one is found within RETRY_MAX_S.
+RETRY_MIN_S, RETRY_MAX_S = 0.2, 5.0
+# A snapshot's largest size: the control plane's own apply limit is 3 MiB of YAML; JSON of it is smaller.
+MAX_SNAPSHOT_BYTES = 16 * 1024 * 1024
+
+
+class ControlError(Exception):
+    """No snapshot to start from: the control plane is unreachable and none was kept."""
+
+
+class ControlWatch:
+    """One sidecar's subscription to the control plane."""
+
+    def __init__(self, url: str, service: str, instance: str, cache_path: Path, *,
+                 wait_s: float = SNAPSHOT_WAIT_S) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"control plane URL must be http://host:port, got {url!r}")
+        self.url = url.rstrip("/")
+        self._host, self._port = parts.hostname, parts.port or 80
+        self.service, self.instance = service, instance
+        self.cache_path = cache_path
+        self.wait_s = wait_s
+        # what /config shows
+        self.version = ""
+        """The version of the snapshot in force."""
+        self.state = "starting"
+        """ACK or NACK (the last snapshot received), cached (started from disk, not heard from since), starting."""
+        self.error = ""
+        self.mode = "observe"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._apply: Callable[[dict[str, Any]], str] | None = None
+        self._loop: Any = None
+
+    def __repr__(self) -> str:
+        return f"<ControlWatch {self.url} {self.service} version={self.version} {self.state}>"
+
+    # -- before the proxy starts -----------------------------------------------------------------
+
+    def initial(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The snapshot to start from: the control plane's, else the one kept on disk; ControlError if neither."""
+        try:
+            snap = self._poll("", timeout)
+        except OSError as e:
+            cached = self._cached()
+            if cached is None:
+                raise ControlError(f"cannot reach the control plane at {self.url} ({_reason(e)}) and no snapshot "
+                                   f"was kept at {self.cache_path}") from None
+            log.warning("control plane unreachable, starting from the last snapshot kept url=%s version=%s error=%s",
+                        self.url, cached.get("version"), _reason(e))
+            self.state = "cached"
+            return cached
+        assert snap is not None
+        return snap
+
+    def _cached(self) -> dict[str, Any] | None:
+        try:
+            snap = json.loads(self.cache_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return snap if isinstance(snap, dict) and "version" in snap else None
+
+    # -- while it runs -----------------------------------------------------------------------------
+
+    def start(self, loop: Any, apply: Callable[[dict[str, Any]], str], applied: dict[str, Any], error: str = "") -> None:
+        """Poll from now on; `applied` is the snapshot in force (or refused, with `error`), `apply` runs on `loop`."""
+        self._loop, self._apply = loop, apply
+        self.version = str(applied.get("version", ""))
+        if error:
+            self.state, self.error = "NACK", error
+        elif self.state != "cached":
+            self.state = "ACK"
+            self._keep(applied)
+        self._thread = threading.Thread(target=self._run, name="meshlens-control", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        if self.state in ("ACK", "NACK"):
+            self._report(self.state == "ACK")
+        backoff, failing = RETRY_MIN_S, False
+        while not self._stop.is_set():
+            wait = self.wait_s * random.uniform(0.8, 1.2)
+            try:
+                snap = self._poll(self.version, wait)
+            except OSError as e:
+                if not failing:
+                    log.warning("control plane unreachable, keeping version %s url=%s error=%s",
+                                self.version, self.url, _reason(e))
+                failing = True
+                self._stop.wait(backoff * random.uniform(0.5, 1.0))
+                backoff = min(RETRY_MAX_S, backoff * 2)
+                continue
+            except ValueError as e:  # not a snapshot at all: the control plane's bug, or not a control plane
+                log.error("control plane answered what is not a snapshot url=%s error=%s", self.url, e)
+                self._stop.wait(RETRY_MAX_S)
+                continue
+            if failing:
+                log.info("control plane reachable again url=%s", self.url)
+                failing, backoff = False, RETRY_MIN_S
+                if self.state == "cached":  # say what we run on, even if nothing changed meanwhile
+                    self.state = "ACK"
+                    self._report(True)
+            if snap is None:
+                continue
+            self._take(snap)
+
+    def _take(self, snap: dict[str, Any]) -> None:
+        version = str(snap.get("version", ""))
+        done: concurrent.futures.Future[str] = concurrent.futures.Future()
+
+        def on_loop() -> None:
+            try:
+                done.set_result(self._apply(snap))  # type: ignore[misc]
+            except ValueError as e:
+                done.set_exception(e)
+
+        try:
+            self._loop.call_soon_threadsafe(on_loop)
+            mode = done.result(timeout=60)
+        except RuntimeError:  # the loop closed: the proxy is stopping
+            self._stop.set()
+            return
+        except ValueError as e:
+            self.version, self.state, self.error = version, "NACK", str(e)
+            log.warning("refused snapshot version=%s error=%s", version, e)
+            self._report(False)
+            return
+        self.version, self.state, self.error, self.mode = version, "ACK", "", mode
+        self._keep(snap)
+        log.info("applied snapshot version=%s", version)
+        self._report(True)
+
+    def _keep(self, snap: dict[str, Any]) -> None:
+        try:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache_path.with_name(self.cache_path.name + ".tmp")
+            tmp.write_text(json.dumps(snap))
+            os.replace(tmp, self.cache_path)
+        except OSError as e:
+            log.warning("cannot keep the snapshot on disk path=%s error=%s", self.cache_path, e)
+
+    # -- HTTP ---------------------------------------------------------------------------------------
+
+    def _poll(self, version: str, wait: float) -> dict[str, Any] | None:
+        """The snapshot, or None when it did not change within `wait`. OSError when unreachable."""
+        query = urllib.parse.urlencode({"service": self.service, "instance": self.instance, "version": version,
+                                        "timeout": f"{wait:.1f}"})
+        status, body = self._request("GET", f"/v1/snapshot?{query}", None, wait + 10)
+        if status == 304:
+            return None
+        if status != 200:
+            raise OSError(f"the control plane answered {status}: {body[:200].decode('utf-8', 'replace')}")
+        snap = json.loads(body)
+        if not isinstance(snap, dict) or not isinstance(snap.get("version"), str):
+            raise ValueError("a snapshot is a JSON object with a version")
+        return snap
+
+    def _report(self, ack: bool) -> None:
+        body = json.dumps({"service": self.service, "instance": self.instance, "version": self.version, "ack": ack,
+                           "error": self.error, "mode": self.mode}).encode()
+        try:
+            self._request("POST", "/v1/status", body, 10)
+        except OSError as e:  # told at the next report; the poll notices the outage
+            log.debug("could not report to the control plane error=%s", e)
+
+    def _request(self, method: str, path: str, body: bytes | None, timeout: float) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        try:
+            conn.request(method, path, body, {"Content-Type": "application/json"} if body else {})
+            resp = conn.getresponse()
+            data = resp.read(MAX_SNAPSHOT_BYTES + 1)
+            if len(data) > MAX_SNAPSHOT_BYTES:
+                raise OSError(f"snapshot larger than MAX_SNAPSHOT_BYTES={MAX_SNAPSHOT_BYTES}")
+            return resp.status, data
+        except http.client.HTTPException as e:
+            raise OSError(f"not an HTTP answer: {e}") from None
+        finally:
+            conn.close()
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror[:1].lower() + e.strerror[1:]
+    return str(e) or type(e).__name__
