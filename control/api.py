@@ -34,7 +34,7 @@ from aiohttp import web
 from meshlens.control.resources import (KINDS, MODES, Resource, ResourceError, check_references, mode_resource,
                                         parse_documents)
 from meshlens.control.distribution import Sidecars, snapshot
-from meshlens.control.store import Change, SqliteStore
+from meshlens.control.store import Change, Store, StoreUnavailable
 
 __all__ = ["MAX_APPLY_BYTES", "MAX_WATCH_S", "build_app"]
 
@@ -47,7 +47,7 @@ MAX_WATCH_S = 60.0
 _HISTORY_LIMIT = 1000
 
 
-def build_app(store: SqliteStore) -> web.Application:
+def build_app(store: Store) -> web.Application:
     app = web.Application(client_max_size=MAX_APPLY_BYTES, middlewares=[_errors])
     app["store"] = store
     app["sidecars"] = Sidecars()
@@ -83,6 +83,9 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return web.json_response({"error": str(e)}, status=e.status)
     except ResourceError as e:
         return web.json_response({"error": str(e)}, status=400)
+    except StoreUnavailable as e:
+        log.warning("store unavailable error=%s", e)
+        return web.json_response({"error": str(e)}, status=503, headers={"Retry-After": "1"})
     except web.HTTPException as e:
         if e.status >= 400:  # aiohttp's own (404 route, 405, 413): in the same shape as ours
             return web.json_response({"error": e.reason if e.status != 413 else
@@ -90,7 +93,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         raise
 
 
-def _store(request: web.Request) -> SqliteStore:
+def _store(request: web.Request) -> Store:
     return request.app["store"]
 
 
@@ -120,12 +123,12 @@ async def _list(request: web.Request) -> web.Response:
     if kind is not None and kind not in KINDS:
         raise _Refused(400, f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
     store = _store(request)
-    return web.json_response({"revision": store.revision(), "items": [_item(r) for r in store.list(kind)]})
+    return web.json_response({"revision": await store.revision(), "items": [_item(r) for r in await store.list(kind)]})
 
 
 async def _get(request: web.Request) -> web.Response:
     kind, name = _kind(request), request.match_info["name"]
-    res = _store(request).get(kind, name)
+    res = await _store(request).get(kind, name)
     if res is None:
         raise _Refused(404, f"no {kind} {name!r}")
     return web.json_response(_item(res))
@@ -155,15 +158,15 @@ async def _apply(request: web.Request) -> web.Response:
             seen[r.key] = r.source
         resources += docs
     store = _store(request)
-    _check_modes(store, resources, files[0][0] if len(files) == 1 else "apply")
+    await _check_modes(store, resources, files[0][0] if len(files) == 1 else "apply")
     applied = {r.key for r in resources}
-    more = check_references([r for r in store.list() if r.key not in applied] + resources)
+    more = check_references([r for r in await store.list() if r.key not in applied] + resources)
     resources = [replace(r, warnings=r.warnings + more.get(r.key, ())) for r in resources]
-    results = store.put(resources, _change(request))
+    results = await store.put(resources, _change(request))
     for res, action in results:
         if action != "unchanged":
             log.info("applied kind=%s name=%s action=%s revision=%d", res.kind, res.name, action, res.revision)
-    return web.json_response({"revision": store.revision(), "results": [
+    return web.json_response({"revision": await store.revision(), "results": [
         {"kind": r.kind, "name": r.name, "revision": r.revision, "action": a, "warnings": list(r.warnings)}
         for r, a in results]})
 
@@ -180,12 +183,12 @@ def _files(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def _check_modes(store: SqliteStore, resources: list[Resource], source: str) -> None:
+async def _check_modes(store: Store, resources: list[Resource], source: str) -> None:
     """A Mode names a service of the Mesh being applied with it, else of the stored one."""
     modes = [r for r in resources if r.kind == "Mode"]
     if not modes:
         return
-    meshes = [r for r in resources if r.kind == "Mesh"] or [m for m in [store.get("Mesh", "mesh")] if m is not None]
+    meshes = [r for r in resources if r.kind == "Mesh"] or [m for m in [await store.get("Mesh", "mesh")] if m is not None]
     services = set(meshes[0].doc["spec"].get("services") or {}) if meshes else set()
     for res in modes:
         if res.name not in services:
@@ -198,10 +201,10 @@ async def _delete(request: web.Request) -> web.Response:
     kind, name = _kind(request), request.match_info["name"]
     store = _store(request)
     try:  # what stays must still hold together: a subset still routed to keeps its DestinationRule
-        check_references([r for r in store.list() if r.key != (kind, name)])
+        check_references([r for r in await store.list() if r.key != (kind, name)])
     except ResourceError as e:
         raise _Refused(409, f"deleting {kind} {name} would leave {e}") from None
-    revision = store.delete(kind, name, _change(request))
+    revision = await store.delete(kind, name, _change(request))
     if revision is None:
         raise _Refused(404, f"no {kind} {name!r}")
     log.info("deleted kind=%s name=%s revision=%d", kind, name, revision)
@@ -210,8 +213,8 @@ async def _delete(request: web.Request) -> web.Response:
 
 async def _modes(request: web.Request) -> web.Response:
     store = _store(request)
-    modes = {r.name: r.doc["spec"]["mode"] for r in store.list("Mode")}
-    mesh = store.get("Mesh", "mesh")
+    modes = {r.name: r.doc["spec"]["mode"] for r in await store.list("Mode")}
+    mesh = await store.get("Mesh", "mesh")
     for service in (mesh.doc["spec"].get("services") or {}) if mesh else ():
         modes.setdefault(service, "observe")  # a service nobody switched is observed
     service = request.match_info.get("service")
@@ -219,7 +222,7 @@ async def _modes(request: web.Request) -> web.Response:
         if service not in modes:
             raise _Refused(404, f"no service {service!r} in the mesh")
         modes = {service: modes[service]}
-    return web.json_response({"revision": store.revision(), "modes": dict(sorted(modes.items()))})
+    return web.json_response({"revision": await store.revision(), "modes": dict(sorted(modes.items()))})
 
 
 async def _set_mode(request: web.Request) -> web.Response:
@@ -240,8 +243,8 @@ async def _set_mode(request: web.Request) -> web.Response:
     except ResourceError:
         raise _Refused(400, f"{service!r} is not a service name (lowercase letters, digits, '-' and '.')") from None
     store = _store(request)
-    _check_modes(store, [res], "")
-    [(stored, action)] = store.put([res], _change(request, reason))
+    await _check_modes(store, [res], "")
+    [(stored, action)] = await store.put([res], _change(request, reason))
     if action != "unchanged":
         log.info("mode set service=%s mode=%s revision=%d", service, mode, stored.revision)
     return web.json_response({"revision": stored.revision, "action": action, "service": service, "mode": mode})
@@ -259,8 +262,8 @@ async def _history(request: web.Request) -> web.Response:
     if not 1 <= limit <= _HISTORY_LIMIT:
         raise _Refused(400, f"limit must be 1 to {_HISTORY_LIMIT}")
     store = _store(request)
-    entries = store.history(kind, q.get("name"), limit, q.get("service"))
-    return web.json_response({"revision": store.revision(), "entries": [e.as_dict() for e in entries]})
+    entries = await store.history(kind, q.get("name"), limit, q.get("service"))
+    return web.json_response({"revision": await store.revision(), "entries": [e.as_dict() for e in entries]})
 
 
 async def _watch(request: web.Request) -> web.Response:
@@ -296,11 +299,11 @@ async def _snapshot(request: web.Request) -> web.StreamResponse:
         raise _Refused(400, f"timeout must be 0 to {MAX_WATCH_S:g} seconds")
     store, sidecars = _store(request), request.app["sidecars"]
     sidecars.polled(service, instance, version)
-    if version == str(store.revision()):
+    if version == str(await store.revision()):
         await store.wait(int(version), timeout)
-        if version == str(store.revision()):
+        if version == str(await store.revision()):
             return web.Response(status=304)
-    return web.json_response(snapshot(store))
+    return web.json_response(await snapshot(store))
 
 
 async def _report(request: web.Request) -> web.Response:
@@ -322,6 +325,6 @@ async def _report(request: web.Request) -> web.Response:
 
 async def _status(request: web.Request) -> web.Response:
     store = _store(request)
-    desired = {r.name: r.doc["spec"]["mode"] for r in store.list("Mode")}
+    desired = {r.name: r.doc["spec"]["mode"] for r in await store.list("Mode")}
     sidecars = [{**s, "desired_mode": desired.get(s["service"], "observe")} for s in request.app["sidecars"].listed()]
-    return web.json_response({"revision": store.revision(), "sidecars": sidecars})
+    return web.json_response({"revision": await store.revision(), "sidecars": sidecars})

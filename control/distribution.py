@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshlens.control.store import SqliteStore
+from meshlens.control.store import Store
 
 __all__ = ["POLICY_KINDS", "Sidecars", "snapshot"]
 
@@ -28,12 +28,15 @@ POLICY_KINDS = ("VirtualService", "DestinationRule", "PeerAuthentication", "Auth
 MAX_SIDECARS = 10_000
 
 
-def snapshot(store: SqliteStore) -> dict[str, Any]:
+async def snapshot(store: Store) -> dict[str, Any]:
     """The full configuration at the current revision, as every sidecar gets it."""
-    version = store.revision()
-    mesh = store.get("Mesh", "mesh")
-    modes = {r.name: r.doc["spec"]["mode"] for r in store.list("Mode")}
-    policies = [r.doc for kind in POLICY_KINDS for r in store.list(kind)]
+    version, everything = await store.everything()
+    by_kind: dict[str, list[Any]] = {}
+    for r in everything:
+        by_kind.setdefault(r.kind, []).append(r)
+    mesh = next(iter(by_kind.get("Mesh", [])), None)
+    modes = {r.name: r.doc["spec"]["mode"] for r in by_kind.get("Mode", [])}
+    policies = [r.doc for kind in POLICY_KINDS for r in by_kind.get(kind, [])]
     return {"version": str(version), "mesh": mesh.doc["spec"] if mesh else {"services": {}}, "modes": modes,
             "policies": policies}
 

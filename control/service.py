@@ -10,7 +10,7 @@ import sys
 from aiohttp import web
 
 from meshlens.control.api import build_app
-from meshlens.control.store import SqliteStore
+from meshlens.control.store import Store
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "loopback", "run"]
 
@@ -29,14 +29,15 @@ def loopback(host: str) -> bool:
         return False
 
 
-async def serve(store: SqliteStore, host: str, port: int) -> None:
+async def serve(store: Store, host: str, port: int) -> None:
     # handler_cancellation: a long poll whose sidecar went away ends with it, not at its timeout
     runner = web.AppRunner(build_app(store), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
-    print(f"meshlens control ready listen={host}:{bound} store={store.url} revision={store.revision()}", flush=True)
+    print(f"meshlens control ready listen={host}:{bound} store={store.url} revision={await store.revision()}",
+          flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -44,9 +45,9 @@ async def serve(store: SqliteStore, host: str, port: int) -> None:
     await stop.wait()
     store.release_waiters()  # long polls answer now (nothing changed), so that stopping does not wait for them
     await runner.cleanup()
-    store.close()
+    await store.close()
     print("meshlens control stopped", file=sys.stderr, flush=True)
 
 
-def run(store: SqliteStore, host: str, port: int) -> None:
+def run(store: Store, host: str, port: int) -> None:
     asyncio.run(serve(store, host, port))

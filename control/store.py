@@ -2,8 +2,9 @@
 
 One interface, chosen by URL (`open_store`):
 
-    sqlite:PATH    the default (stdlib sqlite3, WAL): one control-plane process per file
-    etcd://…       etcd v3, for several control-plane replicas: not built yet, refused saying so
+    sqlite:PATH                      the default (stdlib sqlite3, WAL): one control-plane process per file
+    etcd://HOST:PORT[,HOST:PORT...]  etcd v3 (control/etcd.py): several control-plane replicas share one
+                                     mesh and learn of each other's changes by watching it
 
 A change (`put`, `delete`) is one transaction: the resource's new state and its audit
 entry (who, when, what, from -> to, the reason given) are written together, under the
@@ -23,7 +24,8 @@ from typing import Any
 
 from meshlens.control.resources import Resource
 
-__all__ = ["AuditEntry", "Change", "SqliteStore", "StoreURLError", "default_store_url", "open_store"]
+__all__ = ["AuditEntry", "Change", "SqliteStore", "Store", "StoreURLError", "StoreUnavailable", "default_store_url",
+           "open_store"]
 
 
 class StoreURLError(ValueError):
@@ -65,15 +67,64 @@ def default_store_url() -> str:
     return f"sqlite:{data_home() / 'control' / 'control.db'}"
 
 
-def open_store(url: str) -> SqliteStore:
+def open_store(url: str) -> Store:
+    """The store a URL names (not yet connected: `await store.open()`)."""
     if url.startswith("sqlite:"):
         path = url[len("sqlite:"):]
         if not path:
             raise StoreURLError("sqlite store URL needs a path: sqlite:PATH")
         return SqliteStore(Path(path))
     if url.startswith("etcd://"):
-        raise StoreURLError("etcd:// stores are not available yet: use sqlite:PATH")
-    raise StoreURLError(f"unknown store URL {url!r}: expected sqlite:PATH")
+        from meshlens.control.etcd import EtcdStore
+
+        return EtcdStore(url)
+    raise StoreURLError(f"unknown store URL {url!r}: expected sqlite:PATH or etcd://HOST:PORT[,HOST:PORT...]")
+
+
+class Store:
+    """What the control plane keeps. Every method may raise StoreUnavailable (the store cannot be reached)."""
+
+    url = ""
+
+    async def open(self) -> None:
+        """Connect (and create what is missing); StoreURLError or StoreUnavailable in one line."""
+
+    async def close(self) -> None: ...
+
+    async def revision(self) -> int:
+        raise NotImplementedError
+
+    async def get(self, kind: str, name: str) -> Resource | None:
+        raise NotImplementedError
+
+    async def list(self, kind: str | None = None) -> list[Resource]:
+        raise NotImplementedError
+
+    async def everything(self) -> tuple[int, list[Resource]]:
+        """Every resource and the revision they are at, read at one moment."""
+        raise NotImplementedError
+
+    async def everything(self) -> tuple[int, list[Resource]]:
+        return self._revision(), await self.list()  # one thread, no await between the two: one moment
+
+    async def history(self, kind: str | None = None, name: str | None = None, limit: int = 100,
+                      service: str | None = None) -> list[AuditEntry]:
+        raise NotImplementedError
+
+    async def put(self, resources: list[Resource], change: Change) -> list[tuple[Resource, str]]:
+        raise NotImplementedError
+
+    async def delete(self, kind: str, name: str, change: Change) -> int | None:
+        raise NotImplementedError
+
+    async def wait(self, after: int, timeout: float) -> int:
+        raise NotImplementedError
+
+    def release_waiters(self) -> None: ...
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached now (all etcd members down, the disk gone): 503 to the caller."""
 
 
 _SCHEMA = """
@@ -88,7 +139,7 @@ CREATE INDEX IF NOT EXISTS changes_by_name ON changes (kind, name, revision);
 """
 
 
-class SqliteStore:
+class SqliteStore(Store):
     """Resources and their history in one SQLite file (WAL: readers never wait for the writer)."""
 
     def __init__(self, path: Path) -> None:
@@ -105,22 +156,25 @@ class SqliteStore:
         self._waiters: set[asyncio.Future[int]] = set()
 
     def __repr__(self) -> str:
-        return f"<SqliteStore {self.path} revision={self.revision()}>"
+        return f"<SqliteStore {self.path}>"
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._db.close()
 
     # -- reads -------------------------------------------------------------------------------------
 
-    def revision(self) -> int:
+    async def revision(self) -> int:
+        return self._revision()
+
+    def _revision(self) -> int:
         row = self._db.execute("SELECT max(revision) FROM changes").fetchone()
         return row[0] or 0
 
-    def get(self, kind: str, name: str) -> Resource | None:
+    async def get(self, kind: str, name: str) -> Resource | None:
         row = self._db.execute("SELECT doc, revision FROM resources WHERE kind = ? AND name = ?", (kind, name)).fetchone()
         return Resource(kind, name, json.loads(row[0]), row[1]) if row else None
 
-    def list(self, kind: str | None = None) -> list[Resource]:
+    async def list(self, kind: str | None = None) -> list[Resource]:
         if kind is None:
             rows = self._db.execute("SELECT kind, name, doc, revision FROM resources ORDER BY kind, name")
         else:
@@ -128,7 +182,7 @@ class SqliteStore:
                                     (kind,))
         return [Resource(k, n, json.loads(d), r) for k, n, d, r in rows]
 
-    def history(self, kind: str | None = None, name: str | None = None, limit: int = 100,
+    async def history(self, kind: str | None = None, name: str | None = None, limit: int = 100,
                 service: str | None = None) -> list[AuditEntry]:
         """The newest `limit` changes, oldest first: of one kind, one resource, or one service (resources named
         as it, in any namespace: its Mode, its VirtualService, ...)."""
@@ -150,7 +204,7 @@ class SqliteStore:
 
     # -- changes -----------------------------------------------------------------------------------
 
-    def put(self, resources: list[Resource], change: Change) -> list[tuple[Resource, str]]:
+    async def put(self, resources: list[Resource], change: Change) -> list[tuple[Resource, str]]:
         """Store every resource, all or none: each with its action (created, configured, unchanged)."""
         out: list[tuple[Resource, str]] = []
         db = self._db
@@ -179,7 +233,7 @@ class SqliteStore:
         self.release_waiters()
         return out
 
-    def delete(self, kind: str, name: str, change: Change) -> int | None:
+    async def delete(self, kind: str, name: str, change: Change) -> int | None:
         """The revision of the deletion, or None when there was nothing to delete."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
@@ -204,7 +258,7 @@ class SqliteStore:
 
     async def wait(self, after: int, timeout: float) -> int:
         """The revision once it is past `after`, or the current one when `timeout` seconds pass first."""
-        now = self.revision()
+        now = self._revision()
         if now > after:
             return now
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -212,13 +266,13 @@ class SqliteStore:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
-            return self.revision()
+            return self._revision()
         finally:
             self._waiters.discard(fut)
 
     def release_waiters(self) -> None:
         """Answer every waiter now with the current revision: after a change, and when the process stops."""
-        revision = self.revision()
+        revision = self._revision()
         for fut in list(self._waiters):
             if not fut.done():
                 fut.set_result(revision)

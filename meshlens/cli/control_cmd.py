@@ -15,6 +15,8 @@ CONTROL_EPILOG = """examples:
   meshlens control
       the control plane on 127.0.0.1:15010, its store under ~/.local/share/meshlens/control
   meshlens control --store sqlite:/var/lib/meshlens/control.db --port 0
+  meshlens control --store etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379
+      replicas over one etcd cluster serve the same mesh and see each other's changes
 
 It listens on loopback only (tokens, and with them other addresses, are still to come).
 Every change is validated before it is stored, gets a revision, and is audited."""
@@ -50,7 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "validated, versioned and audited.", epilog=CONTROL_EPILOG, formatter_class=fmt)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only for now)")
     p.add_argument("--port", type=port(0), default=15010, help="port (default 15010, Istio's; 0 = any free port)")
-    p.add_argument("--store", help="sqlite:PATH (default: ~/.local/share/meshlens/control/control.db)")
+    p.add_argument("--store", help="sqlite:PATH (default: ~/.local/share/meshlens/control/control.db), or "
+                                   "etcd://HOST:PORT[,HOST:PORT...] for several control planes over one etcd cluster")
     p.set_defaults(run=run_control)
 
     def client(name: str, help_: str, description: str) -> argparse.ArgumentParser:
@@ -117,7 +120,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_control(args: argparse.Namespace) -> int:
     from meshlens.cli.listen import check_ports
     from meshlens.control.service import loopback, run
-    from meshlens.control.store import StoreURLError, default_store_url, open_store
+    from meshlens.control.store import StoreUnavailable, StoreURLError, default_store_url, open_store
 
     if not loopback(args.host):
         raise UserError(f"--host {args.host}: the control plane listens on loopback only until it has tokens "
@@ -127,7 +130,10 @@ def run_control(args: argparse.Namespace) -> int:
         store = open_store(args.store or default_store_url())
     except StoreURLError as e:
         raise UserError(str(e)) from None
-    run(store, args.host, args.port)
+    try:
+        run(store, args.host, args.port)
+    except (StoreUnavailable, StoreURLError) as e:
+        raise UserError(str(e)) from None
     return 0
 
 

@@ -13,10 +13,11 @@ READY = re.compile(r"meshlens control ready listen=(\S+):(\d+) store=(\S+) revis
 class ControlProcess(ServerProcess):
     name = "control"
 
-    def __init__(self, workdir: Path, port: int = 0) -> None:
-        """`port` 0: any free one; a restart passes the port it had, where its sidecars look for it."""
+    def __init__(self, workdir: Path, port: int = 0, store: str | None = None) -> None:
+        """`port` 0: any free one; a restart passes the port it had, where its sidecars look for it.
+        `store`: its own SQLite file unless given (an etcd:// URL)."""
         super().__init__(workdir)
-        self.store = f"sqlite:{self.workdir / 'control.db'}"
+        self.store = store or f"sqlite:{self.workdir / 'control.db'}"
         self.port = port
 
     def start(self, timeout: float = PATIENCE_S) -> "ControlProcess":

@@ -134,3 +134,27 @@ def test_a_service_the_control_planes_mesh_does_not_name_cannot_start(tmp_path, 
                           control.url, "--snapshot-cache", str(tmp_path / "s.json"), "--no-record"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "no service 'ghost' in the mesh" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_replicas_over_one_etcd_cluster_serve_one_mesh_and_a_change_reaches_every_sidecar(tmp_path, apps):
+    from tests.control.etcd_cluster import EtcdCluster
+
+    a, b = apps
+    cluster = EtcdCluster(tmp_path / "etcd").start()
+    try:
+        with ControlProcess(tmp_path / "c1", store=cluster.url) as one, \
+                ControlProcess(tmp_path / "c2", store=cluster.url) as two:
+            apply(one, tmp_path, mesh(a.port))  # through one replica
+            with sidecar(tmp_path, two.url).start() as proxy:  # following the other
+                assert config(proxy)["services"]["backend"] == [f"127.0.0.1:{a.port}"]
+                cluster.kill(cluster.names[0])  # a member down while the change is made
+                apply(one, tmp_path, mesh(b.port))
+                assert cli(one, "mode", "set", "web", "dry-run", "--reason", "x").returncode == 0
+                wait_until(lambda: config(proxy)["services"]["backend"] == [f"127.0.0.1:{b.port}"] and
+                           config(proxy)["control"]["desired_mode"] == "dry-run" and
+                           config(proxy)["control"]["state"] == "ACK", "the change through the other replica")
+                assert get(f"http://127.0.0.1:{proxy.outbound}/hello", host="backend")[0] == 200
+                history = cli(two, "history", "-o", "json")
+                assert [e["action"] for e in json.loads(history.stdout)] == ["created", "configured", "created"]
+    finally:
+        cluster.stop()
