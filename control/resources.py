@@ -201,32 +201,16 @@ def _resource(doc: Any, where: str, lines: dict[tuple[Any, ...], int] | None = N
     if version == _OURS[0]:
         return Resource(kind, name, doc, source=source or where, lines=lines or {})
     res = Resource(kind, f"{namespace or DEFAULT_NAMESPACE}/{name}", doc, source=source or where, lines=lines or {})
-    check = _SPEC_CHECKS.get(kind)
-    if check is None:
+    if kind not in ("VirtualService", "DestinationRule"):
         return res
-    from meshlens.control.networking import SpecError
+    from meshlens.control import networking  # here: it imports re2, which only these kinds need
 
+    check = networking.check_virtual_service if kind == "VirtualService" else networking.check_destination_rule
     try:
         warnings = check(spec, namespace or DEFAULT_NAMESPACE)
-    except SpecError as e:
+    except networking.SpecError as e:
         raise ResourceError(f"{res.at(e.path)}: {e}") from None
     return replace(res, warnings=tuple(f"{res.at(path)}: {text}" for path, text in warnings))
-
-
-def _spec_checks() -> dict[str, Any]:
-    from meshlens.control import networking
-
-    return {"VirtualService": networking.check_virtual_service, "DestinationRule": networking.check_destination_rule}
-
-
-class _Lazy(dict):  # the networking checks import re2: only when a document needs them
-    def get(self, key: Any, default: Any = None) -> Any:
-        if not self:
-            self.update(_spec_checks())
-        return super().get(key, default)
-
-
-_SPEC_CHECKS = _Lazy()
 
 
 def check_references(resources: list[Resource]) -> dict[tuple[str, str], tuple[str, ...]]:

@@ -122,7 +122,8 @@ class ControlWatch:
         while not self._stop.is_set():
             wait = self.wait_s * random.uniform(0.8, 1.2)
             try:
-                snap = self._poll(self.version, wait)
+                # started from disk: ask for the control plane's snapshot now, even if it is the same version
+                snap = self._poll("" if self.state == "cached" else self.version, wait)
             except OSError as e:
                 if not failing:
                     log.warning("control plane unreachable, keeping version %s url=%s error=%s",
@@ -138,9 +139,6 @@ class ControlWatch:
             if failing:
                 log.info("control plane reachable again url=%s", self.url)
                 failing, backoff = False, RETRY_MIN_S
-                if self.state == "cached":  # say what we run on, even if nothing changed meanwhile
-                    self.state = "ACK"
-                    self._report(True)
             if snap is None:
                 continue
             self._take(snap)

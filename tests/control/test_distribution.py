@@ -119,6 +119,26 @@ def test_a_sidecar_restarted_while_the_control_plane_is_away_starts_from_its_las
         control.kill()
 
 
+def test_a_sidecar_started_from_disk_acknowledges_once_the_control_plane_answers_even_unchanged(tmp_path, apps):
+    control = ControlProcess(tmp_path / "control").start()
+    try:
+        apply(control, tmp_path, mesh(apps[0].port))
+        port = control.port
+        with sidecar(tmp_path, control.url).start():
+            pass
+        assert control.stop() == 0
+        control.kill()
+        with sidecar(tmp_path, f"http://127.0.0.1:{port}").start() as proxy:
+            assert config(proxy)["control"]["state"] == "cached"
+            control = ControlProcess(tmp_path / "control", port).start()  # back, nothing changed
+            wait_until(lambda: config(proxy)["control"]["state"] == "ACK", "the ACK of the snapshot it runs on")
+            [s] = [s for s in json.loads(cli(control, "status", "-o", "json").stdout)["sidecars"] if s["state"] == "ACK"]
+            assert s["applied_version"] == config(proxy)["control"]["version"]
+    finally:
+        control.stop()
+        control.kill()
+
+
 def test_without_a_control_plane_or_a_kept_snapshot_a_sidecar_says_so_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "meshlens.cli.main", "proxy", "--service", "web", "--control",
                           "http://127.0.0.1:9", "--snapshot-cache", str(tmp_path / "none.json"), "--no-record"],
