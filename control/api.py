@@ -13,10 +13,11 @@
     POST   /v1/status   {"service", "instance", "version", "ack", "error", "mode"}   its ACK or NACK
     GET    /v1/status                                {"revision": r, "sidecars": [...]}
 
-A resource is {"kind", "name", "revision", "doc"}. Who changed something is the
-`X-Meshlens-User` the caller names (the CLI sends the local user), and why is the
-`X-Meshlens-Reason` header or the body's `reason`: until tokens exist, the control
-plane listens on loopback only. Every refusal is a 4xx with {"error": one line}; an
+A resource is {"kind", "name", "revision", "doc"}. With tokens (control/auth.py) every
+request but /healthz carries `Authorization: Bearer TOKEN`, and a change is the token's
+name's; without, the control plane listens on loopback only and a change is the
+`X-Meshlens-User` the caller names (the CLI sends the local user). Why is the
+`X-Meshlens-Reason` header or the body's `reason`. Every refusal is a 4xx with {"error": one line}; an
 apply stores all its documents or none. A service's mode can be set only for a
 service the stored Mesh defines.
 """
@@ -33,6 +34,7 @@ from aiohttp import web
 
 from meshlens.control.resources import (KINDS, MODES, Resource, ResourceError, check_references, mode_resource,
                                         parse_documents)
+from meshlens.control.auth import Tokens
 from meshlens.control.distribution import Sidecars, snapshot
 from meshlens.control.store import Change, Store, StoreUnavailable
 
@@ -47,9 +49,11 @@ MAX_WATCH_S = 60.0
 _HISTORY_LIMIT = 1000
 
 
-def build_app(store: Store) -> web.Application:
-    app = web.Application(client_max_size=MAX_APPLY_BYTES, middlewares=[_errors])
+def build_app(store: Store, tokens: Tokens | None = None) -> web.Application:
+    """`tokens`: who may do what (control/auth.py); None: everyone who can reach it (loopback only)."""
+    app = web.Application(client_max_size=MAX_APPLY_BYTES, middlewares=[_errors, _auth])
     app["store"] = store
+    app["tokens"] = tokens
     app["sidecars"] = Sidecars()
     app.add_routes([
         web.get("/healthz", _healthz),
@@ -93,12 +97,43 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         raise
 
 
+_SIDECAR_PATHS = {("GET", "/v1/snapshot"), ("POST", "/v1/status")}
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    tokens: Tokens | None = request.app["tokens"]
+    if tokens is None or request.path == "/healthz":
+        return await handler(request)
+    token = tokens.find(request.headers.get("Authorization"))
+    if token is None:
+        raise _Refused(401, "this control plane needs a token: Authorization: Bearer TOKEN "
+                            "(the CLI's --token or MESHLENS_TOKEN; a sidecar's --control-token)")
+    action = ("sidecar" if (request.method, request.path) in _SIDECAR_PATHS else
+              "read" if request.method in ("GET", "HEAD") else "write")
+    if not token.may(action):
+        raise _Refused(403, f"token {token.name!r} (role {token.role}) may not {_WHAT[action]}")
+    request["token"] = token
+    return await handler(request)
+
+
+_WHAT = {"read": "read", "write": "change anything", "sidecar": "take a sidecar's snapshot or report for one"}
+
+
+def _for_service(request: web.Request, service: str) -> None:
+    """A sidecar's token names its one service: it may not ask for another's snapshot or report as it."""
+    token = request.get("token")
+    if token is not None and not token.may("sidecar", service):
+        raise _Refused(403, f"token {token.name!r} is {token.service!r}'s sidecar token, not {service!r}'s")
+
+
 def _store(request: web.Request) -> Store:
     return request.app["store"]
 
 
 def _change(request: web.Request, reason: str | None = None) -> Change:
-    who = request.headers.get("X-Meshlens-User", "").strip() or "anonymous"
+    token = request.get("token")  # with tokens, a change is the token's; without, the user the CLI names
+    who = token.name if token is not None else request.headers.get("X-Meshlens-User", "").strip() or "anonymous"
     reason = reason if reason is not None else unquote(request.headers.get("X-Meshlens-Reason", ""))
     return Change(who[:200], reason[:2000])
 
@@ -290,6 +325,7 @@ def _ident(value: Any, what: str) -> str:
 async def _snapshot(request: web.Request) -> web.StreamResponse:
     q = request.query
     service, instance = _ident(q.get("service"), "service"), _ident(q.get("instance"), "instance")
+    _for_service(request, service)
     version = q.get("version", "")
     try:
         timeout = float(q.get("timeout", "30"))
@@ -315,6 +351,7 @@ async def _report(request: web.Request) -> web.Response:
     if not isinstance(body, dict) or set(body) != keys or not isinstance(body["ack"], bool) \
             or not all(isinstance(body[k], str) for k in ("version", "error", "mode")):
         raise _Refused(400, 'expected JSON {"service", "instance", "version", "ack": true|false, "error", "mode"}')
+    _for_service(request, _ident(body["service"], "service"))
     request.app["sidecars"].reported(_ident(body["service"], "service"), _ident(body["instance"], "instance"),
                                      body["version"][:40], body["ack"], body["error"][:1000], body["mode"][:20])
     if not body["ack"]:

@@ -30,14 +30,26 @@ def control_url(flag: str | None) -> str:
     url = flag or os.environ.get("MESHLENS_CONTROL") or DEFAULT_CONTROL
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ControlError(f"control plane URL must be http://host:port, got {url!r}")
+        raise ControlError(f"control plane URL must be http(s)://host:port, got {url!r}")
     return url.rstrip("/")
 
 
 class ControlClient:
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, timeout: float = 10.0, token: str | None = None, ca: str | None = None) -> None:
+        """`token`: sent as a bearer token (else MESHLENS_TOKEN); `ca`: the PEM file an https control plane's
+        certificate is checked against (else MESHLENS_CONTROL_CA, else the system's)."""
         self.url = url
         self.timeout = timeout
+        self.token = token or os.environ.get("MESHLENS_TOKEN") or None
+        self._tls = None
+        if url.startswith("https://"):
+            import ssl
+
+            ca = ca or os.environ.get("MESHLENS_CONTROL_CA") or None
+            try:
+                self._tls = ssl.create_default_context(cafile=ca)
+            except (OSError, ssl.SSLError) as e:
+                raise ControlError(f"cannot read CA file {ca}: {getattr(e, 'strerror', None) or e}") from None
         try:
             self.user = getpass.getuser()
         except (KeyError, OSError):  # no name for this uid
@@ -49,11 +61,13 @@ class ControlClient:
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         h = {"X-Meshlens-User": self.user, **(headers or {})}
+        if self.token:
+            h["Authorization"] = f"Bearer {self.token}"
         if reason:
             h["X-Meshlens-Reason"] = urllib.parse.quote(reason)
         req = urllib.request.Request(url, data=body, method=method, headers=h)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self._tls) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as e:
             raise ControlError(_message(e), e.code) from None

@@ -4,15 +4,18 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
+import ssl
 import sys
 
 from aiohttp import web
 
 from meshlens.control.api import build_app
+from meshlens.control.auth import Tokens
 from meshlens.control.store import Store
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "loopback", "run"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "loopback", "run", "server_tls"]
 
 log = logging.getLogger("meshlens.control")
 
@@ -29,15 +32,17 @@ def loopback(host: str) -> bool:
         return False
 
 
-async def serve(store: Store, host: str, port: int) -> None:
+async def serve(store: Store, host: str, port: int, tokens: Tokens | None = None,
+                tls: ssl.SSLContext | None = None) -> None:
+    await store.open()  # an etcd cluster nobody answers for is said now, not at the first request
     # handler_cancellation: a long poll whose sidecar went away ends with it, not at its timeout
-    runner = web.AppRunner(build_app(store), access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(build_app(store, tokens), access_log=None, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
-    print(f"meshlens control ready listen={host}:{bound} store={store.url} revision={await store.revision()}",
-          flush=True)
+    print(f"meshlens control ready listen={host}:{bound} store={store.url} revision={await store.revision()} "
+          f"tls={'on' if tls else 'off'} tokens={len(tokens) if tokens else 'off'}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -49,5 +54,19 @@ async def serve(store: Store, host: str, port: int) -> None:
     print("meshlens control stopped", file=sys.stderr, flush=True)
 
 
-def run(store: Store, host: str, port: int) -> None:
-    asyncio.run(serve(store, host, port))
+def run(store: Store, host: str, port: int, tokens: Tokens | None = None, tls: ssl.SSLContext | None = None) -> None:
+    asyncio.run(serve(store, host, port, tokens, tls))
+
+
+def server_tls(cert: str, key: str) -> ssl.SSLContext:
+    """The API's TLS context from a PEM certificate (chain) and key; ValueError in one line."""
+    for path in (cert, key):
+        if not os.path.isfile(path):
+            raise ValueError(f"cannot read {path}: no such file")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(f"cannot use certificate {cert} with key {key}: {getattr(e, 'reason', None) or e}") from None
+    return ctx

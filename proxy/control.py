@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import ssl
 import threading
 import urllib.parse
 from pathlib import Path
@@ -49,12 +50,20 @@ class ControlWatch:
     """One sidecar's subscription to the control plane."""
 
     def __init__(self, url: str, service: str, instance: str, cache_path: Path, *,
-                 wait_s: float = SNAPSHOT_WAIT_S) -> None:
+                 wait_s: float = SNAPSHOT_WAIT_S, token: str | None = None, ca: str | None = None) -> None:
+        """`token`: the sidecar's bearer token; `ca`: the PEM file an https control plane is checked against."""
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"control plane URL must be http://host:port, got {url!r}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"control plane URL must be http(s)://host:port, got {url!r}")
         self.url = url.rstrip("/")
-        self._host, self._port = parts.hostname, parts.port or 80
+        self._host, self._port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        self._token = token
+        self._tls: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            try:
+                self._tls = ssl.create_default_context(cafile=ca)
+            except (OSError, ssl.SSLError) as e:
+                raise ValueError(f"cannot read CA file {ca}: {getattr(e, 'strerror', None) or e}") from None
         self.service, self.instance = service, instance
         self.cache_path = cache_path
         self.wait_s = wait_s
@@ -203,9 +212,13 @@ class ControlWatch:
             log.debug("could not report to the control plane error=%s", e)
 
     def _request(self, method: str, path: str, body: bytes | None, timeout: float) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        conn = (http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._tls)
+                if self._tls is not None else http.client.HTTPConnection(self._host, self._port, timeout=timeout))
+        headers = {"Content-Type": "application/json"} if body else {}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
         try:
-            conn.request(method, path, body, {"Content-Type": "application/json"} if body else {})
+            conn.request(method, path, body, headers)
             resp = conn.getresponse()
             data = resp.read(MAX_SNAPSHOT_BYTES + 1)
             if len(data) > MAX_SNAPSHOT_BYTES:

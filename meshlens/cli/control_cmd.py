@@ -18,8 +18,11 @@ CONTROL_EPILOG = """examples:
   meshlens control --store etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379
       replicas over one etcd cluster serve the same mesh and see each other's changes
 
-It listens on loopback only (tokens, and with them other addresses, are still to come).
-Every change is validated before it is stored, gets a revision, and is audited."""
+  meshlens control --host 0.0.0.0 --tokens tokens.yaml --tls-cert api.pem --tls-key api.key
+      beyond loopback: every request needs a token (read, write, or a sidecar's), over HTTPS
+
+Without --tokens it listens on loopback only. Every change is validated before it is
+stored, gets a revision, and is audited (with tokens, under the token's name)."""
 
 CLIENT_EPILOG = """examples:
   meshlens apply -f mesh.yaml -f payment-service.yaml --reason "canary for v2"
@@ -50,16 +53,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("control", help="the control plane: policies, the mesh and each service's mode",
                        description="Serve the mesh model, the policies and each service's mode, with every change "
                                    "validated, versioned and audited.", epilog=CONTROL_EPILOG, formatter_class=fmt)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only for now)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback only with --tokens)")
     p.add_argument("--port", type=port(0), default=15010, help="port (default 15010, Istio's; 0 = any free port)")
     p.add_argument("--store", help="sqlite:PATH (default: ~/.local/share/meshlens/control/control.db), or "
                                    "etcd://HOST:PORT[,HOST:PORT...] for several control planes over one etcd cluster")
+    p.add_argument("--tokens", metavar="FILE", help="who may read, write, or poll as a sidecar: a YAML list of "
+                                                    "name, token (or token_sha256) and role (see control/auth.py)")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    p.add_argument("--tls-key", metavar="PEM", help="… and this private key")
     p.set_defaults(run=run_control)
 
     def client(name: str, help_: str, description: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_, description=description, epilog=CLIENT_EPILOG, formatter_class=fmt)
         c.add_argument("--control", metavar="URL", help="the control plane (default: MESHLENS_CONTROL, "
                                                        "else http://127.0.0.1:15010)")
+        c.add_argument("--token", default=argparse.SUPPRESS, help="bearer token (default: MESHLENS_TOKEN)")
+        c.add_argument("--ca", default=argparse.SUPPRESS, metavar="PEM",
+                       help="CA an https control plane's certificate is checked against (default: MESHLENS_CONTROL_CA)")
         return c
 
     c = client("apply", "store policies and mesh definitions from YAML (all documents, or none)",
@@ -99,6 +109,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     for m in (s, g):
         m.add_argument("--control", metavar="URL", default=argparse.SUPPRESS,
                        help="the control plane (default: MESHLENS_CONTROL, else http://127.0.0.1:15010)")
+        m.add_argument("--token", default=argparse.SUPPRESS, help="bearer token (default: MESHLENS_TOKEN)")
+        m.add_argument("--ca", default=argparse.SUPPRESS, metavar="PEM", help="CA for an https control plane")
 
     c = client("status", "every sidecar following the control plane: what it applied, ACK or NACK",
                "Every sidecar that polled the control plane: the snapshot version it applied, its last ACK or NACK "
@@ -122,16 +134,33 @@ def run_control(args: argparse.Namespace) -> int:
     from meshlens.control.service import loopback, run
     from meshlens.control.store import StoreUnavailable, StoreURLError, default_store_url, open_store
 
-    if not loopback(args.host):
-        raise UserError(f"--host {args.host}: the control plane listens on loopback only until it has tokens "
-                        f"(127.0.0.1 or ::1)")
+    from meshlens.control.auth import TokenError, load_tokens
+    from meshlens.control.service import server_tls
+
+    tokens = None
+    if args.tokens:
+        try:
+            tokens = load_tokens(args.tokens)
+        except TokenError as e:
+            raise UserError(str(e)) from None
+    elif not loopback(args.host):
+        raise UserError(f"--host {args.host}: without --tokens the control plane listens on loopback only "
+                        f"(127.0.0.1 or ::1): anyone who reaches it could change the mesh")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UserError("--tls-cert and --tls-key go together")
+    tls = None
+    if args.tls_cert:
+        try:
+            tls = server_tls(args.tls_cert, args.tls_key)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     check_ports(args.host, {"--port": args.port})
     try:
         store = open_store(args.store or default_store_url())
     except StoreURLError as e:
         raise UserError(str(e)) from None
     try:
-        run(store, args.host, args.port)
+        run(store, args.host, args.port, tokens, tls)
     except (StoreUnavailable, StoreURLError) as e:
         raise UserError(str(e)) from None
     return 0
@@ -143,7 +172,8 @@ def _client(args: argparse.Namespace) -> Any:
     from meshlens.control.client import ControlClient, ControlError, control_url
 
     try:
-        return ControlClient(control_url(getattr(args, "control", None)))
+        return ControlClient(control_url(getattr(args, "control", None)), token=getattr(args, "token", None),
+                             ca=getattr(args, "ca", None))
     except ControlError as e:
         raise UserError(str(e)) from None
 

@@ -82,6 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     source.add_argument("--control", metavar="URL", default=os.environ.get("MESHLENS_CONTROL"),
                         help="take the mesh from the control plane instead (default: MESHLENS_CONTROL), kept up to "
                              "date by long polling; started from the last snapshot kept when it cannot be reached")
+    p.add_argument("--control-token", metavar="TOKEN", default=os.environ.get("MESHLENS_CONTROL_TOKEN"),
+                   help="this sidecar's bearer token for the control plane (default: MESHLENS_CONTROL_TOKEN)")
+    p.add_argument("--control-ca", metavar="PEM", default=os.environ.get("MESHLENS_CONTROL_CA"),
+                   help="CA an https control plane's certificate is checked against (default: MESHLENS_CONTROL_CA)")
     p.add_argument("--snapshot-cache", metavar="FILE", default=None,
                    help="where the last snapshot that applied is kept (default: "
                         "~/.local/share/meshlens/proxy/SERVICE.snapshot.json)")
@@ -219,7 +223,8 @@ def _from_control(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     cache = Path(args.snapshot_cache) if args.snapshot_cache else data_home() / "proxy" / f"{args.service}.snapshot.json"
     try:
-        watch = ControlWatch(args.control, args.service, observer_id(), cache)
+        watch = ControlWatch(args.control, args.service, observer_id(), cache, token=args.control_token,
+                             ca=args.control_ca)
         snap = watch.initial()
     except (ValueError, ControlError) as e:
         raise UserError(str(e)) from None

@@ -13,22 +13,24 @@ READY = re.compile(r"meshlens control ready listen=(\S+):(\d+) store=(\S+) revis
 class ControlProcess(ServerProcess):
     name = "control"
 
-    def __init__(self, workdir: Path, port: int = 0, store: str | None = None) -> None:
+    def __init__(self, workdir: Path, port: int = 0, store: str | None = None, *args: str) -> None:
         """`port` 0: any free one; a restart passes the port it had, where its sidecars look for it.
         `store`: its own SQLite file unless given (an etcd:// URL)."""
         super().__init__(workdir)
         self.store = store or f"sqlite:{self.workdir / 'control.db'}"
         self.port = port
+        self.args = list(args)
+        self.scheme = "https" if "--tls-cert" in args else "http"
 
     def start(self, timeout: float = PATIENCE_S) -> "ControlProcess":
-        m = self.launch(["meshlens.cli.main", "control", "--port", str(self.port), "--store", self.store], READY,
-                        timeout)
+        m = self.launch(["meshlens.cli.main", "control", "--port", str(self.port), "--store", self.store, *self.args],
+                        READY, timeout)
         self.port = int(m.group(2))
         return self
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def __enter__(self) -> "ControlProcess":
         return self.start()

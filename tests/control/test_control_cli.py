@@ -159,7 +159,7 @@ def test_an_unreachable_control_plane_is_one_line():
     assert out.returncode == 2 and out.stderr.startswith("meshlens mode: cannot reach the control plane at "
                                                          "http://127.0.0.1:9: ") and out.stderr.count("\n") == 1
     out = cli("ftp://x", "mode", "get")
-    assert out.returncode == 2 and "control plane URL must be http://host:port" in out.stderr
+    assert out.returncode == 2 and "control plane URL must be http(s)://host:port" in out.stderr
 
 
 @pytest.mark.parametrize("method, path, body, status, message", [
