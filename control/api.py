@@ -35,7 +35,7 @@ from aiohttp import web
 from meshlens.control.resources import (KINDS, MODES, Resource, ResourceError, check_references, mode_resource,
                                         parse_documents)
 from meshlens.control.auth import Tokens
-from meshlens.control.distribution import Sidecars, snapshot
+from meshlens.control.distribution import Sidecars, Snapshots
 from meshlens.control.store import Change, Store, StoreUnavailable
 
 __all__ = ["MAX_APPLY_BYTES", "MAX_WATCH_S", "build_app"]
@@ -55,6 +55,7 @@ def build_app(store: Store, tokens: Tokens | None = None) -> web.Application:
     app["store"] = store
     app["tokens"] = tokens
     app["sidecars"] = Sidecars()
+    app["snapshots"] = Snapshots()
     app.add_routes([
         web.get("/healthz", _healthz),
         web.get("/v1/resources", _list),
@@ -339,7 +340,7 @@ async def _snapshot(request: web.Request) -> web.StreamResponse:
         await store.wait(int(version), timeout)
         if version == str(await store.revision()):
             return web.Response(status=304)
-    return web.json_response(await snapshot(store))
+    return web.Response(body=await request.app["snapshots"].body(store), content_type="application/json")
 
 
 async def _report(request: web.Request) -> web.Response:
