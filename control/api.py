@@ -4,6 +4,7 @@
     GET    /v1/resources[?kind=K]                    {"revision": r, "items": [resource, ...]}
     GET    /v1/resources/{kind}/{name}               resource            (name: namespace/name for Istio's kinds)
     POST   /v1/apply          body: YAML, or JSON {"files": [...]}      {"revision": r, "results": [...]}
+                              ?dry_run=true: what it would change (each result with before, after)
     DELETE /v1/resources/{kind}/{name}                                   {"revision": r}
     GET    /v1/modes[/{service}]                     {"revision": r, "modes": {service: mode}}
     PUT    /v1/modes/{service}  {"mode": M, "reason": "..."}             {"revision": r, "action": ...}
@@ -196,8 +197,14 @@ async def _apply(request: web.Request) -> web.Response:
     store = _store(request)
     await _check_modes(store, resources, files[0][0] if len(files) == 1 else "apply")
     applied = {r.key for r in resources}
-    more = check_references([r for r in await store.list() if r.key not in applied] + resources)
+    stored = await store.list()
+    more = check_references([r for r in stored if r.key not in applied] + resources)
     resources = [replace(r, warnings=r.warnings + more.get(r.key, ())) for r in resources]
+    if request.query.get("dry_run") == "true":  # meshlens diff: what this apply would change, nothing stored
+        before = {r.key: r for r in stored}
+        return web.json_response({"revision": await store.revision(), "results": [
+            {"kind": r.kind, "name": r.name, "action": _would(before.get(r.key), r), "warnings": list(r.warnings),
+             "before": before[r.key].doc if r.key in before else None, "after": r.doc} for r in resources]})
     results = await store.put(resources, _change(request))
     for res, action in results:
         if action != "unchanged":
@@ -205,6 +212,13 @@ async def _apply(request: web.Request) -> web.Response:
     return web.json_response({"revision": await store.revision(), "results": [
         {"kind": r.kind, "name": r.name, "revision": r.revision, "action": a, "warnings": list(r.warnings)}
         for r, a in results]})
+
+
+def _would(old: Resource | None, new: Resource) -> str:
+    if old is None:
+        return "created"
+    same = json.dumps(old.doc, sort_keys=True) == json.dumps(new.doc, sort_keys=True)
+    return "unchanged" if same else "configured"
 
 
 def _files(text: str) -> list[tuple[str, str]]:

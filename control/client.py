@@ -79,10 +79,12 @@ class ControlClient:
         except ValueError:
             raise ControlError(f"the control plane at {self.url} answered something other than JSON") from None
 
-    def apply(self, files: list[tuple[str, str]], reason: str = "") -> dict[str, Any]:
-        """Store every document of the files given ((source, YAML text) pairs) in one change, or none."""
+    def apply(self, files: list[tuple[str, str]], reason: str = "", dry_run: bool = False) -> dict[str, Any]:
+        """Store every document of the files given ((source, YAML text) pairs) in one change, or none;
+        `dry_run`: only say what would change (each result with its document before and after)."""
         body = json.dumps({"files": [{"source": s, "text": t} for s, t in files]}).encode()
-        return self.request("POST", "/v1/apply", body, reason=reason, headers={"Content-Type": "application/json"})
+        return self.request("POST", "/v1/apply", body, reason=reason, headers={"Content-Type": "application/json"},
+                            query={"dry_run": "true"} if dry_run else None)
 
     def get(self, kind: str, name: str | None = None) -> dict[str, Any]:
         if name is None:

@@ -26,6 +26,7 @@ stored, gets a revision, and is audited (with tokens, under the token's name).""
 
 CLIENT_EPILOG = """examples:
   meshlens apply -f mesh.yaml -f payment-service.yaml --reason "canary for v2"
+  meshlens diff -f payment-service.yaml
   meshlens get virtualservice
   meshlens get vs production/payment-service -o yaml
   meshlens mode set payment-service dry-run --reason "try the retry policy"
@@ -78,6 +79,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("-f", "--filename", action="append", required=True, metavar="FILE", help="YAML file, or - for stdin")
     c.add_argument("--reason", default="", help="why, for the history")
     c.set_defaults(run=run_apply)
+
+    c = client("diff", "what an apply of these files would change, as a diff (nothing stored)",
+               "Validate the files as apply does and show, for each document, whether it would be created, "
+               "configured or unchanged, with a unified diff of what changes. Exit code 1 when something would.")
+    c.add_argument("-f", "--filename", action="append", required=True, metavar="FILE", help="YAML file, or - for stdin")
+    c.set_defaults(run=run_diff)
 
     c = client("get", "show stored resources", "Show the stored resources of a kind, or one of them.")
     c.add_argument("kind", help="VirtualService (vs), DestinationRule (dr), PeerAuthentication, AuthorizationPolicy, "
@@ -205,10 +212,9 @@ def _name(kind: str, name: str) -> str:
     return name
 
 
-def run_apply(args: argparse.Namespace) -> int:
-    client = _client(args)
+def _read_files(paths: list[str]) -> list[tuple[str, str]]:
     docs = []
-    for path in args.filename:
+    for path in paths:
         if path == "-":
             docs.append(("stdin", sys.stdin.read()))
             continue
@@ -219,12 +225,40 @@ def run_apply(args: argparse.Namespace) -> int:
             raise UserError(f"cannot read {path}: {e.strerror or e}") from None
         except UnicodeDecodeError as e:
             raise UserError(f"cannot read {path}: not UTF-8 text (byte {e.start})") from None
+    return docs
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    client = _client(args)
+    docs = _read_files(args.filename)
     out = _call(client.apply, docs, args.reason)  # one change: all the files, or none of them
     for r in out["results"]:
         print(f"{r['kind'].lower()}/{r['name']} {r['action']}")
         for w in r["warnings"]:
             print(f"warning: {w}", file=sys.stderr)
     return 0
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    """kubectl diff's habit: exit 0 when nothing would change, 1 when something would."""
+    import difflib
+
+    import yaml
+
+    out = _call(_client(args).apply, _read_files(args.filename), "", True)
+    changed = False
+    for r in out["results"]:
+        label = f"{r['kind'].lower()}/{r['name']}"
+        print(f"{label} {'would be ' + r['action'] if r['action'] != 'unchanged' else 'unchanged'}")
+        for w in r["warnings"]:
+            print(f"warning: {w}", file=sys.stderr)
+        if r["action"] == "unchanged":
+            continue
+        changed = True
+        before = yaml.safe_dump(r["before"], sort_keys=False).splitlines(keepends=True) if r["before"] else []
+        after = yaml.safe_dump(r["after"], sort_keys=False).splitlines(keepends=True)
+        sys.stdout.writelines(difflib.unified_diff(before, after, f"stored/{label}", f"applied/{label}"))
+    return 1 if changed else 0
 
 
 def run_get(args: argparse.Namespace) -> int:

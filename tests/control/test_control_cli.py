@@ -196,3 +196,22 @@ def test_control_refuses_to_listen_beyond_loopback_without_tokens(tmp_path):
     out = subprocess.run([sys.executable, "-m", "meshlens.cli.main", "control", "--host", "0.0.0.0", "--store",
                           f"sqlite:{tmp_path / 'c.db'}"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "listens on loopback only" in out.stderr
+
+
+def test_diff_says_what_an_apply_would_change_and_stores_nothing(control, files, tmp_path):
+    mesh, example = files
+    first = cli(control, "diff", "-f", str(mesh), "-f", str(example))
+    assert first.returncode == 1 and "mesh/mesh would be created" in first.stdout
+    assert "+++ applied/virtualservice/production/payment-service" in first.stdout
+    assert http(control, "GET", "/v1/history")[1]["entries"] == []  # nothing stored
+    assert cli(control, "apply", "-f", str(mesh), "-f", str(example)).returncode == 0
+    same = cli(control, "diff", "-f", str(example))
+    assert same.returncode == 0 and same.stdout.splitlines() == [
+        "virtualservice/production/payment-service unchanged", "destinationrule/default/payment-service unchanged"]
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(EXAMPLE.replace("weight: 90\n", "weight: 80\n").replace("weight: 10\n", "weight: 20\n"))
+    diff = cli(control, "diff", "-f", str(changed))
+    assert diff.returncode == 1 and "virtualservice/production/payment-service would be configured" in diff.stdout
+    assert any(line.startswith("-") and "weight: 90" in line for line in diff.stdout.splitlines())
+    assert any(line.startswith("+") and "weight: 80" in line for line in diff.stdout.splitlines())
+    assert len(http(control, "GET", "/v1/history")[1]["entries"]) == 3  # still only the apply's
