@@ -24,157 +24,24 @@ host (checked across documents: `check_references`).
 """
 from __future__ import annotations
 
-import re
-from typing import Any, Callable
+from typing import Any
 
-__all__ = ["check_destination_rule", "check_references", "check_virtual_service", "duration_s", "service_of"]
+from meshlens.control.spec import (UNSUPPORTED, SpecError, Where, boolean, duration, enum, list_of, map_of, message,
+                                   percent, run, status, string, string_match, uint)
 
-Where = tuple  # a path into the spec: keys and list indices
-Lines = dict  # path -> 1-based line, from the YAML nodes
+__all__ = ["check_destination_rule", "check_references", "check_virtual_service", "service_of"]
 
-
-class SpecError(ValueError):
-    """A spec Istio would refuse (or that meshlens cannot read as meant); names the field."""
-
-    def __init__(self, path: Where, message: str) -> None:
-        super().__init__(message)
-        self.path = path
-        self.resource: Any = None
-        """The resource it is about, when the check spans several (check_references)."""
-
-
-# Go's time.ParseDuration units, as Istio's YAML takes them ("30s", "1m30s", "100ms").
-_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?|\.\d+)(h|m|s|ms|us|µs|ns))+")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|ns)")
-_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-
-
-def duration_s(text: str) -> float:
-    """Seconds of a duration as Istio writes them; ValueError otherwise."""
-    if not isinstance(text, str) or not _DURATION.fullmatch(text):
-        raise ValueError(f"{text!r} is not a duration (e.g. 30s, 1m30s, 100ms)")
-    return sum(float(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(text))
-
-
-# -- value kinds -------------------------------------------------------------------------------------
-
-def _str(v: Any, path: Where) -> None:
-    if not isinstance(v, str):
-        raise SpecError(path, f"must be a string, not {_type(v)}")
-
-
-def _bool(v: Any, path: Where) -> None:
-    if not isinstance(v, bool):
-        raise SpecError(path, f"must be true or false, not {_type(v)}")
-
-
-def _uint(v: Any, path: Where) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise SpecError(path, f"must be a whole number of 0 or more, not {v!r}")
-
-
-def _duration(v: Any, path: Where) -> None:
-    try:
-        if duration_s(v) <= 0:
-            raise ValueError(f"{v!r} must be more than 0")
-    except ValueError as e:
-        raise SpecError(path, str(e)) from None
-
-
-def _percent(v: Any, path: Where) -> None:
-    _message(_PERCENT)(v, path)
-    value = v.get("value")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100):
-        raise SpecError(path + ("value",), f"must be a number from 0 to 100, not {value!r}")
-
-
-def _status(v: Any, path: Where) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or not 200 <= v <= 599:
-        raise SpecError(path, f"must be an HTTP status code (200-599), not {v!r}")
-
-
-def _list(item: Callable[[Any, Where], None]) -> Callable[[Any, Where], None]:
-    def check(v: Any, path: Where) -> None:
-        if not isinstance(v, list):
-            raise SpecError(path, f"must be a list, not {_type(v)}")
-        for i, x in enumerate(v):
-            item(x, path + (i,))
-    return check
-
-
-def _map(value: Callable[[Any, Where], None]) -> Callable[[Any, Where], None]:
-    def check(v: Any, path: Where) -> None:
-        if not isinstance(v, dict):
-            raise SpecError(path, f"must be a mapping, not {_type(v)}")
-        for k, x in v.items():
-            if not isinstance(k, str):
-                raise SpecError(path, f"keys must be strings, not {k!r}")
-            value(x, path + (k,))
-    return check
-
-
-def _string_match(v: Any, path: Where) -> None:
-    _message(_STRING_MATCH)(v, path)
-    given = [k for k in ("exact", "prefix", "regex") if k in v]
-    if len(given) != 1:
-        raise SpecError(path, f"must hold exactly one of exact, prefix, regex (has {', '.join(given) or 'none'})")
-    if "regex" in v:
-        _regex(v["regex"], path + ("regex",))
-
-
-def _regex(v: Any, path: Where) -> None:
-    _str(v, path)
-    import re2
-
-    options = re2.Options()
-    options.log_errors = False
-    try:
-        re2.compile(v, options)
-    except re2.error as e:
-        text = e.args[0].decode("utf-8", "replace") if e.args and isinstance(e.args[0], bytes) else str(e)
-        raise SpecError(path, f"{v!r} is not an RE2 regular expression: {text}") from None
-
-
-def _message(fields: dict[str, Any]) -> Callable[[Any, Where], None]:
-    def check(v: Any, path: Where) -> None:
-        if not isinstance(v, dict):
-            raise SpecError(path, f"must be a mapping, not {_type(v)}")
-        for k, x in v.items():
-            spec = fields.get(k)
-            if spec is None:
-                known = ", ".join(fields)
-                raise SpecError(path + (k,), f"unknown field (known here: {known})")
-            if spec is _UNSUPPORTED:
-                _WARNINGS.append((path + (k,), "is not enforced by meshlens yet: stored as written"))
-            elif callable(spec):
-                spec(x, path + (k,))
-    return check
-
-
-def _type(v: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
-        type(v), type(v).__name__)
-
-
-_UNSUPPORTED = object()  # an Istio field meshlens stores and does not enforce yet: a warning
-
-
-def _checked_by_caller(v: Any, path: Where) -> None:
-    """A field its message's own check looks at (after the fields are known)."""
-_WARNINGS: list[tuple[Where, str]] = []  # filled while one spec is checked (checks are synchronous)
 
 # -- the messages (Istio's networking v1 protos) ------------------------------------------------------
 
-_PERCENT = {"value": _checked_by_caller}
-_STRING_MATCH = {"exact": _str, "prefix": _str, "regex": _checked_by_caller}
-_PORT = _message({"number": _uint})
-_DESTINATION = _message({"host": _str, "subset": _str, "port": _PORT})
-_MATCH = _message({
-    "name": _str, "uri": _string_match, "scheme": _string_match, "method": _string_match,
-    "authority": _string_match, "headers": _map(lambda v, p: _header_match(v, p)), "queryParams": _map(
-        lambda v, p: _string_match(v, p)), "port": _uint, "ignoreUriCase": _bool,
-    "sourceLabels": _UNSUPPORTED, "gateways": _UNSUPPORTED, "withoutHeaders": _UNSUPPORTED,
-    "sourceNamespace": _UNSUPPORTED, "statPrefix": _UNSUPPORTED,
+_PORT = message({"number": uint})
+_DESTINATION = message({"host": string, "subset": string, "port": _PORT})
+_MATCH = message({
+    "name": string, "uri": string_match, "scheme": string_match, "method": string_match,
+    "authority": string_match, "headers": map_of(lambda v, p: _header_match(v, p)), "queryParams": map_of(
+        lambda v, p: string_match(v, p)), "port": uint, "ignoreUriCase": boolean,
+    "sourceLabels": UNSUPPORTED, "gateways": UNSUPPORTED, "withoutHeaders": UNSUPPORTED,
+    "sourceNamespace": UNSUPPORTED, "statPrefix": UNSUPPORTED,
 })
 
 
@@ -182,68 +49,63 @@ def _header_match(v: Any, path: Where) -> None:
     """A header condition: a StringMatch, or {} for presence (Istio: an empty match means present)."""
     if v == {}:
         return
-    _string_match(v, path)
+    string_match(v, path)
 
 
-_ROUTE_DESTINATION = _message({"destination": _DESTINATION, "weight": _uint, "headers": _UNSUPPORTED})
-_RETRY = _message({"attempts": _uint, "perTryTimeout": _duration, "retryOn": _str,
-                   "retryRemoteLocalities": _UNSUPPORTED, "retryIgnorePreviousHosts": _UNSUPPORTED,
-                   "backoff": _duration})
-_FAULT = _message({
-    "delay": _message({"fixedDelay": _duration, "percentage": _percent, "percent": _uint,
-                       "exponentialDelay": _UNSUPPORTED}),
-    "abort": _message({"httpStatus": _status, "percentage": _percent, "grpcStatus": _UNSUPPORTED,
-                       "http2Error": _UNSUPPORTED}),
+_ROUTE_DESTINATION = message({"destination": _DESTINATION, "weight": uint, "headers": UNSUPPORTED})
+_RETRY = message({"attempts": uint, "perTryTimeout": duration, "retryOn": string,
+                   "retryRemoteLocalities": UNSUPPORTED, "retryIgnorePreviousHosts": UNSUPPORTED,
+                   "backoff": duration})
+_FAULT = message({
+    "delay": message({"fixedDelay": duration, "percentage": percent, "percent": uint,
+                       "exponentialDelay": UNSUPPORTED}),
+    "abort": message({"httpStatus": status, "percentage": percent, "grpcStatus": UNSUPPORTED,
+                       "http2Error": UNSUPPORTED}),
 })
-_HTTP_ROUTE = _message({
-    "name": _str, "match": _list(_MATCH), "route": _list(_ROUTE_DESTINATION), "timeout": _duration,
-    "retries": _RETRY, "fault": _FAULT, "mirror": _DESTINATION, "mirrorPercentage": _percent,
-    "redirect": _UNSUPPORTED, "directResponse": _UNSUPPORTED, "delegate": _UNSUPPORTED, "rewrite": _UNSUPPORTED,
-    "corsPolicy": _UNSUPPORTED, "headers": _UNSUPPORTED, "mirrors": _UNSUPPORTED, "mirror_percent": _UNSUPPORTED,
-    "mirrorPercent": _UNSUPPORTED,
+_HTTP_ROUTE = message({
+    "name": string, "match": list_of(_MATCH), "route": list_of(_ROUTE_DESTINATION), "timeout": duration,
+    "retries": _RETRY, "fault": _FAULT, "mirror": _DESTINATION, "mirrorPercentage": percent,
+    "redirect": UNSUPPORTED, "directResponse": UNSUPPORTED, "delegate": UNSUPPORTED, "rewrite": UNSUPPORTED,
+    "corsPolicy": UNSUPPORTED, "headers": UNSUPPORTED, "mirrors": UNSUPPORTED, "mirror_percent": UNSUPPORTED,
+    "mirrorPercent": UNSUPPORTED,
 })
-_VIRTUAL_SERVICE = _message({
-    "hosts": _list(_str), "http": _list(_HTTP_ROUTE), "gateways": _UNSUPPORTED, "tls": _UNSUPPORTED,
-    "tcp": _UNSUPPORTED, "exportTo": _UNSUPPORTED,
+_VIRTUAL_SERVICE = message({
+    "hosts": list_of(string), "http": list_of(_HTTP_ROUTE), "gateways": UNSUPPORTED, "tls": UNSUPPORTED,
+    "tcp": UNSUPPORTED, "exportTo": UNSUPPORTED,
 })
 
-_LB_SIMPLE = ("UNSPECIFIED", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST", "LEAST_CONN")
-
-
-def _lb(v: Any, path: Where) -> None:
-    _message({"simple": _str, "consistentHash": _UNSUPPORTED, "localityLbSetting": _UNSUPPORTED,
-              "warmupDurationSecs": _UNSUPPORTED, "warmup": _UNSUPPORTED})(v, path)
-    if "simple" in v and v["simple"] not in _LB_SIMPLE:
-        raise SpecError(path + ("simple",), f"must be one of {', '.join(_LB_SIMPLE)}, not {v['simple']!r}")
+_LB = message({"simple": enum("UNSPECIFIED", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST", "LEAST_CONN"),
+                "consistentHash": UNSUPPORTED, "localityLbSetting": UNSUPPORTED, "warmupDurationSecs": UNSUPPORTED,
+                "warmup": UNSUPPORTED})
 
 
 def _max_ejection(v: Any, path: Where) -> None:
-    _uint(v, path)
+    uint(v, path)
     if v > 100:
         raise SpecError(path, f"is a percentage (0-100), not {v}")
 
 
-_OUTLIER = _message({
-    "consecutive5xxErrors": _uint, "consecutiveGatewayErrors": _uint, "consecutiveErrors": _uint,
-    "consecutiveLocalOriginFailures": _UNSUPPORTED, "splitExternalLocalOriginErrors": _UNSUPPORTED,
-    "interval": _duration, "baseEjectionTime": _duration, "maxEjectionPercent": _max_ejection,
+_OUTLIER = message({
+    "consecutive5xxErrors": uint, "consecutiveGatewayErrors": uint, "consecutiveErrors": uint,
+    "consecutiveLocalOriginFailures": UNSUPPORTED, "splitExternalLocalOriginErrors": UNSUPPORTED,
+    "interval": duration, "baseEjectionTime": duration, "maxEjectionPercent": _max_ejection,
     "minHealthPercent": _max_ejection,
 })
-_POOL = _message({
-    "tcp": _message({"maxConnections": _uint, "connectTimeout": _duration, "idleTimeout": _duration,
-                     "tcpKeepalive": _UNSUPPORTED, "maxConnectionDuration": _UNSUPPORTED}),
-    "http": _message({"http1MaxPendingRequests": _uint, "http2MaxRequests": _uint, "maxRequestsPerConnection": _uint,
-                      "maxRetries": _uint, "idleTimeout": _duration, "h2UpgradePolicy": _UNSUPPORTED,
-                      "useClientProtocol": _UNSUPPORTED, "maxConcurrentStreams": _UNSUPPORTED}),
+_POOL = message({
+    "tcp": message({"maxConnections": uint, "connectTimeout": duration, "idleTimeout": duration,
+                     "tcpKeepalive": UNSUPPORTED, "maxConnectionDuration": UNSUPPORTED}),
+    "http": message({"http1MaxPendingRequests": uint, "http2MaxRequests": uint, "maxRequestsPerConnection": uint,
+                      "maxRetries": uint, "idleTimeout": duration, "h2UpgradePolicy": UNSUPPORTED,
+                      "useClientProtocol": UNSUPPORTED, "maxConcurrentStreams": UNSUPPORTED}),
 })
-_TRAFFIC_POLICY = _message({
-    "loadBalancer": _lb, "connectionPool": _POOL, "outlierDetection": _OUTLIER, "tls": _UNSUPPORTED,
-    "portLevelSettings": _UNSUPPORTED, "tunnel": _UNSUPPORTED, "proxyProtocol": _UNSUPPORTED,
+_TRAFFIC_POLICY = message({
+    "loadBalancer": _LB, "connectionPool": _POOL, "outlierDetection": _OUTLIER, "tls": UNSUPPORTED,
+    "portLevelSettings": UNSUPPORTED, "tunnel": UNSUPPORTED, "proxyProtocol": UNSUPPORTED,
 })
-_SUBSET = _message({"name": _str, "labels": _map(_str), "trafficPolicy": _TRAFFIC_POLICY})
-_DESTINATION_RULE = _message({
-    "host": _str, "trafficPolicy": _TRAFFIC_POLICY, "subsets": _list(_SUBSET), "exportTo": _UNSUPPORTED,
-    "workloadSelector": _UNSUPPORTED,
+_SUBSET = message({"name": string, "labels": map_of(string), "trafficPolicy": _TRAFFIC_POLICY})
+_DESTINATION_RULE = message({
+    "host": string, "trafficPolicy": _TRAFFIC_POLICY, "subsets": list_of(_SUBSET), "exportTo": UNSUPPORTED,
+    "workloadSelector": UNSUPPORTED,
 })
 
 
@@ -251,7 +113,7 @@ _DESTINATION_RULE = _message({
 
 def check_virtual_service(spec: dict[str, Any], namespace: str) -> list[tuple[Where, str]]:
     """Refuse (SpecError) or return warnings, each with the path it is about."""
-    warnings = _run(_VIRTUAL_SERVICE, spec)
+    warnings = run(_VIRTUAL_SERVICE, spec)
     hosts = spec.get("hosts")
     if not hosts:
         raise SpecError(("hosts",), "at least one host is required")
@@ -273,7 +135,7 @@ def check_virtual_service(spec: dict[str, Any], namespace: str) -> list[tuple[Wh
 
 
 def check_destination_rule(spec: dict[str, Any], namespace: str) -> list[tuple[Where, str]]:
-    warnings = _run(_DESTINATION_RULE, spec)
+    warnings = run(_DESTINATION_RULE, spec)
     if not spec.get("host"):
         raise SpecError(("host",), "is required")
     names: set[str] = set()
@@ -302,15 +164,6 @@ def _policies(spec: dict[str, Any]) -> list[tuple[Where, dict[str, Any]]]:
         if isinstance(subset.get("trafficPolicy"), dict):
             out.append((("subsets", i, "trafficPolicy"), subset["trafficPolicy"]))
     return out
-
-
-def _run(check: Callable[[Any, Where], None], spec: Any) -> list[tuple[Where, str]]:
-    _WARNINGS.clear()
-    try:
-        check(spec, ())
-        return list(_WARNINGS)
-    finally:
-        _WARNINGS.clear()
 
 
 def service_of(host: str, namespace: str) -> tuple[str, str]:

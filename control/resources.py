@@ -199,16 +199,31 @@ def _resource(doc: Any, where: str, lines: dict[tuple[Any, ...], int] | None = N
         if set(spec) != {"mode"} or spec["mode"] not in MODES:
             raise ResourceError(f"{where}: spec must be {{mode: {' | '.join(MODES)}}}, not {spec!r}")
     if version == _OURS[0]:
-        return Resource(kind, name, doc, source=source or where, lines=lines or {})
+        return _checked(Resource(kind, name, doc, source=source or where, lines=lines or {}), "")
     res = Resource(kind, f"{namespace or DEFAULT_NAMESPACE}/{name}", doc, source=source or where, lines=lines or {})
-    if kind not in ("VirtualService", "DestinationRule"):
-        return res
-    from meshlens.control import networking  # here: it imports re2, which only these kinds need
+    return _checked(res, namespace or DEFAULT_NAMESPACE)
 
-    check = networking.check_virtual_service if kind == "VirtualService" else networking.check_destination_rule
+
+def _checked(res: Resource, namespace: str) -> Resource:
+    """The spec checked by its kind's module; its warnings, each naming the field and line, kept with it."""
+    from meshlens.control.spec import SpecError
+
+    if res.kind in ("VirtualService", "DestinationRule"):
+        from meshlens.control import networking  # here: it imports re2, which only these kinds need
+
+        check = networking.check_virtual_service if res.kind == "VirtualService" else networking.check_destination_rule
+    elif res.kind in ("PeerAuthentication", "AuthorizationPolicy"):
+        from meshlens.control import security
+
+        check = (security.check_peer_authentication if res.kind == "PeerAuthentication" else
+                 security.check_authorization_policy)
+    elif res.kind == "LocalRateLimit":
+        from meshlens.control.ratelimit import check_local_rate_limit as check
+    else:
+        return res
     try:
-        warnings = check(spec, namespace or DEFAULT_NAMESPACE)
-    except networking.SpecError as e:
+        warnings = check(res.doc["spec"], namespace)
+    except SpecError as e:
         raise ResourceError(f"{res.at(e.path)}: {e}") from None
     return replace(res, warnings=tuple(f"{res.at(path)}: {text}" for path, text in warnings))
 
@@ -216,7 +231,8 @@ def _resource(doc: Any, where: str, lines: dict[tuple[Any, ...], int] | None = N
 def check_references(resources: list[Resource]) -> dict[tuple[str, str], tuple[str, ...]]:
     """Across a whole set of resources (the stored ones with those applied): subsets routed to exist.
     Refuses with ResourceError; returns more warnings by resource key."""
-    from meshlens.control.networking import SpecError, check_references as check
+    from meshlens.control.networking import check_references as check
+    from meshlens.control.spec import SpecError
 
     try:
         found = check(resources)

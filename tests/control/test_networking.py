@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshlens.control.networking import duration_s
+from meshlens.control.spec import duration_s
 from meshlens.control.resources import ResourceError, check_references, parse_documents
 from tests.control.test_resources import EXAMPLE
 
