@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.control.processes import ControlProcess
 from tests.control.test_resources import EXAMPLE
@@ -215,3 +216,32 @@ def test_diff_says_what_an_apply_would_change_and_stores_nothing(control, files,
     assert any(line.startswith("-") and "weight: 90" in line for line in diff.stdout.splitlines())
     assert any(line.startswith("+") and "weight: 80" in line for line in diff.stdout.splitlines())
     assert len(http(control, "GET", "/v1/history")[1]["entries"]) == 3  # still only the apply's
+
+
+@pytest.fixture(scope="module")
+def shared_control(tmp_path_factory):
+    with ControlProcess(tmp_path_factory.mktemp("fuzzed")) as c:
+        yield c
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from([("POST", "/v1/apply"), ("PUT", "/v1/modes/web"), ("POST", "/v1/status"),
+                        ("POST", "/v1/apply?dry_run=true")]),
+       st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode),
+                 st.dictionaries(st.text(max_size=8), st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                                 max_size=4).map(lambda d: json.dumps(d).encode())),
+       st.sampled_from(["application/yaml", "application/json", "text/plain"]))
+def test_garbage_from_any_client_is_a_4xx_in_one_line_and_the_control_plane_keeps_serving(shared_control, route, body,
+                                                                                          content_type):
+    method, path = route
+    req = urllib.request.Request(shared_control.url + path, data=body, method=method,
+                                 headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            status, answer = resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        status, answer = e.code, json.loads(e.read())
+    if status == 200:  # a valid document or report after all: stored, or nothing to say
+        return
+    assert 400 <= status < 500 and "\n" not in answer["error"], (status, answer)
+    assert http(shared_control, "GET", "/v1/modes")[0] == 200
