@@ -26,11 +26,13 @@ from pathlib import Path
 import httptools
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from meshlens.mesh import parse  # noqa: E402
 from meshlens.proxy.downstream import Downstream  # noqa: E402
 from meshlens.proxy.server import Proxy, ProxyConfig  # noqa: E402
 from meshlens.proxy.upstream import Upstream  # noqa: E402
+from http1 import NoCallbacks  # noqa: E402  (bench/http1.py)
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 02 Dec 2026 02:40:00 GMT\r\n"
@@ -92,17 +94,8 @@ def sidecar(connections: int):
     return exchange
 
 
-class _Nothing:
-    def on_message_begin(self) -> None: ...
-    def on_url(self, url: bytes) -> None: ...
-    def on_header(self, name: bytes, value: bytes) -> None: ...
-    def on_headers_complete(self) -> None: ...
-    def on_body(self, body: bytes) -> None: ...
-    def on_message_complete(self) -> None: ...
-
-
 def bare():
-    req, resp = httptools.HttpRequestParser(_Nothing()), httptools.HttpResponseParser(_Nothing())
+    req, resp = httptools.HttpRequestParser(NoCallbacks()), httptools.HttpResponseParser(NoCallbacks())
 
     def exchange() -> None:
         req.feed_data(REQUEST)

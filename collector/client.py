@@ -117,7 +117,7 @@ class CallRecorder:
         self.url = url
         self._host, self._port = parts.hostname, parts.port or 80
         self._path = parts.path or "/v1/calls"
-        self.compress = not _loopback(self._host) if compress is None else compress
+        self.compress = not is_loopback(self._host) if compress is None else compress
         """Whether bodies above GZIP_ABOVE are gzipped: by default, unless the collector is on loopback."""
         self.batch_rows = batch_rows
         self.flush_interval = flush_interval
@@ -325,7 +325,7 @@ class CallRecorder:
                     self._conn.close()
                 self._conn = None
                 if attempt == 1 or isinstance(e, (ConnectionRefusedError, TimeoutError)):
-                    return 0, None, _reason(e)
+                    return 0, None, failure_reason(e)
         return 0, None, "unreachable"
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -390,7 +390,8 @@ def _gzip(chunks: list[bytes]) -> list[bytes]:
     return out
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine (localhost or a loopback address; a name is not)."""
     if host == "localhost":
         return True
     try:
@@ -414,7 +415,7 @@ def _duplicate(text: str) -> bool:
         return False
 
 
-def _reason(e: BaseException) -> str:
+def failure_reason(e: BaseException) -> str:
     """A connection failure in words for the log ("connection refused"), not "[Errno 111] ..."."""
     if isinstance(e, OSError) and e.strerror:
         return e.strerror[:1].lower() + e.strerror[1:]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -15,21 +14,12 @@ from meshlens.control.api import build_app
 from meshlens.control.auth import Tokens
 from meshlens.control.store import Store
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "loopback", "run", "server_tls"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "run", "server_tls"]
 
 log = logging.getLogger("meshlens.control")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 15010  # Istio's control-plane (istiod) port
-
-
-def loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def serve(store: Store, host: str, port: int, tokens: Tokens | None = None,

@@ -30,6 +30,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
 
+from meshlens.collector.client import failure_reason
+
 __all__ = ["RETRY_MAX_S", "RETRY_MIN_S", "SNAPSHOT_WAIT_S", "ControlError", "ControlWatch"]
 
 log = logging.getLogger("meshlens.proxy.control")
@@ -91,10 +93,10 @@ class ControlWatch:
         except OSError as e:
             cached = self._cached()
             if cached is None:
-                raise ControlError(f"cannot reach the control plane at {self.url} ({_reason(e)}) and no snapshot "
+                raise ControlError(f"cannot reach the control plane at {self.url} ({failure_reason(e)}) and no snapshot "
                                    f"was kept at {self.cache_path}") from None
             log.warning("control plane unreachable, starting from the last snapshot kept url=%s version=%s error=%s",
-                        self.url, cached.get("version"), _reason(e))
+                        self.url, cached.get("version"), failure_reason(e))
             self.state = "cached"
             return cached
         assert snap is not None
@@ -136,7 +138,7 @@ class ControlWatch:
             except OSError as e:
                 if not failing:
                     log.warning("control plane unreachable, keeping version %s url=%s error=%s",
-                                self.version, self.url, _reason(e))
+                                self.version, self.url, failure_reason(e))
                 failing = True
                 self._stop.wait(backoff * random.uniform(0.5, 1.0))
                 backoff = min(RETRY_MAX_S, backoff * 2)
@@ -228,9 +230,3 @@ class ControlWatch:
             raise OSError(f"not an HTTP answer: {e}") from None
         finally:
             conn.close()
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror[:1].lower() + e.strerror[1:]
-    return str(e) or type(e).__name__

@@ -138,11 +138,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_control(args: argparse.Namespace) -> int:
     from meshlens.cli.listen import check_ports
-    from meshlens.control.service import loopback, run
-    from meshlens.control.store import StoreUnavailable, StoreURLError, default_store_url, open_store
-
+    from meshlens.collector.client import is_loopback
     from meshlens.control.auth import TokenError, load_tokens
-    from meshlens.control.service import server_tls
+    from meshlens.control.service import run, server_tls
+    from meshlens.control.store import StoreUnavailable, StoreURLError, default_store_url, open_store
 
     tokens = None
     if args.tokens:
@@ -150,7 +149,7 @@ def run_control(args: argparse.Namespace) -> int:
             tokens = load_tokens(args.tokens)
         except TokenError as e:
             raise UserError(str(e)) from None
-    elif not loopback(args.host):
+    elif not is_loopback(args.host):
         raise UserError(f"--host {args.host}: without --tokens the control plane listens on loopback only "
                         f"(127.0.0.1 or ::1): anyone who reaches it could change the mesh")
     if (args.tls_cert is None) != (args.tls_key is None):
