@@ -33,7 +33,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from meshlens.control.resources import (KINDS, MODES, Resource, ResourceError, check_references, mode_resource,
+from meshlens.policy.resources import (KINDS, MODES, Resource, ResourceError, check_references, mode_resource,
                                         parse_documents)
 from meshlens.control.auth import Tokens
 from meshlens.control.distribution import Sidecars, Snapshots

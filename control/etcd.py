@@ -24,7 +24,7 @@ import time
 import uuid
 from typing import Any
 
-from meshlens.control.resources import Resource
+from meshlens.policy.resources import Resource
 from meshlens.control.store import AuditEntry, Change, Store, StoreUnavailable, StoreURLError
 
 __all__ = ["EtcdStore"]

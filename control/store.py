@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshlens.control.resources import Resource
+from meshlens.policy.resources import Resource
 
 __all__ = ["AuditEntry", "Change", "SqliteStore", "Store", "StoreURLError", "StoreUnavailable", "default_store_url",
            "open_store"]

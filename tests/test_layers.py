@@ -20,7 +20,7 @@ FOLDERS = {"meshlens": "meshlens", "collector": "meshlens.collector", "proxy": "
            "control": "meshlens.control"}
 
 # meshlens/__init__.py (the package itself, `import meshlens`) is shared too: see layer_of.
-SHARED = ("meshlens.mesh", "meshlens.config", "meshlens.yamlfile", "meshlens.protocols")
+SHARED = ("meshlens.mesh", "meshlens.config", "meshlens.yamlfile", "meshlens.protocols", "meshlens.policy")
 ROOTS = ("meshlens.cli", "meshlens.demo")
 # What the producers may take from the collector: the record model, its columns and the client
 # that ships batches; never the stores, the ingestion service or the schema.

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.control.processes import ControlProcess
-from tests.control.test_resources import EXAMPLE
+from tests.meshlens.policy.test_resources import EXAMPLE
 
 MESH = "services:\n  payment-service:\n    instances: ['127.0.0.1:9001']\n  web: {}\n"
 

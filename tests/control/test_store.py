@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from meshlens.control.resources import ResourceError, mode_resource, parse_documents
+from meshlens.policy.resources import ResourceError, mode_resource, parse_documents
 from meshlens.control.store import Change, SqliteStore, StoreUnavailable, StoreURLError, open_store
 from tests.control.etcd_cluster import EtcdCluster
 

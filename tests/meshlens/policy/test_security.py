@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshlens.control.resources import ResourceError, parse_documents
+from meshlens.policy.resources import ResourceError, parse_documents
 
 PA = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec:\n"
 AP = "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: pay}\nspec:\n"

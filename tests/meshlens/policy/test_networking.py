@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from meshlens.control.spec import duration_s
-from meshlens.control.resources import ResourceError, check_references, parse_documents
-from tests.control.test_resources import EXAMPLE
+from meshlens.policy.spec import duration_s
+from meshlens.policy.resources import ResourceError, check_references, parse_documents
+from tests.meshlens.policy.test_resources import EXAMPLE
 
 VS = """apiVersion: networking.istio.io/v1
 kind: VirtualService

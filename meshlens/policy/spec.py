@@ -1,7 +1,7 @@
 """The checks every kind's spec is made of: value kinds, messages (tables of fields), lists, maps.
 
 A message refuses a field it does not know, by name (SpecError carries the path, which
-control/resources.py turns into 'FILE document N: spec.a.b[2] (line L)'), and accepts a
+meshlens/policy/resources.py turns into 'FILE document N: spec.a.b[2] (line L)'), and accepts a
 field meshlens stores but does not enforce yet with a warning (`UNSUPPORTED`), never
 silently. Checks are synchronous: the warnings of one spec are gathered while it runs.
 """

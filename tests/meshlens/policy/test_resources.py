@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from meshlens.control.resources import KINDS, ResourceError, parse_documents
+from meshlens.policy.resources import KINDS, ResourceError, parse_documents
 
 EXAMPLE = """\
 apiVersion: networking.istio.io/v1beta1

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshlens.control.spec import SpecError, Where, duration, message, run, string, uint
+from meshlens.policy.spec import SpecError, Where, duration, message, run, string, uint
 
 __all__ = ["check_local_rate_limit"]
 

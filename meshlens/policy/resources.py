@@ -206,19 +206,19 @@ def _resource(doc: Any, where: str, lines: dict[tuple[Any, ...], int] | None = N
 
 def _checked(res: Resource, namespace: str) -> Resource:
     """The spec checked by its kind's module; its warnings, each naming the field and line, kept with it."""
-    from meshlens.control.spec import SpecError
+    from meshlens.policy.spec import SpecError
 
     if res.kind in ("VirtualService", "DestinationRule"):
-        from meshlens.control import networking  # here: it imports re2, which only these kinds need
+        from meshlens.policy import networking  # here: it imports re2, which only these kinds need
 
         check = networking.check_virtual_service if res.kind == "VirtualService" else networking.check_destination_rule
     elif res.kind in ("PeerAuthentication", "AuthorizationPolicy"):
-        from meshlens.control import security
+        from meshlens.policy import security
 
         check = (security.check_peer_authentication if res.kind == "PeerAuthentication" else
                  security.check_authorization_policy)
     elif res.kind == "LocalRateLimit":
-        from meshlens.control.ratelimit import check_local_rate_limit as check
+        from meshlens.policy.ratelimit import check_local_rate_limit as check
     else:
         return res
     try:
@@ -231,8 +231,8 @@ def _checked(res: Resource, namespace: str) -> Resource:
 def check_references(resources: list[Resource]) -> dict[tuple[str, str], tuple[str, ...]]:
     """Across a whole set of resources (the stored ones with those applied): subsets routed to exist.
     Refuses with ResourceError; returns more warnings by resource key."""
-    from meshlens.control.networking import check_references as check
-    from meshlens.control.spec import SpecError
+    from meshlens.policy.networking import check_references as check
+    from meshlens.policy.spec import SpecError
 
     try:
         found = check(resources)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshlens.control.spec import (UNSUPPORTED, SpecError, Where, enum, list_of, map_of, message, run, string,
+from meshlens.policy.spec import (UNSUPPORTED, SpecError, Where, enum, list_of, map_of, message, run, string,
                                    uint)
 
 __all__ = ["check_authorization_policy", "check_peer_authentication"]

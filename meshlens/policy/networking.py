@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshlens.control.spec import (UNSUPPORTED, SpecError, Where, boolean, duration, enum, list_of, map_of, message,
+from meshlens.policy.spec import (UNSUPPORTED, SpecError, Where, boolean, duration, enum, list_of, map_of, message,
                                    percent, run, status, string, string_match, uint)
 
 __all__ = ["check_destination_rule", "check_references", "check_virtual_service", "service_of"]
