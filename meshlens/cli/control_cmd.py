@@ -194,7 +194,7 @@ def _call(fn: Any, *a: Any, **kw: Any) -> dict[str, Any]:
 
 
 def _kind(text: str) -> str:
-    from meshlens.control.resources import KINDS
+    from meshlens.policy.resources import KINDS
 
     kind = _KIND_ALIASES.get(text.lower(), text)
     if kind not in KINDS:
@@ -204,7 +204,7 @@ def _kind(text: str) -> str:
 
 def _name(kind: str, name: str) -> str:
     """Istio's kinds are stored as namespace/name; a bare name is in `default`, as kubectl has it."""
-    from meshlens.control.resources import API_VERSIONS
+    from meshlens.policy.resources import API_VERSIONS
 
     if "/" not in name and not API_VERSIONS[kind][0].startswith("meshlens.io/"):
         return f"default/{name}"
