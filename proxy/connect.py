@@ -60,6 +60,8 @@ class LocalReply(NamedTuple):
     """The record's `error` class: refused, timeout, reset, protocol_error, no_healthy_upstream, loop, ..."""
     flags: str = ""
     """Envoy-style response flags for the record's `response_flags` column."""
+    headers: bytes = b""
+    """Field lines added to the reply's head, each ending in CRLF (a 429's x-ratelimit-*)."""
 
 
 UPSTREAM_RESET = LocalReply(503, "upstream reset the connection before responding", "reset", UC)
@@ -84,10 +86,12 @@ def no_endpoint(service: str) -> LocalReply:
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
-async def open_connection(protocol: Callable[[], P], addr: tuple[str, int]) -> P:
-    """Connect to `addr` within CONNECT_TIMEOUT; the protocol is returned connected.
+async def open_connection(protocol: Callable[[], P], addr: tuple[str, int], timeout: float | None = None) -> P:
+    """Connect to `addr` within `timeout` (a DestinationRule's connectTimeout; default CONNECT_TIMEOUT);
+    the protocol is returned connected.
 
     Raises OSError (TimeoutError included): `failure` says what it is answered and recorded as."""
     loop = asyncio.get_running_loop()
-    _, proto = await asyncio.wait_for(loop.create_connection(protocol, addr[0], addr[1]), CONNECT_TIMEOUT)
+    _, proto = await asyncio.wait_for(loop.create_connection(protocol, addr[0], addr[1]),
+                                     timeout or CONNECT_TIMEOUT)
     return proto

@@ -207,7 +207,7 @@ class Downstream(asyncio.Protocol):
             authority = head.host or b""
             if target[:1] != b"/" and b"://" in target:  # RFC 9112 3.2.2: absolute-form's authority wins
                 authority = target.split(b"://", 1)[1].split(b"/", 1)[0].split(b"?", 1)[0] or authority
-            route = router.outbound(authority, peer, self.original_dst)
+            route = router.outbound(authority, peer, self.original_dst, head)
         ex.start(route)
 
     def exchange_done(self, ex: Exchange) -> None:

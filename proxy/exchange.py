@@ -53,25 +53,26 @@ _REASONS = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 405: b"Me
             504: b"Gateway Timeout", 508: b"Loop Detected"}
 
 
-def plain_response(status: int, text: str, close: bool) -> bytes:
+def plain_response(status: int, text: str, close: bool, headers: bytes = b"") -> bytes:
+    """A local reply: `headers` are complete field lines (each ending in CRLF) added to the head."""
     body = text.encode("utf-8", "replace") + b"\n"
-    return b"HTTP/1.1 %d %b\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n%b\r\n%b" % (
-        status, _REASONS.get(status, b"Error"), len(body), b"connection: close\r\n" if close else b"", body)
+    return b"HTTP/1.1 %d %b\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n%b%b\r\n%b" % (
+        status, _REASONS.get(status, b"Error"), len(body), headers, b"connection: close\r\n" if close else b"",
+        body)
 
 
 class Env:
     """What an exchange needs from its process, one per listener: the policy chain, the pool,
     connecting, balancing again for a retry, the field it adds, and the clock. Tests pass a fake."""
 
-    __slots__ = ("chain", "pool", "peer_field", "upstream_timeout", "dial", "rebalance")
+    __slots__ = ("pool", "peer_field", "upstream_timeout", "dial", "rebalance", "cluster")
 
     now_ns = staticmethod(time.monotonic_ns)
     wall_ns = staticmethod(time.time_ns)
 
-    def __init__(self, chain: Any, pool: Any, peer_field: bytes, upstream_timeout: float | None,
-                 dial: Callable[[tuple[str, int], Exchange], None], rebalance: Callable[[Any], Any]) -> None:
-        self.chain = chain
-        """The policy chain, or None in observe mode (no policy: nothing to run, not even a test)."""
+    def __init__(self, pool: Any, peer_field: bytes, upstream_timeout: float | None,
+                 dial: Callable[[tuple[str, int], Exchange], None], rebalance: Callable[[Any, tuple[Any, ...]], Any],
+                 cluster: Callable[[str], Any]) -> None:
         self.pool = pool
         self.peer_field = peer_field
         """Added to every request sent upstream (outbound: x-meshlens-peer), else b''."""
@@ -80,7 +81,9 @@ class Env:
         self.dial = dial
         """Open a connection to an address for an exchange: calls back `connected` or `connect_failed`."""
         self.rebalance = rebalance
-        """The route for another attempt (the cluster picks again), or a LocalReply."""
+        """The route for another attempt, avoiding the endpoints tried (the cluster picks again), or a LocalReply."""
+        self.cluster = cluster
+        """A destination service's cluster (its endpoints, for outlier detection), or None."""
 
     @staticmethod
     def call_later(delay: float, fn: Callable[[], None]) -> asyncio.TimerHandle:
@@ -147,6 +150,26 @@ class Exchange:
     actions: tuple[str, ...] = ()
     refused: LocalReply | None = None
     """Set when the client broke HTTP in this request (or timed out): answered with it at its turn."""
+    # policies (proxy/policies.py): only exchanges to a destination in dry-run or enforce set these
+    chain: Any = None
+    """The destination's policy chain; None in observe mode (no hook runs, not even a test)."""
+    chain_at = 0
+    """Where the chain's request hooks go on after a DELAY or WAIT."""
+    delayed = False
+    slot = 0
+    """How the destination's pool limits count it (proxy/limits.py)."""
+    retrying = False
+    breaker: Any = None
+    per_connection = 0
+    """Requests an upstream connection carries at most (maxRequestsPerConnection); 0: no limit."""
+    connect_timeout: float | None = None
+    per_try: float | None = None
+    """Each attempt's response head within this many seconds, else the attempt fails 504 UT."""
+    t_attempt = 0
+    try_timer: Any = None
+    wait_timer: Any = None
+    tried: tuple[Any, ...] = ()
+    """Endpoints tried: a retry goes elsewhere when it can."""
 
     def __init__(self, conn: Any, env: Any, head: RequestHead) -> None:
         self.conn = conn
@@ -179,12 +202,31 @@ class Exchange:
             self.reply(route)
             return
         self.route = route
-        chain = self.env.chain
-        if chain is not None:
+        dest = route.dest
+        if dest is not None:
+            if route.note:
+                self.actions += (route.note,)
+            chain = self.chain = dest.chain
             d = chain.on_request(self)
             if d is not None and self._decided(d):
                 return
         self._try(route)
+
+    def resume(self) -> None:
+        """A policy let the exchange go on (its pending turn came, a delay passed): the next policies, then upstream."""
+        self.wait_timer = None
+        if self.state is not _QUEUED or self.route is None:
+            return  # ended meanwhile (the client left)
+        d = self.chain.on_request(self, self.chain_at)
+        if d is not None and self._decided(d):
+            return
+        self._try(self.route)
+
+    def deadline(self, seconds: float, action: str) -> None:
+        """A policy's timeout for the whole response, from now: when it passes, 504 UT and `action` recorded."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.env.call_later(seconds, lambda: self._timed_out(action))
 
     def request_body(self, data: bytes) -> None:
         """Body bytes as framed by the client."""
@@ -219,6 +261,10 @@ class Exchange:
     def _try(self, route: Route, fresh: bool = False) -> None:
         """One attempt at `route`'s endpoint: a pooled connection (unless `fresh`), else a new one."""
         self.attempt += 1
+        if self.chain is not None:
+            self.t_attempt = self.env.now_ns()
+            if route.endpoint is not None:
+                self.tried += (route.endpoint,)
         up = None if fresh else self.env.pool.take(route.addr)
         if up is not None:
             self.reused = True
@@ -230,8 +276,8 @@ class Exchange:
 
     def connected(self, up: Any) -> None:
         """`env.dial` opened a connection for this attempt."""
-        if self.state is not _CONNECTING:
-            self.env.pool.release(up)  # the exchange ended while connecting (client left, timeout)
+        if self.state is not _CONNECTING or self.route is None or up.addr != self.route.addr:
+            self.env.pool.release(up)  # the exchange ended or moved on while connecting (client left, timeout)
             return
         self._send(up)
 
@@ -256,10 +302,14 @@ class Exchange:
         timeout = self.env.upstream_timeout
         if timeout and self.timer is None:
             self.timer = self.env.call_later(timeout, self._timed_out)
+        if self.per_try:
+            if self.try_timer is not None:
+                self.try_timer.cancel()
+            self.try_timer = self.env.call_later(self.per_try, self._try_timed_out)
 
-    def _retry(self) -> str:
-        """Another attempt, at the endpoint the cluster picks now: '' when it was made, else why not
-        ('limit': MAX_ATTEMPTS were made; 'body': the body outgrew the replay buffer)."""
+    def _retry(self, delay: float = 0.0) -> str:
+        """Another attempt after `delay` s, at the endpoint the cluster picks then: '' when it is made, else why
+        not ('limit': MAX_ATTEMPTS were made; 'body': the body outgrew the replay buffer)."""
         if self.attempt >= MAX_ATTEMPTS:
             return "limit"
         if self.replay is None:
@@ -267,14 +317,24 @@ class Exchange:
         up, self.upstream = self.upstream, None
         if up is not None:
             up.abort()  # what it would still send can no longer be read as this exchange's
+        self._cancel_try_timer()
+        if delay > 0:
+            self.wait_timer = self.env.call_later(delay, self._retry_now)
+        else:
+            self._retry_now()
+        return ""
+
+    def _retry_now(self) -> None:
+        self.wait_timer = None
+        if self.state is _DONE or self.state is _RESPONDING or self.state is _TUNNEL:
+            return
         assert self.route is not None
-        again = self.env.rebalance(self.route)
+        again = self.env.rebalance(self.route, self.tried)
         if isinstance(again, LocalReply):
             self.reply(again)
-            return ""
+            return
         self.route = again
         self._try(again)
-        return ""
 
     # -- the response ---------------------------------------------------------------------------
 
@@ -285,7 +345,9 @@ class Exchange:
             if self.head.version == "1.1":  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client
                 self.conn.write(head.raw)
             return
-        chain = self.env.chain
+        if self.try_timer is not None:
+            self._cancel_try_timer()
+        chain = self.chain
         if chain is not None and self.state is _SENT:
             d = chain.on_response(self, head)
             if d is not None and self._decided(d):
@@ -308,7 +370,8 @@ class Exchange:
         self.response_bytes = body_bytes
         up, self.upstream = self.upstream, None
         if up is not None:
-            if head.keep_alive and self.head.keep_alive and self.request_done:
+            if head.keep_alive and self.head.keep_alive and self.request_done and (
+                    not self.per_connection or up.requests < self.per_connection):
                 self.env.pool.release(up)
             else:
                 up.close()
@@ -362,10 +425,13 @@ class Exchange:
             return
         self._failed(UPSTREAM_PROTOCOL_ERROR if protocol_error else UPSTREAM_RESET)
 
-    def _timed_out(self) -> None:
+    def _timed_out(self, action: str = "") -> None:
+        """The whole response's time is up (the route's timeout): never retried, as in Envoy."""
         self.timer = None
         if self.state is _DONE or self.state is _TUNNEL:
             return
+        if action:
+            self.actions += (action,)
         up, self.upstream = self.upstream, None
         if up is not None:
             up.abort()
@@ -374,11 +440,23 @@ class Exchange:
             self.conn.abort()
             self._finish()
             return
-        self._failed(LocalReply(504, "upstream request timeout", "timeout", UT))
+        self.reply(LocalReply(504, "upstream request timeout", "timeout", UT))
+
+    def _try_timed_out(self) -> None:
+        """This attempt's response head did not come within perTryTimeout: the attempt fails (and may be retried)."""
+        self.try_timer = None
+        if self.state is not _SENT and self.state is not _CONNECTING:
+            return
+        if self.wait_timer is not None:
+            return  # between attempts (backing off)
+        up, self.upstream = self.upstream, None
+        if up is not None:
+            up.abort()
+        self._failed(LocalReply(504, "upstream request timeout (per try)", "timeout", UT))
 
     def _failed(self, reply: LocalReply) -> None:
         """An attempt failed before any response reached the client: the chain may retry."""
-        chain = self.env.chain
+        chain = self.chain
         if chain is not None:
             d = chain.on_error(self, reply)
             if d is not None and self._decided(d):
@@ -387,13 +465,19 @@ class Exchange:
 
     def _decided(self, d: Decision) -> bool:
         """Carry out an enforced decision; False when it cannot be (the exchange goes on as if none)."""
-        if d.kind is Kind.RETRY:
-            why_not = self._retry()
+        kind = d.kind
+        if kind is Kind.RETRY:
+            why_not = self._retry(d.delay)
             if not why_not:
                 return True
             if why_not == "limit":
                 self.flags = URX  # Envoy's: the retry limit was reached
             return False
+        if kind is Kind.DELAY:
+            self.wait_timer = self.env.call_later(d.delay, self.resume)
+            return True
+        if kind is Kind.WAIT:
+            return True  # the policy calls `resume` when its turn comes
         assert d.reply is not None
         if self.state is _RESPONDING:
             self.error, self.flags, self.close_after = d.reply.error, d.reply.flags, True
@@ -413,7 +497,7 @@ class Exchange:
         # 400/408/431: the request stream cannot be trusted further; 508: the connection loops
         close = self.close_after or self.conn.closing or r.status in (400, 408, 431, 508)
         self.close_after = close
-        self.local = plain_response(r.status, r.text, close)
+        self.local = plain_response(r.status, r.text, close, r.headers)
         self.status, self.error = r.status, r.error
         if r.flags:
             self.flags = r.flags if not self.flags else self.flags + "," + r.flags
@@ -439,6 +523,8 @@ class Exchange:
             up.abort()
         self._cancel_timer()
         self.state = _DONE
+        if self.chain is not None:
+            self._ended()
         self.conn.exchange_done(self)
 
     def _cancel_timer(self) -> None:
@@ -446,8 +532,23 @@ class Exchange:
             self.timer.cancel()
             self.timer = None
 
+    def _cancel_try_timer(self) -> None:
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+
+    def _ended(self) -> None:
+        """The policies' end of an exchange: their timers stop, the chain's end hooks run."""
+        self._cancel_try_timer()
+        if self.wait_timer is not None:
+            self.wait_timer.cancel()
+            self.wait_timer = None
+        self.chain.on_end(self)
+
     def _finish(self) -> None:
         if self.timer is not None:
             self._cancel_timer()
         self.state = _DONE  # every state but DONE may end; reply() and the others return early on DONE
+        if self.chain is not None:
+            self._ended()
         self.conn.exchange_done(self)

@@ -88,6 +88,8 @@ class Recording:
         row[AT.method], row[AT.authority], row[AT.path] = req.method, req.authority, req.path
         if req.attempt > 1:
             row[AT.attempt] = req.attempt - 1  # the record's attempt counts retries: 0 for the first try
+        if route is not None and route.dest is not None:
+            row[AT.mode] = route.dest.mode
         if req.actions:
             row[AT.action] = ",".join(req.actions)
         attributes = {"x_request_id": req.request_id.decode("latin-1")} if req.request_id else {}

@@ -11,15 +11,27 @@ One entry point per kind of lookup, each taking what it needs as arguments (no s
   transparent fallback above); our own outbound listener is a loop (508).
 
 Routes to single addresses are cached (bounded); balanced ones are picked per request.
+
+A mesh service in dry-run or enforce (proxy/policies.py `Destination`) is routed by its
+VirtualService: the first rule the request matches, a destination drawn by weight, and
+in enforce an endpoint of the subset it names that outlier detection has not ejected
+(a retry's, one not tried yet when there is one). In dry-run the endpoint is picked as
+in observe, and the route notes the subset it would have taken (`would_route:v2`).
 """
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from meshlens.mesh import Mesh, Service, parse_address
 from meshlens.proxy.cluster import Cluster, Endpoint
-from meshlens.proxy.connect import DPE, LocalReply, no_endpoint
+from meshlens.proxy.connect import DPE, UH, LocalReply, no_endpoint
+
+if TYPE_CHECKING:
+    from meshlens.protocols.http1 import RequestHead
+    from meshlens.proxy.policies import Destination, Policies
 
 __all__ = ["LOOPBACK", "ROUTE_CACHE_SIZE", "LocalReply", "Route", "Router"]
 
@@ -39,6 +51,12 @@ class Route:
     """Inbound only: the calling service, when the mesh or the caller's sidecar says (else '')."""
     endpoint: Endpoint | None = field(default=None, compare=False)
     """The cluster endpoint it was balanced to, whose active requests it counts until `Router.finished`."""
+    dest: Destination | None = field(default=None, compare=False)
+    """The destination's policies, in dry-run or enforce; None in observe (proxy/policies.py)."""
+    rule: Any = field(default=None, compare=False)
+    """The VirtualService rule the request matched (proxy/routing.py HttpRule), if any."""
+    note: str = field(default="", compare=False)
+    """What routing did for the record's action: routed:SUBSET, would_route:SUBSET, would_no_route."""
 
 
 class Router:
@@ -54,6 +72,8 @@ class Router:
         self.outbound_port: int | None = None
         """Our own outbound listener's port once it listens: an address there is a loop."""
         self._rng = rng or random.Random()
+        self.random = self._rng.random
+        """The random source of balancing, weights and policies' draws (seeded in tests)."""
         self.clusters: dict[str, Cluster] = {name: Cluster(svc, self._rng) for name, svc in mesh.services.items()}
         self._own_name = service.name.encode()
         self._inbound_subset = mesh.name_of(*app)[1] if app is not None else ""
@@ -61,6 +81,15 @@ class Router:
         self._by_addr: dict[tuple[str, int], Route] = {}
         self._inbound: dict[str, Route] = {}  # by calling service; at most one per mesh service
         self._src_by_host: dict[str, str | None] = {}  # caller address -> the mesh service there
+        self.policies: Policies | None = None
+        """What this sidecar applies (proxy/policies.py), None when no service is in dry-run or enforce."""
+
+    def set_policies(self, policies: Policies | None) -> None:
+        """The policies from now on (with `update`, between two callbacks: no request sees half of them)."""
+        self.policies = policies
+        self._inbound = {}
+        for cluster in self.clusters.values():
+            cluster.subsets = {}
 
     def update(self, mesh: Mesh, service: Service) -> None:
         """A new mesh, from now on (the control plane's next snapshot). An instance that stays keeps its
@@ -94,12 +123,14 @@ class Router:
         route = self._inbound.get(src)
         if route is None:
             assert self.app is not None, "no inbound routes without an app port"
-            route = Route(self.app, self.service.name, self._inbound_subset, src)
+            pol = self.policies
+            route = Route(self.app, self.service.name, self._inbound_subset, src, None,
+                          pol.inbound if pol is not None else None)
             self._inbound[src] = route
         return route
 
-    def outbound(self, authority: bytes, peer_field: bytes = b"",
-                 original_dst: tuple[str, int] | None = None) -> Route | LocalReply:
+    def outbound(self, authority: bytes, peer_field: bytes = b"", original_dst: tuple[str, int] | None = None,
+                 head: RequestHead | None = None) -> Route | LocalReply:
         """The upstream for a request from the app: `authority` is the absolute-form target's or else the
         Host field, `peer_field` the request's `x-meshlens-peer`, `original_dst` where iptables meant the
         connection to go (transparent mode), None on an explicit proxy connection."""
@@ -108,7 +139,7 @@ class Router:
             return LocalReply(508, "request came back into the outbound listener (proxy traffic redirected?)", "loop")
         if original_dst is not None:
             svc = self.mesh.services.get(_split_authority(authority.decode("latin-1").strip())[0])
-            return self.address(original_dst) if svc is None else self.balanced(svc.name)
+            return self.address(original_dst) if svc is None else self.balanced(svc.name, head)
         cached = self._by_authority.get(authority)
         if cached is not None:
             return cached
@@ -117,7 +148,7 @@ class Router:
             return LocalReply(400, "no Host header and no absolute-form target", "protocol_error", DPE)
         name, port_text = _split_authority(text)
         if name in self.mesh.services:
-            return self.balanced(name)
+            return self.balanced(name, head)
         try:
             host, port = parse_address(text if port_text else f"{text}:80")
         except ValueError:
@@ -141,16 +172,80 @@ class Router:
             self._by_addr[addr] = route
         return route
 
-    def balanced(self, service: str) -> Route | LocalReply:
-        """The instance of a mesh service the next exchange goes to, as its cluster balances (503 UH if none).
+    def balanced(self, service: str, head: RequestHead | None = None) -> Route | LocalReply:
+        """The instance of a mesh service the next exchange goes to, as its cluster balances (503 UH if none);
+        with the service in dry-run or enforce, as its VirtualService routes `head`.
 
         The endpoint counts the exchange as active until `finished(route)`."""
+        pol = self.policies
+        if pol is not None:
+            dest = pol.outbound.get(service)
+            if dest is not None:
+                return self._routed(dest, head)
         cluster = self.clusters[service]
         ep = cluster.pick()
         if ep is None:
             return no_endpoint(service)
         cluster.started(ep)
         return Route((ep.host, ep.port), service, ep.subset, "", ep)
+
+    def _routed(self, dest: Destination, head: RequestHead | None) -> Route | LocalReply:
+        from meshlens.proxy.policies import NO_ROUTE
+
+        target, subset, rule, note = dest.service, "", None, ""
+        routes = dest.routes
+        if routes is not None and head is not None:
+            rule = routes.first(head)
+            if rule is None:
+                if dest.enforced:
+                    return NO_ROUTE
+                note = "would_no_route"
+            else:
+                target, subset = rule.pick(self._rng.random)
+                if subset:
+                    note = ("routed:" if dest.enforced else "would_route:") + subset
+        return self._pick(dest, target, subset if dest.enforced else "", rule, note, ())
+
+    def _pick(self, dest: Destination, target: str, subset: str, rule: Any, note: str,
+              avoid: tuple[Endpoint, ...]) -> Route | LocalReply:
+        """An endpoint of `target` (of its `subset`, if any; enforced, not ejected; not in `avoid` if others are left)."""
+        cluster = self.clusters.get(target)
+        if cluster is None:
+            return no_endpoint(target)
+        eps = cluster.endpoints
+        pol = self.policies
+        if subset and pol is not None:
+            eps = cluster.subset(subset, pol.subsets.get(target, {}).get(subset, {}))
+        if dest.enforced and pol is not None:
+            target_dest = pol.outbound.get(target)
+            if target_dest is not None and target_dest.outlier is not None:
+                eps = target_dest.outlier.available(eps, time.monotonic())
+        if avoid:
+            rest = tuple(e for e in eps if e not in avoid)
+            eps = rest or eps
+        ep = cluster.choose(eps)
+        if ep is None:
+            if not cluster.endpoints:
+                return no_endpoint(target)
+            return LocalReply(503, f"no healthy upstream for {target}{' subset ' + subset if subset else ''}",
+                              "no_healthy_upstream", UH)
+        cluster.started(ep)
+        return Route((ep.host, ep.port), target, subset or ep.subset, "", ep, dest, rule, note)
+
+    def again(self, route: Route, avoid: tuple[Endpoint, ...] = ()) -> Route | LocalReply:
+        """The route of another attempt of a balanced exchange: the same destination and rule, an endpoint picked
+        again (one not in `avoid` when there is one); a route to one address stays."""
+        if route.endpoint is None:
+            return route
+        self.finished(route)
+        dest = route.dest
+        if dest is None:
+            return self.balanced(route.dst_service)
+        subset = route.note[len("routed:"):] if route.note.startswith("routed:") else ""
+        return self._pick(dest, route.dst_service, subset, route.rule, route.note, avoid)
+
+    def cluster(self, service: str) -> Cluster | None:
+        return self.clusters.get(service)
 
     def finished(self, route: Route) -> None:
         """The exchange that took `route` ended: a balanced endpoint has one active request fewer (its
@@ -172,7 +267,7 @@ def _kept(old: Endpoint | None, new: Endpoint) -> Endpoint:
     """The endpoint an instance had before an update, with its subset as the new mesh names it."""
     if old is None:
         return new
-    old.subset = new.subset
+    old.subset, old.labels = new.subset, new.labels
     return old
 
 

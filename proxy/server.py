@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from meshlens.mesh import RECORDED_PROTOCOL, Mesh
-from meshlens.proxy.chain import Chain
-from meshlens.proxy.connect import LocalReply, failure, open_connection
+from meshlens.proxy.connect import failure, open_connection
 from meshlens.proxy.downstream import HEADER_TIMEOUT, IDLE_TIMEOUT, Downstream
 from meshlens.proxy.exchange import Env, Exchange
 from meshlens.proxy.headers import peer_field
 from meshlens.proxy.metrics import Metrics
+from meshlens.proxy.policies import Policies
 from meshlens.proxy.pool import Pool
 from meshlens.proxy.record import Recording
-from meshlens.proxy.router import Route, Router
+from meshlens.proxy.router import Router
 from meshlens.proxy.transparent import original_dst
 from meshlens.proxy.upstream import Upstream
 
@@ -108,11 +108,10 @@ class Proxy:
         self.control: ControlWatch | None = None
         """The control plane this sidecar follows, if any."""
         self.desired_mode = "observe"
-        """The mode the control plane asks of this service (applied: observe, until policies exist)."""
-        self.chain = Chain()  # observe mode: no policy runs
-        chain = self.chain or None
-        self.envs = (Env(chain, self.pool, self.peer_field, config.upstream_timeout, self._dial, self._rebalance),
-                     Env(chain, self.pool, b"", config.upstream_timeout, self._dial, self._rebalance))
+        """The mode the control plane asks of this service (and, with its policies, applies)."""
+        self.envs = (Env(self.pool, self.peer_field, config.upstream_timeout, self._dial, self.router.again,
+                         self.router.cluster),
+                     Env(self.pool, b"", config.upstream_timeout, self._dial, self.router.again, self.router.cluster))
         """What exchanges run in, by listener: [outbound, inbound]."""
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
 
@@ -167,10 +166,16 @@ class Proxy:
         if not isinstance(modes, dict) or not all(m in CONTROL_MODES for m in modes.values()):
             raise ValueError(f"snapshot {snap.get('version')}: modes must map services to one of "
                              f"{', '.join(CONTROL_MODES)}")
+        policies_docs = snap.get("policies") or []
+        if not isinstance(policies_docs, list):
+            raise ValueError(f"snapshot {snap.get('version')}: policies must be a list of documents")
+        policies = Policies.build(mesh, service.name, modes, policies_docs, self.router.random,
+                                  self.router.policies)  # ValueError: NACKed, nothing changed
         self.mesh, self.service = mesh, service
         self.router.update(mesh, service)
+        self.router.set_policies(policies if policies.outbound or policies.inbound else None)
         self.desired_mode = str(modes.get(service.name, "observe"))
-        return service.mode  # observe: no policy is enforced or dry-run yet, and a record never claims one
+        return self.desired_mode
 
     # -- what exchanges ask of the process ---------------------------------------------------------
 
@@ -180,18 +185,11 @@ class Proxy:
     async def _connect(self, addr: tuple[str, int], ex: Exchange) -> None:
         self.stats["upstream_cx_total"] += 1
         try:
-            up = await open_connection(lambda: Upstream(self.pool, addr), addr)
+            up = await open_connection(lambda: Upstream(self.pool, addr), addr, ex.connect_timeout)
         except OSError as e:
             ex.connect_failed(failure(e))
         else:
             ex.connected(up)
-
-    def _rebalance(self, route: Route) -> Route | LocalReply:
-        """Another attempt's route: the cluster picks again (an address outside the mesh stays)."""
-        if route.endpoint is None:
-            return route
-        self.router.finished(route)
-        return self.router.balanced(route.dst_service)
 
     def _sweep(self) -> None:
         self.pool.sweep()

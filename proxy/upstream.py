@@ -33,6 +33,8 @@ class Upstream(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.write_paused = False
+        self.requests = 0
+        """Requests it carried (a DestinationRule's maxRequestsPerConnection closes it at the limit)."""
         # per exchange
         self.exchange: Exchange | None = None
 
@@ -114,6 +116,7 @@ class Upstream(asyncio.Protocol):
 
     def attach(self, ex: Exchange) -> None:
         self.exchange = ex
+        self.requests += 1
         reader = self.reader
         reader.methods.append(ex.method)  # ResponseReader.expect, inline: once per request
         reader._on_head, reader._body_cb, reader._on_end = ex.response_head, ex.response_body, ex.response_end

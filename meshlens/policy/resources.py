@@ -24,7 +24,7 @@ from typing import Any
 
 from meshlens.mesh import CONTROL_MODES
 
-__all__ = ["API_VERSIONS", "KINDS", "MODES", "Resource", "ResourceError", "check_references", "mode_resource",
+__all__ = ["API_VERSIONS", "KINDS", "MODES", "Resource", "ResourceError", "check_references", "mode_resource", "read_document",
            "parse_documents"]
 
 MODES = CONTROL_MODES
@@ -154,6 +154,11 @@ def _lines(node: Any, path: tuple[Any, ...] = (), out: dict[tuple[Any, ...], int
             out[path + (i,)] = item.start_mark.line + 1
             _lines(item, path + (i,), out)
     return out
+
+
+def read_document(doc: Any, where: str) -> Resource:
+    """One document already parsed (a snapshot's, as JSON), checked as `parse_documents` checks each."""
+    return _resource(doc, where)
 
 
 def _resource(doc: Any, where: str, lines: dict[tuple[Any, ...], int] | None = None, source: str = "") -> Resource:

@@ -4,6 +4,7 @@ fields out. A test policy answers locally, retries on a second endpoint and time
 enforce and in dry-run, through the same policy chain the sidecar runs."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -96,6 +97,14 @@ class Pool:
         self.released.append(up)
 
 
+class Destination:
+    """A destination's policies, as proxy/policies.py builds them: here only the chain."""
+
+    def __init__(self, chain: Chain) -> None:
+        self.chain = chain
+        self.mode = "enforce"
+
+
 class Env:
     def __init__(self, chain: Chain | None = None, timeout: float | None = None, routes: tuple[Route, ...] = (B,)) -> None:
         self.clock = Clock()
@@ -120,8 +129,17 @@ class Env:
     def dial(self, addr: tuple[str, int], ex: Exchange) -> None:
         self.dials.append((addr, ex))
 
-    def rebalance(self, route: Route) -> Route | LocalReply:
-        return self.routes.pop(0) if self.routes else LocalReply(503, "no healthy upstream", "no_healthy_upstream", "UH")
+    def rebalance(self, route: Route, tried: tuple[Any, ...] = ()) -> Route | LocalReply:
+        if not self.routes:
+            return LocalReply(503, "no healthy upstream", "no_healthy_upstream", "UH")
+        return self.routed(self.routes.pop(0))
+
+    def routed(self, route: Route) -> Route:
+        """The route as the router gives it when its destination has policies: carrying them."""
+        return dataclasses.replace(route, dest=Destination(self.chain)) if self.chain is not None else route
+
+    def cluster(self, service: str) -> None:
+        return None
 
     def connect(self, i: int = -1) -> FakeUpstream:
         """The dial `i` succeeds."""
@@ -194,7 +212,7 @@ def begin(env: Env, raw: bytes, route: Route | LocalReply = A) -> tuple[Exchange
 
     RequestReader(Shell()).feed(raw)
     (ex,) = made
-    ex.start(route)
+    ex.start(env.routed(route) if isinstance(route, Route) else route)
     return ex, conn
 
 
@@ -249,7 +267,7 @@ def test_dry_run_says_what_it_would_have_done_and_changes_nothing() -> None:
     up = env.connect()
     up.answer(UNAVAILABLE)
     assert conn.out == UNAVAILABLE and len(env.dials) == 1
-    assert (ex.status, ex.attempt, ex.actions) == (503, 1, ("would_denied", "would_retried"))
+    assert (ex.status, ex.attempt, ex.actions) == (503, 1, ("would_deny", "would_retry"))
 
 
 def test_enforced_retry_goes_to_a_second_endpoint_with_the_body_replayed() -> None:
@@ -258,7 +276,7 @@ def test_enforced_retry_goes_to_a_second_endpoint_with_the_body_replayed() -> No
     first = env.connect()
     first.answer(UNAVAILABLE)
     assert first.ended == "aborted" and conn.out == b""  # the 503 never reaches the client
-    assert [d[0] for d in env.dials] == [A.addr, B.addr] and ex.route is B
+    assert [d[0] for d in env.dials] == [A.addr, B.addr] and ex.route == B
     second = env.connect()
     assert second.sent.endswith(b"\r\n\r\nabc") and second.sent.split(b"\r\n")[0] == b"PUT /cart HTTP/1.1"
     second.answer(OK)

@@ -1,0 +1,332 @@
+"""What a sidecar applies, from its snapshot: per destination service, its mode and its policies in a chain.
+
+`Policies.build` reads a control-plane snapshot's documents (each checked again with
+meshlens.policy, as the control plane checked it: a snapshot that does not read is
+NACKed) and keeps, for every service whose mode is `dry-run` or `enforce`, one
+`Destination`: its VirtualService rules (proxy/routing.py), its DestinationRule's
+subsets, connection pool (proxy/limits.py `Breaker`) and outlier detection
+(proxy/outlier.py), and the chain its calls run through. A service in `observe` has
+none: its calls take the path they took before any policy existed.
+
+A service's mode governs calls **to** it. Traffic policies run in the callers' sidecars
+(outbound, as Envoy applies them client side): fault injection, the pool's limits,
+the route's timeout, retries, outlier detection, in that order. Inbound, the service's
+own sidecar applies its LocalRateLimit. Each policy runs in the destination's mode:
+enforced, it acts and the record says what it did; in dry-run it decides the same way
+on the same exchange and the record says what it would have done (chain.WOULD), while
+the traffic stays as observe would have it.
+
+Where several VirtualServices name one host, the first by namespace/name is used (Istio
+also uses one, the oldest); likewise one DestinationRule a host.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from meshlens.proxy.chain import Chain, Decision, Kind, note
+from meshlens.proxy.connect import UO, LocalReply
+from meshlens.proxy.limits import PENDING, Breaker, PoolLimits, TokenBucket
+from meshlens.proxy.outlier import Outlier, OutlierConfig
+from meshlens.proxy.retries import DEFAULT_RETRY, no_response
+from meshlens.proxy.routing import HttpRule, Routes
+
+if TYPE_CHECKING:
+    from meshlens.mesh import Mesh
+    from meshlens.protocols.http1 import ResponseHead
+    from meshlens.proxy.exchange import Exchange
+
+__all__ = ["DI", "FI", "NO_ROUTE", "OVERFLOW", "RL", "Destination", "Policies"]
+
+FI = "FI"
+"""Envoy's response flag: the request was aborted with a response code by fault injection."""
+DI = "DI"
+"""Envoy's response flag: the request was delayed by fault injection."""
+RL = "RL"
+"""Envoy's response flag: the request was rate-limited locally, in addition to a 429."""
+# Envoy's answer to a request its circuit breakers refuse.
+OVERFLOW = LocalReply(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                      "overflow", UO)
+NO_ROUTE = LocalReply(404, "no route matched the request (VirtualService)", "no_route", "NR")
+
+
+class Destination:
+    """Calls to one service, in its mode: the routes, subsets and cluster-wide state, and the chain."""
+
+    __slots__ = ("service", "mode", "routes", "breaker", "outlier", "limits", "bucket", "chain")
+
+    def __init__(self, service: str, mode: str) -> None:
+        self.service = service
+        self.mode = mode
+        """dry-run or enforce."""
+        self.routes: Routes | None = None
+        self.breaker: Breaker | None = None
+        self.outlier: Outlier | None = None
+        self.limits = PoolLimits()
+        self.bucket: TokenBucket | None = None
+        """Inbound only: the LocalRateLimit's bucket."""
+        self.chain = Chain()
+
+    def __repr__(self) -> str:
+        return f"<Destination {self.service} {self.mode} {self.chain}>"
+
+    @property
+    def enforced(self) -> bool:
+        return self.mode == "enforce"
+
+
+class Policies:
+    """Everything one sidecar applies, from one snapshot (per process)."""
+
+    def __init__(self, outbound: dict[str, Destination], inbound: Destination | None,
+                 subsets: dict[str, dict[str, dict[str, str]]]) -> None:
+        self.outbound = outbound
+        """Services in dry-run or enforce -> their Destination."""
+        self.inbound = inbound
+        """This sidecar's own service, in dry-run or enforce."""
+        self.subsets = subsets
+        """Every DestinationRule's subsets, whatever its service's mode: service -> name -> labels."""
+
+    def __repr__(self) -> str:
+        return f"<Policies outbound={list(self.outbound)} inbound={self.inbound}>"
+
+    @classmethod
+    def build(cls, mesh: Mesh, own: str, modes: dict[str, str], documents: list[Any],
+              random: Callable[[], float], old: Policies | None = None) -> Policies:
+        """Raises ValueError naming the document when one does not read (the sidecar NACKs the snapshot)."""
+        from meshlens.policy.networking import service_of
+        from meshlens.policy.resources import ResourceError, read_document
+
+        routes: dict[str, Routes] = {}
+        rules: dict[str, tuple[str, dict[str, Any]]] = {}
+        buckets: list[dict[str, Any]] = []
+        resources = []
+        for i, doc in enumerate(documents):
+            try:
+                resources.append(read_document(doc, f"snapshot policy {i + 1}"))
+            except ResourceError as e:
+                raise ValueError(str(e)) from None
+        for r in sorted(resources, key=lambda r: r.key):
+            ns = r.name.split("/", 1)[0]
+            spec = r.doc["spec"]
+            if r.kind == "VirtualService":
+                compiled = tuple(HttpRule(h, lambda host, ns=ns: service_of(host, ns)[0]) for h in spec.get("http") or ())
+                for host in spec["hosts"]:
+                    routes.setdefault(service_of(host, ns)[0], Routes(compiled, r.name))
+            elif r.kind == "DestinationRule":
+                rules.setdefault(service_of(spec["host"], ns)[0], (r.name, spec))
+            elif r.kind == "LocalRateLimit" and spec["service"] == own:
+                buckets.append(spec)
+        outbound: dict[str, Destination] = {}
+        for service in mesh.services:
+            mode = modes.get(service, "observe")
+            if mode == "observe":
+                continue
+            dest = outbound[service] = Destination(service, mode)
+            dest.routes = routes.get(service)
+            if service in rules:
+                spec = rules[service][1]
+                policy = spec.get("trafficPolicy") or {}
+                if "connectionPool" in policy:
+                    dest.limits = PoolLimits.from_spec(policy["connectionPool"])
+                if "outlierDetection" in policy:
+                    config = OutlierConfig.from_spec(policy["outlierDetection"])
+                    kept = old.outbound.get(service) if old is not None else None
+                    dest.outlier = kept.outlier if kept is not None and kept.outlier is not None \
+                        and kept.outlier.config == config else Outlier(config)
+            dest.breaker = Breaker(dest.limits)
+            dest.chain = Chain([Fault(dest, random), Overflow(dest), Timeout(dest), Ejection(dest, outbound),
+                                Retry(dest, outbound, random)])
+        inbound = None
+        own_mode = modes.get(own, "observe")
+        if own_mode != "observe":
+            inbound = Destination(own, own_mode)
+            if buckets:
+                inbound.bucket = TokenBucket.from_spec(buckets[0])
+                inbound.chain = Chain([RateLimit(inbound)])
+        subsets = {service: {s["name"]: dict(s.get("labels") or {}) for s in spec.get("subsets") or ()}
+                   for service, (_, spec) in rules.items()}
+        return cls(outbound, inbound, subsets)
+
+
+# -- the policies, in the order a chain runs them ------------------------------------------------------
+
+
+class Fault:
+    """A route's fault injection: a delay, then an abort, each on its share of requests (Envoy's fault filter)."""
+
+    name = "fault"
+
+    def __init__(self, dest: Destination, random: Callable[[], float]) -> None:
+        self.mode = dest.mode
+        self.random = random
+
+    def on_request(self, ex: Exchange) -> Decision | None:
+        rule = ex.route.rule if ex.route is not None else None
+        fault = rule.fault if rule is not None else None
+        if fault is None:
+            return None
+        if fault.delay_share and not ex.delayed:
+            ex.delayed = True
+            if self.random() < fault.delay_share:
+                ex.flags = ex.flags + ",DI" if ex.flags else DI
+                return Decision(Kind.DELAY, "fault_injected", delay=fault.delay)
+        if fault.abort_share and self.random() < fault.abort_share:
+            return Decision(Kind.REPLY, "fault_injected", LocalReply(fault.abort_status, "fault filter abort",
+                                                                      "fault", FI))
+        return None
+
+
+class Overflow:
+    """The destination's connection pool limits: a request beyond them waits its turn, or is refused 503 UO."""
+
+    name = "pool"
+
+    def __init__(self, dest: Destination) -> None:
+        self.mode = dest.mode
+        self.breaker = dest.breaker
+        self.per_connection = dest.limits.max_requests_per_connection
+        self.connect_timeout = dest.limits.connect_timeout
+
+    def on_request(self, ex: Exchange) -> Decision | None:
+        breaker = self.breaker
+        assert breaker is not None
+        ex.breaker = breaker
+        if self.mode == "enforce":
+            ex.per_connection = self.per_connection
+            ex.connect_timeout = self.connect_timeout
+        admitted = breaker.admit(ex)
+        if admitted == "overflow":
+            return Decision(Kind.REPLY, "overflow", OVERFLOW)
+        if admitted == "pending" and self.mode == "enforce":
+            return Decision(Kind.WAIT, "pending")
+        return None
+
+    def on_end(self, ex: Exchange) -> None:
+        breaker = ex.breaker
+        if breaker is None:
+            return
+        ex.breaker = None
+        nxt = breaker.ended(ex)
+        if nxt is not None and nxt.slot != PENDING and self.mode == "enforce":
+            nxt.resume()
+
+
+class Timeout:
+    """The route's `timeout` (the whole response) and its retries' `perTryTimeout` (each attempt's head)."""
+
+    name = "timeout"
+
+    def __init__(self, dest: Destination) -> None:
+        self.mode = dest.mode
+
+    def on_request(self, ex: Exchange) -> None:
+        rule = ex.route.rule if ex.route is not None else None
+        if rule is None:
+            return None
+        retry = rule.retry or DEFAULT_RETRY
+        if self.mode == "enforce":
+            if rule.timeout:
+                ex.deadline(rule.timeout, "timed_out")
+            ex.per_try = retry.per_try_timeout
+        return None
+
+    def on_response(self, ex: Exchange, head: ResponseHead) -> None:
+        rule = ex.route.rule if ex.route is not None else None
+        if self.mode != "enforce" and rule is not None:
+            per_try = (rule.retry or DEFAULT_RETRY).per_try_timeout
+            if per_try and ex.env.now_ns() - ex.t_attempt > per_try * 1e9:
+                note(self, ex, "timed_out")
+        return None
+
+    def on_end(self, ex: Exchange) -> None:
+        if self.mode == "enforce" or ex.route is None:
+            return
+        rule = ex.route.rule
+        if rule is not None and rule.timeout and ex.env.now_ns() - ex.t0 > rule.timeout * 1e9 \
+                and "would_timeout" not in ex.actions:
+            note(self, ex, "timed_out")
+
+
+class Ejection:
+    """Outlier detection: each attempt's result counts for its endpoint; the one that trips ejects it."""
+
+    name = "outlier"
+
+    def __init__(self, dest: Destination, outbound: dict[str, Destination]) -> None:
+        self.mode = dest.mode
+        self.outbound = outbound
+
+    def _result(self, ex: Exchange, status: int) -> None:
+        route = ex.route
+        ep = route.endpoint if route is not None else None
+        if ep is None:
+            return
+        target = self.outbound.get(route.dst_service)
+        outlier = target.outlier if target is not None else None
+        if outlier is None:
+            return
+        cluster = ex.env.cluster(route.dst_service)
+        if cluster is not None and outlier.result(cluster.endpoints, ep, status, ex.env.now_ns() / 1e9):
+            note(self, ex, "ejected")
+
+    def on_response(self, ex: Exchange, head: ResponseHead) -> None:
+        self._result(ex, head.status)
+
+    def on_error(self, ex: Exchange, reply: LocalReply) -> None:
+        if no_response(reply):
+            self._result(ex, 503)  # a local-origin failure counts as a 503 (gateway error)
+
+
+class Retry:
+    """The route's retries (Istio's default policy when it gives none): retriable results tried again."""
+
+    name = "retry"
+
+    def __init__(self, dest: Destination, outbound: dict[str, Destination], random: Callable[[], float]) -> None:
+        self.mode = dest.mode
+        self.random = random
+
+    def _decide(self, ex: Exchange, retriable: bool) -> Decision | None:
+        rule = ex.route.rule if ex.route is not None else None
+        policy = rule.retry if rule is not None and rule.retry is not None else DEFAULT_RETRY
+        retries = ex.attempt - 1
+        if not retriable or retries >= policy.attempts or ex.replay is None:
+            return None
+        breaker = ex.breaker
+        if self.mode == "enforce" and breaker is not None and not breaker.retry(ex):
+            note(self, ex, "retry_overflow")
+            return None
+        return Decision(Kind.RETRY, "retried", delay=policy.backoff(retries + 1, self.random))
+
+    def on_response(self, ex: Exchange, head: ResponseHead) -> Decision | None:
+        rule = ex.route.rule if ex.route is not None else None
+        policy = rule.retry if rule is not None and rule.retry is not None else DEFAULT_RETRY
+        return self._decide(ex, policy.retriable_status(head.status))
+
+    def on_error(self, ex: Exchange, reply: LocalReply) -> Decision | None:
+        if reply.error == "overflow" or reply.error == "no_healthy_upstream":
+            return None
+        rule = ex.route.rule if ex.route is not None else None
+        policy = rule.retry if rule is not None and rule.retry is not None else DEFAULT_RETRY
+        return self._decide(ex, policy.retriable_failure(reply))
+
+
+class RateLimit:
+    """Inbound: the service's LocalRateLimit token bucket; a request finding it empty gets 429."""
+
+    name = "ratelimit"
+
+    def __init__(self, dest: Destination) -> None:
+        self.mode = dest.mode
+        self.bucket = dest.bucket
+
+    def on_request(self, ex: Exchange) -> Decision | None:
+        bucket = self.bucket
+        assert bucket is not None
+        now = ex.env.now_ns() / 1e9
+        if bucket.take(now):
+            return None
+        return Decision(Kind.REPLY, "rate_limited",
+                        LocalReply(429, "local_rate_limited", "rate_limited", RL, bucket.headers(now)))
+

@@ -1,0 +1,195 @@
+"""A VirtualService's HTTP rules, compiled: which rule a request matches, and where it goes.
+
+No I/O. Istio's semantics (networking/v1alpha3/virtual_service.proto, HTTPRoute and
+HTTPMatchRequest), as Envoy's route matching carries them out:
+
+- Rules in order, the first that matches wins; a rule with no `match` matches everything.
+  Within a rule, match blocks are ORed; the conditions of one block are ANDed.
+- `uri` is matched against the path without its query string (Envoy's `path` and
+  `safe_regex`), `authority` against Host, `method` against the method, `headers` by
+  lowercase name (an empty match `{}` means the field is present), `queryParams` against
+  the query's values; `ignoreUriCase` makes exact and prefix uri matches case-blind.
+  A StringMatch is exact, prefix or regex (RE2, matching the whole value).
+- A rule's destinations share its traffic by weight, drawn per request (a share is
+  weight / total; a weight of 0 takes nothing; a single destination takes everything).
+- No rule matching a request to a host that has a VirtualService: Envoy answers 404 `NR`.
+
+Header values are read from the head only when some rule looks at them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+from meshlens.proxy.retries import RetryPolicy
+
+if TYPE_CHECKING:
+    from meshlens.protocols.http1 import RequestHead
+
+__all__ = ["Fault", "HttpRule", "Routes", "header_fields", "string_matcher"]
+
+Matcher = Callable[[str], bool]
+
+
+def string_matcher(spec: dict[str, Any], ignore_case: bool = False) -> Matcher:
+    """An Istio StringMatch (checked by meshlens.policy.spec: exactly one of exact, prefix, regex)."""
+    if "exact" in spec:
+        want = str(spec["exact"])
+        if ignore_case:
+            low = want.lower()
+            return lambda v: v.lower() == low
+        return lambda v: v == want
+    if "prefix" in spec:
+        prefix = str(spec["prefix"])
+        if ignore_case:
+            low = prefix.lower()
+            return lambda v: v.lower().startswith(low)
+        return lambda v: v.startswith(prefix)
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False
+    pattern = re2.compile(str(spec["regex"]), options)
+    return lambda v: pattern.fullmatch(v) is not None
+
+
+def header_fields(raw: bytes) -> dict[str, str]:
+    """A head's fields by lowercase name (repeated ones joined with ','), as a header match reads them."""
+    out: dict[str, str] = {}
+    for line in raw.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        key = name.strip().lower().decode("latin-1")
+        text = value.strip().decode("latin-1")
+        out[key] = f"{out[key]},{text}" if key in out else text
+    return out
+
+
+class _Block:
+    """One match block: every condition must hold."""
+
+    __slots__ = ("uri", "method", "authority", "headers", "query", "port", "needs_fields")
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        icase = bool(spec.get("ignoreUriCase"))
+        self.uri = string_matcher(spec["uri"], icase) if "uri" in spec else None
+        self.method = string_matcher(spec["method"]) if "method" in spec else None
+        self.authority = string_matcher(spec["authority"]) if "authority" in spec else None
+        self.headers = tuple((name.lower(), string_matcher(m) if m else None)
+                             for name, m in (spec.get("headers") or {}).items())
+        self.query = tuple((name, string_matcher(m)) for name, m in (spec.get("queryParams") or {}).items())
+        self.port = spec.get("port")
+        self.needs_fields = bool(self.headers)
+
+    def matches(self, head: RequestHead, fields: dict[str, str] | None, port: int) -> bool:
+        if self.uri is not None and not self.uri(head.path):
+            return False
+        if self.method is not None and not self.method(head.method):
+            return False
+        if self.authority is not None and not self.authority(head.authority):
+            return False
+        if self.port is not None and self.port != port:
+            return False
+        for name, m in self.headers:
+            value = fields.get(name) if fields is not None else None
+            if value is None or (m is not None and not m(value)):
+                return False
+        if self.query:
+            target = head.target.decode("latin-1")
+            params = dict(parse_qsl(target.partition("?")[2], keep_blank_values=True))
+            for name, m in self.query:
+                if name not in params or not m(params[name]):
+                    return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A rule's fault injection: a delay and an abort, each on a share of requests."""
+
+    delay: float = 0.0
+    delay_share: float = 0.0
+    abort_status: int = 0
+    abort_share: float = 0.0
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Fault:
+        """Istio reads `percentage.value`, else the integer `percent`; with neither, no request is faulted
+        (pilot's translateFault)."""
+        from meshlens.policy.spec import duration_s
+
+        def share(part: dict[str, Any]) -> float:
+            if "percentage" in part:
+                return float(part["percentage"].get("value", 0)) / 100
+            return float(part.get("percent", 0)) / 100
+
+        delay, abort = spec.get("delay") or {}, spec.get("abort") or {}
+        return cls(duration_s(delay["fixedDelay"]) if "fixedDelay" in delay else 0.0, share(delay) if delay else 0.0,
+                   int(abort.get("httpStatus", 0)), share(abort) if abort else 0.0)
+
+
+class HttpRule:
+    """One `http` rule of a VirtualService: its matches, its weighted destinations and its policies."""
+
+    __slots__ = ("name", "blocks", "destinations", "total", "timeout", "retry", "fault", "mirror", "mirror_share",
+                 "needs_fields")
+
+    def __init__(self, spec: dict[str, Any], service_of: Callable[[str], str]) -> None:
+        from meshlens.policy.spec import duration_s
+
+        self.name = str(spec.get("name", ""))
+        self.blocks = tuple(_Block(m) for m in spec.get("match") or ())
+        self.needs_fields = any(b.needs_fields for b in self.blocks)
+        dests = spec.get("route") or []
+        weighted = [(service_of(d["destination"]["host"]), str(d["destination"].get("subset", "")),
+                     int(d.get("weight", 100 if len(dests) == 1 else 0))) for d in dests]
+        self.destinations = tuple(d for d in weighted if d[2] > 0) or tuple(weighted[:1])
+        self.total = sum(w for _, _, w in self.destinations) or 1
+        self.timeout = duration_s(spec["timeout"]) if spec.get("timeout") else None
+        retries = spec.get("retries")
+        self.retry = RetryPolicy.from_spec(retries) if retries is not None else None
+        self.fault = Fault.from_spec(spec["fault"]) if spec.get("fault") else None
+        mirror = spec.get("mirror")
+        self.mirror = (service_of(mirror["host"]), str(mirror.get("subset", ""))) if mirror else None
+        pct = spec.get("mirrorPercentage")
+        self.mirror_share = float(pct.get("value", 0)) / 100 if pct is not None else 1.0
+
+    def __repr__(self) -> str:
+        return f"<HttpRule {self.name or '-'} -> {self.destinations}>"
+
+    def matches(self, head: RequestHead, fields: dict[str, str] | None, port: int) -> bool:
+        return not self.blocks or any(b.matches(head, fields, port) for b in self.blocks)
+
+    def pick(self, random: Callable[[], float]) -> tuple[str, str]:
+        """(service, subset) for one request, by weight."""
+        dests = self.destinations
+        if len(dests) == 1:
+            return dests[0][0], dests[0][1]
+        x = random() * self.total
+        for service, subset, weight in dests:
+            x -= weight
+            if x < 0:
+                return service, subset
+        return dests[-1][0], dests[-1][1]
+
+
+class Routes:
+    """The HTTP rules for one destination host, in order."""
+
+    __slots__ = ("rules", "needs_fields", "source")
+
+    def __init__(self, rules: tuple[HttpRule, ...], source: str) -> None:
+        self.rules = rules
+        self.needs_fields = any(r.needs_fields for r in rules)
+        self.source = source
+        """The VirtualService they come from (namespace/name)."""
+
+    def first(self, head: RequestHead, port: int = 0) -> HttpRule | None:
+        fields = header_fields(head.raw) if self.needs_fields else None
+        for rule in self.rules:
+            if rule.matches(head, fields, port):
+                return rule
+        return None
