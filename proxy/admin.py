@@ -37,7 +37,7 @@ def admin_pages(proxy: Proxy) -> dict[str, Callable[[], Page]]:
         cfg = proxy.config
         svc = proxy.service
         return 200, _JSON, json.dumps({
-            "service": svc.name, "mode": svc.mode, "observer_id": cfg.observer_id,
+            "service": svc.name, "mode": proxy.mode, "observer_id": cfg.observer_id,
             "listeners": proxy.ports, "app": f"{cfg.app_host}:{cfg.app_port}" if cfg.app_port is not None else None,
             "recording": proxy.recorder.url if proxy.recorder is not None else None,
             "timeouts": {"header": cfg.header_timeout, "idle": cfg.idle_timeout, "drain": cfg.drain_timeout,
@@ -45,10 +45,25 @@ def admin_pages(proxy: Proxy) -> dict[str, Callable[[], Page]]:
             "services": {name: [i.address for i in s.instances] for name, s in proxy.mesh.services.items()},
             "control": None if proxy.control is None else {
                 "url": proxy.control.url, "version": proxy.control.version, "state": proxy.control.state,
-                "error": proxy.control.error, "desired_mode": proxy.desired_mode, "mode": svc.mode},
+                "error": proxy.control.error, "desired_mode": proxy.desired_mode, "mode": proxy.mode},
+            "destinations": _destinations(proxy),
         }).encode()
 
     return {"/healthz": healthz, "/stats": stats, "/config": config}
+
+
+def _destinations(proxy: Proxy) -> dict[str, dict[str, object]]:
+    """The services whose calls run policies (dry-run or enforce), with what applies to them."""
+    pol = proxy.router.policies
+    if pol is None:
+        return {}
+    out: dict[str, dict[str, object]] = {}
+    for name, d in pol.outbound.items():
+        ejected = [f"{e.host}:{e.port}" for e in proxy.router.clusters[name].endpoints if e.ejected] \
+            if d.outlier is not None and name in proxy.router.clusters else []
+        out[name] = {"mode": d.mode, "virtual_service": d.routes.source if d.routes is not None else None,
+                     "policies": [p.name for p in d.chain.policies], "ejected": ejected}
+    return out
 
 
 def metrics_pages(proxy: Proxy) -> dict[str, Callable[[], Page]]:

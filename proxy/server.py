@@ -118,6 +118,11 @@ class Proxy:
     def __repr__(self) -> str:
         return f"<Proxy {self.service.name} conns={len(self.conns)} draining={self.draining}>"
 
+    @property
+    def mode(self) -> str:
+        """The mode this service's calls run in: the control plane's for it (observe with a mesh file alone)."""
+        return self.desired_mode
+
     # -- connections ------------------------------------------------------------------------------
 
     def declared_protocol(self, conn: Downstream) -> str | None:
