@@ -48,6 +48,7 @@ def mode_doc(service: str, mode: str) -> str:
 
 def apply(control: ControlProcess, tmp_path: Path, *docs: str) -> int:
     """Apply the documents as one change; the store's revision after it."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     f = tmp_path / f"apply-{time.monotonic_ns()}.yaml"
     f.write_text("\n---\n".join(d.strip() for d in docs) + "\n")
     out = cli(control, "apply", "-f", str(f), "--reason", "test")
