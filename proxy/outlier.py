@@ -103,9 +103,12 @@ class Outlier:
 
     def check(self, endpoints: tuple[Endpoint, ...], now: float) -> None:
         """Envoy's interval timer, run when due: ejections whose time is up end; healthy endpoints' multipliers fall."""
-        if now < self.next_check:
+        nxt = self.next_check
+        if now < nxt:
             return
-        self.next_check = now + self.config.interval
+        interval = self.config.interval
+        # on Envoy's timer's beat (every interval from the first result), however long since the last check
+        self.next_check = now + interval if nxt == 0.0 else nxt + interval * (int((now - nxt) / interval) + 1)
         for ep in endpoints:
             if ep.ejected:
                 if now >= ep.ejected_until:
