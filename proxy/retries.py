@@ -31,12 +31,9 @@ from dataclasses import dataclass
 
 from meshlens.proxy.connect import UF, LocalReply
 
-__all__ = ["BACKOFF_BASE", "DEFAULT_RETRY", "RETRY_ON", "RetryPolicy", "no_response"]
+__all__ = ["BACKOFF_BASE", "DEFAULT_RETRY", "RetryPolicy", "no_response"]
 
 BACKOFF_BASE = 0.025
-RETRY_ON = frozenset({"5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx", "refused-stream",
-                      "retriable-status-codes", "retriable-headers", "envoy-ratelimited", "http3-post-connect-failure",
-                      "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"})
 _GATEWAY = frozenset({502, 503, 504})
 # The record's error classes of a failure with no response from the upstream (proxy/connect.py, exchange.py).
 _NO_RESPONSE = frozenset({"refused", "unreachable", "reset", "timeout", "protocol_error"})
@@ -62,7 +59,7 @@ class RetryPolicy:
     @classmethod
     def from_spec(cls, spec: dict | None) -> RetryPolicy:
         """A VirtualService route's `retries` (None: Istio's default policy). The spec was checked by
-        meshlens.policy.networking; a `retryOn` word no one knows is refused there too."""
+        meshlens.policy.networking, which refuses a `retryOn` word Envoy does not know."""
         if spec is None:
             return DEFAULT_RETRY
         words = [w.strip() for w in str(spec.get("retryOn", "")).split(",") if w.strip()]

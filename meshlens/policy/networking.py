@@ -53,14 +53,42 @@ def _header_match(v: Any, path: Where) -> None:
 
 
 _ROUTE_DESTINATION = message({"destination": _DESTINATION, "weight": uint, "headers": UNSUPPORTED})
-_RETRY = message({"attempts": uint, "perTryTimeout": duration, "retryOn": string,
+# Envoy's x-envoy-retry-on words and gRPC's x-envoy-retry-grpc-on, as Istio passes retryOn through.
+RETRY_ON = frozenset({"5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx", "refused-stream",
+                      "retriable-status-codes", "retriable-headers", "envoy-ratelimited", "http3-post-connect-failure",
+                      "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"})
+
+
+def _retry_on(v: Any, path: Where) -> None:
+    """Comma-separated words Envoy knows, or status codes (Istio reads a number as one to retry)."""
+    string(v, path)
+    for word in (w.strip() for w in v.split(",")):
+        if word and word not in RETRY_ON and not (word.isdigit() and 100 <= int(word) <= 599):
+            raise SpecError(path, f"{word!r} is not a retry condition (known: {', '.join(sorted(RETRY_ON))}, "
+                                  f"or a status code)")
+
+
+def _fault_part(fields: dict[str, Any]) -> Any:
+    check = message(fields)
+
+    def part(v: Any, path: Where) -> None:
+        check(v, path)
+        if isinstance(v, dict) and "percentage" not in v and "percent" not in v:
+            from meshlens.policy.spec import _WARNINGS
+
+            _WARNINGS.append((path, "has no percentage: Istio injects it into no request (give percentage.value: 100 "
+                                    "for every one)"))
+    return part
+
+
+_RETRY = message({"attempts": uint, "perTryTimeout": duration, "retryOn": _retry_on,
                    "retryRemoteLocalities": UNSUPPORTED, "retryIgnorePreviousHosts": UNSUPPORTED,
                    "backoff": duration})
 _FAULT = message({
-    "delay": message({"fixedDelay": duration, "percentage": percent, "percent": uint,
-                       "exponentialDelay": UNSUPPORTED}),
-    "abort": message({"httpStatus": status, "percentage": percent, "grpcStatus": UNSUPPORTED,
-                       "http2Error": UNSUPPORTED}),
+    "delay": _fault_part({"fixedDelay": duration, "percentage": percent, "percent": uint,
+                          "exponentialDelay": UNSUPPORTED}),
+    "abort": _fault_part({"httpStatus": status, "percentage": percent, "grpcStatus": UNSUPPORTED,
+                          "http2Error": UNSUPPORTED}),
 })
 _HTTP_ROUTE = message({
     "name": string, "match": list_of(_MATCH), "route": list_of(_ROUTE_DESTINATION), "timeout": duration,
@@ -73,6 +101,16 @@ _VIRTUAL_SERVICE = message({
     "hosts": list_of(string), "http": list_of(_HTTP_ROUTE), "gateways": UNSUPPORTED, "tls": UNSUPPORTED,
     "tcp": UNSUPPORTED, "exportTo": UNSUPPORTED,
 })
+
+def _checked_not_enforced(check: Any, why: str) -> Any:
+    """Checked field by field as Istio would, and stored with a warning: meshlens does not enforce it yet."""
+    def part(v: Any, path: Where) -> None:
+        check(v, path)
+        from meshlens.policy.spec import _WARNINGS
+
+        _WARNINGS.append((path, f"is not enforced by meshlens yet ({why}): stored as written"))
+    return part
+
 
 _LB = message({"simple": enum("UNSPECIFIED", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST", "LEAST_CONN"),
                 "consistentHash": UNSUPPORTED, "localityLbSetting": UNSUPPORTED, "warmupDurationSecs": UNSUPPORTED,
@@ -99,10 +137,12 @@ _POOL = message({
                       "useClientProtocol": UNSUPPORTED, "maxConcurrentStreams": UNSUPPORTED}),
 })
 _TRAFFIC_POLICY = message({
-    "loadBalancer": _LB, "connectionPool": _POOL, "outlierDetection": _OUTLIER, "tls": UNSUPPORTED,
+    "loadBalancer": _checked_not_enforced(_LB, "the mesh definition's load_balancer applies"),
+    "connectionPool": _POOL, "outlierDetection": _OUTLIER, "tls": UNSUPPORTED,
     "portLevelSettings": UNSUPPORTED, "tunnel": UNSUPPORTED, "proxyProtocol": UNSUPPORTED,
 })
-_SUBSET = message({"name": string, "labels": map_of(string), "trafficPolicy": _TRAFFIC_POLICY})
+_SUBSET = message({"name": string, "labels": map_of(string), "trafficPolicy": _checked_not_enforced(
+    _TRAFFIC_POLICY, "the DestinationRule's own trafficPolicy applies to every subset")})
 _DESTINATION_RULE = message({
     "host": string, "trafficPolicy": _TRAFFIC_POLICY, "subsets": list_of(_SUBSET), "exportTo": UNSUPPORTED,
     "workloadSelector": UNSUPPORTED,

@@ -10,8 +10,8 @@
         tokensPerFill: 100        # added every fillInterval (default 1, as Envoy)
         fillInterval: 1s
 
-A request that finds the bucket empty is answered 429 (enforced with the rest of the
-policies; until then every apply of one says so with a warning).
+A request that finds the bucket empty is answered 429 by the service's own sidecar when the
+service is in `enforce`, and recorded as `would_rate_limit` in `dry-run` (proxy/limits.py).
 """
 from __future__ import annotations
 
@@ -35,4 +35,4 @@ def check_local_rate_limit(spec: dict[str, Any], namespace: str) -> list[tuple[W
     for field in ("maxTokens", "tokensPerFill"):
         if bucket.get(field, 1) < 1:
             raise SpecError(("tokenBucket", field), "must be 1 or more")
-    return [*warnings, ((), "is stored, and not enforced until the sidecars apply policies")]
+    return warnings

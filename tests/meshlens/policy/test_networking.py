@@ -60,6 +60,8 @@ def test_the_example_is_accepted_unchanged_with_what_istio_would_read_differentl
      "spec.http[0].mirrorPercentage.value (line 9): must be a number from 0 to 100"),
     ("    - route:\n        - weight: 100\n", "spec.http[0].route[0] (line 8): destination.host is required"),
     ("    - timeout: 1s\n", "spec.http[0] (line 7): needs a route"),
+    ("    - route:\n        - destination: {host: pay}\n      retries: {attempts: 2, retryOn: '5xx,gatway-error'}\n",
+     "spec.http[0].retries.retryOn (line 9): 'gatway-error' is not a retry condition (known: 5xx, cancelled"),
 ])
 def test_a_virtual_service_istio_would_refuse_is_refused_naming_the_field_and_line(http, message):
     with pytest.raises(ResourceError) as e:
@@ -116,3 +118,14 @@ def test_durations_are_read_as_go_and_istio_write_them(text, seconds):
 def test_what_is_not_a_duration_is_refused(text):
     with pytest.raises(ValueError, match="is not a duration"):
         duration_s(text)
+
+
+def test_what_istio_would_do_nothing_with_or_meshlens_does_not_enforce_is_said():
+    [v] = parse_documents(vs("    - route:\n        - destination: {host: pay}\n"
+                             "      fault: {abort: {httpStatus: 503}}\n      retries: {retryOn: '503,reset'}\n"), "vs.yaml")
+    assert v.warnings == ("vs.yaml document 1: spec.http[0].fault.abort (line 9): has no percentage: Istio injects it "
+                          "into no request (give percentage.value: 100 for every one)",)
+    [d] = parse_documents(DR + "  subsets:\n    - name: v1\n      labels: {version: v1}\n"
+                               "      trafficPolicy: {loadBalancer: {simple: RANDOM}}\n", "dr.yaml")
+    assert any("subsets[0].trafficPolicy" in w and "not enforced by meshlens yet (the DestinationRule's own" in w
+               for w in d.warnings), d.warnings

@@ -21,7 +21,7 @@ def test_what_istios_docs_show_is_accepted_with_a_warning_that_it_is_not_enforce
     assert pa.name == "shop/default" and ap.name == "default/pay" and rl.name == "pay"
     assert pa.warnings == ("pa.yaml document 1: spec (line 4): is stored, and not enforced until the sidecars do "
                            "mTLS and authorization",)
-    assert len(ap.warnings) == 1 and "not enforced until" in rl.warnings[0]
+    assert len(ap.warnings) == 1 and rl.warnings == ()  # a LocalRateLimit is enforced by the sidecars
 
 
 @pytest.mark.parametrize("text, message", [
