@@ -331,3 +331,56 @@ def test_what_dry_run_says_it_would_do_is_what_enforce_does(tmp_path, control, c
     assert [r["action"] for r in enforced["inbound"]] == ["", "", "rate_limited"]
     assert enforced["ratelimit_headers"] == {"x-ratelimit-limit": "2", "x-ratelimit-remaining": "0",
                                              "x-ratelimit-reset": enforced["ratelimit_headers"]["x-ratelimit-reset"]}
+
+
+# -- modes switched at run time; the control plane away ----------------------------------------------------------
+
+ABORT = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: payment-service}
+spec:
+  hosts: [payment-service]
+  http:
+  - fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: payment-service}}]
+"""
+
+
+def mode_set(control: ControlProcess, service: str, mode: str) -> int:
+    out = cli(control, "mode", "set", service, mode, "--reason", f"try {mode}")
+    assert out.returncode == 0, out.stderr
+    return int(json.loads(cli(control, "status", "-o", "json").stdout)["revision"])
+
+
+def test_modes_switch_on_a_running_sidecar_and_it_keeps_enforcing_with_the_control_plane_gone(
+        tmp_path, collector, payment):
+    v1, v2 = payment
+    control = ControlProcess(tmp_path / "control").start()
+    try:
+        follow_at = apply(control, tmp_path, example_mesh(v1, v2), ABORT)
+        proxy = sidecar(tmp_path, control, collector)
+        with proxy:
+            follow(proxy, follow_at)
+            assert request(proxy.outbound, "payment-service")[0] == 200  # observe: the fault is not even evaluated
+            follow(proxy, mode_set(control, "payment-service", "dry-run"))
+            assert request(proxy.outbound, "payment-service")[0] == 200
+            follow(proxy, mode_set(control, "payment-service", "enforce"))
+            assert request(proxy.outbound, "payment-service")[:2] == (418, "fault filter abort\n")
+            rows = calls(collector, proxy, 3)
+            assert [(r["mode"], r["action"]) for r in rows] == [
+                ("observe", ""), ("dry-run", "would_fault"), ("enforce", "fault_injected")]
+            history = cli(control, "history", "payment-service").stdout
+            assert "try dry-run" in history and "try enforce" in history
+            port = control.port
+            assert control.stop() == 0
+            control.kill()
+            assert request(proxy.outbound, "payment-service")[0] == 418  # still enforcing what it has
+        # restarted while the control plane is away: its last snapshot, enforced
+        with ProxyProcess(proxy.workdir, None, "web", "--no-record", control=f"http://127.0.0.1:{port}").start() as again:
+            assert config(again)["control"]["state"] == "cached"
+            assert config(again)["destinations"]["payment-service"]["mode"] == "enforce"
+            assert request(again.outbound, "payment-service")[0] == 418
+    finally:
+        control.stop()
+        control.kill()
