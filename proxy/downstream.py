@@ -177,6 +177,8 @@ class Downstream(asyncio.Protocol):
         if ex is not None:  # Exchange.request_end, inline: once per request
             ex.request_done = True
             ex.request_bytes = body_bytes
+            if ex.mirror_to is not None:
+                ex.send_mirror()
 
     # -- exchanges -----------------------------------------------------------------------------
 

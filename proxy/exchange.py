@@ -65,14 +65,14 @@ class Env:
     """What an exchange needs from its process, one per listener: the policy chain, the pool,
     connecting, balancing again for a retry, the field it adds, and the clock. Tests pass a fake."""
 
-    __slots__ = ("pool", "peer_field", "upstream_timeout", "dial", "rebalance", "cluster")
+    __slots__ = ("pool", "peer_field", "upstream_timeout", "dial", "rebalance", "cluster", "mirror")
 
     now_ns = staticmethod(time.monotonic_ns)
     wall_ns = staticmethod(time.time_ns)
 
     def __init__(self, pool: Any, peer_field: bytes, upstream_timeout: float | None,
                  dial: Callable[[tuple[str, int], Exchange], None], rebalance: Callable[[Any, tuple[Any, ...]], Any],
-                 cluster: Callable[[str], Any]) -> None:
+                 cluster: Callable[[str], Any], mirror: Callable[[Exchange], bool] | None = None) -> None:
         self.pool = pool
         self.peer_field = peer_field
         """Added to every request sent upstream (outbound: x-meshlens-peer), else b''."""
@@ -84,6 +84,8 @@ class Env:
         """The route for another attempt, avoiding the endpoints tried (the cluster picks again), or a LocalReply."""
         self.cluster = cluster
         """A destination service's cluster (its endpoints, for outlier detection), or None."""
+        self.mirror = mirror
+        """Send a copy of an exchange's complete request to its `mirror_to` (proxy/mirror.py); False if not sent."""
 
     @staticmethod
     def call_later(delay: float, fn: Callable[[], None]) -> asyncio.TimerHandle:
@@ -170,6 +172,8 @@ class Exchange:
     wait_timer: Any = None
     tried: tuple[Any, ...] = ()
     """Endpoints tried: a retry goes elsewhere when it can."""
+    mirror_to: tuple[str, str] | None = None
+    """(service, subset) a copy of the request goes to once it is complete (a rule's mirror, enforced)."""
 
     def __init__(self, conn: Any, env: Any, head: RequestHead) -> None:
         self.conn = conn
@@ -253,8 +257,17 @@ class Exchange:
                 self.conn.pause_reading("buffer")
 
     def request_end(self, body_bytes: int) -> None:
+        """The request is complete (Downstream.on_request_end does this inline: keep the two alike)."""
         self.request_done = True
         self.request_bytes = body_bytes
+        if self.mirror_to is not None:
+            self.send_mirror()
+
+    def send_mirror(self) -> None:
+        """The request is complete: its copy goes to the mirror (not when its body outgrew the replay buffer)."""
+        if self.replay is not None and self.env.mirror is not None and self.env.mirror(self):
+            self.actions += ("mirrored",)
+        self.mirror_to = None
 
     # -- attempts -------------------------------------------------------------------------------
 

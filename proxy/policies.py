@@ -135,8 +135,8 @@ class Policies:
                     dest.outlier = kept.outlier if kept is not None and kept.outlier is not None \
                         and kept.outlier.config == config else Outlier(config)
             dest.breaker = Breaker(dest.limits)
-            dest.chain = Chain([Fault(dest, random), Overflow(dest), Timeout(dest), Ejection(dest, outbound),
-                                Retry(dest, outbound, random)])
+            dest.chain = Chain([Fault(dest, random), Mirror(dest, random), Overflow(dest), Timeout(dest),
+                                Ejection(dest, outbound), Retry(dest, outbound, random)])
         inbound = None
         own_mode = modes.get(own, "observe")
         if own_mode != "observe":
@@ -174,6 +174,28 @@ class Fault:
         if fault.abort_share and self.random() < fault.abort_share:
             return Decision(Kind.REPLY, "fault_injected", LocalReply(fault.abort_status, "fault filter abort",
                                                                       "fault", FI))
+        return None
+
+
+class Mirror:
+    """A route's mirror: a copy of the request to another destination, on its share (proxy/mirror.py)."""
+
+    name = "mirror"
+
+    def __init__(self, dest: Destination, random: Callable[[], float]) -> None:
+        self.mode = dest.mode
+        self.random = random
+
+    def on_request(self, ex: Exchange) -> None:
+        rule = ex.route.rule if ex.route is not None else None
+        if rule is None or rule.mirror is None or self.random() >= rule.mirror_share:
+            return None
+        if self.mode != "enforce":
+            note(self, ex, "mirrored")
+            return None
+        ex.mirror_to = rule.mirror
+        if ex.request_done:
+            ex.send_mirror()
         return None
 
 

@@ -244,6 +244,16 @@ class Router:
         subset = route.note[len("routed:"):] if route.note.startswith("routed:") else ""
         return self._pick(dest, route.dst_service, subset, route.rule, route.note, avoid)
 
+    def mirror_endpoint(self, service: str, subset: str) -> Endpoint | None:
+        """Where a mirrored copy goes: an endpoint of `service` (of its `subset`), balanced, not counted as active."""
+        cluster = self.clusters.get(service)
+        if cluster is None:
+            return None
+        eps = cluster.endpoints
+        if subset and self.policies is not None:
+            eps = cluster.subset(subset, self.policies.subsets.get(service, {}).get(subset, {}))
+        return cluster.choose(eps)
+
     def cluster(self, service: str) -> Cluster | None:
         return self.clusters.get(service)
 

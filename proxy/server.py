@@ -23,6 +23,7 @@ from meshlens.proxy.downstream import HEADER_TIMEOUT, IDLE_TIMEOUT, Downstream
 from meshlens.proxy.exchange import Env, Exchange
 from meshlens.proxy.headers import peer_field
 from meshlens.proxy.metrics import Metrics
+from meshlens.proxy.mirror import Mirrors, shadow_head
 from meshlens.proxy.policies import Policies
 from meshlens.proxy.pool import Pool
 from meshlens.proxy.record import Recording
@@ -109,9 +110,11 @@ class Proxy:
         """The control plane this sidecar follows, if any."""
         self.desired_mode = "observe"
         """The mode the control plane asks of this service (and, with its policies, applies)."""
+        self.mirrors = Mirrors(self.stats)
         self.envs = (Env(self.pool, self.peer_field, config.upstream_timeout, self._dial, self.router.again,
-                         self.router.cluster),
-                     Env(self.pool, b"", config.upstream_timeout, self._dial, self.router.again, self.router.cluster))
+                         self.router.cluster, self._mirror),
+                     Env(self.pool, b"", config.upstream_timeout, self._dial, self.router.again, self.router.cluster,
+                         self._mirror))
         """What exchanges run in, by listener: [outbound, inbound]."""
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
 
@@ -195,6 +198,18 @@ class Proxy:
             ex.connect_failed(failure(e))
         else:
             ex.connected(up)
+
+    def _mirror(self, ex: Exchange) -> bool:
+        """A copy of `ex`'s complete request to an endpoint of its mirror (proxy/mirror.py)."""
+        assert ex.mirror_to is not None
+        service, subset = ex.mirror_to
+        ep = self.router.mirror_endpoint(service, subset)
+        if ep is None:
+            self.stats["mirror_failed"] += 1
+            return False
+        added = b"traceparent: " + ex.trace.header() + b"\r\n" if ex.trace else b""
+        body = b"".join(ex.replay) if ex.replay else b""
+        return self.mirrors.send(ep.addr, shadow_head(ex.head, added) + body)
 
     def _sweep(self) -> None:
         self.pool.sweep()

@@ -21,6 +21,8 @@ class Instance(AppThread):
         self.arrived: Counter[str] = Counter()
         self.per_connection: Counter[tuple] = Counter()
         """By the caller's address (its port stays in TIME_WAIT after the caller closes: never one reused)."""
+        self.hosts: list[str] = []
+        self.bodies: list[bytes] = []
         self._released = threading.Event()
         self._lock = threading.Lock()
         super().__init__(self._app)
@@ -34,7 +36,10 @@ class Instance(AppThread):
 
     def _app(self) -> web.Application:
         async def any_path(request: web.Request) -> web.Response:
+            body = await request.read()
             with self._lock:
+                self.hosts.append(request.headers.get("Host", ""))
+                self.bodies.append(body)
                 self.arrived[request.path] += 1
                 self.per_connection[request.transport.get_extra_info("peername")] += 1  # type: ignore[union-attr]
             if request.path == "/hold":

@@ -42,6 +42,11 @@ def config(proxy: ProxyProcess) -> dict:
         return json.loads(resp.read())
 
 
+def stats(proxy: ProxyProcess) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.ports['admin']}/stats", timeout=30) as resp:
+        return json.loads(resp.read())
+
+
 def mode_doc(service: str, mode: str) -> str:
     return f"apiVersion: meshlens.io/v1alpha1\nkind: Mode\nmetadata:\n  name: {service}\nspec:\n  mode: {mode}\n"
 
@@ -384,3 +389,40 @@ def test_modes_switch_on_a_running_sidecar_and_it_keeps_enforcing_with_the_contr
     finally:
         control.stop()
         control.kill()
+
+
+MIRROR = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: payment-service}
+spec:
+  hosts: [payment-service]
+  http:
+  - route: [{destination: {host: payment-service}}]
+    mirror: {host: shadow}
+"""
+
+
+@pytest.mark.parametrize("mode", ["dry-run", "enforce"])
+def test_mirroring_sends_a_copy_with_a_shadow_host_and_forgets_it(tmp_path, control, collector, mode):
+    main, shadow = Instance("main").start(), Instance("shadow", 500).start()
+    try:
+        mesh = {"services": {"web": {}, "payment-service": {"instances": instances(main)},
+                             "shadow": {"instances": instances(shadow)}}}
+        revision = apply(control, tmp_path, json.dumps(mesh), MIRROR, mode_doc("payment-service", mode))
+        with sidecar(tmp_path, control, collector) as proxy:
+            follow(proxy, revision)
+            req = urllib.request.Request(f"http://127.0.0.1:{proxy.outbound}/orders", data=b"order-1", method="POST",
+                                         headers={"Host": "payment-service"})
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                assert (resp.status, resp.read()) == (200, b"main")  # the shadow's 500 is never seen
+            [row] = calls(collector, proxy, 1)
+            if mode == "enforce":
+                wait_until(lambda: shadow.arrived["/orders"] == 1, "the copy at the shadow")
+                assert shadow.hosts == ["payment-service-shadow"] and shadow.bodies == [b"order-1"]
+                assert row["action"] == "mirrored"
+            else:
+                assert row["action"] == "would_mirror" and shadow.arrived["/orders"] == 0
+    finally:
+        main.stop()
+        shadow.stop()
