@@ -1,6 +1,7 @@
 """The sidecar's own Python per exchange, without sockets: what the hot path costs before the kernel does.
 
 Run: .venv/bin/python bench/hot_path.py [--exchanges 10000] [--repeat 7] [--connections 1]
+         [--policies observe|dry-run|enforce]
 
 A real `Proxy`, `Downstream` and `Upstream` (observe mode, recording off) over fake
 transports whose writes go nowhere: a keep-alive GET as wrk sends it, and nginx's
@@ -10,7 +11,12 @@ floor any httptools-based proxy pays). Prints µs per exchange (best of --repeat
 machine is shared) and, counted with sys.settrace, Python bytecodes and calls per
 exchange: a deterministic measure of the same work, for before/after comparisons that
 the shared machine's noise would hide. With --connections N, N client connections
-(each with its own upstream connection) take turns, as wrk's connections do.
+(each with its own upstream connection) take turns, as wrk's connections do. With
+--policies MODE, the exchange is an outbound call to payment-service with the issue's
+example applied from a control-plane snapshot (its VirtualService's header match and
+90/10 split, its DestinationRule's pool and outlier detection; without
+maxRequestsPerConnection, which would make every other exchange open a connection)
+and payment-service in MODE: what the policy chain costs an exchange, against observe.
 Reported, not asserted.
 """
 from __future__ import annotations
@@ -67,25 +73,50 @@ class FakeTransport:
         pass
 
 
-def sidecar(connections: int):
-    """One exchange's two feeds, as a function, over a proxy with `connections` client connections."""
-    cfg = ProxyConfig(service="bench", mesh=parse({"services": {"bench": {"protocol": "http"}}}), inbound_port=-1,
+PAYMENT = {"services": {"bench": {}, "payment-service": {"instances": [
+    {"address": "127.0.0.1:9001", "labels": {"version": "v1"}}, {"address": "127.0.0.1:9002", "labels": {"version": "v2"}}]}}}
+OUTBOUND_REQUEST = b"GET / HTTP/1.1\r\nHost: payment-service\r\n\r\n"
+
+
+def example_documents() -> list[dict]:
+    import yaml
+
+    from tests.meshlens.policy.test_resources import EXAMPLE
+
+    docs = list(yaml.safe_load_all(EXAMPLE))
+    del docs[1]["spec"]["trafficPolicy"]["connectionPool"]["http"]["maxRequestsPerConnection"]
+    return docs
+
+
+def sidecar(connections: int, policies: str | None = None):
+    """One exchange's two feeds, as a function, over a proxy with `connections` client connections;
+    with `policies`, outbound to payment-service in that mode."""
+    mesh = PAYMENT if policies else {"services": {"bench": {"protocol": "http"}}}
+    cfg = ProxyConfig(service="bench", mesh=parse(mesh), inbound_port=-1,
                       outbound_port=-1, admin_port=-1, metrics_port=-1, app_port=9)
     proxy = Proxy(cfg, None)
     proxy.loop = asyncio.get_running_loop()
+    addrs = [("127.0.0.1", 9)]
+    request = REQUEST
+    if policies:
+        proxy.apply_snapshot({"version": "1", "mesh": mesh, "policies": example_documents(),
+                              "modes": {} if policies == "observe" else {"payment-service": policies}})
+        addrs, request = [("127.0.0.1", 9001), ("127.0.0.1", 9002)], OUTBOUND_REQUEST
     downs = []
     for _ in range(connections):
-        down = Downstream(proxy, True)
+        down = Downstream(proxy, not policies)
         down.connection_made(FakeTransport())
-        up = Upstream(proxy.pool, ("127.0.0.1", 9))
-        up.connection_made(FakeTransport())
-        proxy.pool.release(up)
+        for addr in addrs:
+            for _ in range(2):
+                up = Upstream(proxy.pool, addr)
+                up.connection_made(FakeTransport())
+                proxy.pool.release(up)
         downs.append(down)
     turn = itertools.cycle(downs)
 
     def exchange() -> None:
         down = next(turn)
-        down.data_received(REQUEST)
+        down.data_received(request)
         down.queue[0].upstream.data_received(RESPONSE)  # the pooled connection the exchange took
 
     for _ in range(1000):
@@ -143,8 +174,10 @@ async def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--connections", type=int, default=1)
     ap.add_argument("--top", type=int, default=12, help="functions listed by bytecodes")
+    ap.add_argument("--policies", choices=["observe", "dry-run", "enforce"],
+                    help="outbound to payment-service with the issue's example, in this mode")
     args = ap.parse_args()
-    ours, floor = sidecar(args.connections), bare()
+    ours, floor = sidecar(args.connections, args.policies), bare()
     us, ref = best_us(ours, args.exchanges, args.repeat), best_us(floor, args.exchanges, args.repeat)
     ops, calls, per = count(ours, 200)
     print(f"one exchange through the sidecar's shells, exchange and codec: {us:6.2f} us  ({us / ref:.1f}x bare httptools)")

@@ -93,11 +93,11 @@ class Chain:
     def on_request(self, ex: Exchange, start: int = 0) -> Decision | None:
         """From the `start`th request policy on; an enforced decision stops it, and `ex.chain_at` says where
         (DELAY runs that policy again, WAIT the next one, when the exchange goes on)."""
-        requests = self.requests
-        for i in range(start, len(requests)):
-            p = requests[i]
+        requests = self.requests if not start else self.requests[start:]
+        for p in requests:
             d = p.on_request(ex)
             if d is not None and _enforced(p, d, ex):
+                i = self.requests.index(p)
                 ex.chain_at = i if d.kind is Kind.DELAY else i + 1
                 return d
         return None

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshlens.proxy.chain import Chain, Decision, Kind, note
 from meshlens.proxy.connect import UO, LocalReply
-from meshlens.proxy.limits import PENDING, Breaker, PoolLimits, TokenBucket
+from meshlens.proxy.limits import PENDING, SENT, Breaker, PoolLimits, TokenBucket
 from meshlens.proxy.outlier import Outlier, OutlierConfig
 from meshlens.proxy.retries import DEFAULT_RETRY, no_response
 from meshlens.proxy.routing import HttpRule, Routes
@@ -48,17 +48,20 @@ RL = "RL"
 OVERFLOW = LocalReply(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow",
                       "overflow", UO)
 NO_ROUTE = LocalReply(404, "no route matched the request (VirtualService)", "no_route", "NR")
+_OVERFLOWED = Decision(Kind.REPLY, "overflow", OVERFLOW)
+_PENDING = Decision(Kind.WAIT, "pending")
 
 
 class Destination:
     """Calls to one service, in its mode: the routes, subsets and cluster-wide state, and the chain."""
 
-    __slots__ = ("service", "mode", "routes", "breaker", "outlier", "limits", "bucket", "chain")
+    __slots__ = ("service", "mode", "enforced", "routes", "breaker", "outlier", "limits", "bucket", "chain")
 
     def __init__(self, service: str, mode: str) -> None:
         self.service = service
         self.mode = mode
         """dry-run or enforce."""
+        self.enforced = mode == "enforce"
         self.routes: Routes | None = None
         self.breaker: Breaker | None = None
         self.outlier: Outlier | None = None
@@ -69,10 +72,6 @@ class Destination:
 
     def __repr__(self) -> str:
         return f"<Destination {self.service} {self.mode} {self.chain}>"
-
-    @property
-    def enforced(self) -> bool:
-        return self.mode == "enforce"
 
 
 class Policies:
@@ -135,8 +134,21 @@ class Policies:
                     dest.outlier = kept.outlier if kept is not None and kept.outlier is not None \
                         and kept.outlier.config == config else Outlier(config)
             dest.breaker = Breaker(dest.limits)
-            dest.chain = Chain([Fault(dest, random), Mirror(dest, random), Overflow(dest), Timeout(dest),
-                                Ejection(dest, outbound), Retry(dest, outbound, random)])
+            # only the policies something asks for: each one in the chain costs every call
+            http = dest.routes.rules if dest.routes is not None else ()
+            chain: list[Any] = []
+            if any(r.fault is not None for r in http):
+                chain.append(Fault(dest, random))
+            if any(r.mirror is not None for r in http):
+                chain.append(Mirror(dest, random))
+            if dest.limits != PoolLimits():
+                chain.append(Overflow(dest))
+            if any(r.timeout or (r.retry is not None and r.retry.per_try_timeout) for r in http):
+                chain.append(Timeout(dest))
+            if dest.outlier is not None or any(d[0] != service for r in http for d in r.destinations):
+                chain.append(Ejection(dest, outbound))
+            chain.append(Retry(dest, outbound, random))
+            dest.chain = Chain(chain)
         inbound = None
         own_mode = modes.get(own, "observe")
         if own_mode != "observe":
@@ -206,6 +218,7 @@ class Overflow:
 
     def __init__(self, dest: Destination) -> None:
         self.mode = dest.mode
+        self.enforced = dest.enforced
         self.breaker = dest.breaker
         self.per_connection = dest.limits.max_requests_per_connection
         self.connect_timeout = dest.limits.connect_timeout
@@ -214,14 +227,20 @@ class Overflow:
         breaker = self.breaker
         assert breaker is not None
         ex.breaker = breaker
-        if self.mode == "enforce":
+        if self.enforced:
             ex.per_connection = self.per_connection
             ex.connect_timeout = self.connect_timeout
+        lim = breaker.limits
+        sent = breaker.sent
+        if sent < lim.max_connections and sent < lim.max_requests:  # Breaker.admit's common case, inline
+            breaker.sent = sent + 1
+            ex.slot = SENT
+            return None
         admitted = breaker.admit(ex)
         if admitted == "overflow":
-            return Decision(Kind.REPLY, "overflow", OVERFLOW)
-        if admitted == "pending" and self.mode == "enforce":
-            return Decision(Kind.WAIT, "pending")
+            return _OVERFLOWED
+        if admitted == "pending" and self.enforced:
+            return _PENDING
         return None
 
     def on_end(self, ex: Exchange) -> None:
@@ -229,8 +248,12 @@ class Overflow:
         if breaker is None:
             return
         ex.breaker = None
+        if ex.slot == SENT and not breaker.pending and not ex.retrying:  # Breaker.ended's common case, inline
+            ex.slot = 0
+            breaker.sent -= 1
+            return
         nxt = breaker.ended(ex)
-        if nxt is not None and nxt.slot != PENDING and self.mode == "enforce":
+        if nxt is not None and nxt.slot != PENDING and self.enforced:
             nxt.resume()
 
 
@@ -293,7 +316,14 @@ class Ejection:
             note(self, ex, "ejected")
 
     def on_response(self, ex: Exchange, head: ResponseHead) -> None:
-        self._result(ex, head.status)
+        status = head.status
+        if status < 500:  # a success: only a count to reset (Outlier.result's common case, inline)
+            route = ex.route
+            ep = route.endpoint if route is not None else None
+            if ep is not None and (ep.consecutive_5xx or ep.consecutive_gateway):
+                ep.consecutive_5xx = ep.consecutive_gateway = 0
+            return
+        self._result(ex, status)
 
     def on_error(self, ex: Exchange, reply: LocalReply) -> None:
         if no_response(reply):
@@ -324,7 +354,10 @@ class Retry:
     def on_response(self, ex: Exchange, head: ResponseHead) -> Decision | None:
         rule = ex.route.rule if ex.route is not None else None
         policy = rule.retry if rule is not None and rule.retry is not None else DEFAULT_RETRY
-        return self._decide(ex, policy.retriable_status(head.status))
+        status = head.status
+        if status < policy.lowest:
+            return None
+        return self._decide(ex, policy.retriable_status(status))
 
     def on_error(self, ex: Exchange, reply: LocalReply) -> Decision | None:
         if reply.error == "overflow" or reply.error == "no_healthy_upstream":

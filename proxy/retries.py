@@ -27,7 +27,7 @@ Istio's semantics, with their sources:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshlens.proxy.connect import UF, LocalReply
 
@@ -55,6 +55,14 @@ class RetryPolicy:
     """Status codes retried (retriable-status-codes and bare numbers in retryOn)."""
     per_try_timeout: float | None = None
     backoff_base: float = BACKOFF_BASE
+
+    lowest: int = field(init=False, default=1000, compare=False)
+    """The lowest status it may retry (1000 when none): a status below is answered without a look."""
+
+    def __post_init__(self) -> None:
+        low = [*self.codes, 500 if "5xx" in self.on else 1000, 502 if "gateway-error" in self.on else 1000,
+               409 if "retriable-4xx" in self.on else 1000]
+        object.__setattr__(self, "lowest", min(low))
 
     @classmethod
     def from_spec(cls, spec: dict | None) -> RetryPolicy:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meshlens.mesh import Mesh, Service, parse_address
@@ -40,23 +39,43 @@ ROUTE_CACHE_SIZE = 4096
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost", "0.0.0.0", "::"})
 
 
-@dataclass(frozen=True, slots=True)
 class Route:
-    """Where one request goes, and how the record names it."""
+    """Where one request goes, and how the record names it.
 
-    addr: tuple[str, int]
-    dst_service: str
-    dst_subset: str
-    src_service: str = ""
-    """Inbound only: the calling service, when the mesh or the caller's sidecar says (else '')."""
-    endpoint: Endpoint | None = field(default=None, compare=False)
-    """The cluster endpoint it was balanced to, whose active requests it counts until `Router.finished`."""
-    dest: Destination | None = field(default=None, compare=False)
-    """The destination's policies, in dry-run or enforce; None in observe (proxy/policies.py)."""
-    rule: Any = field(default=None, compare=False)
-    """The VirtualService rule the request matched (proxy/routing.py HttpRule), if any."""
-    note: str = field(default="", compare=False)
-    """What routing did for the record's action: routed:SUBSET, would_route:SUBSET, would_no_route."""
+    A plain class, not a frozen dataclass: one is built per balanced request, and a frozen
+    dataclass's __init__ costs three times as much (bench/hot_path.py). Never changed once built."""
+
+    __slots__ = ("addr", "dst_service", "dst_subset", "src_service", "endpoint", "dest", "rule", "note")
+
+    def __init__(self, addr: tuple[str, int], dst_service: str, dst_subset: str, src_service: str = "",
+                 endpoint: Endpoint | None = None, dest: Destination | None = None, rule: Any = None,
+                 note: str = "") -> None:
+        self.addr = addr
+        self.dst_service = dst_service
+        self.dst_subset = dst_subset
+        self.src_service = src_service
+        """Inbound only: the calling service, when the mesh or the caller's sidecar says (else '')."""
+        self.endpoint = endpoint
+        """The cluster endpoint it was balanced to, whose active requests it counts until `Router.finished`."""
+        self.dest = dest
+        """The destination's policies, in dry-run or enforce; None in observe (proxy/policies.py)."""
+        self.rule = rule
+        """The VirtualService rule the request matched (proxy/routing.py HttpRule), if any."""
+        self.note = note
+        """What routing did for the record's action: routed:SUBSET, would_route:SUBSET, would_no_route."""
+
+    def __eq__(self, other: object) -> bool:
+        """Same address and names (where it goes and how it is recorded); the endpoint and policies aside."""
+        if not isinstance(other, Route):
+            return NotImplemented
+        return (self.addr, self.dst_service, self.dst_subset, self.src_service) == (
+            other.addr, other.dst_service, other.dst_subset, other.src_service)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (f"Route({self.addr!r}, {self.dst_service!r}, {self.dst_subset!r}, {self.src_service!r}"
+                f"{', ' + self.note if self.note else ''})")
 
 
 class Router:
@@ -190,21 +209,31 @@ class Router:
         return Route((ep.host, ep.port), service, ep.subset, "", ep)
 
     def _routed(self, dest: Destination, head: RequestHead | None) -> Route | LocalReply:
-        from meshlens.proxy.policies import NO_ROUTE
-
         target, subset, rule, note = dest.service, "", None, ""
         routes = dest.routes
         if routes is not None and head is not None:
             rule = routes.first(head)
             if rule is None:
                 if dest.enforced:
+                    from meshlens.proxy.policies import NO_ROUTE
+
                     return NO_ROUTE
                 note = "would_no_route"
             else:
-                target, subset = rule.pick(self._rng.random)
+                target, subset = rule.pick(self.random)
                 if subset:
-                    note = ("routed:" if dest.enforced else "would_route:") + subset
-        return self._pick(dest, target, subset if dest.enforced else "", rule, note, ())
+                    if dest.enforced:
+                        note = "routed:" + subset
+                    else:
+                        note, subset = "would_route:" + subset, ""
+        if not subset and not dest.enforced:  # dry-run: the endpoint observe would take
+            cluster = self.clusters.get(target)
+            if cluster is not None:
+                ep = cluster.pick()
+                if ep is not None:
+                    ep.active += 1  # Cluster.started, inline
+                    return Route((ep.host, ep.port), target, ep.subset, "", ep, dest, rule, note)
+        return self._pick(dest, target, subset, rule, note, ())
 
     def _pick(self, dest: Destination, target: str, subset: str, rule: Any, note: str,
               avoid: tuple[Endpoint, ...]) -> Route | LocalReply:
@@ -229,7 +258,7 @@ class Router:
                 return no_endpoint(target)
             return LocalReply(503, f"no healthy upstream for {target}{' subset ' + subset if subset else ''}",
                               "no_healthy_upstream", UH)
-        cluster.started(ep)
+        ep.active += 1  # Cluster.started, inline
         return Route((ep.host, ep.port), target, subset or ep.subset, "", ep, dest, rule, note)
 
     def again(self, route: Route, avoid: tuple[Endpoint, ...] = ()) -> Route | LocalReply:

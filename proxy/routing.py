@@ -14,10 +14,13 @@ HTTPMatchRequest), as Envoy's route matching carries them out:
   weight / total; a weight of 0 takes nothing; a single destination takes everything).
 - No rule matching a request to a host that has a VirtualService: Envoy answers 404 `NR`.
 
-Header values are read from the head only when some rule looks at them.
+Header values are read from the head only when some rule looks at them, and only those
+(`field_value`: a search in the lowercased head, not a parse of every field).
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,7 +31,7 @@ from meshlens.proxy.retries import RetryPolicy
 if TYPE_CHECKING:
     from meshlens.protocols.http1 import RequestHead
 
-__all__ = ["Fault", "HttpRule", "Routes", "header_fields", "string_matcher"]
+__all__ = ["Fault", "HttpRule", "Routes", "field_value", "header_fields", "string_matcher"]
 
 Matcher = Callable[[str], bool]
 
@@ -68,6 +71,22 @@ def header_fields(raw: bytes) -> dict[str, str]:
     return out
 
 
+def field_value(raw: bytes, low: bytes, name: bytes) -> str | None:
+    """The value of field `name` (lowercase) in a head (`low` is the head lowercased), repeated ones joined
+    with ','; None when absent. The same as header_fields(raw).get(name), without reading every field."""
+    key = b"\r\n" + name + b":"
+    at = low.find(key)
+    if at < 0:
+        return None
+    values = []
+    while at >= 0:
+        start = at + len(key)
+        end = raw.find(b"\r\n", start)
+        values.append(raw[start:end if end >= 0 else len(raw)].strip().decode("latin-1"))
+        at = low.find(key, start)
+    return values[0] if len(values) == 1 else ",".join(values)
+
+
 class _Block:
     """One match block: every condition must hold."""
 
@@ -78,13 +97,14 @@ class _Block:
         self.uri = string_matcher(spec["uri"], icase) if "uri" in spec else None
         self.method = string_matcher(spec["method"]) if "method" in spec else None
         self.authority = string_matcher(spec["authority"]) if "authority" in spec else None
-        self.headers = tuple((name.lower(), string_matcher(m) if m else None)
+        self.headers = tuple((name.lower().encode("latin-1"), string_matcher(m) if m else None)
                              for name, m in (spec.get("headers") or {}).items())
         self.query = tuple((name, string_matcher(m)) for name, m in (spec.get("queryParams") or {}).items())
         self.port = spec.get("port")
         self.needs_fields = bool(self.headers)
 
-    def matches(self, head: RequestHead, fields: dict[str, str] | None, port: int) -> bool:
+    def matches(self, head: RequestHead, low: bytes, port: int) -> bool:
+        """`low`: the head lowercased, when some block of the rules reads fields (else b'')."""
         if self.uri is not None and not self.uri(head.path):
             return False
         if self.method is not None and not self.method(head.method):
@@ -94,7 +114,7 @@ class _Block:
         if self.port is not None and self.port != port:
             return False
         for name, m in self.headers:
-            value = fields.get(name) if fields is not None else None
+            value = field_value(head.raw, low, name)
             if value is None or (m is not None and not m(value)):
                 return False
         if self.query:
@@ -134,8 +154,8 @@ class Fault:
 class HttpRule:
     """One `http` rule of a VirtualService: its matches, its weighted destinations and its policies."""
 
-    __slots__ = ("name", "blocks", "destinations", "total", "timeout", "retry", "fault", "mirror", "mirror_share",
-                 "needs_fields")
+    __slots__ = ("name", "blocks", "destinations", "total", "cumulative", "timeout", "retry", "fault", "mirror",
+                 "mirror_share", "needs_fields")
 
     def __init__(self, spec: dict[str, Any], service_of: Callable[[str], str]) -> None:
         from meshlens.policy.spec import duration_s
@@ -148,6 +168,7 @@ class HttpRule:
                      int(d.get("weight", 100 if len(dests) == 1 else 0))) for d in dests]
         self.destinations = tuple(d for d in weighted if d[2] > 0) or tuple(weighted[:1])
         self.total = sum(w for _, _, w in self.destinations) or 1
+        self.cumulative = tuple(itertools.accumulate(w for _, _, w in self.destinations))
         self.timeout = duration_s(spec["timeout"]) if spec.get("timeout") else None
         retries = spec.get("retries")
         self.retry = RetryPolicy.from_spec(retries) if retries is not None else None
@@ -160,20 +181,23 @@ class HttpRule:
     def __repr__(self) -> str:
         return f"<HttpRule {self.name or '-'} -> {self.destinations}>"
 
-    def matches(self, head: RequestHead, fields: dict[str, str] | None, port: int) -> bool:
-        return not self.blocks or any(b.matches(head, fields, port) for b in self.blocks)
+    def matches(self, head: RequestHead, low: bytes, port: int) -> bool:
+        blocks = self.blocks
+        if not blocks:
+            return True
+        for b in blocks:
+            if b.matches(head, low, port):
+                return True
+        return False
 
     def pick(self, random: Callable[[], float]) -> tuple[str, str]:
         """(service, subset) for one request, by weight."""
         dests = self.destinations
         if len(dests) == 1:
-            return dests[0][0], dests[0][1]
-        x = random() * self.total
-        for service, subset, weight in dests:
-            x -= weight
-            if x < 0:
-                return service, subset
-        return dests[-1][0], dests[-1][1]
+            d = dests[0]
+        else:
+            d = dests[bisect.bisect_right(self.cumulative, random() * self.total)]
+        return d[0], d[1]
 
 
 class Routes:
@@ -188,8 +212,8 @@ class Routes:
         """The VirtualService they come from (namespace/name)."""
 
     def first(self, head: RequestHead, port: int = 0) -> HttpRule | None:
-        fields = header_fields(head.raw) if self.needs_fields else None
+        low = head.raw.lower() if self.needs_fields else b""
         for rule in self.rules:
-            if rule.matches(head, fields, port):
+            if rule.matches(head, low, port):
                 return rule
         return None

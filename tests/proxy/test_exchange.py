@@ -4,7 +4,6 @@ fields out. A test policy answers locally, retries on a second endpoint and time
 enforce and in dry-run, through the same policy chain the sidecar runs."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
@@ -136,7 +135,10 @@ class Env:
 
     def routed(self, route: Route) -> Route:
         """The route as the router gives it when its destination has policies: carrying them."""
-        return dataclasses.replace(route, dest=Destination(self.chain)) if self.chain is not None else route
+        if self.chain is None:
+            return route
+        return Route(route.addr, route.dst_service, route.dst_subset, route.src_service, route.endpoint,
+                     Destination(self.chain))
 
     def cluster(self, service: str) -> None:
         return None
