@@ -75,7 +75,7 @@ class Policy(Protocol):
 class Chain:
     """Policies in the order they run, by hook; `bool(chain)` is False when there are none."""
 
-    __slots__ = ("policies", "requests", "responses", "errors", "ends")
+    __slots__ = ("policies", "requests", "responses", "errors", "ends", "end")
 
     def __init__(self, policies: list[Policy] | tuple[Policy, ...] = ()) -> None:
         self.policies = tuple(policies)
@@ -83,6 +83,8 @@ class Chain:
         self.responses = tuple(p for p in self.policies if hasattr(p, "on_response"))
         self.errors = tuple(p for p in self.policies if hasattr(p, "on_error"))
         self.ends = tuple(p for p in self.policies if hasattr(p, "on_end"))
+        self.end = self.ends[0].on_end if len(self.ends) == 1 else self.on_end
+        """What the exchange calls at its end: `on_end`, or the one end hook itself (they decide nothing)."""
 
     def __bool__(self) -> bool:
         return bool(self.policies)

@@ -167,7 +167,6 @@ class Exchange:
     connect_timeout: float | None = None
     per_try: float | None = None
     """Each attempt's response head within this many seconds, else the attempt fails 504 UT."""
-    t_attempt = 0
     try_timer: Any = None
     wait_timer: Any = None
     tried: tuple[Any, ...] = ()
@@ -274,10 +273,6 @@ class Exchange:
     def _try(self, route: Route, fresh: bool = False) -> None:
         """One attempt at `route`'s endpoint: a pooled connection (unless `fresh`), else a new one."""
         self.attempt += 1
-        if self.chain is not None:
-            self.t_attempt = self.env.now_ns()
-            if route.endpoint is not None:
-                self.tried += (route.endpoint,)
         up = None if fresh else self.env.pool.take(route.addr)
         if up is not None:
             self.reused = True
@@ -341,8 +336,11 @@ class Exchange:
         self.wait_timer = None
         if self.state is _DONE or self.state is _RESPONDING or self.state is _TUNNEL:
             return
-        assert self.route is not None
-        again = self.env.rebalance(self.route, self.tried)
+        route = self.route
+        assert route is not None
+        if route.endpoint is not None:
+            self.tried += (route.endpoint,)
+        again = self.env.rebalance(route, self.tried)
         if isinstance(again, LocalReply):
             self.reply(again)
             return
@@ -552,11 +550,12 @@ class Exchange:
 
     def _ended(self) -> None:
         """The policies' end of an exchange: their timers stop, the chain's end hooks run."""
-        self._cancel_try_timer()
+        if self.try_timer is not None:
+            self._cancel_try_timer()
         if self.wait_timer is not None:
             self.wait_timer.cancel()
             self.wait_timer = None
-        self.chain.on_end(self)
+        self.chain.end(self)
 
     def _finish(self) -> None:
         if self.timer is not None:

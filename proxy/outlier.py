@@ -66,11 +66,13 @@ class OutlierConfig:
 class Outlier:
     """The outlier state of one destination's endpoints."""
 
-    __slots__ = ("config", "next_check")
+    __slots__ = ("config", "next_check", "ejected")
 
     def __init__(self, config: OutlierConfig) -> None:
         self.config = config
         self.next_check = 0.0
+        self.ejected = 0
+        """Endpoints ejected now."""
 
     def __repr__(self) -> str:
         return f"<Outlier {self.config}>"
@@ -93,6 +95,7 @@ class Outlier:
             return False
         ep.ejections += 1
         ep.ejected = True
+        self.ejected += 1
         ep.ejected_until = now + min(cfg.base_ejection * ep.ejections, max(cfg.base_ejection, MAX_EJECTION_TIME))
         ep.consecutive_5xx = ep.consecutive_gateway = 0
         return True
@@ -113,12 +116,18 @@ class Outlier:
             if ep.ejected:
                 if now >= ep.ejected_until:
                     ep.ejected = False
+                    self.ejected -= 1
             elif ep.ejections:
                 ep.ejections -= 1
 
-    def available(self, endpoints: tuple[Endpoint, ...], now: float) -> tuple[Endpoint, ...]:
-        """What to balance over, enforced: the endpoints not ejected, or all of them in panic."""
-        self.check(endpoints, now)
+    def available(self, endpoints: tuple[Endpoint, ...], now: float,
+                  every: tuple[Endpoint, ...] | None = None) -> tuple[Endpoint, ...]:
+        """What to balance over among `endpoints` (a subset of `every`, the destination's), enforced: those not
+        ejected, or all of them in panic."""
+        if now >= self.next_check:
+            self.check(every or endpoints, now)
+        if not self.ejected:
+            return endpoints
         healthy = tuple(e for e in endpoints if not e.ejected)
         if len(healthy) == len(endpoints):
             return endpoints

@@ -280,7 +280,7 @@ class Timeout:
         rule = ex.route.rule if ex.route is not None else None
         if self.mode != "enforce" and rule is not None:
             per_try = (rule.retry or DEFAULT_RETRY).per_try_timeout
-            if per_try and ex.env.now_ns() - ex.t_attempt > per_try * 1e9:
+            if per_try and ex.env.now_ns() - ex.t0 > per_try * 1e9:  # dry-run makes one attempt: from the start
                 note(self, ex, "timed_out")
         return None
 

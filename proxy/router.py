@@ -107,8 +107,15 @@ class Router:
         """The policies from now on (with `update`, between two callbacks: no request sees half of them)."""
         self.policies = policies
         self._inbound = {}
-        for cluster in self.clusters.values():
+        for name, cluster in self.clusters.items():
             cluster.subsets = {}
+            dest = policies.outbound.get(name) if policies is not None else None
+            outlier = dest.outlier if dest is not None else None
+            if outlier is None:  # no outlier detection now: nothing stays ejected
+                for ep in cluster.endpoints:
+                    ep.ejected, ep.consecutive_5xx, ep.consecutive_gateway = False, 0, 0
+            else:  # kept from the last snapshot, or new: it counts what its endpoints say
+                outlier.ejected = sum(1 for ep in cluster.endpoints if ep.ejected)
 
     def update(self, mesh: Mesh, service: Service) -> None:
         """A new mesh, from now on (the control plane's next snapshot). An instance that stays keeps its
@@ -241,14 +248,21 @@ class Router:
         cluster = self.clusters.get(target)
         if cluster is None:
             return no_endpoint(target)
-        eps = cluster.endpoints
         pol = self.policies
-        if subset and pol is not None:
-            eps = cluster.subset(subset, pol.subsets.get(target, {}).get(subset, {}))
-        if dest.enforced and pol is not None:
-            target_dest = pol.outbound.get(target)
-            if target_dest is not None and target_dest.outlier is not None:
-                eps = target_dest.outlier.available(eps, time.monotonic())
+        assert pol is not None
+        if subset:
+            eps = cluster.subsets.get(subset)
+            if eps is None:
+                eps = cluster.subset(subset, pol.subsets.get(target, {}).get(subset, {}))
+        else:
+            eps = cluster.endpoints
+        if dest.enforced:
+            target_dest = dest if target == dest.service else pol.outbound.get(target)
+            outlier = target_dest.outlier if target_dest is not None else None
+            if outlier is not None:
+                now = time.monotonic()
+                if outlier.ejected or now >= outlier.next_check:
+                    eps = outlier.available(eps, now, cluster.endpoints)
         if avoid:
             rest = tuple(e for e in eps if e not in avoid)
             eps = rest or eps

@@ -87,43 +87,83 @@ def field_value(raw: bytes, low: bytes, name: bytes) -> str | None:
     return values[0] if len(values) == 1 else ",".join(values)
 
 
-class _Block:
-    """One match block: every condition must hold."""
+Condition = Callable[["RequestHead", bytes], bool]
+"""One condition of a match block, on the head and the head lowercased (b'' unless some rule reads fields)."""
 
-    __slots__ = ("uri", "method", "authority", "headers", "query", "port", "needs_fields")
 
-    def __init__(self, spec: dict[str, Any]) -> None:
-        icase = bool(spec.get("ignoreUriCase"))
-        self.uri = string_matcher(spec["uri"], icase) if "uri" in spec else None
-        self.method = string_matcher(spec["method"]) if "method" in spec else None
-        self.authority = string_matcher(spec["authority"]) if "authority" in spec else None
-        self.headers = tuple((name.lower().encode("latin-1"), string_matcher(m) if m else None)
-                             for name, m in (spec.get("headers") or {}).items())
-        self.query = tuple((name, string_matcher(m)) for name, m in (spec.get("queryParams") or {}).items())
-        self.port = spec.get("port")
-        self.needs_fields = bool(self.headers)
+def _header(name: bytes, spec: dict[str, Any] | None) -> Condition:
+    """A header condition: present (`{}`), or its value as the StringMatch says."""
+    key = b"\r\n" + name + b":"
+    if not spec:
+        return lambda head, low: low.find(key) >= 0
+    if set(spec) == {"exact"}:  # the common case, without a call for the value when the field is there once
+        want = str(spec["exact"]).encode("latin-1")
+        n = len(key)
 
-    def matches(self, head: RequestHead, low: bytes, port: int) -> bool:
-        """`low`: the head lowercased, when some block of the rules reads fields (else b'')."""
-        if self.uri is not None and not self.uri(head.path):
-            return False
-        if self.method is not None and not self.method(head.method):
-            return False
-        if self.authority is not None and not self.authority(head.authority):
-            return False
-        if self.port is not None and self.port != port:
-            return False
-        for name, m in self.headers:
-            value = field_value(head.raw, low, name)
-            if value is None or (m is not None and not m(value)):
+        def exact(head: RequestHead, low: bytes) -> bool:
+            at = low.find(key)
+            if at < 0:
                 return False
-        if self.query:
-            target = head.target.decode("latin-1")
-            params = dict(parse_qsl(target.partition("?")[2], keep_blank_values=True))
-            for name, m in self.query:
-                if name not in params or not m(params[name]):
-                    return False
-        return True
+            if low.find(key, at + n) >= 0:  # repeated: the values joined with ','
+                return field_value(head.raw, low, name) == want.decode("latin-1")
+            raw = head.raw
+            end = raw.find(b"\r\n", at + n)
+            return raw[at + n:end if end >= 0 else len(raw)].strip() == want
+        return exact
+    m = string_matcher(spec)
+    return lambda head, low: (v := field_value(head.raw, low, name)) is not None and m(v)
+
+
+def _query(name: str, m: Matcher) -> Condition:
+    def cond(head: RequestHead, low: bytes) -> bool:
+        params = dict(parse_qsl(head.target.decode("latin-1").partition("?")[2], keep_blank_values=True))
+        return name in params and m(params[name])
+    return cond
+
+
+def _port(port: int) -> Condition:
+    """Istio's match port: the port the request is addressed to (the Host's, else 80)."""
+    def cond(head: RequestHead, low: bytes) -> bool:
+        authority = head.authority
+        _, sep, text = authority.rpartition(":")
+        addressed = int(text) if sep and text.isdigit() and not authority.endswith("]") else 80
+        return addressed == port
+    return cond
+
+
+def _block(spec: dict[str, Any]) -> tuple[Condition, ...]:
+    """One match block's conditions, all of which must hold."""
+    icase = bool(spec.get("ignoreUriCase"))
+    conds: list[Condition] = []
+    for field, attr in (("uri", "path"), ("method", "method"), ("authority", "authority")):
+        if field in spec:
+            m = string_matcher(spec[field], icase and field == "uri")
+            conds.append(lambda head, low, m=m, attr=attr: m(getattr(head, attr)))
+    for name, m in (spec.get("headers") or {}).items():
+        conds.append(_header(name.lower().encode("latin-1"), m))
+    for name, m in (spec.get("queryParams") or {}).items():
+        conds.append(_query(name, string_matcher(m)))
+    if spec.get("port") is not None:
+        conds.append(_port(int(spec["port"])))
+    return tuple(conds)
+
+
+def _matcher(blocks: list[tuple[Condition, ...]]) -> Condition | None:
+    """One rule's match: None when it has none (it matches everything); blocks ORed, conditions ANDed."""
+    if not blocks:
+        return None
+    if len(blocks) == 1 and len(blocks[0]) == 1:
+        return blocks[0][0]
+
+    def match(head: RequestHead, low: bytes) -> bool:
+        for conds in blocks:
+            for cond in conds:
+                if not cond(head, low):
+                    break
+            else:
+                return True
+        return False
+    return match
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,19 +194,22 @@ class Fault:
 class HttpRule:
     """One `http` rule of a VirtualService: its matches, its weighted destinations and its policies."""
 
-    __slots__ = ("name", "blocks", "destinations", "total", "cumulative", "timeout", "retry", "fault", "mirror",
-                 "mirror_share", "needs_fields")
+    __slots__ = ("name", "match", "destinations", "choices", "total", "cumulative", "timeout", "retry", "fault",
+                 "mirror", "mirror_share", "needs_fields")
 
     def __init__(self, spec: dict[str, Any], service_of: Callable[[str], str]) -> None:
         from meshlens.policy.spec import duration_s
 
         self.name = str(spec.get("name", ""))
-        self.blocks = tuple(_Block(m) for m in spec.get("match") or ())
-        self.needs_fields = any(b.needs_fields for b in self.blocks)
+        blocks = spec.get("match") or ()
+        self.match = _matcher([_block(m) for m in blocks])
+        """None: the rule has no match and takes every request."""
+        self.needs_fields = any(b.get("headers") for b in blocks)
         dests = spec.get("route") or []
         weighted = [(service_of(d["destination"]["host"]), str(d["destination"].get("subset", "")),
                      int(d.get("weight", 100 if len(dests) == 1 else 0))) for d in dests]
         self.destinations = tuple(d for d in weighted if d[2] > 0) or tuple(weighted[:1])
+        self.choices = tuple((service, subset) for service, subset, _ in self.destinations)
         self.total = sum(w for _, _, w in self.destinations) or 1
         self.cumulative = tuple(itertools.accumulate(w for _, _, w in self.destinations))
         self.timeout = duration_s(spec["timeout"]) if spec.get("timeout") else None
@@ -181,39 +224,33 @@ class HttpRule:
     def __repr__(self) -> str:
         return f"<HttpRule {self.name or '-'} -> {self.destinations}>"
 
-    def matches(self, head: RequestHead, low: bytes, port: int) -> bool:
-        blocks = self.blocks
-        if not blocks:
-            return True
-        for b in blocks:
-            if b.matches(head, low, port):
-                return True
-        return False
+    def matches(self, head: RequestHead, low: bytes = b"") -> bool:
+        """`low`: the head lowercased (needed when the rule reads fields)."""
+        return self.match is None or self.match(head, low)
 
     def pick(self, random: Callable[[], float]) -> tuple[str, str]:
         """(service, subset) for one request, by weight."""
-        dests = self.destinations
-        if len(dests) == 1:
-            d = dests[0]
-        else:
-            d = dests[bisect.bisect_right(self.cumulative, random() * self.total)]
-        return d[0], d[1]
+        choices = self.choices
+        if len(choices) == 1:
+            return choices[0]
+        return choices[bisect.bisect_right(self.cumulative, random() * self.total)]
 
 
 class Routes:
     """The HTTP rules for one destination host, in order."""
 
-    __slots__ = ("rules", "needs_fields", "source")
+    __slots__ = ("rules", "matchers", "needs_fields", "source")
 
     def __init__(self, rules: tuple[HttpRule, ...], source: str) -> None:
         self.rules = rules
+        self.matchers = tuple((r.match, r) for r in rules)
         self.needs_fields = any(r.needs_fields for r in rules)
         self.source = source
         """The VirtualService they come from (namespace/name)."""
 
-    def first(self, head: RequestHead, port: int = 0) -> HttpRule | None:
+    def first(self, head: RequestHead) -> HttpRule | None:
         low = head.raw.lower() if self.needs_fields else b""
-        for rule in self.rules:
-            if rule.matches(head, low, port):
+        for match, rule in self.matchers:
+            if match is None or match(head, low):
                 return rule
         return None

@@ -82,3 +82,18 @@ def test_weights_share_requests_and_a_zero_weight_takes_none() -> None:
     assert set(got) == {"v1", "v2"} and 850 <= got["v2"] <= 1150  # 1,000 expected, sd 30
     single = HttpRule({"route": [{"destination": {"host": "pay.prod.svc.cluster.local"}}]}, lambda h: h.split(".")[0])
     assert single.pick(rng.random) == ("pay", "")
+
+
+def test_a_port_match_is_the_port_the_request_is_addressed_to() -> None:
+    rs = routes({"name": "8080", "match": [{"port": 8080}], "route": [{"destination": {"host": "pay"}}]},
+                {"name": "80", "match": [{"port": 80}], "route": [{"destination": {"host": "pay"}}]})
+    assert first(rs, b"GET / HTTP/1.1\r\nHost: pay:8080\r\n\r\n") == "8080"
+    assert first(rs, b"GET / HTTP/1.1\r\nHost: pay\r\n\r\n") == "80"
+    assert first(rs, b"GET / HTTP/1.1\r\nHost: [fd00::1]\r\n\r\n") == "80"
+
+
+def test_a_repeated_field_is_matched_as_its_values_joined() -> None:
+    rs = routes({"name": "both", "match": [{"headers": {"x-tag": {"exact": "a,b"}}}],
+                 "route": [{"destination": {"host": "pay"}}]})
+    assert first(rs, b"GET / HTTP/1.1\r\nHost: pay\r\nx-tag: a\r\nX-Tag: b\r\n\r\n") == "both"
+    assert first(rs, b"GET / HTTP/1.1\r\nHost: pay\r\nx-tag: a\r\n\r\n") is None
