@@ -293,10 +293,15 @@ def actions(rows: list[dict], service: str) -> list[str]:
 
 
 def test_what_dry_run_says_it_would_do_is_what_enforce_does(tmp_path, control, collector):
+    observed = phase(tmp_path / "observe", control, collector, "observe")
     dry = phase(tmp_path / "dry", control, collector, "dry-run")
     enforced = phase(tmp_path / "enforce", control, collector, "enforce")
     dry_rows, rows = dry["rows"], enforced["rows"]
     assert {r["mode"] for r in dry_rows} == {"dry-run"} and {r["mode"] for r in rows} == {"enforce"}
+    # observe: no policy evaluated, nothing recorded of them; dry-run: the traffic exactly as in observe
+    assert {(r["mode"], r["action"]) for r in observed["rows"] + observed["inbound"]} == {("observe", "")}
+    assert {k: v for k, v in observed.items() if k not in ("rows", "inbound", "ratelimit_headers")} == \
+        {k: v for k, v in dry.items() if k not in ("rows", "inbound", "ratelimit_headers")}
 
     # outlier detection: the 6th request (bad's third 503) ejects bad, in both; enforced, bad gets no more
     assert [i for i, a in enumerate(actions(dry_rows, "payment-service")) if a] == [5]
