@@ -319,7 +319,7 @@ class CallRecorder:
                 self._conn.request("POST", self._path, batch.body, headers)
                 resp = self._conn.getresponse()
                 text = resp.read().decode("utf-8", "replace")
-                return resp.status, _retry_after(resp.getheader("Retry-After")), text
+                return resp.status, parse_retry_after(resp.getheader("Retry-After")), text
             except (OSError, http.client.HTTPException) as e:
                 if self._conn is not None:
                     self._conn.close()
@@ -400,7 +400,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _retry_after(value: str | None) -> float | None:
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After's seconds, kept within 0.1 to 60; None when absent or not a number (a date: use the backoff)."""
     try:
         return min(60.0, max(0.1, float(value))) if value else None
     except ValueError:

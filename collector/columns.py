@@ -1,7 +1,8 @@
 """The columns of the tables the collector writes, and their Arrow schemas.
 
-`calls` comes from collector.record.CALL_COLUMNS. `otel_traces` is listed here,
-once: OTEL_TRACES, the OpenTelemetry Collector ClickHouse exporter's columns.
+`calls` comes from collector.record.CALL_COLUMNS, `mesh_changes` from
+collector.changes.CHANGE_COLUMNS. `otel_traces` is listed here, once:
+OTEL_TRACES, the OpenTelemetry Collector ClickHouse exporter's columns.
 The DDL that created both tables is collector/schema.py's migrations, frozen as
 written; tests/collector/test_migrations.py checks that a database they build
 has exactly these columns.
@@ -13,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from meshlens.collector.changes import CHANGE_COLUMNS
 from meshlens.collector.record import CALL_COLUMNS
 
 STR_MAP = pa.map_(pa.string(), pa.string())
@@ -23,6 +25,7 @@ KIND_ARROW: dict[str, pa.DataType] = {
 }
 
 CALLS_SCHEMA = pa.schema([pa.field(c.name, KIND_ARROW[c.kind], nullable=False) for c in CALL_COLUMNS])
+CHANGES_SCHEMA = pa.schema([pa.field(c.name, KIND_ARROW[c.kind], nullable=False) for c in CHANGE_COLUMNS])
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +70,8 @@ OTEL_TRACES: tuple[TraceColumn, ...] = (
 TRACES_SCHEMA = pa.schema([pa.field(c.name, c.arrow) for c in OTEL_TRACES])
 TRACES_COLUMNS: tuple[str, ...] = tuple(TRACES_SCHEMA.names)
 
-SCHEMAS: dict[str, pa.Schema] = {"calls": CALLS_SCHEMA, "otel_traces": TRACES_SCHEMA}
+SCHEMAS: dict[str, pa.Schema] = {"calls": CALLS_SCHEMA, "otel_traces": TRACES_SCHEMA,
+                                 "mesh_changes": CHANGES_SCHEMA}
 
 
 def _type_default(t: pa.DataType) -> Any:
@@ -79,10 +83,11 @@ def _type_default(t: pa.DataType) -> Any:
 
 
 # What an absent column holds: the record's own defaults for calls (grpc_status is
-# -1, "not gRPC"), the zero value of the type for otel_traces.
+# -1, "not gRPC") and mesh_changes, the zero value of the type for otel_traces.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "calls": {c.name: c.default() for c in CALL_COLUMNS},
     "otel_traces": {f.name: _type_default(f.type) for f in TRACES_SCHEMA},
+    "mesh_changes": {c.name: c.default() for c in CHANGE_COLUMNS},
 }
 
 

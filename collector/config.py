@@ -49,6 +49,8 @@ class CollectorConfig:
     max_body_bytes: int = field(default=MAX_BODY_BYTES, metadata={"help": "largest request body, before and after gzip"})
     calls_retention_days: int = field(default=30, metadata={"help": "days of calls kept (0 = forever)"})
     traces_retention_days: int = field(default=7, metadata={"help": "days of spans kept (0 = forever)"})
+    changes_retention_days: int = field(default=365, metadata={"help": "days of the control plane's changes "
+                                                                        "(mesh_changes) kept (0 = forever)"})
 
     def validate(self) -> None:
         for name in ("otlp_http_port", "otlp_grpc_port"):
@@ -61,6 +63,6 @@ class CollectorConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.flush_interval <= 0:
             raise ValueError(f"flush_interval must be positive, got {self.flush_interval}")
-        for name in ("calls_retention_days", "traces_retention_days"):
+        for name in ("calls_retention_days", "traces_retention_days", "changes_retention_days"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")

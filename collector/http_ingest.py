@@ -2,6 +2,7 @@
 
     POST /v1/traces   OTLP/HTTP, protobuf or JSON, optionally gzip  (port 4318)
     POST /v1/calls    call batches from sidecars and taps (collector/batch_format.py)
+    POST /v1/changes  the control plane's changes, into mesh_changes (collector/changes.py)
     GET  /healthz     liveness and spool state
     GET  /metrics     Prometheus
 
@@ -11,6 +12,9 @@ content type; 400 carries a google.rpc.Status with the decoder's message;
 partial_success and the rest are kept. /v1/calls answers JSON in the same
 spirit: {"accepted": calls, "rows": rows spooled}, plus "duplicate": true (and
 nothing spooled) for a batch whose id was accepted before; {"error": ...} else.
+/v1/changes too: {"accepted": changes, "duplicates": those it had already}, once
+every change is in the spool (a change it has is not spooled again); a body with
+one change wrong is refused whole, 400 naming it.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshlens.collector import batch_format
+from meshlens.collector.changes import change_id, decode as decode_changes
 from meshlens.collector.columns import to_table
 from meshlens.collector.config import MAX_BODY_BYTES
 from meshlens.collector.ingest import Ingest, Overloaded
@@ -127,6 +132,30 @@ def make_ingest_app(ingest: Ingest, max_body_bytes: int = MAX_BODY_BYTES) -> web
             return web.json_response({"accepted": table.num_rows, "rows": 0, "duplicate": True})
         return web.json_response({"accepted": table.num_rows, "rows": accepted})
 
+    async def changes(request: web.Request) -> web.Response:
+        if request.content_type.lower() not in _JSON_TYPES:
+            metrics.rejected.labels("unsupported_media_type").inc()
+            return web.json_response({"error": f"unsupported Content-Type {request.content_type!r}: "
+                                      "use application/json"}, status=415)
+        try:
+            rows = decode_changes(await read_body(request))
+            # All built before any is spooled: a body is refused whole, or every change is taken.
+            tables = [(change_id(r["revision"], r["time"], r["kind"], r["name"]),
+                       to_table("mesh_changes", {k: [v] for k, v in r.items()})) for r in rows]
+            # One spool frame a change, under its id: the same change from another replica, or
+            # resent, is answered and not stored again, whatever it was batched with.
+            duplicates = sum(ingest.submit({"mesh_changes": table}, "changes", cid) is None for cid, table in tables)
+        except BadRequest as e:
+            metrics.rejected.labels("bad_request" if e.status == 400 else str(e.status)).inc()
+            return web.json_response({"error": str(e)}, status=e.status)
+        except ValueError as e:  # ChangeFormatError, or a value Arrow would not take
+            metrics.rejected.labels("bad_request").inc()
+            return web.json_response({"error": str(e)}, status=400)
+        except Overloaded as e:  # what was spooled before stays; the resend finds it
+            return web.json_response({"error": str(e)}, status=e.status,
+                                     headers={"Retry-After": str(e.retry_after)})
+        return web.json_response({"accepted": len(rows), "duplicates": duplicates})
+
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({
             "status": "ok" if ingest.store_up else "degraded",
@@ -140,6 +169,7 @@ def make_ingest_app(ingest: Ingest, max_body_bytes: int = MAX_BODY_BYTES) -> web
 
     app.router.add_post("/v1/traces", counted("traces", traces))
     app.router.add_post("/v1/calls", counted("calls", calls))
+    app.router.add_post("/v1/changes", counted("changes", changes))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_handler)
     return app

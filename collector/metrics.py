@@ -25,7 +25,8 @@ class CollectorMetrics:
         self.rejected_spans = Counter("meshlens_collector_rejected_spans_total",
                                       "Spans refused one by one (missing or invalid ids).", registry=r)
         self.duplicate_batches = Counter("meshlens_collector_duplicate_batches_total",
-                                         "Call batches whose id was already accepted: answered 200, not stored again.",
+                                         "Call batches and changes whose id was already accepted: answered 200, "
+                                         "not stored again.",
                                          registry=r)
         self.rejected = Counter("meshlens_collector_rejected_requests_total",
                                 "Requests refused whole, by reason.", ["reason"], registry=r)

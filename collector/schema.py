@@ -1,4 +1,4 @@
-"""The ClickHouse schema: `calls`, `otel_traces` and its trace-id lookup, as versioned migrations.
+"""The ClickHouse schema: `calls`, `otel_traces` and its trace-id lookup, `mesh_changes`, as versioned migrations.
 
 `otel_traces`, `otel_traces_trace_id_ts` and `otel_traces_trace_id_ts_mv`
 follow the OpenTelemetry Collector ClickHouse exporter's layout column for
@@ -34,6 +34,7 @@ class Retention:
 
     calls_days: int = 30
     traces_days: int = 7
+    changes_days: int = 365
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,10 @@ def traces_ttl(days: int) -> str:
 
 def trace_id_ts_ttl(days: int) -> str:
     return _ttl("toDateTime(Start)", days)
+
+
+def changes_ttl(days: int) -> str:
+    return _ttl("toDateTime(time)", days)
 
 
 # Both data tables' SETTINGS: non_replicated_deduplication_window is the rows a plain
@@ -200,6 +205,56 @@ GROUP BY TraceId"""]
     return stmts
 
 
+def _v4_create_mesh_changes(lay: Layout) -> list[str]:
+    """Migration 4: `mesh_changes`, the control plane's audit rows (collector/changes.py's MeshChange).
+
+    One change is one row for readers, however often it is shipped (two control-plane
+    replicas over one etcd both ship it; a control plane resends what it shipped before
+    a crash). Three layers:
+      - the collector spools a change once by its id (collector/changes.py `change_id`,
+        remembered as batch ids are), so a resend is answered 200 and not stored again;
+      - a spool segment replayed after a crash is inserted once (its deduplication token);
+      - ReplacingMergeTree keyed by (revision, kind, name, time) folds what still comes
+        twice (a second collector, an id forgotten since). `time`, the audit entry's own,
+        is in the key so that another mesh's control plane, or a store created anew, whose
+        revision 7 is another change, never replaces this one's.
+    The folding happens when parts merge, at a time of ClickHouse's choosing: until then
+    both rows are there. So readers that must see each change once (dashboards, history
+    queries) read `FROM mesh_changes FINAL`: the table holds a few rows a minute, which
+    FINAL folds at no cost worth measuring, and a change's copies share its partition
+    (the month of its time). Partitioned by month, not by day as `calls`: a day of
+    changes is a part of a few rows.
+    """
+    db = quote_ident(lay.database)
+    local = quote_ident(lay.local("mesh_changes"))
+    stmts = [f"""CREATE TABLE IF NOT EXISTS {db}.{local} {lay.on_cluster()} (
+    `time` DateTime64(9) CODEC(Delta(8), ZSTD(1)),
+    `revision` UInt64 CODEC(T64, ZSTD(1)),
+    `who` LowCardinality(String) CODEC(ZSTD(1)),
+    `kind` LowCardinality(String) CODEC(ZSTD(1)),
+    `name` LowCardinality(String) CODEC(ZSTD(1)),
+    `service` LowCardinality(String) CODEC(ZSTD(1)),
+    `action` LowCardinality(String) CODEC(ZSTD(1)),
+    `from_mode` LowCardinality(String) CODEC(ZSTD(1)),
+    `to_mode` LowCardinality(String) CODEC(ZSTD(1)),
+    `before` String CODEC(ZSTD(1)),
+    `after` String CODEC(ZSTD(1)),
+    `reason` String CODEC(ZSTD(1)),
+    `control_id` LowCardinality(String) CODEC(ZSTD(1))
+) ENGINE = {lay.engine('ReplacingMergeTree')}
+PARTITION BY toYYYYMM(time)
+ORDER BY (revision, kind, name, time)
+{changes_ttl(lay.retention.changes_days)}
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_deduplication_window = 10000"""]
+    if lay.cluster:
+        # Sharded by revision: the copies of a change meet on one shard, where FINAL folds them.
+        stmts.append(
+            f"CREATE TABLE IF NOT EXISTS {db}.`mesh_changes` {lay.on_cluster()} AS {db}.{local} "
+            f"ENGINE = Distributed({quote_ident(lay.cluster)}, {db}, {local}, revision)"
+        )
+    return stmts
+
+
 def add_columns(lay: Layout, table: str, columns: Sequence[tuple[str, str, str]], after: str = "") -> list[str]:
     """The statements of a migration adding (name, type, codec) columns to `table`, written out literally.
 
@@ -244,6 +299,7 @@ def migrations(lay: Layout) -> list[Migration]:
         Migration(2, "create otel_traces, trace id lookup and its view", _v2_create_traces(lay)),
         Migration(3, "add calls.response_flags", add_columns(
             lay, "calls", [("response_flags", "LowCardinality(String)", "CODEC(ZSTD(1))")], after="error")),
+        Migration(4, "create mesh_changes", _v4_create_mesh_changes(lay)),
     ]
 
 
@@ -308,6 +364,7 @@ def apply_retention(store: Executes, lay: Layout) -> None:
         lay.local("calls"): calls_ttl(lay.retention.calls_days),
         lay.local("otel_traces"): traces_ttl(lay.retention.traces_days),
         lay.local("otel_traces_trace_id_ts"): trace_id_ts_ttl(lay.retention.traces_days),
+        lay.local("mesh_changes"): changes_ttl(lay.retention.changes_days),
     }
     names = ", ".join(f"'{n}'" for n in wanted)
     rows = store.query_rows(

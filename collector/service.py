@@ -52,7 +52,7 @@ def open_store(url: str, retention: Retention) -> Store:
 
 
 def open_collector(cfg: CollectorConfig) -> Opened:
-    retention = Retention(cfg.calls_retention_days, cfg.traces_retention_days)
+    retention = Retention(cfg.calls_retention_days, cfg.traces_retention_days, cfg.changes_retention_days)
     try:
         spool = Spool(cfg.spool_dir, cfg.spool_max_bytes)
     except OSError as e:

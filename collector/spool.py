@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-TABLE_CODES = {"calls": 1, "otel_traces": 2}
+TABLE_CODES = {"calls": 1, "otel_traces": 2, "mesh_changes": 3}
 CODE_TABLES = {v: k for k, v in TABLE_CODES.items()}
 _FRAME = struct.Struct("<II")
 _PART = struct.Struct("<BI")

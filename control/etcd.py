@@ -4,6 +4,7 @@
 
     /meshlens/resources/KIND/NAME    the document (JSON)
     /meshlens/audit/ID               one audit entry: who, when, action, before, after, reason
+    /meshlens/acknowledged/CONSUMER  the last revision a consumer of the audit trail took (control/changes.py)
 
 A change is one etcd transaction: it compares every resource it writes with the
 revision it read (a replica that changed one meanwhile makes it start again), then
@@ -15,6 +16,8 @@ A member that does not answer is left for the next endpoint given, in turn.
 
 Revisions are etcd's own: a write to the same cluster outside /meshlens/ moves them too,
 which costs sidecars an identical snapshot, never a missed one (use a cluster of its own).
+So does writing where the audit trail's shipping stands (`acknowledge`), which is why
+control/changes.py writes it seldom.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import json
 import time
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 from meshlens.policy.resources import Resource
 from meshlens.control.store import AuditEntry, Change, Store, StoreUnavailable, StoreURLError
@@ -32,8 +36,11 @@ __all__ = ["EtcdStore"]
 PREFIX = b"/meshlens/"
 _RESOURCES = PREFIX + b"resources/"
 _AUDIT = PREFIX + b"audit/"
+_ACKNOWLEDGED = PREFIX + b"acknowledged/"
 # Tries of a change whose resources another replica changed between our read and our write.
 MAX_CONFLICT_RETRIES = 10
+# Reads in one transaction: etcd's --max-txn-ops is 128 by default.
+_READS_A_TXN = 100
 # One request's deadline: etcd elects a new leader within ~1 s of losing one (election timeout 1 s).
 REQUEST_TIMEOUT_S = 5
 
@@ -110,18 +117,60 @@ class EtcdStore(Store):
 
     async def history(self, kind: str | None = None, name: str | None = None, limit: int = 100,
                       service: str | None = None) -> list[AuditEntry]:
-        got = await self._call(lambda c: c.get_prefix(_AUDIT))
         entries = []
-        for kv in got:
-            e = json.loads(kv.value)
-            if kind is not None and e["kind"] != kind or name is not None and e["name"] != name:
+        for e in await self._audit():
+            if kind is not None and e.kind != kind or name is not None and e.name != name:
                 continue
-            if service is not None and e["name"] != service and not e["name"].endswith("/" + service):
+            if service is not None and e.name != service and not e.name.endswith("/" + service):
                 continue
-            entries.append(AuditEntry(kv.create_revision, e["time"], e["who"], e["kind"], e["name"], e["action"],
-                                      e["before"], e["after"], e["reason"]))
-        entries.sort(key=lambda x: (x.revision, x.kind, x.name))
+            entries.append(e)
         return entries[-limit:]
+
+    async def changes_after(self, revision: int, limit: int) -> list[AuditEntry]:
+        # The keys first (their create revisions, not the documents), then the values of those taken only:
+        # this runs after every change, and the trail only grows.
+        keys = await self._call(lambda c: c.get_prefix(_AUDIT, keys_only=True))
+        later = sorted((kv.create_revision, kv.key) for kv in keys.kvs if kv.create_revision > revision)
+        end = min(limit, len(later))
+        while 0 < end < len(later) and later[end][0] == later[end - 1][0]:
+            end += 1  # the rest of the last revision: an apply's resources share one
+        entries = []
+        for i in range(0, end, _READS_A_TXN):
+            chunk = [key for _, key in later[i:min(end, i + _READS_A_TXN)]]
+            _, responses = await self._call(lambda c: c.transaction(
+                compare=[], success=[c.transactions.get(key) for key in chunk], failure=[]))
+            entries += [_entry(meta.create_revision, value) for kvs in responses for value, meta in kvs]
+        entries.sort(key=lambda x: (x.revision, x.kind, x.name))
+        return entries
+
+    async def _audit(self) -> list[AuditEntry]:
+        """Every audit entry, by (revision, kind, name). Their keys are random: etcd cannot range them by revision."""
+        got = await self._call(lambda c: c.get_prefix(_AUDIT))
+        entries = [_entry(kv.create_revision, kv.value) for kv in got]
+        entries.sort(key=lambda x: (x.revision, x.kind, x.name))
+        return entries
+
+    async def acknowledged(self, consumer: str) -> int:
+        got = await self._call(lambda c: c.get(_ACKNOWLEDGED + quote(consumer, safe="").encode()))
+        return 0 if got is None else int(got.value)
+
+    async def acknowledge(self, consumer: str, revision: int) -> None:
+        key = _ACKNOWLEDGED + quote(consumer, safe="").encode()
+
+        async def attempt(c: Any) -> bool:
+            old = await c.get(key)
+            if old is not None and int(old.value) >= revision:
+                return True  # another replica got as far already
+            tx = c.transactions
+            ok, _ = await c.transaction(
+                compare=[tx.mod(key) == old.mod_revision if old is not None else tx.version(key) == 0],
+                success=[tx.put(key, str(revision).encode())], failure=[])
+            return ok
+
+        for _ in range(MAX_CONFLICT_RETRIES):
+            if await self._call(attempt):
+                return
+        raise StoreUnavailable(f"where {consumer} stands kept changing under this write ({MAX_CONFLICT_RETRIES} tries)")
 
     # -- changes ------------------------------------------------------------------------------------
 
@@ -199,6 +248,12 @@ class EtcdStore(Store):
     def release_waiters(self) -> None:
         for task in list(self._waiters):
             task.cancel()
+
+
+def _entry(revision: int, value: bytes) -> AuditEntry:
+    e = json.loads(value)
+    return AuditEntry(revision, e["time"], e["who"], e["kind"], e["name"], e["action"], e["before"], e["after"],
+                      e["reason"])
 
 
 def _key(kind: str, name: str) -> bytes:

@@ -11,6 +11,11 @@ entry (who, when, what, from -> to, the reason given) are written together, unde
 revision the change gets; a `put` of what is already stored changes nothing and writes
 no entry. Revisions only grow, across restarts. `wait` lets a long poll sleep until the
 revision passes the one a watcher has (in this process: the store notifies its waiters).
+
+The audit trail is also shipped elsewhere (control/changes.py: to a collector's
+mesh_changes): `changes_after` reads it in revision order, and `acknowledged` /
+`acknowledge` keep, per destination, the last revision it took, in the store itself,
+so that shipping resumes where it stopped after a restart, from any replica.
 """
 from __future__ import annotations
 
@@ -111,6 +116,20 @@ class Store:
                       service: str | None = None) -> list[AuditEntry]:
         raise NotImplementedError
 
+    async def changes_after(self, revision: int, limit: int) -> list[AuditEntry]:
+        """The audit entries after `revision`, oldest first, ordered by (revision, kind, name): `limit` of them,
+        more when the last revision has more entries (one revision's are never split), fewer when there are no more."""
+        raise NotImplementedError
+
+    async def acknowledged(self, consumer: str) -> int:
+        """The last revision `consumer` (a collector's URL) acknowledged: it has every entry up to it; 0 if none."""
+        raise NotImplementedError
+
+    async def acknowledge(self, consumer: str, revision: int) -> None:
+        """Record that `consumer` has every entry up to `revision`; one lower than recorded changes nothing (two
+        replicas may both ship)."""
+        raise NotImplementedError
+
     async def put(self, resources: list[Resource], change: Change) -> list[tuple[Resource, str]]:
         raise NotImplementedError
 
@@ -136,6 +155,7 @@ CREATE TABLE IF NOT EXISTS changes (
     kind TEXT NOT NULL, name TEXT NOT NULL, action TEXT NOT NULL,
     before TEXT, after TEXT, reason TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS changes_by_name ON changes (kind, name, revision);
+CREATE TABLE IF NOT EXISTS acknowledged (consumer TEXT PRIMARY KEY, revision INTEGER NOT NULL);
 """
 
 
@@ -201,6 +221,20 @@ class SqliteStore(Store):
                + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY revision DESC LIMIT ?")
         rows = self._db.execute(sql, (*args, limit)).fetchall()
         return [AuditEntry(r, t, w, k, n, a, _json(b), _json(af), why) for r, t, w, k, n, a, b, af, why in reversed(rows)]
+
+    async def changes_after(self, revision: int, limit: int) -> list[AuditEntry]:
+        # Here every entry has a revision of its own: `limit` rows end on a whole revision.
+        rows = self._db.execute("SELECT revision, time, who, kind, name, action, before, after, reason FROM changes"
+                                " WHERE revision > ? ORDER BY revision LIMIT ?", (revision, limit)).fetchall()
+        return [AuditEntry(r, t, w, k, n, a, _json(b), _json(af), why) for r, t, w, k, n, a, b, af, why in rows]
+
+    async def acknowledged(self, consumer: str) -> int:
+        row = self._db.execute("SELECT revision FROM acknowledged WHERE consumer = ?", (consumer,)).fetchone()
+        return row[0] if row else 0
+
+    async def acknowledge(self, consumer: str, revision: int) -> None:
+        self._db.execute("INSERT INTO acknowledged (consumer, revision) VALUES (?, ?) ON CONFLICT (consumer)"
+                         " DO UPDATE SET revision = max(revision, excluded.revision)", (consumer, revision))
 
     # -- changes -----------------------------------------------------------------------------------
 

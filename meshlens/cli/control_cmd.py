@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -20,6 +21,9 @@ CONTROL_EPILOG = """examples:
 
   meshlens control --host 0.0.0.0 --tokens tokens.yaml --tls-cert api.pem --tls-key api.key
       beyond loopback: every request needs a token (read, write, or a sidecar's), over HTTPS
+  meshlens control --collector http://127.0.0.1:4318
+      every change also becomes a row of the collector's mesh_changes, for dashboards to mark;
+      what changed while the collector was away is shipped once it is back
 
 Without --tokens it listens on loopback only. Every change is validated before it is
 stored, gets a revision, and is audited (with tokens, under the token's name)."""
@@ -62,6 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                     "name, token (or token_sha256) and role (see control/auth.py)")
     p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain)")
     p.add_argument("--tls-key", metavar="PEM", help="… and this private key")
+    p.add_argument("--collector", metavar="URL", default=os.environ.get("MESHLENS_COLLECTOR"),
+                   help="ship every change to this collector's mesh_changes: http://HOST:4318 (default: "
+                        "MESHLENS_COLLECTOR, else none)")
     p.set_defaults(run=run_control)
 
     def client(name: str, help_: str, description: str) -> argparse.ArgumentParser:
@@ -140,6 +147,7 @@ def run_control(args: argparse.Namespace) -> int:
     from meshlens.cli.listen import check_ports
     from meshlens.collector.client import is_loopback
     from meshlens.control.auth import TokenError, load_tokens
+    from meshlens.control.changes import changes_url
     from meshlens.control.service import run, server_tls
     from meshlens.control.store import StoreUnavailable, StoreURLError, default_store_url, open_store
 
@@ -160,13 +168,18 @@ def run_control(args: argparse.Namespace) -> int:
             tls = server_tls(args.tls_cert, args.tls_key)
         except ValueError as e:
             raise UserError(str(e)) from None
+    if args.collector:
+        try:
+            changes_url(args.collector)
+        except ValueError as e:
+            raise UserError(f"--collector: {e}") from None
     check_ports(args.host, {"--port": args.port})
     try:
         store = open_store(args.store or default_store_url())
     except StoreURLError as e:
         raise UserError(str(e)) from None
     try:
-        run(store, args.host, args.port, tokens, tls)
+        run(store, args.host, args.port, tokens, tls, args.collector)
     except (StoreUnavailable, StoreURLError) as e:
         raise UserError(str(e)) from None
     return 0

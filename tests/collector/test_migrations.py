@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from meshlens.collector.changes import CHANGE_COLUMNS
 from meshlens.collector.columns import OTEL_TRACES, to_table
 from meshlens.collector.record import CALL_COLUMNS
 from meshlens.collector.schema import (MIGRATIONS_TABLE, Layout, Migration, Retention, add_columns, bootstrap_ddl,
@@ -32,8 +33,8 @@ CLUSTER = Layout("obs", "prod", Retention(90, 3))
 # A mismatch means a released migration was edited: databases that ran it have the old text.
 # Append a new migration instead.
 FROZEN: dict[Layout, dict[int, str]] = {
-    LAYOUT: {1: "812859c0ad41ae88", 2: "65658e1d308008de", 3: "44d3c051c55ed936"},
-    CLUSTER: {1: "e7b9d70847f28f27", 2: "ff2e7c6315276f4e", 3: "da9877f4553b989d"},
+    LAYOUT: {1: "812859c0ad41ae88", 2: "65658e1d308008de", 3: "44d3c051c55ed936", 4: "43b9b887c6b2b234"},
+    CLUSTER: {1: "e7b9d70847f28f27", 2: "ff2e7c6315276f4e", 3: "da9877f4553b989d", 4: "e2adfc72f6aa7002"},
 }
 
 # Columns of `calls` that migrations after 1 added (a row as migration 1's release wrote it lacks them).
@@ -109,14 +110,16 @@ def test_a_fresh_database_has_exactly_the_columns_call_and_the_otel_list_declare
         "calls differs from collector/record.py's Call: a new field needs a migration (schema.add_columns)")
     assert schema_of(store, "otel_traces") == [(c.name, c.sql_type, c.codec) for c in OTEL_TRACES], (
         "otel_traces differs from collector/columns.py's OTEL_TRACES: a new column needs a migration")
+    assert schema_of(store, "mesh_changes") == [(c.name, c.sql_type, c.codec) for c in CHANGE_COLUMNS], (
+        "mesh_changes differs from collector/changes.py's MeshChange: a new field needs a migration")
 
 
 def test_a_store_left_at_migration_1_upgrades_with_its_rows(store: Store) -> None:
     assert migrate(store, LAYOUT, migrations(LAYOUT)[:1]) == [1]
     store.insert("meshlens.calls", calls(4).drop_columns(ADDED_SINCE_1), "before-upgrade")  # as that release wrote
 
-    assert migrate(store, LAYOUT) == [2, 3]
-    assert recorded_versions(store) == [1, 2, 3]
+    assert migrate(store, LAYOUT) == [2, 3, 4]
+    assert recorded_versions(store) == [1, 2, 3, 4]
     seqs = store.query_rows("SELECT attributes['seq'], status, response_flags FROM meshlens.calls ORDER BY time")
     assert [tuple(r) for r in seqs] == [("0", 200, ""), ("1", 200, ""), ("2", 200, ""), ("3", 200, "")]
     store.insert("meshlens.otel_traces", spans(2), "after-upgrade")
@@ -129,7 +132,7 @@ def test_migration_3_adds_response_flags_after_error_to_a_store_at_migration_2(s
     assert migrate(store, LAYOUT, migrations(LAYOUT)[:2]) == [1, 2]
     store.insert("meshlens.calls", calls(2).drop_columns(ADDED_SINCE_1), "at-2")
 
-    assert migrate(store, LAYOUT) == [3]
+    assert migrate(store, LAYOUT) == [3, 4]
     names = [name for name, _, _ in schema_of(store, "calls")]
     assert names[names.index("error"):names.index("error") + 3] == ["error", "response_flags", "tls"]
     store.insert("meshlens.calls", to_table("calls", {"time": [time.time_ns()], "dst_service": ["checkout"],
@@ -163,3 +166,17 @@ def test_a_column_a_later_migration_adds_reaches_the_rows_already_stored(store: 
     by_region = store.query_rows("SELECT region, zone, count() FROM meshlens.calls GROUP BY region, zone ORDER BY region")
     assert [tuple(r) for r in by_region] == [("", "", 5), ("eu-1", "eu-1a", 1)]
     assert recorded_versions(store) == [m.version for m in later]
+
+
+def test_migration_4_creates_mesh_changes_beside_the_rows_of_a_store_at_migration_3(store: Store) -> None:
+    assert migrate(store, LAYOUT, migrations(LAYOUT)[:3]) == [1, 2, 3]
+    store.insert("meshlens.calls", calls(2), "at-3")
+    assert store.query_rows("EXISTS TABLE meshlens.mesh_changes") == [(0,)]
+
+    assert migrate(store, LAYOUT) == [4]
+    change = {"time": [time.time_ns()], "revision": [7], "kind": ["Mode"], "name": ["checkout"],
+              "action": ["configured"], "from_mode": ["observe"], "to_mode": ["dry-run"]}
+    store.insert("meshlens.mesh_changes", to_table("mesh_changes", change), "at-4")
+    assert count(store, "calls") == 2
+    assert store.query_rows("SELECT revision, name, from_mode, to_mode FROM meshlens.mesh_changes FINAL") == [
+        (7, "checkout", "observe", "dry-run")]

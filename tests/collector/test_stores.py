@@ -244,7 +244,8 @@ def test_migrate_twice_is_idempotent_and_recorded(embedded: EmbeddedStore) -> No
     recorded = embedded.query_rows(f"SELECT version, name FROM meshlens.{MIGRATIONS_TABLE} ORDER BY version")
     assert recorded == [(m.version, m.name) for m in migrations(Layout())]
     tables = {r[0] for r in embedded.query_rows("SELECT name FROM system.tables WHERE database = 'meshlens'")}
-    assert tables == {MIGRATIONS_TABLE, "calls", "otel_traces", "otel_traces_trace_id_ts", "otel_traces_trace_id_ts_mv"}
+    assert tables == {MIGRATIONS_TABLE, "calls", "otel_traces", "otel_traces_trace_id_ts", "otel_traces_trace_id_ts_mv",
+                      "mesh_changes"}
 
 
 def test_calls_is_partitioned_by_day_and_sorted_by_destination(embedded: EmbeddedStore) -> None:
@@ -253,6 +254,13 @@ def test_calls_is_partitioned_by_day_and_sorted_by_destination(embedded: Embedde
     info = table_info(embedded, "calls")
     assert info["partition_key"] == "toDate(time)"
     assert info["sorting_key"].startswith("dst_service, toStartOfHour(time)")
+
+
+def test_mesh_changes_is_one_row_a_change_by_its_key_partitioned_by_month(embedded: EmbeddedStore) -> None:
+    migrate(embedded, Layout())
+    info = table_info(embedded, "mesh_changes")
+    assert info["engine_full"].startswith("ReplacingMergeTree PARTITION BY toYYYYMM(time)")
+    assert (info["partition_key"], info["sorting_key"]) == ("toYYYYMM(time)", "revision, kind, name, time")
 
 
 def test_otel_traces_follows_the_exporter_layout(embedded: EmbeddedStore) -> None:
@@ -293,8 +301,12 @@ def test_retention_changes_alter_the_ttl_and_keep_the_data(embedded: EmbeddedSto
     assert "TTL toDateTime(Timestamp) + toIntervalDay(2)" in table_info(embedded, "otel_traces")["engine_full"]
     assert "TTL toDateTime(Start) + toIntervalDay(2)" in table_info(embedded, "otel_traces_trace_id_ts")["engine_full"]
 
-    migrate(embedded, Layout(retention=Retention(calls_days=0, traces_days=0)))
-    for table in ("calls", "otel_traces", "otel_traces_trace_id_ts"):
+    assert "TTL toDateTime(time) + toIntervalDay(365)" in table_info(embedded, "mesh_changes")["engine_full"]
+    migrate(embedded, Layout(retention=Retention(calls_days=3, traces_days=2, changes_days=90)))
+    assert "TTL toDateTime(time) + toIntervalDay(90) SETTINGS" in table_info(embedded, "mesh_changes")["engine_full"]
+
+    migrate(embedded, Layout(retention=Retention(calls_days=0, traces_days=0, changes_days=0)))
+    for table in ("calls", "otel_traces", "otel_traces_trace_id_ts", "mesh_changes"):
         assert "TTL" not in table_info(embedded, table)["engine_full"], table
     assert (count(embedded, "calls"), count(embedded, "otel_traces")) == (3, 2)
 
@@ -315,13 +327,14 @@ def test_a_replayed_batch_is_stored_once(embedded: EmbeddedStore) -> None:
 def test_full_ddl_on_a_cluster_replicates_and_distributes() -> None:
     text = "\n".join(full_ddl(Layout(cluster="c1")))
     assert "CREATE DATABASE IF NOT EXISTS `meshlens` ON CLUSTER `c1`" in text
-    for local in ("calls_local", "otel_traces_local", "otel_traces_trace_id_ts_local"):
+    for local in ("calls_local", "otel_traces_local", "otel_traces_trace_id_ts_local", "mesh_changes_local"):
         assert f"CREATE TABLE IF NOT EXISTS `meshlens`.`{local}` ON CLUSTER `c1`" in text
     assert "ENGINE = ReplicatedMergeTree" in text and "ENGINE = ReplicatedAggregatingMergeTree" in text
     assert "ENGINE = ReplicatedReplacingMergeTree" in text  # the migrations table too
     assert " MergeTree()" not in text
     assert "ENGINE = Distributed(`c1`, `meshlens`, `calls_local`, rand())" in text
     assert "ENGINE = Distributed(`c1`, `meshlens`, `otel_traces_local`, cityHash64(TraceId))" in text
+    assert "ENGINE = Distributed(`c1`, `meshlens`, `mesh_changes_local`, revision)" in text
     assert "TO `meshlens`.`otel_traces_trace_id_ts_local`" in text and "FROM `meshlens`.`otel_traces_local`" in text
     single = "\n".join(full_ddl(Layout()))
     assert "ON CLUSTER" not in single and "Replicated" not in single and "Distributed" not in single

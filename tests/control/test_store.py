@@ -107,6 +107,46 @@ def test_everything_is_read_at_one_revision(store):
         ("Mesh", "mesh"), ("VirtualService", "production/pay")]
 
 
+def test_changes_after_a_revision_come_oldest_first_in_whole_revisions(store):
+    store.put(parse_documents(MESH + "---\n" + VS, "all.yaml"), Change("ana"))  # one revision on etcd, two on SQLite
+    store.put([mode_resource("pay", "dry-run")], Change("bo", "try"))
+    deleted = store.delete("Mode", "pay", Change("bo"))
+
+    trail = store.changes_after(0, 100)
+    assert [(e.kind, e.name, e.action) for e in trail] == [
+        ("Mesh", "mesh", "created"), ("VirtualService", "production/pay", "created"), ("Mode", "pay", "created"),
+        ("Mode", "pay", "deleted")]
+    assert trail == store.history() and trail[-1].revision == deleted
+    assert store.changes_after(deleted, 100) == []
+    assert store.changes_after(trail[1].revision, 100) == trail[2:]
+    for limit in (1, 2, 3):  # never a revision cut in two: the rest of its entries come along
+        got = store.changes_after(0, limit)
+        assert got == trail[:len(got)] and len(got) >= limit
+        assert len(got) == limit or got[-1].revision == trail[len(got) - 1].revision != trail[len(got)].revision
+    assert len(store.changes_after(0, 1)) == (2 if store.store.url.startswith("etcd") else 1)
+
+
+def test_where_a_consumer_of_the_trail_stands_is_kept_per_consumer_and_only_moves_forward(store):
+    assert store.acknowledged("http://a:4318/v1/changes") == 0
+    store.acknowledge("http://a:4318/v1/changes", 5)
+    store.acknowledge("http://a:4318/v1/changes", 3)  # a replica behind the other: changes nothing
+    store.acknowledge("http://b:4318/x/v1/changes?y=1", 2)
+    assert store.acknowledged("http://a:4318/v1/changes") == 5
+    assert store.acknowledged("http://b:4318/x/v1/changes?y=1") == 2
+    assert store.history() == [] and store.list() == []  # no change, no resource
+
+
+def test_where_a_consumer_stands_survives_a_restart(tmp_path):
+    s = Sync(SqliteStore(tmp_path / "c.db"))
+    s.acknowledge("http://a:4318/v1/changes", 9)
+    s.close()
+    s = Sync(SqliteStore(tmp_path / "c.db"))
+    try:
+        assert s.acknowledged("http://a:4318/v1/changes") == 9 and s.revision() == 0
+    finally:
+        s.close()
+
+
 def test_revisions_survive_a_restart_and_keep_growing(tmp_path):
     s = Sync(SqliteStore(tmp_path / "c.db"))
     [(first, _)] = s.put([mode_resource("pay", "dry-run")], Change("ana"))
