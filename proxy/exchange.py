@@ -165,6 +165,8 @@ class Exchange:
     per_connection = 0
     """Requests an upstream connection carries at most (maxRequestsPerConnection); 0: no limit."""
     connect_timeout: float | None = None
+    idle_timeout: float | None = None
+    """The upstream connection's idle timeout once released (a DestinationRule's idleTimeout)."""
     per_try: float | None = None
     """Each attempt's response head within this many seconds, else the attempt fails 504 UT."""
     try_timer: Any = None
@@ -383,6 +385,8 @@ class Exchange:
         if up is not None:
             if head.keep_alive and self.head.keep_alive and self.request_done and (
                     not self.per_connection or up.requests < self.per_connection):
+                if self.idle_timeout is not None:
+                    up.idle_timeout = self.idle_timeout
                 self.env.pool.release(up)
             else:
                 up.close()

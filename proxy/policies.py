@@ -222,6 +222,7 @@ class Overflow:
         self.breaker = dest.breaker
         self.per_connection = dest.limits.max_requests_per_connection
         self.connect_timeout = dest.limits.connect_timeout
+        self.idle_timeout = dest.limits.idle_timeout
 
     def on_request(self, ex: Exchange) -> Decision | None:
         breaker = self.breaker
@@ -230,6 +231,7 @@ class Overflow:
         if self.enforced:
             ex.per_connection = self.per_connection
             ex.connect_timeout = self.connect_timeout
+            ex.idle_timeout = self.idle_timeout
         lim = breaker.limits
         sent = breaker.sent
         if sent < lim.max_connections and sent < lim.max_requests:  # Breaker.admit's common case, inline

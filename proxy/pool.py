@@ -2,7 +2,8 @@
 
 Most recently used first (a warm connection is the least likely to have been closed by
 the upstream); each address keeps at most MAX_IDLE_PER_UPSTREAM; a connection idle
-longer than POOL_IDLE_TIMEOUT is closed when next looked at or by the sweep. A
+longer than its idle timeout (POOL_IDLE_TIMEOUT, or its destination's DestinationRule
+`connectionPool.http.idleTimeout`, enforced) is closed when next looked at or by the sweep. A
 connection the upstream closes while idle removes itself (`forget`).
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Pool:
         now = time.monotonic()
         while idle:
             up = idle.pop()
-            if not up.closed and now - up.idle_since < POOL_IDLE_TIMEOUT:
+            if not up.closed and now - up.idle_since < (up.idle_timeout or POOL_IDLE_TIMEOUT):
                 self.stats["upstream_cx_reused"] += 1
                 return up
             up.close()
@@ -68,7 +69,7 @@ class Pool:
         """Close connections idle past POOL_IDLE_TIMEOUT (the proxy calls this about once a second)."""
         now = time.monotonic()
         for idle in self.idle.values():
-            while idle and now - idle[0].idle_since >= POOL_IDLE_TIMEOUT:
+            while idle and now - idle[0].idle_since >= (idle[0].idle_timeout or POOL_IDLE_TIMEOUT):
                 idle.popleft().close()
 
     def close(self) -> None:

@@ -48,3 +48,30 @@ def test_the_token_bucket_starts_full_and_fills_by_interval() -> None:
     assert b"x-ratelimit-remaining: 0\r\n" in bucket.headers(100.2)
     assert bucket.take(101.0) and not bucket.take(101.5)  # one token a second
     assert [bucket.take(110.0), bucket.take(110.0), bucket.take(110.0)] == [True, True, False]  # never above max
+
+
+class Idle:
+    """An idle upstream connection as the pool sees it."""
+
+    def __init__(self, addr: tuple[str, int], idle_for: float, idle_timeout: float | None) -> None:
+        import time
+
+        self.addr, self.closed, self.idle_timeout = addr, False, idle_timeout
+        self.idle_since = time.monotonic() - idle_for
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_destinations_idle_timeout_closes_its_idle_connections_sooner_than_the_pools() -> None:
+    from meshlens.proxy.pool import POOL_IDLE_TIMEOUT, Pool
+
+    pool = Pool({"upstream_cx_reused": 0})
+    short, default = Idle(("10.0.0.1", 80), 2.0, 1.0), Idle(("10.0.0.2", 80), 2.0, None)
+    for up in (short, default):
+        pool.idle.setdefault(up.addr, __import__("collections").deque()).append(up)
+    assert pool.take(short.addr) is None and short.closed  # idle 2 s, its destination's idleTimeout 1 s
+    assert pool.take(default.addr) is default and 2.0 < POOL_IDLE_TIMEOUT
