@@ -158,6 +158,8 @@ class Exchange:
     chain_at = 0
     """Where the chain's request hooks go on after a DELAY or WAIT."""
     delayed = False
+    waiting = False
+    """Held by a policy (WAIT: a pending request) until it calls `resume`."""
     slot = 0
     """How the destination's pool limits count it (proxy/limits.py)."""
     retrying = False
@@ -220,6 +222,7 @@ class Exchange:
     def resume(self) -> None:
         """A policy let the exchange go on (its pending turn came, a delay passed): the next policies, then upstream."""
         self.wait_timer = None
+        self.waiting = False
         if self.state is not _QUEUED or self.route is None:
             return  # ended meanwhile (the client left)
         d = self.chain.on_request(self, self.chain_at)
@@ -492,7 +495,8 @@ class Exchange:
             self.wait_timer = self.env.call_later(d.delay, self.resume)
             return True
         if kind is Kind.WAIT:
-            return True  # the policy calls `resume` when its turn comes
+            self.waiting = True  # the policy calls `resume` when its turn comes
+            return True
         assert d.reply is not None
         if self.state is _RESPONDING:
             self.error, self.flags, self.close_after = d.reply.error, d.reply.flags, True

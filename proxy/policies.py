@@ -9,8 +9,9 @@ subsets, connection pool (proxy/limits.py `Breaker`) and outlier detection
 none: its calls take the path they took before any policy existed.
 
 A service's mode governs calls **to** it. Traffic policies run in the callers' sidecars
-(outbound, as Envoy applies them client side): fault injection, the pool's limits,
-the route's timeout, retries, outlier detection, in that order. Inbound, the service's
+(outbound, as Envoy applies them client side): fault injection, mirroring, the route's
+timeout (armed before the pool's turn, so a request waiting for it is timed too), the
+pool's limits, outlier detection, retries, in that order. Inbound, the service's
 own sidecar applies its LocalRateLimit. Each policy runs in the destination's mode:
 enforced, it acts and the record says what it did; in dry-run it decides the same way
 on the same exchange and the record says what it would have done (chain.WOULD), while
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshlens.proxy.chain import Chain, Decision, Kind, note
 from meshlens.proxy.connect import UO, LocalReply
-from meshlens.proxy.limits import PENDING, SENT, Breaker, PoolLimits, TokenBucket
+from meshlens.proxy.limits import SENT, Breaker, PoolLimits, TokenBucket
 from meshlens.proxy.outlier import Outlier, OutlierConfig
 from meshlens.proxy.retries import DEFAULT_RETRY, no_response
 from meshlens.proxy.routing import HttpRule, Routes
@@ -122,6 +123,7 @@ class Policies:
             if mode == "observe":
                 continue
             dest = outbound[service] = Destination(service, mode)
+            kept = old.outbound.get(service) if old is not None else None
             dest.routes = routes.get(service)
             if service in rules:
                 spec = rules[service][1]
@@ -130,10 +132,13 @@ class Policies:
                     dest.limits = PoolLimits.from_spec(policy["connectionPool"])
                 if "outlierDetection" in policy:
                     config = OutlierConfig.from_spec(policy["outlierDetection"])
-                    kept = old.outbound.get(service) if old is not None else None
-                    dest.outlier = kept.outlier if kept is not None and kept.outlier is not None \
-                        and kept.outlier.config == config else Outlier(config)
-            dest.breaker = Breaker(dest.limits)
+                    kept_outlier = kept.outlier if kept is not None else None
+                    # the state goes on across snapshots with the same settings (ejections, counts, multipliers)
+                    dest.outlier = kept_outlier if kept_outlier is not None and kept_outlier.config == config \
+                        else Outlier(config)
+            # the pool's counts go on across snapshots with the same limits: exchanges in flight count in them
+            dest.breaker = kept.breaker if kept is not None and kept.breaker is not None \
+                and kept.limits == dest.limits else Breaker(dest.limits)
             # only the policies something asks for: each one in the chain costs every call
             http = dest.routes.rules if dest.routes is not None else ()
             chain: list[Any] = []
@@ -141,10 +146,10 @@ class Policies:
                 chain.append(Fault(dest, random))
             if any(r.mirror is not None for r in http):
                 chain.append(Mirror(dest, random))
+            if any(r.timeout or (r.retry is not None and r.retry.per_try_timeout) for r in http):
+                chain.append(Timeout(dest))  # before the pool: a request waiting its turn is timed too
             if dest.limits != PoolLimits():
                 chain.append(Overflow(dest))
-            if any(r.timeout or (r.retry is not None and r.retry.per_try_timeout) for r in http):
-                chain.append(Timeout(dest))
             if dest.outlier is not None or any(d[0] != service for r in http for d in r.destinations):
                 chain.append(Ejection(dest, outbound))
             chain.append(Retry(dest, outbound, random))
@@ -255,7 +260,7 @@ class Overflow:
             breaker.sent -= 1
             return
         nxt = breaker.ended(ex)
-        if nxt is not None and nxt.slot != PENDING and self.enforced:
+        if nxt is not None and nxt.waiting:  # enforced, it was held (dry-run's pending ones only pretend)
             nxt.resume()
 
 

@@ -34,6 +34,7 @@ def test_observe_builds_nothing_and_the_outlier_state_survives_a_snapshot_that_k
     first = Policies.build(MESH, "web", {"payment-service": "dry-run"}, DOCS, random.random)
     again = Policies.build(MESH, "web", {"payment-service": "enforce"}, DOCS, random.random, first)
     assert again.outbound["payment-service"].outlier is first.outbound["payment-service"].outlier
+    assert again.outbound["payment-service"].breaker is first.outbound["payment-service"].breaker  # counts go on
 
 
 def test_a_document_that_does_not_read_is_refused_naming_it() -> None:
