@@ -13,7 +13,10 @@ Each round switches payment-service's mode by applying a Mode document (no resta
 the new revision, checked on its /config): observe, dry-run, enforce, then enforce with the
 DestinationRule less maxRequestsPerConnection (every upstream connection closed after two requests is
 part of what enforcing the example costs; without it, what is left is the policy chain). Rounds
-alternate the modes so that a shared machine's drift falls on all of them. Prints each run, then the
+alternate the modes so that a shared machine's drift falls on all of them. The reference, in the same
+rounds: nginx (1 worker) `proxy_pass` to the same two upstreams with upstream keepalive, unlimited and
+with `keepalive_requests 2` (what maxRequestsPerConnection: 2 asks of any proxy): its own ratio says what
+that policy costs when a proxy in C carries it out. Prints each run, then the
 medians, each mode's ratio to observe (goal: >= 0.9x for dry-run and enforce), p50/p99, the sidecar's CPU
 per request (user and system µs, from /proc) and wrk's errors. Reported, not asserted.
 """
@@ -106,6 +109,16 @@ def measured(proxy: ProxyProcess, duration: int, connections: int) -> dict:
     return r
 
 
+def reference(workdir: Path, ports: list[int], per_connection: int) -> tuple[subprocess.Popen, int]:
+    """nginx proxy_pass to the upstreams, keepalive connections carrying at most `per_connection` requests."""
+    servers = " ".join(f"server 127.0.0.1:{p};" for p in ports)
+    return nginx(workdir, 'location / { proxy_pass http://pay; proxy_http_version 1.1; proxy_set_header Connection ""; }',
+                 f"upstream pay {{ {servers} keepalive 32; keepalive_requests {per_connection}; }}")
+
+
+REFERENCES = (("nginx proxy_pass, keepalive", 1_000_000), ("nginx proxy_pass, keepalive_requests 2", 2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=int, default=5)
@@ -123,6 +136,10 @@ def main() -> None:
         for version in ("v1", "v2"):
             up, ups[version] = nginx(tmp / version, f'location / {{ return 200 "{version}\\n"; }}')
             procs.append(up)
+        refs = {}
+        for name, n in REFERENCES:
+            proc, refs[name] = reference(tmp / f"ref{n}", list(ups.values()), n)
+            procs.append(proc)
         control = ControlProcess(tmp / "control").start()
         mesh = json.dumps({"services": {"web": {}, SERVICE: {"instances": [
             {"address": f"127.0.0.1:{port}", "labels": {"version": v}} for v, port in ups.items()]}}})
@@ -151,6 +168,12 @@ def main() -> None:
                           f"p99 {r['p99_ms']:6.2f} ms  {r['errors']}", flush=True)
                     if r["output"]:
                         print(r["output"])
+            for name, port in refs.items():
+                wrk(port, 1, args.connections)
+                r = wrk(port, args.duration, args.connections)
+                results.setdefault(("reference", name), []).append(r)
+                print(f"  round {rnd} {'reference':20} {name:37} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  "
+                      f"p99 {r['p99_ms']:6.2f} ms  {r['errors']}", flush=True)
         print(f"\n{'median of ' + str(args.rounds):58} {'req/s':>8} {'vs observe':>10} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'p99 vs':>7} {'user us':>8} {'sys us':>7}  errors")
         for label in proxies:
@@ -171,6 +194,10 @@ def main() -> None:
                       for name, _, _ in RUNS[1:]}
             print(f"  {label}: per-round ratios to observe (goal >= 0.9x): " + "; ".join(
                 f"{name} {' '.join(f'{x:.2f}' for x in xs)}" for name, xs in ratios.items()))
+        (keep, keep_name), (two, two_name) = ((results[("reference", n)], n) for n, _ in REFERENCES)
+        print(f"reference: {two_name} {statistics.median(r['rps'] for r in two):.0f} req/s, {keep_name} "
+              f"{statistics.median(r['rps'] for r in keep):.0f}: "
+              f"{statistics.median(a['rps'] / b['rps'] for a, b in zip(two, keep)):.2f}x (what the policy costs nginx)")
     finally:
         for p in proxies.values():
             p.stop()

@@ -186,7 +186,8 @@ class Fault:
         if fault.delay_share and not ex.delayed:
             ex.delayed = True
             if self.random() < fault.delay_share:
-                ex.flags = ex.flags + ",DI" if ex.flags else DI
+                if self.mode == "enforce":
+                    ex.flags = ex.flags + ",DI" if ex.flags else DI
                 return Decision(Kind.DELAY, "fault_injected", delay=fault.delay)
         if fault.abort_share and self.random() < fault.abort_share:
             return Decision(Kind.REPLY, "fault_injected", LocalReply(fault.abort_status, "fault filter abort",

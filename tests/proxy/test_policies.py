@@ -334,6 +334,8 @@ def test_what_dry_run_says_it_would_do_is_what_enforce_does(tmp_path, control, c
     assert (dry["abort"], dry["delay"]) == (200, 200) and (enforced["abort"], enforced["delay"]) == (418, 200)
     assert actions(dry_rows, "faulty") == ["would_fault", "would_fault"]
     assert actions(rows, "faulty") == ["fault_injected", "fault_injected"]
+    assert [r["response_flags"] for r in rows if r["dst_service"] == "faulty"] == ["FI", "DI"]
+    assert [r["response_flags"] for r in dry_rows if r["dst_service"] == "faulty"] == ["", ""]
 
     # the inbound rate limit: the third request finds the bucket empty
     assert dry["limited"] == [200, 200, 200] and enforced["limited"] == [200, 200, 429]
