@@ -470,6 +470,7 @@ class Exchange:
         up, self.upstream = self.upstream, None
         if up is not None:
             up.abort()
+        self.actions += ("timed_out",)  # per_try is set only by an enforced Timeout policy
         self._failed(LocalReply(504, "upstream request timeout (per try)", "timeout", UT))
 
     def _failed(self, reply: LocalReply) -> None:

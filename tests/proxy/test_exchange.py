@@ -403,3 +403,24 @@ def test_the_client_hears_connection_close_exactly_when_its_connection_ends(
     head = conn.out.split(b"\r\n\r\n")[0].lower()
     assert (b"connection: close" in head) is expect_close and head.count(b"connection:") <= 1
     assert conn.out.endswith(b"\r\n\r\nok")
+
+
+def test_a_per_try_timeout_fails_the_attempt_which_the_chain_may_retry_elsewhere() -> None:
+    class RetryTimeouts:
+        name, mode = "retry", "enforce"
+
+        def on_error(self, ex: Exchange, reply: LocalReply) -> Decision | None:
+            return Decision(Kind.RETRY, "retried") if reply.flags == UT and ex.attempt < 2 else None
+
+    env = Env(Chain([RetryTimeouts()]))
+    ex, conn = begin(env, b"GET /slow HTTP/1.1\r\nHost: orders\r\n\r\n")
+    ex.per_try = 0.5
+    first = env.connect()
+    first.exchange = ex
+    env.clock.advance(0.4)
+    assert ex.state is State.SENT and not ex.actions
+    env.clock.advance(0.2)  # past 0.5 s: the attempt fails, the chain retries on B
+    assert first.ended == "aborted" and ex.actions == ("timed_out", "retried") and ex.route == B
+    second = env.connect()
+    second.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert conn.out.startswith(b"HTTP/1.1 200 OK") and ex.attempt == 2
