@@ -8,7 +8,9 @@ nothing are recorded as `ip:port`, never dropped.
     services:
       catalog:
         protocol: http            # optional: http, tcp or tls; left out, it is detected per connection
-        mode: observe             # observe, the only mode there is until the control plane
+        mode: observe             # observe: dry-run and enforce are set through the control plane
+        namespace: shop           # optional (default: default): the namespace of its identity
+        service_account: catalog  # optional (default: the service's name)
         load_balancer: LEAST_REQUEST  # optional: ROUND_ROBIN (default) or LEAST_REQUEST
         instances:
           - address: 10.0.0.5:8080
@@ -32,14 +34,20 @@ to, named as Istio's DestinationRule `trafficPolicy.loadBalancer.simple`: `ROUND
 (each in turn, the default) or `LEAST_REQUEST` (Envoy's: of two instances drawn at random,
 the one with fewer requests in flight). See proxy/cluster.py.
 
-`mode` is refused unless `observe`: dry-run and enforce come with the control plane, and
-a record's `mode` must never claim one that nothing applied.
+`mode` is refused unless `observe`: dry-run and enforce are set through the control plane
+(`meshlens mode set`, where the policies live), and a record's `mode` must never claim one
+that nothing applied.
+
+`namespace` and `service_account` name the service's workload identity, as Istio's do:
+`spiffe://<trust domain>/ns/<namespace>/sa/<service account>` in the certificates the
+control plane's CA issues (control/ca.py).
 
 Unknown fields are refused by name, with the path to them, never ignored.
 """
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -65,7 +73,7 @@ RECORDED_PROTOCOL: dict[str, str] = {"http": "http/1.1", "tcp": "tcp", "tls": "t
 _NOT_YET = {
     "protocol": {"grpc": "grpc cannot be honoured yet (HTTP/2 is passed through, not parsed): leave protocol "
                          "out to have the connection detected, or declare tcp"},
-    "mode": {m: f"{m} is not available yet (meshlens observes only; modes come with the control plane)"
+    "mode": {m: f"{m} is set through the control plane (meshlens mode set SERVICE {m}), not in the mesh file"
              for m in ("dry-run", "enforce")},
     "load_balancer": {
         "LEAST_CONN": "LEAST_CONN is Istio's deprecated name for LEAST_REQUEST: use LEAST_REQUEST",
@@ -73,7 +81,9 @@ _NOT_YET = {
     },
 }
 
-_SERVICE_KEYS = {"protocol", "mode", "load_balancer", "instances", "subsets"}
+_SERVICE_KEYS = {"protocol", "mode", "load_balancer", "instances", "subsets", "namespace", "service_account"}
+# Kubernetes' names (RFC 1123 labels), as the SPIFFE ids of Istio carry them.
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _INSTANCE_KEYS = {"address", "labels"}
 
 
@@ -106,6 +116,13 @@ class Service:
     subsets: dict[str, dict[str, str]] = field(default_factory=dict, hash=False, compare=False)
     load_balancer: LoadBalancer = "ROUND_ROBIN"
     """How callers' sidecars pick among the instances (proxy/cluster.py)."""
+    namespace: str = "default"
+    service_account: str = ""
+    """Its workload identity's service account; '' means the service's name (`identity_account`)."""
+
+    @property
+    def identity_account(self) -> str:
+        return self.service_account or self.name
 
     def subset_of(self, instance: Instance) -> str:
         """The first subset (in file order) whose labels the instance carries, else ''."""
@@ -210,7 +227,15 @@ def _service(name: str, body: Any, where: str) -> Service:
     if not isinstance(raw_subsets, dict):
         raise MeshError(f"{where}.subsets: expected a mapping of subset name to labels")
     subsets = {str(k): _labels(v, f"{where}.subsets.{_key(k)}") for k, v in raw_subsets.items()}
-    return Service(name, protocol, mode, instances, subsets, load_balancer)  # type: ignore[arg-type]
+    identity = {}
+    for key in ("namespace", "service_account"):
+        if key in body:
+            value = body[key]
+            if not isinstance(value, str) or not _DNS_LABEL.fullmatch(value):
+                raise MeshError(f"{where}.{key}: {value!r} must be a DNS label (lowercase letters, digits and '-', "
+                                f"at most 63)")
+            identity[key] = value
+    return Service(name, protocol, mode, instances, subsets, load_balancer, **identity)  # type: ignore[arg-type]
 
 
 def _instance(item: Any, where: str) -> Instance:

@@ -194,8 +194,8 @@ ERRORS = [
     (["proxy", "--service", "web", "--mesh", "{tmp}/bin.yaml"], "meshlens proxy: cannot read mesh file {tmp}/bin.yaml: "
                                                                "not UTF-8 text"),
     (["proxy", "--service", "catalog", "--mesh", "{tmp}/dry.yaml"],
-     "meshlens proxy: {tmp}/dry.yaml: services.catalog.mode: dry-run is not available yet (meshlens observes only; "
-     "modes come with the control plane)"),
+     "meshlens proxy: {tmp}/dry.yaml: services.catalog.mode: dry-run is set through the control plane (meshlens "
+     "mode set SERVICE dry-run), not in the mesh file"),
     (["proxy", "--service", "web", "--mesh", "{tmp}/grpc.yaml"],
      "meshlens proxy: {tmp}/grpc.yaml: services.web.protocol: grpc cannot be honoured yet"),
     (["proxy", "--service", "web", "--mesh", "{tmp}/retries.yaml"],

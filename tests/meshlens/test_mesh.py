@@ -59,11 +59,13 @@ def test_a_mesh_file_names_services_instances_and_subsets(tmp_path: Path) -> Non
     ("services: {a: {protocol: grpc}}", "services.a.protocol: grpc cannot be honoured yet (HTTP/2 is passed "
                                         "through, not parsed)"),
     ("services: {a: {mode: on}}", "services.a.mode: expected observe, got True"),
-    ("services: {catalog: {mode: dry-run}}", "services.catalog.mode: dry-run is not available yet (meshlens "
-                                             "observes only; modes come with the control plane)"),
-    ("services: {a: {mode: enforce}}", "services.a.mode: enforce is not available yet"),
+    ("services: {catalog: {mode: dry-run}}", "services.catalog.mode: dry-run is set through the control plane "
+                                             "(meshlens mode set SERVICE dry-run), not in the mesh file"),
+    ("services: {a: {mode: enforce}}", "services.a.mode: enforce is set through the control plane"),
     ("services: {a: {timeout: 3s}}", "services.a: unknown field(s) timeout (expected: instances, load_balancer, "
-                                     "mode, protocol, subsets)"),
+                                     "mode, namespace, protocol, service_account, subsets)"),
+    ("services: {a: {namespace: Shop}}", "services.a.namespace: 'Shop' must be a DNS label"),
+    ("services: {a: {service_account: 7}}", "services.a.service_account: 7 must be a DNS label"),
     ("services: {a: {load_balancer: least_request}}",
      "services.a.load_balancer: expected one of ROUND_ROBIN, LEAST_REQUEST, got 'least_request'"),
     ("services: {a: {load_balancer: {simple: LEAST_REQUEST}}}", "services.a.load_balancer: expected one of "
@@ -137,3 +139,9 @@ def test_service_at_names_the_one_service_on_an_ip_whatever_the_port() -> None:
     assert mesh.service_at("fd00:0::2") == "b"  # canonical form, as name_of
     assert mesh.service_at("10.200.0.9") is None  # unmeshed caller
     assert mesh.service_at("127.0.0.1") is None  # two services there: the address names no one
+
+
+def test_a_services_identity_is_its_namespace_and_service_account_defaulting_to_default_and_its_name():
+    mesh = parse({"services": {"catalog": {"namespace": "shop", "service_account": "catalog-sa"}, "web": {}}})
+    assert (mesh.service("catalog").namespace, mesh.service("catalog").identity_account) == ("shop", "catalog-sa")
+    assert (mesh.service("web").namespace, mesh.service("web").identity_account) == ("default", "web")
