@@ -13,7 +13,12 @@
     GET    /v1/snapshot?service=S&instance=I&version=V[&timeout=T]   a sidecar's long poll (control/distribution.py)
     POST   /v1/status   {"service", "instance", "version", "ack", "error", "mode"}   its ACK or NACK
     GET    /v1/status                                {"revision": r, "sidecars": [...]}
+    POST   /v1/certificate  {"service": S, "csr": PEM}   a workload certificate (control/ca.py):
+                              {"identity", "certificate_chain", "trust_bundle", "not_after"}
+    GET    /v1/trust-bundle                          the roots workload certificates chain to (PEM)
 
+A workload certificate is issued for the identity the stored Mesh gives the service, to a
+sidecar token bound to that service (or a write token; anyone on loopback without tokens).
 A resource is {"kind", "name", "revision", "doc"}. With tokens (control/auth.py) every
 request but /healthz carries `Authorization: Bearer TOKEN`, and a change is the token's
 name's; without, the control plane listens on loopback only and a change is the
@@ -36,6 +41,7 @@ from aiohttp import web
 from meshlens.policy.resources import (KINDS, MODES, Resource, ResourceError, check_references, mode_resource,
                                         parse_documents)
 from meshlens.control.auth import Tokens
+from meshlens.control.ca import CA, MAX_CSR_BYTES, CAError
 from meshlens.control.distribution import Sidecars, Snapshots
 from meshlens.control.store import Change, Store, StoreUnavailable
 
@@ -50,11 +56,13 @@ MAX_WATCH_S = 60.0
 _HISTORY_LIMIT = 1000
 
 
-def build_app(store: Store, tokens: Tokens | None = None) -> web.Application:
-    """`tokens`: who may do what (control/auth.py); None: everyone who can reach it (loopback only)."""
+def build_app(store: Store, tokens: Tokens | None = None, ca: CA | None = None) -> web.Application:
+    """`tokens`: who may do what (control/auth.py); None: everyone who can reach it (loopback only).
+    `ca`: the mesh's CA (control/ca.py); None: no certificates issued."""
     app = web.Application(client_max_size=MAX_APPLY_BYTES, middlewares=[_errors, _auth])
     app["store"] = store
     app["tokens"] = tokens
+    app["ca"] = ca
     app["sidecars"] = Sidecars()
     app["snapshots"] = Snapshots()
     app.add_routes([
@@ -71,6 +79,8 @@ def build_app(store: Store, tokens: Tokens | None = None) -> web.Application:
         web.get("/v1/snapshot", _snapshot),
         web.get("/v1/status", _status),
         web.post("/v1/status", _report),
+        web.post("/v1/certificate", _certificate),
+        web.get("/v1/trust-bundle", _trust_bundle),
     ])
     return app
 
@@ -99,7 +109,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         raise
 
 
-_SIDECAR_PATHS = {("GET", "/v1/snapshot"), ("POST", "/v1/status")}
+_SIDECAR_PATHS = {("GET", "/v1/snapshot"), ("POST", "/v1/status"), ("POST", "/v1/certificate")}
 
 
 @web.middleware
@@ -380,3 +390,51 @@ async def _status(request: web.Request) -> web.Response:
     desired = {r.name: r.doc["spec"]["mode"] for r in await store.list("Mode")}
     sidecars = [{**s, "desired_mode": desired.get(s["service"], "observe")} for s in request.app["sidecars"].listed()]
     return web.json_response({"revision": await store.revision(), "sidecars": sidecars})
+
+
+def _ca(request: web.Request) -> CA:
+    ca = request.app["ca"]
+    if ca is None:
+        raise _Refused(404, "this control plane issues no certificates (it was started without a CA)")
+    return ca
+
+
+async def _certificate(request: web.Request) -> web.Response:
+    ca = _ca(request)
+    raw = await request.content.read(MAX_CSR_BYTES * 2 + 1)
+    if len(raw) > MAX_CSR_BYTES * 2:
+        raise _Refused(413, f"a certificate request is at most MAX_CSR_BYTES={MAX_CSR_BYTES} of PEM")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict) or set(body) != {"service", "csr"} or not isinstance(body["csr"], str):
+        raise _Refused(400, 'expected JSON {"service": NAME, "csr": "-----BEGIN CERTIFICATE REQUEST-----..."}')
+    service = _ident(body["service"], "service")
+    token = request.get("token")
+    if token is not None and token.role == "sidecar" and token.service is None:
+        raise _Refused(403, f"token {token.name!r} is bound to no service: it may not be given an identity")
+    _for_service(request, service)
+    stored = await _store(request).get("Mesh", "mesh")
+    from meshlens.mesh import MeshError, parse
+
+    try:
+        svc = parse(stored.doc["spec"]).service(service) if stored is not None else None
+    except MeshError:
+        svc = None
+    if svc is None:
+        raise _Refused(404, f"no service {service!r} in the stored mesh: it has no identity to be given")
+    identity = ca.identity(svc.namespace, svc.identity_account)
+    try:
+        issued = ca.sign(body["csr"].encode("utf-8", "replace"), identity)
+    except CAError as e:
+        log.warning("refused a certificate request service=%s identity=%s error=%s", service, identity, e)
+        raise _Refused(400, str(e)) from None
+    log.info("issued a workload certificate service=%s identity=%s not_after=%s", service, identity,
+             issued.not_after.isoformat())
+    return web.json_response({"identity": issued.identity, "certificate_chain": issued.certificate_chain,
+                              "trust_bundle": issued.trust_bundle, "not_after": issued.not_after.isoformat()})
+
+
+async def _trust_bundle(request: web.Request) -> web.Response:
+    return web.Response(text=_ca(request).bundle(), content_type="application/x-pem-file")

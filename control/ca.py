@@ -22,6 +22,7 @@ allows, or it is larger than MAX_CSR_BYTES.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import logging
 import os
 from dataclasses import dataclass
@@ -87,8 +88,12 @@ class CA:
         if cert_file and key_file:
             return cls._from_files(Path(cert_file), Path(key_file), trust_domain)
         cert_path, key_path = directory / "root-cert.pem", directory / "root-key.pem"
-        if not cert_path.exists() and not key_path.exists():
-            cls._generate(cert_path, key_path, trust_domain)
+        if not cert_path.exists() or not key_path.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            with open(directory / ".lock", "w") as lock:  # two control planes starting at once make one root
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not cert_path.exists() and not key_path.exists():
+                    cls._generate(cert_path, key_path, trust_domain)
         return cls._from_files(cert_path, key_path, trust_domain)
 
     @classmethod
@@ -137,7 +142,6 @@ class CA:
                                              crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
                 .sign(key, hashes.SHA256()))
-        cert_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -181,7 +185,7 @@ class CA:
             names = [str(n.value) for n in asked]
             if names != [identity] or asked.get_values_for_type(x509.UniformResourceIdentifier) != [identity]:
                 raise CAError(f"the request names {', '.join(names) or 'nothing'}; this token may have {identity} only")
-        now = now or dt.datetime.now(dt.timezone.utc)
+        now = (now or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0)  # certificates keep seconds
         not_after = min(now + lifetime, self.cert.not_valid_after_utc)
         cert = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(self.cert.subject)
                 .public_key(public).serial_number(x509.random_serial_number())

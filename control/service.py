@@ -14,6 +14,7 @@ from aiohttp import web
 
 from meshlens.control.api import build_app
 from meshlens.control.auth import Tokens
+from meshlens.control.ca import CA
 from meshlens.control.changes import ChangeShipper
 from meshlens.control.store import Store
 
@@ -26,12 +27,12 @@ DEFAULT_PORT = 15010  # Istio's control-plane (istiod) port
 
 
 async def serve(store: Store, host: str, port: int, tokens: Tokens | None = None,
-                tls: ssl.SSLContext | None = None, collector: str | None = None) -> None:
+                tls: ssl.SSLContext | None = None, collector: str | None = None, ca: CA | None = None) -> None:
     """Serve until signalled; with `collector` (a URL control/changes.py's changes_url takes), ship every change
     there too."""
     await store.open()  # an etcd cluster nobody answers for is said now, not at the first request
     # handler_cancellation: a long poll whose sidecar went away ends with it, not at its timeout
-    runner = web.AppRunner(build_app(store, tokens), access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(build_app(store, tokens, ca), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
     await site.start()
@@ -43,7 +44,7 @@ async def serve(store: Store, host: str, port: int, tokens: Tokens | None = None
         shipper.start()
     print(f"meshlens control ready listen={host}:{bound} store={store.url} revision={await store.revision()} "
           f"tls={'on' if tls else 'off'} tokens={len(tokens) if tokens else 'off'} "
-          f"collector={shipper.url if shipper else 'off'}", flush=True)
+          f"collector={shipper.url if shipper else 'off'} ca={ca.trust_domain if ca else 'off'}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -58,8 +59,8 @@ async def serve(store: Store, host: str, port: int, tokens: Tokens | None = None
 
 
 def run(store: Store, host: str, port: int, tokens: Tokens | None = None, tls: ssl.SSLContext | None = None,
-        collector: str | None = None) -> None:
-    asyncio.run(serve(store, host, port, tokens, tls, collector))
+        collector: str | None = None, ca: CA | None = None) -> None:
+    asyncio.run(serve(store, host, port, tokens, tls, collector, ca))
 
 
 def server_tls(cert: str, key: str) -> ssl.SSLContext:

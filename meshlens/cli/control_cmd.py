@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from meshlens.cli.argtypes import port
@@ -21,6 +23,8 @@ CONTROL_EPILOG = """examples:
 
   meshlens control --host 0.0.0.0 --tokens tokens.yaml --tls-cert api.pem --tls-key api.key
       beyond loopback: every request needs a token (read, write, or a sidecar's), over HTTPS
+  meshlens control --ca-cert intermediate-chain.pem --ca-key intermediate-key.pem
+      workload certificates signed by your own CA (else a root made at first start)
   meshlens control --collector http://127.0.0.1:4318
       every change also becomes a row of the collector's mesh_changes, for dashboards to mark;
       what changed while the collector was away is shipped once it is back
@@ -42,6 +46,7 @@ CLIENT_EPILOG = """examples:
 All take --control URL (or MESHLENS_CONTROL; default http://127.0.0.1:15010)."""
 
 # kubectl's habit: kinds by name, lowercase, plural or short.
+_TRUST_DOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _KIND_ALIASES = {
     "mesh": "Mesh", "meshes": "Mesh",
     "virtualservice": "VirtualService", "virtualservices": "VirtualService", "vs": "VirtualService",
@@ -69,6 +74,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--collector", metavar="URL", default=os.environ.get("MESHLENS_COLLECTOR"),
                    help="ship every change to this collector's mesh_changes: http://HOST:4318 (default: "
                         "MESHLENS_COLLECTOR, else none)")
+    p.add_argument("--ca-dir", metavar="DIR", help="where the mesh's root CA is kept (made at first start; default: "
+                                                   "~/.local/share/meshlens/control/ca)")
+    p.add_argument("--ca-cert", metavar="PEM", help="sign workload certificates with your own root or intermediate "
+                                                   "(followed by its chain up to the root) ...")
+    p.add_argument("--ca-key", metavar="PEM", help="... and its ECDSA P-256 key")
+    p.add_argument("--trust-domain", default="cluster.local",
+                   help="the SPIFFE trust domain of workload identities (default cluster.local, Istio's)")
     p.set_defaults(run=run_control)
 
     def client(name: str, help_: str, description: str) -> argparse.ArgumentParser:
@@ -173,13 +185,23 @@ def run_control(args: argparse.Namespace) -> int:
             changes_url(args.collector)
         except ValueError as e:
             raise UserError(f"--collector: {e}") from None
+    from meshlens.config import data_home
+    from meshlens.control.ca import CA, CAError
+
+    if not _TRUST_DOMAIN.fullmatch(args.trust_domain):
+        raise UserError(f"--trust-domain {args.trust_domain!r}: lowercase letters, digits, '-' and '.' (a DNS name)")
+    try:
+        ca = CA.open(Path(args.ca_dir) if args.ca_dir else data_home() / "control" / "ca", args.trust_domain,
+                     args.ca_cert, args.ca_key)
+    except (CAError, OSError) as e:
+        raise UserError(f"CA: {getattr(e, 'strerror', None) or e}") from None
     check_ports(args.host, {"--port": args.port})
     try:
         store = open_store(args.store or default_store_url())
     except StoreURLError as e:
         raise UserError(str(e)) from None
     try:
-        run(store, args.host, args.port, tokens, tls, args.collector)
+        run(store, args.host, args.port, tokens, tls, args.collector, ca)
     except (StoreUnavailable, StoreURLError) as e:
         raise UserError(str(e)) from None
     return 0

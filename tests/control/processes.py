@@ -23,8 +23,9 @@ class ControlProcess(ServerProcess):
         self.scheme = "https" if "--tls-cert" in args else "http"
 
     def start(self, timeout: float = PATIENCE_S) -> "ControlProcess":
-        m = self.launch(["meshlens.cli.main", "control", "--port", str(self.port), "--store", self.store, *self.args],
-                        READY, timeout)
+        ca = [] if any(a in self.args for a in ("--ca-dir", "--ca-cert")) else ["--ca-dir", str(self.workdir / "ca")]
+        m = self.launch(["meshlens.cli.main", "control", "--port", str(self.port), "--store", self.store, *ca,
+                         *self.args], READY, timeout)
         self.port = int(m.group(2))
         return self
 

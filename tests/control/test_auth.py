@@ -122,6 +122,9 @@ def test_a_tokens_file_that_cannot_be_used_is_one_line(tmp_path, text, message):
     (["--tls-cert", "/nonexistent.pem"], "--tls-cert and --tls-key go together"),
     (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], "cannot read /nonexistent.pem"),
     (["--tokens", "/nonexistent.yaml"], "cannot read tokens file /nonexistent.yaml"),
+    (["--ca-cert", "/nonexistent.pem"], "CA: --ca-cert and --ca-key go together"),
+    (["--ca-cert", "/nonexistent.pem", "--ca-key", "/nonexistent.key"], "CA: /nonexistent.pem: not a PEM certificate"),
+    (["--trust-domain", "Cluster Local"], "--trust-domain 'Cluster Local': lowercase letters"),
 ])
 def test_control_flags_that_cannot_be_used_are_one_line(tmp_path, args, message):
     out = subprocess.run([sys.executable, "-m", "meshlens.cli.main", "control", "--port", "0", "--store",
