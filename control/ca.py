@@ -70,9 +70,12 @@ class CA:
     """One signing certificate and its key, with the chain above it and the trust bundle."""
 
     def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate],
-                 roots: list[x509.Certificate], trust_domain: str = TRUST_DOMAIN) -> None:
+                 roots: list[x509.Certificate], trust_domain: str = TRUST_DOMAIN,
+                 lifetime: dt.timedelta = WORKLOAD_LIFETIME) -> None:
         self.cert, self.key, self.chain, self.roots = cert, key, chain, roots
         self.trust_domain = trust_domain
+        self.lifetime = lifetime
+        """Of the workload certificates it issues (`meshlens control --cert-lifetime`)."""
 
     def __repr__(self) -> str:
         return f"<CA {self.cert.subject.rfc4514_string()} trust_domain={self.trust_domain}>"
@@ -81,12 +84,12 @@ class CA:
 
     @classmethod
     def open(cls, directory: Path, trust_domain: str = TRUST_DOMAIN, cert_file: str | None = None,
-             key_file: str | None = None) -> CA:
+             key_file: str | None = None, lifetime: dt.timedelta = WORKLOAD_LIFETIME) -> CA:
         """The user's files when given, else the root kept in `directory` (generated there at first start)."""
         if bool(cert_file) != bool(key_file):
             raise CAError("--ca-cert and --ca-key go together: the signing certificate and its key")
         if cert_file and key_file:
-            return cls._from_files(Path(cert_file), Path(key_file), trust_domain)
+            return cls._from_files(Path(cert_file), Path(key_file), trust_domain, lifetime)
         cert_path, key_path = directory / "root-cert.pem", directory / "root-key.pem"
         if not cert_path.exists() or not key_path.exists():
             directory.mkdir(parents=True, exist_ok=True)
@@ -94,10 +97,10 @@ class CA:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not cert_path.exists() and not key_path.exists():
                     cls._generate(cert_path, key_path, trust_domain)
-        return cls._from_files(cert_path, key_path, trust_domain)
+        return cls._from_files(cert_path, key_path, trust_domain, lifetime)
 
     @classmethod
-    def _from_files(cls, cert_path: Path, key_path: Path, trust_domain: str) -> CA:
+    def _from_files(cls, cert_path: Path, key_path: Path, trust_domain: str, lifetime: dt.timedelta) -> CA:
         try:
             certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
         except (OSError, ValueError) as e:
@@ -125,7 +128,7 @@ class CA:
         root = certs[-1]
         if root.issuer != root.subject:
             raise CAError(f"{cert_path}: the chain must end in its self-signed root")
-        return cls(signing, key, certs[1:-1] if len(certs) > 1 else [], [root], trust_domain)
+        return cls(signing, key, certs[1:-1] if len(certs) > 1 else [], [root], trust_domain, lifetime)
 
     @staticmethod
     def _generate(cert_path: Path, key_path: Path, trust_domain: str) -> None:
@@ -158,7 +161,7 @@ class CA:
         return spiffe_id(self.trust_domain, namespace, service_account)
 
     def sign(self, csr_pem: bytes, identity: str, now: dt.datetime | None = None,
-             lifetime: dt.timedelta = WORKLOAD_LIFETIME) -> Issued:
+             lifetime: dt.timedelta | None = None) -> Issued:
         """A workload certificate for `identity` (the one its token allows) from a CSR; CAError when refused."""
         if len(csr_pem) > MAX_CSR_BYTES:
             raise CAError(f"the certificate request is larger than MAX_CSR_BYTES={MAX_CSR_BYTES}")
@@ -186,7 +189,7 @@ class CA:
             if names != [identity] or asked.get_values_for_type(x509.UniformResourceIdentifier) != [identity]:
                 raise CAError(f"the request names {', '.join(names) or 'nothing'}; this token may have {identity} only")
         now = (now or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0)  # certificates keep seconds
-        not_after = min(now + lifetime, self.cert.not_valid_after_utc)
+        not_after = min(now + (lifetime or self.lifetime), self.cert.not_valid_after_utc)
         cert = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(self.cert.subject)
                 .public_key(public).serial_number(x509.random_serial_number())
                 .not_valid_before(now - BACKDATE).not_valid_after(not_after)

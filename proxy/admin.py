@@ -47,6 +47,7 @@ def admin_pages(proxy: Proxy) -> dict[str, Callable[[], Page]]:
                 "url": proxy.control.url, "version": proxy.control.version, "state": proxy.control.state,
                 "error": proxy.control.error, "desired_mode": proxy.desired_mode, "mode": proxy.mode},
             "destinations": _destinations(proxy),
+            "identity": proxy.identity.described() if proxy.identity is not None else None,
         }).encode()
 
     return {"/healthz": healthz, "/stats": stats, "/config": config}

@@ -32,7 +32,8 @@ from typing import Any, Callable
 
 from meshlens.collector.client import failure_reason
 
-__all__ = ["RETRY_MAX_S", "RETRY_MIN_S", "SNAPSHOT_WAIT_S", "ControlError", "ControlWatch"]
+__all__ = ["RETRY_MAX_S", "RETRY_MIN_S", "SNAPSHOT_WAIT_S", "CertificateRefused", "ControlError", "ControlWatch",
+           "IdentityWatch"]
 
 log = logging.getLogger("meshlens.proxy.control")
 
@@ -46,6 +47,14 @@ MAX_SNAPSHOT_BYTES = 16 * 1024 * 1024
 
 class ControlError(Exception):
     """No snapshot to start from: the control plane is unreachable and none was kept."""
+
+
+class CertificateRefused(Exception):
+    """The control plane will not issue this sidecar a certificate (no CA there, or the request refused)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ControlWatch:
@@ -205,6 +214,25 @@ class ControlWatch:
             raise ValueError("a snapshot is a JSON object with a version")
         return snap
 
+    def certificate(self, csr: bytes) -> dict[str, Any]:
+        """The control plane's CA's answer to a CSR (control/ca.py); CertificateRefused for a 4xx, OSError when
+        it cannot be asked."""
+        body = json.dumps({"service": self.service, "csr": csr.decode()}).encode()
+        status, data = self._request("POST", "/v1/certificate", body, 30)
+        if 400 <= status < 500:
+            try:
+                message = str(json.loads(data)["error"])
+            except (ValueError, KeyError, TypeError):
+                message = data[:200].decode("utf-8", "replace")
+            raise CertificateRefused(status, message)
+        if status != 200:
+            raise OSError(f"the control plane answered {status}: {data[:200].decode('utf-8', 'replace')}")
+        got = json.loads(data)
+        if not isinstance(got, dict) or not all(isinstance(got.get(k), str)
+                                                for k in ("identity", "certificate_chain", "trust_bundle")):
+            raise OSError("the control plane's certificate answer lacks identity, certificate_chain or trust_bundle")
+        return got
+
     def _report(self, ack: bool) -> None:
         body = json.dumps({"service": self.service, "instance": self.instance, "version": self.version, "ack": ack,
                            "error": self.error, "mode": self.mode}).encode()
@@ -230,3 +258,92 @@ class ControlWatch:
             raise OSError(f"not an HTTP answer: {e}") from None
         finally:
             conn.close()
+
+
+class IdentityWatch:
+    """The sidecar's workload certificate (proxy/identity.py `Workload`): asked for at start, renewed at half its
+    life (a new key each time), installed on the event loop between two callbacks.
+
+    While the control plane is away, the certificate in hand is kept and used, and asked for again with backoff
+    (RETRY_MIN_S doubling to RETRY_MAX_S); once it has expired, the state says `expired` and peers refuse it,
+    until the control plane answers again. A control plane without a CA (404) is asked again every
+    NO_CA_RETRY_S; a refused request (another 4xx) is logged and tried again at the same pace."""
+
+    NO_CA_RETRY_S = 60.0
+
+    def __init__(self, watch: ControlWatch, workload: Any) -> None:
+        self.watch, self.workload = watch, workload
+        self.state = "none"
+        """none (not asked yet), valid, renewing (due, not renewed yet), expired, refused, no-ca."""
+        self.error = ""
+        self._stop = threading.Event()
+        self._loop: Any = None
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"<IdentityWatch {self.workload.identity or '-'} {self.state}>"
+
+    def start(self, loop: Any) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="meshlens-identity", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def described(self) -> dict[str, Any]:
+        w = self.workload
+        return {"identity": w.identity, "state": self.state, "error": self.error,
+                "not_after": w.not_after.isoformat() if w.not_after else None}
+
+    def _run(self) -> None:
+        import datetime as dt
+
+        backoff = RETRY_MIN_S
+        while not self._stop.is_set():
+            now = dt.datetime.now(dt.timezone.utc)
+            wait = self.workload.renew_in(now)
+            if wait > 0:
+                self._stop.wait(wait)
+                continue
+            if self.workload.not_after is not None:
+                self.state = "expired" if now >= self.workload.not_after else "renewing"
+            try:
+                self._renew()
+            except CertificateRefused as e:
+                self.error = str(e)
+                if self.workload.not_after is None or now >= self.workload.not_after:
+                    self.state = "no-ca" if e.status == 404 else "refused"  # else: renewing, the one in hand good
+                log.warning("no workload certificate status=%d error=%s", e.status, e)
+                self._stop.wait(self.NO_CA_RETRY_S * random.uniform(0.8, 1.2))
+                continue
+            except (OSError, ValueError) as e:
+                self.error = failure_reason(e) if isinstance(e, OSError) else str(e)
+                log.warning("cannot renew the workload certificate, keeping the one in hand not_after=%s error=%s",
+                            self.workload.not_after, self.error)
+                self._stop.wait(backoff * random.uniform(0.5, 1.0))
+                backoff = min(RETRY_MAX_S, backoff * 2)
+                continue
+            backoff = RETRY_MIN_S
+
+    def _renew(self) -> None:
+        csr, key = self.workload.csr()
+        got = self.watch.certificate(csr)
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def on_loop() -> None:
+            try:
+                self.workload.install(got["identity"], got["certificate_chain"], got["trust_bundle"], key)
+                self.state, self.error = "valid", ""  # with the certificate, as /config (on the loop) reads them
+                done.set_result(None)
+            except ValueError as e:
+                done.set_exception(e)
+
+        try:
+            self._loop.call_soon_threadsafe(on_loop)
+            done.result(timeout=60)
+        except RuntimeError:  # the loop closed: the proxy is stopping
+            self._stop.set()
+            return
+        log.info("workload certificate installed identity=%s not_after=%s", self.workload.identity,
+                 self.workload.not_after)

@@ -1,21 +1,125 @@
-"""What the sidecar knows of a connection's TLS and of the peer at its other end.
+"""What the sidecar knows of TLS: its own identity, and a connection's TLS and the peer at its other end.
 
-Today the sidecar terminates no TLS: a TLS connection it is given passes through as a
-tunnel, and `TlsWatch` reads both hellos as the bytes go by (SNI, ALPN, versions:
-meshlens.protocols.tls; nothing is decrypted), for the call's `tls`, `authority` and
-attributes, as the tap names them. Mutual TLS brings the rest here: the SSL contexts
-the shells and proxy/connect.py use, and the verified peer identity (SPIFFE) a call
-records in `peer_identity` and authorization decides on.
+`Workload` is this sidecar's identity: a key made here at start (ECDSA P-256; it never
+leaves the process, and never touches a disk: the SSL contexts read it from an anonymous
+memory file), the certificate chain the control plane's CA issued for it
+(control/ca.py: the SPIFFE id of its service, 24 h), the trust bundle, and the SSL
+contexts built from them for mutual TLS, which are swapped whole when the certificate
+is renewed (proxy/control.py `IdentityWatch`), so a connection keeps the context it
+started with.
+
+`TlsWatch`: a TLS connection the sidecar does not terminate passes through as a tunnel,
+and both hellos are read as the bytes go by (SNI, ALPN, versions: meshlens.protocols.tls;
+nothing is decrypted), for the call's `tls`, `authority` and attributes, as the tap names them.
 """
 from __future__ import annotations
 
+import datetime as dt
+import os
+import random
+import ssl
+from contextlib import ExitStack
 from typing import Any
 
 from meshlens.collector.record import AT
 from meshlens.protocols.errors import PeerError
 from meshlens.protocols.tls import ClientHello, HelloParser, ServerHello, hello_attributes
 
-__all__ = ["TlsWatch"]
+__all__ = ["RENEW_AT", "TlsWatch", "Workload"]
+
+# Renewal at half the certificate's life, +-10 % of it (Istio's SECRET_GRACE_PERIOD_RATIO is 0.5, with jitter).
+RENEW_AT, RENEW_JITTER = 0.5, 0.1
+
+
+class Workload:
+    """This sidecar's own key, certificate chain, trust bundle and the mTLS contexts made of them."""
+
+    def __init__(self) -> None:
+        self.key: Any = None
+        """The key of the certificate installed (a new one is made for each request: `csr`)."""
+        self.identity = ""
+        """The SPIFFE id its certificate carries ('' before the first is installed)."""
+        self.installed_at: dt.datetime | None = None
+        """When the certificate in hand was installed (its life, for renewal, counts from here: a CA backdates)."""
+        self.not_after: dt.datetime | None = None
+        self.server: ssl.SSLContext | None = None
+        """Inbound mTLS: its chain, peers' chains checked against the bundle (a client certificate required)."""
+        self.client: ssl.SSLContext | None = None
+        """Outbound mTLS: its chain, the server's checked against the bundle (its SPIFFE id checked by the caller)."""
+
+    def __repr__(self) -> str:
+        return f"<Workload {self.identity or '-'} until {self.not_after}>"
+
+    @staticmethod
+    def csr() -> tuple[bytes, Any]:
+        """A new key and a certificate signing request for it, naming nothing (the CA gives the identity the token
+        allows): each renewal rotates the key too, as Istio's agent does."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        req = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+        return req.public_bytes(serialization.Encoding.PEM), key
+
+    def install(self, identity: str, chain_pem: str, bundle_pem: str, key: Any) -> None:
+        """A certificate the CA issued for `key` (from `csr`); ValueError (nothing changed) when it is not for that
+        key and identity."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        try:
+            chain = x509.load_pem_x509_certificates(chain_pem.encode())
+            x509.load_pem_x509_certificates(bundle_pem.encode())
+        except ValueError as e:
+            raise ValueError(f"the issued certificate does not parse: {e}") from None
+        leaf = chain[0]
+        if leaf.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
+            raise ValueError("the issued certificate is not for this sidecar's key")
+        try:
+            uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+                x509.UniformResourceIdentifier)
+        except x509.ExtensionNotFound:
+            uris = []
+        if uris != [identity]:
+            raise ValueError(f"the issued certificate names {', '.join(uris) or 'nothing'}, not {identity}")
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        server, client = _contexts(chain_pem.encode(), key_pem, bundle_pem)
+        self.key, self.identity, self.server, self.client = key, identity, server, client
+        self.installed_at, self.not_after = dt.datetime.now(dt.timezone.utc), leaf.not_valid_after_utc
+        self._renew_share = RENEW_AT + random.uniform(-1, 1) * RENEW_JITTER  # drawn once a certificate
+
+    _renew_share = RENEW_AT
+
+    def renew_in(self, now: dt.datetime) -> float:
+        """Seconds from `now` to its renewal: at half its life, with jitter (0 when due or when there is none)."""
+        if self.installed_at is None or self.not_after is None:
+            return 0.0
+        life = (self.not_after - self.installed_at).total_seconds()
+        at = self.installed_at + dt.timedelta(seconds=life * self._renew_share)
+        return max(0.0, (at - now).total_seconds())
+
+
+def _contexts(chain: bytes, key: bytes, bundle: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """Server and client SSL contexts, the key and chain read from anonymous memory files (never a disk)."""
+    with ExitStack() as stack:
+        paths = []
+        for name, data in (("chain", chain), ("key", key)):
+            fd = os.memfd_create(f"meshlens-{name}", os.MFD_CLOEXEC)
+            stack.callback(os.close, fd)
+            os.write(fd, data)
+            paths.append(f"/proc/self/fd/{fd}")
+        out = []
+        for purpose in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
+            ctx = ssl.SSLContext(purpose)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_cert_chain(paths[0], paths[1])
+            ctx.load_verify_locations(cadata=bundle)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.check_hostname = False  # the peer is named by its SPIFFE id, which the caller checks
+            out.append(ctx)
+        return out[0], out[1]
 
 
 class TlsWatch:

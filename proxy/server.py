@@ -33,7 +33,7 @@ from meshlens.proxy.upstream import Upstream
 
 if TYPE_CHECKING:
     from meshlens.collector.client import CallRecorder
-    from meshlens.proxy.control import ControlWatch
+    from meshlens.proxy.control import ControlWatch, IdentityWatch
 
 __all__ = ["DRAIN_TIMEOUT", "RECORD_BATCH_ROWS", "ProxyConfig", "Proxy", "run"]
 
@@ -108,6 +108,8 @@ class Proxy:
         """The field outbound requests carry so that the callee's sidecar can name this service."""
         self.control: ControlWatch | None = None
         """The control plane this sidecar follows, if any."""
+        self.identity: IdentityWatch | None = None
+        """Its workload certificate from the control plane's CA, if it follows one (proxy/identity.py)."""
         self.desired_mode = "observe"
         """The mode the control plane asks of this service (and, with its policies, applies)."""
         self.mirrors = Mirrors(self.stats)
@@ -285,6 +287,11 @@ async def serve(config: ProxyConfig, recorder: CallRecorder | None, watch: Contr
         except ValueError as e:  # checked by the CLI already; a mode it cannot read is refused here
             error = str(e)
         watch.start(asyncio.get_running_loop(), proxy.apply_snapshot, snap, error)
+        from meshlens.proxy.control import IdentityWatch
+        from meshlens.proxy.identity import Workload
+
+        proxy.identity = IdentityWatch(watch, Workload())
+        proxy.identity.start(asyncio.get_running_loop())
     await proxy.start()
     admin_servers, admin_ports = await start_admin(proxy)
     stop = asyncio.Event()
@@ -297,6 +304,8 @@ async def serve(config: ProxyConfig, recorder: CallRecorder | None, watch: Contr
     await stop.wait()
     if watch is not None:
         watch.stop()
+    if proxy.identity is not None:
+        proxy.identity.stop()
     log.info("draining in_flight_connections=%d", len(proxy.conns))
     await proxy.drain()
     for server in admin_servers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import re
@@ -79,6 +80,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ca-cert", metavar="PEM", help="sign workload certificates with your own root or intermediate "
                                                    "(followed by its chain up to the root) ...")
     p.add_argument("--ca-key", metavar="PEM", help="... and its ECDSA P-256 key")
+    p.add_argument("--cert-lifetime", default="24h", metavar="DURATION",
+                   help="of workload certificates (default 24h, Istio's; sidecars renew at half of it; at least 10s)")
     p.add_argument("--trust-domain", default="cluster.local",
                    help="the SPIFFE trust domain of workload identities (default cluster.local, Istio's)")
     p.set_defaults(run=run_control)
@@ -190,9 +193,17 @@ def run_control(args: argparse.Namespace) -> int:
 
     if not _TRUST_DOMAIN.fullmatch(args.trust_domain):
         raise UserError(f"--trust-domain {args.trust_domain!r}: lowercase letters, digits, '-' and '.' (a DNS name)")
+    from meshlens.policy.spec import duration_s
+
+    try:
+        lifetime = duration_s(args.cert_lifetime)
+    except ValueError as e:
+        raise UserError(f"--cert-lifetime: {e}") from None
+    if not 10 <= lifetime <= 90 * 86400:
+        raise UserError(f"--cert-lifetime {args.cert_lifetime}: from 10s to 90 days")
     try:
         ca = CA.open(Path(args.ca_dir) if args.ca_dir else data_home() / "control" / "ca", args.trust_domain,
-                     args.ca_cert, args.ca_key)
+                     args.ca_cert, args.ca_key, dt.timedelta(seconds=lifetime))
     except (CAError, OSError) as e:
         raise UserError(f"CA: {getattr(e, 'strerror', None) or e}") from None
     check_ports(args.host, {"--port": args.port})

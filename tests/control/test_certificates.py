@@ -77,3 +77,30 @@ def test_a_control_plane_keeps_its_root_across_restarts(tmp_path):
     with ControlProcess(tmp_path / "control") as control:
         with urllib.request.urlopen(control.url + "/v1/trust-bundle", timeout=30) as resp:
             assert resp.read() == first
+
+
+def identity(proxy) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.ports['admin']}/config", timeout=30) as resp:
+        return json.loads(resp.read())["identity"]
+
+
+def test_a_sidecar_gets_its_identity_at_start_and_renews_it_at_half_its_life_with_a_new_key(tmp_path):
+    from tests.proxy.processes import ProxyProcess
+    from tests.waiting import wait_until
+
+    with ControlProcess(tmp_path / "control", 0, None, "--cert-lifetime", "20s") as control:
+        m = tmp_path / "mesh.yaml"
+        m.write_text(MESH)
+        assert cli(control, "apply", "-f", str(m)).returncode == 0
+        with ProxyProcess(tmp_path / "api", None, "api", "--no-record", control=control.url).start() as proxy:
+            first = wait_until(lambda: (i := identity(proxy))["state"] == "valid" and i, "the first certificate")
+            assert first["identity"] == "spiffe://cluster.local/ns/shop/sa/api-sa" and first["error"] == ""
+            # 20 s certificates are renewed after 8-12 s: a second one, before the first expires
+            second = wait_until(lambda: (i := identity(proxy))["not_after"] != first["not_after"] and i,
+                                "the renewed certificate")
+            assert second["state"] == "valid" and second["not_after"] > first["not_after"]
+            stopped = control.stop()
+            assert stopped == 0
+            # the control plane away: the certificate in hand is kept until it expires, then said to be expired
+            expired = wait_until(lambda: (i := identity(proxy))["state"] == "expired" and i, "expiry said", 60)
+            assert expired["identity"] == first["identity"] and expired["error"]
