@@ -175,6 +175,8 @@ class Exchange:
     wait_timer: Any = None
     tried: tuple[Any, ...] = ()
     """Endpoints tried: a retry goes elsewhere when it can."""
+    peer_principal = ""
+    """The mTLS peer's SPIFFE id without spiffe:// ('' for a plaintext caller): what authorization knows of it."""
     mirror_to: tuple[str, str] | None = None
     """(service, subset) a copy of the request goes to once it is complete (a rule's mirror, enforced)."""
 

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from meshlens.protocols.http1 import ResponseHead
     from meshlens.proxy.exchange import Exchange
 
-__all__ = ["DI", "FI", "NO_ROUTE", "OVERFLOW", "RL", "Destination", "Policies"]
+__all__ = ["DI", "FI", "NO_ROUTE", "OVERFLOW", "RBAC_DENIED", "RL", "Destination", "Policies"]
 
 FI = "FI"
 """Envoy's response flag: the request was aborted with a response code by fault injection."""
@@ -92,14 +92,21 @@ class Policies:
 
     @classmethod
     def build(cls, mesh: Mesh, own: str, modes: dict[str, str], documents: list[Any],
-              random: Callable[[], float], old: Policies | None = None) -> Policies:
-        """Raises ValueError naming the document when one does not read (the sidecar NACKs the snapshot)."""
+              random: Callable[[], float], old: Policies | None = None,
+              labels: dict[str, str] | None = None) -> Policies:
+        """`labels`: this sidecar's instance's (the AuthorizationPolicy selectors it falls under).
+        Raises ValueError naming the document when one does not read (the sidecar NACKs the snapshot)."""
+        from meshlens.proxy import authz
+
         from meshlens.policy.networking import service_of
         from meshlens.policy.resources import ResourceError, read_document
 
         routes: dict[str, Routes] = {}
         rules: dict[str, tuple[str, dict[str, Any]]] = {}
         buckets: list[dict[str, Any]] = []
+        own_service = mesh.services.get(own)
+        own_labels = {"app": own, **(labels or {})}
+        authorizations: list[authz.Policy] = []
         resources = []
         for i, doc in enumerate(documents):
             try:
@@ -117,6 +124,9 @@ class Policies:
                 rules.setdefault(service_of(spec["host"], ns)[0], (r.name, spec))
             elif r.kind == "LocalRateLimit" and spec["service"] == own:
                 buckets.append(spec)
+            elif r.kind == "AuthorizationPolicy" and own_service is not None and \
+                    authz.applicable(r.name, r.doc, own_service.namespace, own_labels):
+                authorizations.append(authz.compile_policy(r.name, r.doc))
         outbound: dict[str, Destination] = {}
         for service in mesh.services:
             mode = modes.get(service, "observe")
@@ -158,9 +168,13 @@ class Policies:
         own_mode = modes.get(own, "observe")
         if own_mode != "observe":
             inbound = Destination(own, own_mode)
+            chain = []
+            if authorizations:
+                chain.append(Authorization(inbound, tuple(authorizations)))
             if buckets:
                 inbound.bucket = TokenBucket.from_spec(buckets[0])
-                inbound.chain = Chain([RateLimit(inbound)])
+                chain.append(RateLimit(inbound))
+            inbound.chain = Chain(chain)
         subsets = {service: {s["name"]: dict(s.get("labels") or {}) for s in spec.get("subsets") or ()}
                    for service, (_, spec) in rules.items()}
         return cls(outbound, inbound, subsets)
@@ -373,6 +387,36 @@ class Retry:
         rule = ex.route.rule if ex.route is not None else None
         policy = rule.retry if rule is not None and rule.retry is not None else DEFAULT_RETRY
         return self._decide(ex, policy.retriable_failure(reply))
+
+
+RBAC_DENIED = LocalReply(403, "RBAC: access denied", "denied", "RBAC")
+
+
+class Authorization:
+    """Inbound: the AuthorizationPolicies that apply to this service (proxy/authz.py), in Istio's order."""
+
+    name = "authz"
+
+    def __init__(self, dest: Destination, policies: tuple[Any, ...]) -> None:
+        self.mode = dest.mode
+        self.policies = policies
+
+    def on_request(self, ex: Exchange) -> Decision | None:
+        from meshlens.proxy.authz import Request, decide
+
+        route = ex.route
+        verdict = decide(self.policies, Request(ex.head, ex.conn.peer[0], route.addr[1] if route is not None else 0,
+                                                ex.peer_principal), self.mode != "enforce")
+        if verdict.audited:
+            ex.actions += ("audited",)
+        if verdict.deny:
+            return _DENIED
+        if verdict.would_deny:
+            ex.actions += ("would_deny",)
+        return None
+
+
+_DENIED = Decision(Kind.REPLY, "denied", RBAC_DENIED)
 
 
 class RateLimit:

@@ -179,8 +179,11 @@ class Proxy:
         policies_docs = snap.get("policies") or []
         if not isinstance(policies_docs, list):
             raise ValueError(f"snapshot {snap.get('version')}: policies must be a list of documents")
+        cfg = self.config  # this sidecar's instance, if the mesh lists it by the app's or the inbound address
+        found = (mesh.lookup(cfg.app_host, cfg.app_port) if cfg.app_port is not None else None) or (
+            mesh.lookup(cfg.local_host, self.ports["inbound"]) if "inbound" in self.ports else None)
         policies = Policies.build(mesh, service.name, modes, policies_docs, self.router.random,
-                                  self.router.policies)  # ValueError: NACKed, nothing changed
+                                  self.router.policies, found[1].labels if found else None)  # ValueError: NACKed
         self.mesh, self.service = mesh, service
         self.router.update(mesh, service)
         self.router.set_policies(policies if policies.outbound or policies.inbound else None)

@@ -1,7 +1,9 @@
 """Istio's security API, checked as Istio reads it: PeerAuthentication and AuthorizationPolicy specs.
 
-Stored and checked here; enforced by the sidecar with mTLS (the next stage of work), so
-until then every apply of one says, with a warning, that it is not enforced yet. Fields
+AuthorizationPolicy is enforced by the sidecars (proxy/authz.py); what of it they cannot
+evaluate yet is said with a warning (mTLS identities, JWT, `when` keys they do not know).
+PeerAuthentication is stored, and not enforced until the sidecars terminate mTLS: every
+apply of one says so. Fields
 as Istio's security v1 protos name them (istio.io/latest/docs/reference/config/security).
 Semantics checked: a mode is UNSET, DISABLE, PERMISSIVE or STRICT; portLevelMtls needs a
 selector (Istio: "portLevelMtls requires selector"); an action is ALLOW, DENY, AUDIT or
@@ -10,12 +12,19 @@ key and values or notValues.
 """
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from meshlens.policy.spec import (UNSUPPORTED, SpecError, Where, enum, list_of, map_of, message, run, string,
                                    uint)
 
-__all__ = ["check_authorization_policy", "check_peer_authentication"]
+__all__ = ["CONDITION_KEYS", "check_authorization_policy", "check_peer_authentication"]
+
+# The `when` keys the sidecar evaluates (proxy/authz.py condition_getter); request.headers[NAME] besides.
+CONDITION_KEYS = ("source.ip", "remote.ip", "source.principal", "source.namespace", "source.serviceAccount",
+                  "destination.port")
+_IDENTITY_FIELDS = ("principals", "notPrincipals", "namespaces", "notNamespaces", "serviceAccounts",
+                    "notServiceAccounts")
 
 _SELECTOR = message({"matchLabels": map_of(string)})
 _MTLS = message({"mode": enum("UNSET", "DISABLE", "PERMISSIVE", "STRICT")})
@@ -53,8 +62,32 @@ def check_authorization_policy(spec: dict[str, Any], namespace: str) -> list[tup
     if (action == "CUSTOM") != ("provider" in spec):
         raise SpecError(("provider",) if "provider" in spec else ("action",),
                         "CUSTOM needs a provider, and only CUSTOM takes one")
+    if action == "CUSTOM":
+        warnings.append((("action",), "CUSTOM (an external authorizer) is stored and not evaluated by meshlens"))
     for i, rule in enumerate(spec.get("rules") or []):
+        for j, src in enumerate(rule.get("from") or []):
+            source = src.get("source") or {}
+            for field in _IDENTITY_FIELDS:
+                if field in source:
+                    warnings.append((("rules", i, "from", j, "source", field), (
+                        "names mTLS identities, which meshlens sidecars do not verify yet: no caller has one, so "
+                        + ("it never matches" if not field.startswith("not") else "it matches every caller"))))
+            for field in ("requestPrincipals", "notRequestPrincipals"):
+                if field in source:
+                    warnings.append((("rules", i, "from", j, "source", field),
+                                     "JWT principals are not verified by meshlens: it never matches"))
+            for field in ("ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"):
+                for k, block in enumerate(source.get(field) or []):
+                    try:
+                        ipaddress.ip_network(block, strict=False)
+                    except ValueError:
+                        raise SpecError(("rules", i, "from", j, "source", field, k),
+                                        f"{block!r} is not an IP address or CIDR block") from None
         for j, cond in enumerate(rule.get("when") or []):
             if "key" not in cond or not ("values" in cond or "notValues" in cond):
                 raise SpecError(("rules", i, "when", j), "needs a key, and values or notValues")
-    return [*warnings, ((), _NOT_YET)]
+            key = cond["key"]
+            if not (key in CONDITION_KEYS or (key.startswith("request.headers[") and key.endswith("]"))):
+                warnings.append((("rules", i, "when", j, "key"), f"{key!r} is not a key meshlens evaluates (known: "
+                                 f"request.headers[NAME], {', '.join(CONDITION_KEYS)}): it never matches"))
+    return warnings

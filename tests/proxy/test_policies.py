@@ -433,3 +433,67 @@ def test_mirroring_sends_a_copy_with_a_shadow_host_and_forgets_it(tmp_path, cont
     finally:
         main.stop()
         shadow.stop()
+
+
+AUTHZ = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reads-only, namespace: default}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules:
+  - to: [{operation: {methods: [GET]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: default}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {paths: [/admin*]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit-pay, namespace: default}
+spec:
+  action: AUDIT
+  rules:
+  - to: [{operation: {paths: [/pay]}}]
+"""
+
+
+@pytest.mark.parametrize("mode", ["dry-run", "enforce"])
+def test_authorization_policies_deny_in_enforce_and_say_would_deny_in_dry_run(tmp_path, control, collector, mode):
+    web = Instance("web").start()
+    try:
+        mesh = {"services": {"web": {"instances": [f"127.0.0.1:{web.port}"]}}}
+        revision = apply(control, tmp_path, json.dumps(mesh), AUTHZ, mode_doc("web", mode))
+        with sidecar(tmp_path, control, collector, "web", "--app-port", str(web.port)) as server:
+            follow(server, revision)
+            port = server.inbound
+            got = [request(port, "web", "/pay")[:2],
+                   request(port, "web", "/admin/users")[:2]]
+            post = urllib.request.Request(f"http://127.0.0.1:{port}/pay", data=b"{}", method="POST",
+                                          headers={"Host": "web"})
+            try:
+                with urllib.request.urlopen(post, timeout=60) as resp:
+                    got.append((resp.status, resp.read().decode()))
+            except urllib.error.HTTPError as e:
+                got.append((e.code, e.read().decode()))
+            me = config(server)["observer_id"]
+            rows = recorded_calls(collector.query_url, f"observer = 'server' AND observer_id = '{me}'", 3,
+                                  columns=COLUMNS + ("method",))
+            actions = {(r["method"], r["path"]): r["action"] for r in rows}
+            if mode == "enforce":
+                assert got == [(200, "web"), (403, "RBAC: access denied\n"), (403, "RBAC: access denied\n")]
+                assert actions == {("GET", "/pay"): "audited", ("GET", "/admin/users"): "denied",
+                                   ("POST", "/pay"): "audited,denied"}
+                assert {r["response_flags"] for r in rows if r["status"] == 403} == {"RBAC"}
+                assert web.arrived["/admin/users"] == 0 and web.arrived["/pay"] == 1
+            else:
+                assert got == [(200, "web")] * 3
+                assert actions == {("GET", "/pay"): "audited", ("GET", "/admin/users"): "would_deny",
+                                   ("POST", "/pay"): "audited,would_deny"}
+    finally:
+        web.stop()
