@@ -14,6 +14,7 @@ comma-separated, '' when none.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
@@ -72,6 +73,9 @@ def failure(exc: BaseException) -> LocalReply:
     """What a failed `open_connection` is answered and recorded as: 503 UF, whichever way it failed."""
     if isinstance(exc, ConnectionRefusedError):
         return LocalReply(503, "upstream connect error: connection refused", "refused", UF)
+    if isinstance(exc, ssl.SSLError):  # mTLS: the peer's certificate, or ours, did not do
+        reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc)
+        return LocalReply(503, f"upstream connect error: TLS handshake failed ({reason})", "tls_handshake", UF)
     if isinstance(exc, TimeoutError):  # asyncio.timeout's, and the kernel's ETIMEDOUT
         return LocalReply(503, "upstream connect error: timed out", "timeout", UF)
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)  # unreachable, no route, ...
@@ -86,8 +90,10 @@ def no_endpoint(service: str) -> LocalReply:
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
-async def open_connection(protocol: Callable[[], P], addr: tuple[str, int], timeout: float | None = None) -> P:
-    """Connect to `addr` within `timeout` (a DestinationRule's connectTimeout; default CONNECT_TIMEOUT);
+async def open_connection(protocol: Callable[[], P], addr: tuple[str, int], timeout: float | None = None,
+                          tls: ssl.SSLContext | None = None) -> P:
+    """Connect to `addr` within `timeout` (a DestinationRule's connectTimeout; default CONNECT_TIMEOUT), over
+    `tls` when given (mTLS: the handshake within the same timeout; the peer's identity is the caller's to check);
     the protocol is returned connected.
 
     Raises OSError (TimeoutError included): `failure` says what it is answered and recorded as."""
@@ -95,5 +101,8 @@ async def open_connection(protocol: Callable[[], P], addr: tuple[str, int], time
     # asyncio.timeout, not wait_for: wait_for wraps the connect in a task of its own (Python 3.11), a cost
     # each connection pays (maxRequestsPerConnection makes that every few requests)
     async with asyncio.timeout(timeout or CONNECT_TIMEOUT):
-        _, proto = await loop.create_connection(protocol, addr[0], addr[1])
+        if tls is None:
+            _, proto = await loop.create_connection(protocol, addr[0], addr[1])
+        else:
+            _, proto = await loop.create_connection(protocol, addr[0], addr[1], ssl=tls, server_hostname="")
     return proto

@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING
 from meshlens.protocols.errors import PeerError
 from meshlens.protocols.http1 import MAX_PENDING_EXCHANGES, Phase, RequestHead, RequestReader
 from meshlens.protocols.sniff import sniff
+from meshlens.protocols.tls import HelloParser
 from meshlens.proxy.connect import DC, DPE, LocalReply
 from meshlens.proxy.exchange import Exchange, State
 from meshlens.proxy.headers import PEER_HEADER
+from meshlens.proxy.mtls import MESH_ALPN, TlsServer
 from meshlens.proxy.passthrough import SNIFF_TIMEOUT, Passthrough, connect_method
 from meshlens.proxy.tunnel import CLIENT, SERVER, Tunnel
 
@@ -72,6 +74,9 @@ class Downstream(asyncio.Protocol):
         self.tunnel: Tunnel | None = None  # the connection is a tunnel now (passthrough or upgraded)
         self.passthrough = False
         self.client_eof = False
+        self.tls: TlsServer | None = None  # mTLS terminated here (proxy/mtls.py): self.transport is its plaintext side
+        self.hello: HelloParser | None = None  # reading a ClientHello, to tell mesh mTLS from other TLS
+        self.peer_identity = ""  # the verified SPIFFE id of an mTLS client
 
     @property
     def has_destination(self) -> bool:
@@ -157,6 +162,8 @@ class Downstream(asyncio.Protocol):
         if self.timer_kind == _HEAD_TIMER:
             self.deadline, self.timer_kind = 0.0, _NO_TIMER
         ex = Exchange(self, self.env, head)
+        if self.peer_identity:
+            ex.peer_identity = self.peer_identity
         self.reading = ex
         queue = self.queue
         queue.append(ex)
@@ -353,6 +360,8 @@ class Downstream(asyncio.Protocol):
             self.sniffed = b""
             self._arm(self.proxy.config.header_timeout, _HEAD_TIMER)
             return head
+        if proto == "tls" and self.inbound and self.tls is None and self.proxy.mtls_server() is not None:
+            return self._hello(head, data)
         if proto == "need_more":  # a prefix of a method or of the h2 preface: the header timeout bounds the wait
             if not self.sniffed:
                 self._arm(self.proxy.config.header_timeout, _HEAD_TIMER)
@@ -360,6 +369,49 @@ class Downstream(asyncio.Protocol):
             return None
         self._pass(proto, head)
         return None
+
+    def _hello(self, head: bytes, data: bytes) -> None:
+        """Inbound TLS, with this sidecar holding an identity: the whole ClientHello tells mesh mTLS (terminated
+        here) from other TLS (passed through, as before), as Envoy's TLS inspector does."""
+        parser = self.hello
+        if parser is None:
+            parser = self.hello = HelloParser("client")
+            data = head  # the first call: everything read so far
+            self._arm(self.proxy.config.header_timeout, _HEAD_TIMER)
+        try:
+            hello = parser.feed(data)
+        except PeerError:
+            hello = False  # not a hello we can read: passed through, the record says why
+        if hello is None:
+            self.sniffed = head
+            return None
+        self.hello = None
+        if hello and any(p in MESH_ALPN for p in hello.alpn):  # type: ignore[union-attr]
+            self._terminate(head)
+        else:
+            self._pass("tls", head)
+        return None
+
+    def _terminate(self, first: bytes) -> None:
+        """mTLS from here on: the raw transport's protocol is a TlsServer; this shell reads and writes plaintext."""
+        ctx = self.proxy.mtls_server()
+        assert ctx is not None
+        self.sniffed = b""
+        self._cancel_timer()
+        tls = self.tls = TlsServer(self.transport, ctx, self, self._tls_done)
+        self.transport = tls.transport  # type: ignore[assignment]
+        self._arm(self.proxy.config.header_timeout, _HEAD_TIMER)  # the handshake, then a head, within it
+        tls.start(first)
+
+    def _tls_done(self, tls: TlsServer, error: str) -> None:
+        stats = self.proxy.stats
+        if error:
+            stats["downstream_cx_tls_refused"] += 1
+            self.proxy.recording.connection(self, "tls", self.proxy.router.inbound(self.peer[0]), None, "tls_handshake",
+                                            "", None, {"tls_error": error})
+            return
+        stats["downstream_cx_mtls"] += 1
+        self.peer_identity = tls.peer_identity
 
     def _pass(self, protocol: str, first: bytes) -> None:
         self.sniffing = False

@@ -175,8 +175,9 @@ class Exchange:
     wait_timer: Any = None
     tried: tuple[Any, ...] = ()
     """Endpoints tried: a retry goes elsewhere when it can."""
-    peer_principal = ""
-    """The mTLS peer's SPIFFE id without spiffe:// ('' for a plaintext caller): what authorization knows of it."""
+    peer_identity = ""
+    """The verified SPIFFE id at the other end of mTLS: inbound the client's, outbound the server's ('' for
+    plaintext); what authorization decides on and the record's peer_identity."""
     mirror_to: tuple[str, str] | None = None
     """(service, subset) a copy of the request goes to once it is complete (a rule's mirror, enforced)."""
 
@@ -303,6 +304,8 @@ class Exchange:
     def _send(self, up: Any) -> None:
         self.upstream = up
         up.attach(self)
+        if up.peer_identity:
+            self.peer_identity = up.peer_identity
         if self.state is not _QUEUED:  # the first attempt's QUEUED -> SENT is always allowed (hot path)
             self._move(_SENT)
         self.state = _SENT

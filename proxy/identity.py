@@ -24,6 +24,7 @@ from typing import Any
 from meshlens.collector.record import AT
 from meshlens.protocols.errors import PeerError
 from meshlens.protocols.tls import ClientHello, HelloParser, ServerHello, hello_attributes
+from meshlens.proxy.mtls import MESH_ALPN
 
 __all__ = ["RENEW_AT", "TlsWatch", "Workload"]
 
@@ -49,6 +50,14 @@ class Workload:
 
     def __repr__(self) -> str:
         return f"<Workload {self.identity or '-'} until {self.not_after}>"
+
+    @property
+    def trust_domain(self) -> str:
+        return self.identity[len("spiffe://"):].split("/", 1)[0] if self.identity else ""
+
+    def identity_of(self, namespace: str, service_account: str) -> str:
+        """The SPIFFE id a peer serving under this namespace and account must show (this trust domain's)."""
+        return f"spiffe://{self.trust_domain}/ns/{namespace}/sa/{service_account}"
 
     @staticmethod
     def csr() -> tuple[bytes, Any]:
@@ -116,8 +125,9 @@ def _contexts(chain: bytes, key: bytes, bundle: str) -> tuple[ssl.SSLContext, ss
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_cert_chain(paths[0], paths[1])
             ctx.load_verify_locations(cadata=bundle)
-            ctx.verify_mode = ssl.CERT_REQUIRED
             ctx.check_hostname = False  # the peer is named by its SPIFFE id, which the caller checks
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.set_alpn_protocols(list(MESH_ALPN))  # what marks mesh traffic (proxy/mtls.py)
             out.append(ctx)
         return out[0], out[1]
 

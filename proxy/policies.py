@@ -406,7 +406,7 @@ class Authorization:
 
         route = ex.route
         verdict = decide(self.policies, Request(ex.head, ex.conn.peer[0], route.addr[1] if route is not None else 0,
-                                                ex.peer_principal), self.mode != "enforce")
+                                                ex.peer_identity[len("spiffe://"):]), self.mode != "enforce")
         if verdict.audited:
             ex.actions += ("audited",)
         if verdict.deny:

@@ -90,6 +90,10 @@ class Recording:
             row[AT.attempt] = req.attempt - 1  # the record's attempt counts retries: 0 for the first try
         if route is not None and route.dest is not None:
             row[AT.mode] = route.dest.mode
+        if req.peer_identity:
+            row[AT.tls], row[AT.peer_identity] = True, req.peer_identity
+        elif conn.tls is not None:
+            row[AT.tls] = True
         if req.actions:
             row[AT.action] = ",".join(req.actions)
         attributes = {"x_request_id": req.request_id.decode("latin-1")} if req.request_id else {}
@@ -99,7 +103,7 @@ class Recording:
         self.recorder.record(tuple(row))
 
     def connection(self, conn: Downstream, protocol: str, route: Route | None, tunnel: Tunnel | None, error: str,
-                   flags: str, tls: TlsWatch | None) -> None:
+                   flags: str, tls: TlsWatch | None, attributes: dict[str, str] | None = None) -> None:
         """One connection passed through (tcp, tls, h2) ended, or never reached its destination: record it.
 
         Its metrics are the tunnel's (proxy/passthrough.py observes them as it opens and closes)."""
@@ -108,7 +112,9 @@ class Recording:
         row = self.row(conn.inbound, conn.t_wall, time.monotonic_ns() - conn.t0,
                        self.router.source_service(conn.inbound, route), conn.peer, route, protocol, 0,
                        tunnel.bytes[0] if tunnel else 0, tunnel.bytes[1] if tunnel else 0, error, flags)
-        row[AT.attributes] = attributes = {}
+        row[AT.attributes] = attributes = dict(attributes or {})
+        if attributes.get("tls_error"):
+            row[AT.tls] = True
         if tunnel is not None and tunnel.reason:
             attributes["close"] = tunnel.reason
         if tls is not None:

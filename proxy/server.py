@@ -12,18 +12,20 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from meshlens.mesh import RECORDED_PROTOCOL, Mesh
-from meshlens.proxy.connect import failure, open_connection
+from meshlens.proxy.connect import UF, LocalReply, failure, open_connection
 from meshlens.proxy.downstream import HEADER_TIMEOUT, IDLE_TIMEOUT, Downstream
 from meshlens.proxy.exchange import Env, Exchange
 from meshlens.proxy.headers import peer_field
 from meshlens.proxy.metrics import Metrics
 from meshlens.proxy.mirror import Mirrors, shadow_head
+from meshlens.proxy.mtls import meshed, spiffe_of
 from meshlens.proxy.policies import Policies
 from meshlens.proxy.pool import Pool
 from meshlens.proxy.record import Recording
@@ -93,6 +95,8 @@ class Proxy:
             "downstream_cx_total": 0, "downstream_cx_active": 0, "downstream_rq_total": 0,
             "downstream_rq_header_timeout": 0, "upstream_cx_total": 0, "upstream_cx_reused": 0,
             "upstream_rq_refused": 0, "upstream_rq_reset": 0, "downstream_rq_local_reply": 0,
+            "downstream_cx_mtls": 0, "downstream_cx_tls_refused": 0, "upstream_cx_mtls": 0,
+            "upstream_cx_identity_refused": 0,
         }
         self.pool = Pool(self.stats)
         self.metrics = Metrics()
@@ -192,17 +196,45 @@ class Proxy:
 
     # -- what exchanges ask of the process ---------------------------------------------------------
 
+    def mtls_server(self) -> ssl.SSLContext | None:
+        """The context inbound mTLS is terminated with, once this sidecar holds a certificate (proxy/identity.py)."""
+        identity = self.identity
+        return identity.workload.server if identity is not None else None
+
     def _dial(self, addr: tuple[str, int], ex: Exchange) -> None:
         self.loop.create_task(self._connect(addr, ex))
 
     async def _connect(self, addr: tuple[str, int], ex: Exchange) -> None:
         self.stats["upstream_cx_total"] += 1
+        expected, tls = self._mtls_to(ex)
         try:
-            up = await open_connection(lambda: Upstream(self.pool, addr), addr, ex.connect_timeout)
+            up = await open_connection(lambda: Upstream(self.pool, addr), addr, ex.connect_timeout, tls)
         except OSError as e:
             ex.connect_failed(failure(e))
-        else:
-            ex.connected(up)
+            return
+        if tls is not None:
+            got = spiffe_of(up.transport.get_extra_info("peercert") if up.transport is not None else None)
+            if got != expected:  # a server that is not the destination service: as if it could not be reached
+                self.stats["upstream_cx_identity_refused"] += 1
+                up.abort()
+                why = f"it is {got}, not {expected}" if got else f"it shows no SPIFFE id, {expected} expected"
+                ex.connect_failed(LocalReply(503, f"upstream connect error: {why}", "tls_identity", UF))
+                return
+            self.stats["upstream_cx_mtls"] += 1
+            up.peer_identity = got
+        ex.connected(up)
+
+    def _mtls_to(self, ex: Exchange) -> tuple[str, ssl.SSLContext | None]:
+        """Whether this exchange's connection is mTLS (Istio's auto mTLS: the instance's sidecar accepts it), and the
+        server identity it must show: the destination service's."""
+        identity, route = self.identity, ex.route
+        if identity is None or route is None or route.endpoint is None or not meshed(route.endpoint.labels):
+            return "", None
+        workload = identity.workload
+        svc = self.mesh.services.get(route.dst_service)
+        if workload.client is None or svc is None:
+            return "", None
+        return workload.identity_of(svc.namespace, svc.identity_account), workload.client
 
     def _mirror(self, ex: Exchange) -> bool:
         """A copy of `ex`'s complete request to an endpoint of its mirror (proxy/mirror.py)."""

@@ -35,6 +35,8 @@ class Upstream(asyncio.Protocol):
         self.write_paused = False
         self.requests = 0
         """Requests it carried (a DestinationRule's maxRequestsPerConnection closes it at the limit)."""
+        self.peer_identity = ""
+        """The server's verified SPIFFE id when this connection is mTLS (proxy/mtls.py), else ''."""
         self.idle_timeout: float | None = None
         """Its destination's idleTimeout (enforced), else None: the pool's own."""
         # per exchange

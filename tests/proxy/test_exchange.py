@@ -49,6 +49,7 @@ class FakeUpstream:
         self.sent = b""
         self.exchange: Exchange | None = None
         self.ended = ""  # "", released, closed, aborted
+        self.peer_identity = ""  # plaintext
 
     def attach(self, ex: Exchange) -> None:
         self.exchange = ex

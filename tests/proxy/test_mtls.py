@@ -1,0 +1,107 @@
+"""Mutual TLS between two real sidecars with certificates from a real control plane's CA: originated to an
+instance labelled as meshed, terminated on the first bytes, each side recording the other's verified identity;
+plaintext still served (PERMISSIVE); a client without a certificate and a server with the wrong identity refused,
+with the reason recorded."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.collector_process import CollectorProcess
+from tests.control.processes import ControlProcess
+from tests.proxy.conftest import free_port
+from tests.proxy.policy_app import Instance
+from tests.proxy.processes import ProxyProcess, recorded_calls
+from tests.proxy.test_policies import apply, config, follow, request, stats
+from tests.waiting import wait_until
+
+COLUMNS = ("observer", "src_service", "dst_service", "path", "status", "tls", "peer_identity", "error", "attributes")
+WEB, API = "spiffe://cluster.local/ns/default/sa/web", "spiffe://cluster.local/ns/default/sa/api"
+
+
+@pytest.fixture(scope="module")
+def collector(tmp_path_factory: pytest.TempPathFactory):
+    col = CollectorProcess(tmp_path_factory.mktemp("collector")).start()
+    yield col
+    col.stop()
+
+
+def mesh(inbound: int, namespace: str = "default") -> str:
+    return json.dumps({"services": {"web": {}, "api": {"namespace": namespace, "instances": [
+        {"address": f"127.0.0.1:{inbound}", "labels": {"security.istio.io/tlsMode": "istio"}}]}}})
+
+
+def with_identity(proxy: ProxyProcess) -> dict:
+    return wait_until(lambda: (c := config(proxy))["identity"] and c["identity"]["state"] == "valid" and c,
+                      "the sidecar's certificate")
+
+
+@pytest.fixture
+def world(tmp_path: Path, collector: CollectorProcess):
+    app = Instance("api").start()
+    control = ControlProcess(tmp_path / "control").start()
+    inbound = free_port()
+    started: list = [control]
+    try:
+        revision = apply(control, tmp_path, mesh(inbound))
+        record = ("--collector", f"{collector.base}/v1/calls")
+        api = ProxyProcess(tmp_path / "api", None, "api", *record, "--app-port", str(app.port), "--inbound-port",
+                           str(inbound), control=control.url).start()
+        started.append(api)
+        web = ProxyProcess(tmp_path / "web", None, "web", *record, control=control.url).start()
+        started.append(web)
+        for p in (api, web):
+            follow(p, revision)
+            with_identity(p)
+        yield control, api, web, app, tmp_path
+    finally:
+        for p in reversed(started):
+            p.stop()
+        app.stop()
+
+
+def rows(collector: CollectorProcess, proxy: ProxyProcess, n: int, where: str = "1") -> list[dict]:
+    me = config(proxy)["observer_id"]
+    return recorded_calls(collector.query_url, f"observer_id = '{me}' AND {where}", n, columns=COLUMNS)
+
+
+def test_calls_between_meshed_sidecars_are_mtls_with_each_sides_identity_recorded(world, collector):
+    control, api, web, app, _ = world
+    assert config(web)["identity"]["identity"] == WEB and config(api)["identity"]["identity"] == API
+    assert request(web.outbound, "api", "/orders")[:2] == (200, "api")
+    [client] = rows(collector, web, 1)
+    [server] = rows(collector, api, 1)
+    assert (client["tls"], client["peer_identity"], client["status"]) == (True, API, 200)
+    assert (server["tls"], server["peer_identity"], server["src_service"]) == (True, WEB, "web")
+    assert stats(web)["upstream_cx_mtls"] == 1 and stats(api)["downstream_cx_mtls"] == 1
+    # PERMISSIVE: plaintext is served too, and recorded as such
+    assert request(api.inbound, "api", "/plain")[:2] == (200, "api")
+    [plain] = rows(collector, api, 1, "path = '/plain'")
+    assert (plain["tls"], plain["peer_identity"]) == (False, "")
+
+
+def test_a_client_without_a_mesh_certificate_is_refused_with_the_reason_recorded(world, collector):
+    control, api, web, app, tmp_path = world
+    out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{api.inbound}", "-alpn", "istio-http/1.1",
+                          "-brief"], input="GET / HTTP/1.1\r\nHost: api\r\n\r\n", capture_output=True, text=True,
+                         timeout=60)
+    assert "HTTP/1.1 200" not in out.stdout
+    [refused] = rows(collector, api, 1, "error = 'tls_handshake'")
+    assert refused["tls"] and "certificate" in refused["attributes"]["tls_error"], refused
+    assert stats(api)["downstream_cx_tls_refused"] == 1
+    assert request(web.outbound, "api", "/after")[0] == 200  # and it keeps serving the mesh
+
+
+def test_a_server_whose_identity_is_not_the_destination_services_is_refused(world, collector):
+    control, api, web, app, tmp_path = world
+    inbound = api.inbound
+    revision = apply(control, tmp_path, mesh(inbound, namespace="shop"))  # api now expected in shop; its cert: default
+    follow(web, revision)
+    status, body, _ = request(web.outbound, "api", "/who")
+    assert status == 503 and f"it is {API}, not spiffe://cluster.local/ns/shop/sa/api" in body
+    [row] = rows(collector, web, 1, "path = '/who'")
+    assert row["error"] == "tls_identity" and app.arrived["/who"] == 0
+    assert stats(web)["upstream_cx_identity_refused"] >= 1
