@@ -44,7 +44,7 @@ class Kind(enum.Enum):
 WOULD = {"retried": "would_retry", "timed_out": "would_timeout", "ejected": "would_eject",
          "overflow": "would_reject_overflow", "rate_limited": "would_rate_limit", "fault_injected": "would_fault",
          "mirrored": "would_mirror", "no_route": "would_no_route", "retry_overflow": "would_retry_overflow",
-         "denied": "would_deny"}
+         "denied": "would_deny", "refused_plaintext": "would_refuse_plaintext"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from meshlens.protocols.errors import PeerError
 from meshlens.protocols.http1 import MAX_PENDING_EXCHANGES, Phase, RequestHead, RequestReader
 from meshlens.protocols.sniff import sniff
 from meshlens.protocols.tls import HelloParser
-from meshlens.proxy.connect import DC, DPE, LocalReply
+from meshlens.proxy.connect import DC, DPE, NR, LocalReply
 from meshlens.proxy.exchange import Exchange, State
 from meshlens.proxy.headers import PEER_HEADER
 from meshlens.proxy.mtls import MESH_ALPN, TlsServer
@@ -77,6 +77,9 @@ class Downstream(asyncio.Protocol):
         self.tls: TlsServer | None = None  # mTLS terminated here (proxy/mtls.py): self.transport is its plaintext side
         self.hello: HelloParser | None = None  # reading a ClientHello, to tell mesh mTLS from other TLS
         self.peer_identity = ""  # the verified SPIFFE id of an mTLS client
+        self.mtls = "PERMISSIVE"  # inbound: the PeerAuthentication mode for the app's port (proxy/authz.py)
+        self.mtls_mode_of: str | None = None  # inbound: the service's mode it runs in (None: observe, nothing applied)
+        self.mtls_note = ""  # what STRICT did (refused_plaintext) or would have done (would_refuse_plaintext)
 
     @property
     def has_destination(self) -> bool:
@@ -95,7 +98,15 @@ class Downstream(asyncio.Protocol):
         self.peer = (peer[0], peer[1]) if peer else ("", 0)
         self.t_wall, self.t0 = time.time_ns(), time.monotonic_ns()
         self.proxy.opened(self)
+        mtls = False
+        if self.inbound:
+            self.mtls, self.mtls_mode_of = self.proxy.inbound_mtls()
+            mtls = self.proxy.mtls_server() is not None and self.mtls != "DISABLE"
         declared = self.proxy.declared_protocol(self)  # mesh.yaml's protocol replaces sniffing
+        if mtls and declared in ("http/1.1", "tls"):
+            declared = None  # sniffed all the same: mTLS comes first (what it carries is sniffed after)
+        if declared == "http/1.1" and self.mtls == "STRICT" and self.mtls_mode_of is not None:
+            declared = None  # STRICT without an identity to terminate with: plaintext is judged by the sniff
         if declared == "http/1.1":
             self.sniffing = False
             self._arm(self.proxy.config.idle_timeout, _IDLE_TIMER)
@@ -164,6 +175,8 @@ class Downstream(asyncio.Protocol):
         ex = Exchange(self, self.env, head)
         if self.peer_identity:
             ex.peer_identity = self.peer_identity
+        if self.mtls_note:
+            ex.actions = (self.mtls_note,)
         self.reading = ex
         queue = self.queue
         queue.append(ex)
@@ -356,12 +369,17 @@ class Downstream(asyncio.Protocol):
         head = self.sniffed + data if self.sniffed else data
         proto = sniff(head)
         if proto == "http/1.1":
+            if self.tls is None and self._strict_refuses(proto):
+                return None
             self.sniffing = False
             self.sniffed = b""
             self._arm(self.proxy.config.header_timeout, _HEAD_TIMER)
             return head
-        if proto == "tls" and self.inbound and self.tls is None and self.proxy.mtls_server() is not None:
+        if proto == "tls" and self.inbound and self.tls is None and self.mtls != "DISABLE" \
+                and self.proxy.mtls_server() is not None:
             return self._hello(head, data)
+        if proto != "need_more" and self.tls is None and self._strict_refuses(proto):
+            return None
         if proto == "need_more":  # a prefix of a method or of the h2 preface: the header timeout bounds the wait
             if not self.sniffed:
                 self._arm(self.proxy.config.header_timeout, _HEAD_TIMER)
@@ -388,9 +406,27 @@ class Downstream(asyncio.Protocol):
         self.hello = None
         if hello and any(p in MESH_ALPN for p in hello.alpn):  # type: ignore[union-attr]
             self._terminate(head)
-        else:
+        elif not self._strict_refuses("tls"):
             self._pass("tls", head)
         return None
+
+    def _strict_refuses(self, protocol: str) -> bool:
+        """Inbound under a STRICT PeerAuthentication, what is not mTLS: enforced, the connection is refused (True:
+        recorded and closed, as Envoy closes a connection no filter chain matches); in dry-run it goes on, each of
+        its calls saying would_refuse_plaintext."""
+        if not self.inbound or self.mtls != "STRICT" or self.mtls_mode_of is None:
+            return False
+        if self.mtls_mode_of != "enforce":
+            self.mtls_note = "would_refuse_plaintext"
+            return False
+        self.mtls_note = "refused_plaintext"
+        self.sniffing = False
+        self._cancel_timer()
+        self.proxy.stats["downstream_cx_plaintext_refused"] += 1
+        self.proxy.recording.connection(self, protocol, self.proxy.router.inbound(self.peer[0]), None,
+                                        "plaintext_refused", NR, None, {"mtls": "STRICT"})
+        self.transport.close()
+        return True
 
     def _terminate(self, first: bytes) -> None:
         """mTLS from here on: the raw transport's protocol is a TlsServer; this shell reads and writes plaintext."""
@@ -428,7 +464,8 @@ class Downstream(asyncio.Protocol):
         if remaining <= 0:
             self.transport.close()
         elif self.has_destination and not self.proxy.draining:
-            self._pass("tcp", b"")
+            if not self._strict_refuses("tcp"):
+                self._pass("tcp", b"")
         else:
             self._arm(remaining, _IDLE_TIMER)
 

@@ -56,7 +56,8 @@ _PENDING = Decision(Kind.WAIT, "pending")
 class Destination:
     """Calls to one service, in its mode: the routes, subsets and cluster-wide state, and the chain."""
 
-    __slots__ = ("service", "mode", "enforced", "routes", "breaker", "outlier", "limits", "bucket", "chain")
+    __slots__ = ("service", "mode", "enforced", "routes", "breaker", "outlier", "limits", "bucket", "chain",
+                 "mtls", "mtls_ports")
 
     def __init__(self, service: str, mode: str) -> None:
         self.service = service
@@ -69,6 +70,9 @@ class Destination:
         self.limits = PoolLimits()
         self.bucket: TokenBucket | None = None
         """Inbound only: the LocalRateLimit's bucket."""
+        self.mtls = "PERMISSIVE"
+        """Inbound only: the PeerAuthentication mode (STRICT, PERMISSIVE, DISABLE) and its port-level ones."""
+        self.mtls_ports: dict[int, str] = {}
         self.chain = Chain()
 
     def __repr__(self) -> str:
@@ -107,6 +111,7 @@ class Policies:
         own_service = mesh.services.get(own)
         own_labels = {"app": own, **(labels or {})}
         authorizations: list[authz.Policy] = []
+        peer_auth: list[tuple[str, dict[str, Any]]] = []
         resources = []
         for i, doc in enumerate(documents):
             try:
@@ -124,6 +129,8 @@ class Policies:
                 rules.setdefault(service_of(spec["host"], ns)[0], (r.name, spec))
             elif r.kind == "LocalRateLimit" and spec["service"] == own:
                 buckets.append(spec)
+            elif r.kind == "PeerAuthentication":
+                peer_auth.append((r.name, r.doc))
             elif r.kind == "AuthorizationPolicy" and own_service is not None and \
                     authz.applicable(r.name, r.doc, own_service.namespace, own_labels):
                 authorizations.append(authz.compile_policy(r.name, r.doc))
@@ -168,6 +175,9 @@ class Policies:
         own_mode = modes.get(own, "observe")
         if own_mode != "observe":
             inbound = Destination(own, own_mode)
+            if own_service is not None:
+                inbound.mtls, inbound.mtls_ports = authz.peer_authentication(peer_auth, own_service.namespace,
+                                                                             own_labels)
             chain = []
             if authorizations:
                 chain.append(Authorization(inbound, tuple(authorizations)))

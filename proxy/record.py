@@ -104,6 +104,8 @@ class Recording:
 
     def connection(self, conn: Downstream, protocol: str, route: Route | None, tunnel: Tunnel | None, error: str,
                    flags: str, tls: TlsWatch | None, attributes: dict[str, str] | None = None) -> None:
+        """`attributes` join the row's; the connection's `mtls_note` (PeerAuthentication: what STRICT did or would
+        have done to it) is its action."""
         """One connection passed through (tcp, tls, h2) ended, or never reached its destination: record it.
 
         Its metrics are the tunnel's (proxy/passthrough.py observes them as it opens and closes)."""
@@ -115,6 +117,10 @@ class Recording:
         row[AT.attributes] = attributes = dict(attributes or {})
         if attributes.get("tls_error"):
             row[AT.tls] = True
+        if conn.mtls_note:
+            row[AT.action] = conn.mtls_note
+        if conn.inbound and conn.mtls_mode_of is not None:
+            row[AT.mode] = conn.mtls_mode_of
         if tunnel is not None and tunnel.reason:
             attributes["close"] = tunnel.reason
         if tls is not None:

@@ -95,7 +95,8 @@ class Proxy:
             "downstream_cx_total": 0, "downstream_cx_active": 0, "downstream_rq_total": 0,
             "downstream_rq_header_timeout": 0, "upstream_cx_total": 0, "upstream_cx_reused": 0,
             "upstream_rq_refused": 0, "upstream_rq_reset": 0, "downstream_rq_local_reply": 0,
-            "downstream_cx_mtls": 0, "downstream_cx_tls_refused": 0, "upstream_cx_mtls": 0,
+            "downstream_cx_mtls": 0, "downstream_cx_tls_refused": 0, "downstream_cx_plaintext_refused": 0,
+            "upstream_cx_mtls": 0,
             "upstream_cx_identity_refused": 0,
         }
         self.pool = Pool(self.stats)
@@ -195,6 +196,15 @@ class Proxy:
         return self.desired_mode
 
     # -- what exchanges ask of the process ---------------------------------------------------------
+
+    def inbound_mtls(self) -> tuple[str, str | None]:
+        """The PeerAuthentication mode for the app's port, and the mode it runs in (None: observe, nothing applies)."""
+        pol = self.router.policies
+        inbound = pol.inbound if pol is not None else None
+        if inbound is None:
+            return "PERMISSIVE", None
+        app = self.config.app_port
+        return inbound.mtls_ports.get(app, inbound.mtls) if app is not None else inbound.mtls, inbound.mode
 
     def mtls_server(self) -> ssl.SSLContext | None:
         """The context inbound mTLS is terminated with, once this sidecar holds a certificate (proxy/identity.py)."""

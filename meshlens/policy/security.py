@@ -1,9 +1,9 @@
 """Istio's security API, checked as Istio reads it: PeerAuthentication and AuthorizationPolicy specs.
 
-AuthorizationPolicy is enforced by the sidecars (proxy/authz.py); what of it they cannot
-evaluate yet is said with a warning (mTLS identities, JWT, `when` keys they do not know).
-PeerAuthentication is stored, and not enforced until the sidecars terminate mTLS: every
-apply of one says so. Fields
+Both are enforced by the sidecars (proxy/authz.py, proxy/mtls.py): PeerAuthentication's
+mode on the service's inbound side, AuthorizationPolicy on each request, with the mTLS
+peer's verified identity. What they cannot evaluate is said with a warning (JWT, `when`
+keys they do not know, CUSTOM). Fields
 as Istio's security v1 protos name them (istio.io/latest/docs/reference/config/security).
 Semantics checked: a mode is UNSET, DISABLE, PERMISSIVE or STRICT; portLevelMtls needs a
 selector (Istio: "portLevelMtls requires selector"); an action is ALLOW, DENY, AUDIT or
@@ -23,8 +23,7 @@ __all__ = ["CONDITION_KEYS", "check_authorization_policy", "check_peer_authentic
 # The `when` keys the sidecar evaluates (proxy/authz.py condition_getter); request.headers[NAME] besides.
 CONDITION_KEYS = ("source.ip", "remote.ip", "source.principal", "source.namespace", "source.serviceAccount",
                   "destination.port")
-_IDENTITY_FIELDS = ("principals", "notPrincipals", "namespaces", "notNamespaces", "serviceAccounts",
-                    "notServiceAccounts")
+
 
 _SELECTOR = message({"matchLabels": map_of(string)})
 _MTLS = message({"mode": enum("UNSET", "DISABLE", "PERMISSIVE", "STRICT")})
@@ -43,7 +42,6 @@ _AUTHORIZATION_POLICY = message({
     "selector": _SELECTOR, "action": enum("ALLOW", "DENY", "AUDIT", "CUSTOM"), "provider": message({"name": string}),
     "rules": list_of(_RULE), "targetRef": UNSUPPORTED, "targetRefs": UNSUPPORTED,
 })
-_NOT_YET = "is stored, and not enforced until the sidecars do mTLS and authorization"
 
 
 def check_peer_authentication(spec: dict[str, Any], namespace: str) -> list[tuple[Where, str]]:
@@ -53,7 +51,7 @@ def check_peer_authentication(spec: dict[str, Any], namespace: str) -> list[tupl
     for port in spec.get("portLevelMtls") or {}:
         if not str(port).isdigit() or not 0 < int(port) < 65536:
             raise SpecError(("portLevelMtls", port), "keys are port numbers (1-65535)")
-    return [*warnings, ((), _NOT_YET)]
+    return warnings
 
 
 def check_authorization_policy(spec: dict[str, Any], namespace: str) -> list[tuple[Where, str]]:
@@ -67,11 +65,6 @@ def check_authorization_policy(spec: dict[str, Any], namespace: str) -> list[tup
     for i, rule in enumerate(spec.get("rules") or []):
         for j, src in enumerate(rule.get("from") or []):
             source = src.get("source") or {}
-            for field in _IDENTITY_FIELDS:
-                if field in source:
-                    warnings.append((("rules", i, "from", j, "source", field), (
-                        "names mTLS identities, which meshlens sidecars do not verify yet: no caller has one, so "
-                        + ("it never matches" if not field.startswith("not") else "it matches every caller"))))
             for field in ("requestPrincipals", "notRequestPrincipals"):
                 if field in source:
                     warnings.append((("rules", i, "from", j, "source", field),

@@ -92,3 +92,28 @@ def test_the_keys_the_policy_checks_know_are_the_keys_the_sidecar_evaluates():
     for key in CONDITION_KEYS:
         assert condition_getter(key) is not None, key
     assert condition_getter("request.headers[x-a]") is not None and condition_getter("request.auth.claims[x]") is None
+
+
+def test_peer_authentication_precedence_workload_then_namespace_then_mesh_unset_inherits():
+    from meshlens.proxy.authz import peer_authentication
+
+    def pa(name, mode, selector=None, ports=None):
+        spec = {"mtls": {"mode": mode}}
+        if selector:
+            spec["selector"] = {"matchLabels": selector}
+        if ports:
+            spec["portLevelMtls"] = {str(p): {"mode": m} for p, m in ports.items()}
+        return name, {"spec": spec}
+
+    labels = {"app": "api"}
+    assert peer_authentication([], "shop", labels) == ("PERMISSIVE", {})
+    mesh_strict = pa("istio-system/default", "STRICT")
+    assert peer_authentication([mesh_strict], "shop", labels)[0] == "STRICT"
+    ns_permissive = pa("shop/default", "PERMISSIVE")
+    assert peer_authentication([mesh_strict, ns_permissive], "shop", labels)[0] == "PERMISSIVE"
+    workload_unset = pa("shop/api", "UNSET", {"app": "api"}, {8080: "DISABLE", 9090: "UNSET"})
+    assert peer_authentication([mesh_strict, ns_permissive, workload_unset], "shop", labels) == (
+        "PERMISSIVE", {8080: "DISABLE", 9090: "PERMISSIVE"})
+    other = pa("shop/web", "DISABLE", {"app": "web"})
+    assert peer_authentication([mesh_strict, other], "shop", labels)[0] == "STRICT"
+    assert peer_authentication([pa("other/default", "DISABLE")], "shop", labels)[0] == "PERMISSIVE"

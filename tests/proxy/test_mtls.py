@@ -105,3 +105,42 @@ def test_a_server_whose_identity_is_not_the_destination_services_is_refused(worl
     [row] = rows(collector, web, 1, "path = '/who'")
     assert row["error"] == "tls_identity" and app.arrived["/who"] == 0
     assert stats(web)["upstream_cx_identity_refused"] >= 1
+
+
+STRICT = """
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: api-strict, namespace: default}
+spec:
+  selector: {matchLabels: {app: api}}
+  mtls: {mode: STRICT}
+"""
+
+
+def mode_doc(service: str, mode: str) -> str:
+    return f"apiVersion: meshlens.io/v1alpha1\nkind: Mode\nmetadata: {{name: {service}}}\nspec: {{mode: {mode}}}\n"
+
+
+@pytest.mark.parametrize("mode", ["dry-run", "enforce"])
+def test_strict_refuses_plaintext_when_enforced_and_says_it_would_in_dry_run(world, collector, mode):
+    control, api, web, app, tmp_path = world
+    revision = apply(control, tmp_path, mesh(api.inbound), STRICT, mode_doc("api", mode))
+    follow(api, revision)
+    follow(web, revision)
+    assert request(web.outbound, "api", "/mesh")[:2] == (200, "api")  # mTLS: always welcome
+    plain = None
+    try:
+        plain = request(api.inbound, "api", "/plain", timeout=30)[0]
+    except OSError:  # the connection closed with no answer, as Envoy's when no filter chain matches
+        plain = "refused"
+    mesh_row = rows(collector, api, 1, "path = '/mesh'")[0]
+    assert mesh_row["peer_identity"] == WEB
+    if mode == "enforce":
+        assert plain == "refused" and app.arrived["/plain"] == 0
+        [row] = rows(collector, api, 1, "error = 'plaintext_refused'")
+        assert row["attributes"]["mtls"] == "STRICT" and stats(api)["downstream_cx_plaintext_refused"] == 1
+    else:
+        assert plain == 200 and app.arrived["/plain"] == 1
+        [row] = recorded_calls(collector.query_url, f"observer_id = '{config(api)['observer_id']}' AND path = "
+                               "'/plain'", 1, columns=("action", "mode", "tls"))
+        assert row == {"action": "would_refuse_plaintext", "mode": "dry-run", "tls": False}

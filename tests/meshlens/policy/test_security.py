@@ -11,7 +11,7 @@ AP = "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata
 RL = "apiVersion: meshlens.io/v1alpha1\nkind: LocalRateLimit\nmetadata: {name: pay}\nspec:\n"
 
 
-def test_what_istios_docs_show_is_accepted_with_a_warning_that_it_is_not_enforced_yet():
+def test_what_istios_docs_show_is_accepted_and_enforced_without_a_warning():
     [pa] = parse_documents(PA + "  mtls: {mode: STRICT}\n", "pa.yaml")
     [ap] = parse_documents(AP + "  selector: {matchLabels: {app: pay}}\n  action: ALLOW\n  rules:\n"
                                 "    - from: [{source: {principals: ['cluster.local/ns/shop/sa/web']}}]\n"
@@ -19,9 +19,13 @@ def test_what_istios_docs_show_is_accepted_with_a_warning_that_it_is_not_enforce
                                 "      when: [{key: 'request.headers[x-user-type]', values: [beta-tester]}]\n", "ap.yaml")
     [rl] = parse_documents(RL + "  tokenBucket: {maxTokens: 100, tokensPerFill: 100, fillInterval: 1s}\n", "rl.yaml")
     assert pa.name == "shop/default" and ap.name == "default/pay" and rl.name == "pay"
-    assert pa.warnings == ("pa.yaml document 1: spec (line 4): is stored, and not enforced until the sidecars do "
-                           "mTLS and authorization",)
-    assert len(ap.warnings) == 1 and rl.warnings == ()  # a LocalRateLimit is enforced by the sidecars
+    assert pa.warnings == () and ap.warnings == () and rl.warnings == ()  # the sidecars enforce all three
+    [jwt] = parse_documents(AP + "  rules:\n    - from: [{source: {requestPrincipals: ['*']}}]\n"
+                                 "      when: [{key: 'request.auth.claims[iss]', values: [x]}]\n", "jwt.yaml")
+    assert [w.split(": ", 2)[2] for w in jwt.warnings] == [
+        "JWT principals are not verified by meshlens: it never matches",
+        "'request.auth.claims[iss]' is not a key meshlens evaluates (known: request.headers[NAME], source.ip, "
+        "remote.ip, source.principal, source.namespace, source.serviceAccount, destination.port): it never matches"]
 
 
 @pytest.mark.parametrize("text, message", [
