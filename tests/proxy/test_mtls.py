@@ -144,3 +144,83 @@ def test_strict_refuses_plaintext_when_enforced_and_says_it_would_in_dry_run(wor
         [row] = recorded_calls(collector.query_url, f"observer_id = '{config(api)['observer_id']}' AND path = "
                                "'/plain'", 1, columns=("action", "mode", "tls"))
         assert row == {"action": "would_refuse_plaintext", "mode": "dry-run", "tls": False}
+
+
+def client_cert(tmp_path: Path, ca_dir: Path | None, identity: str, now_offset_h: float = 0, hours: float = 1):
+    """A client certificate for `identity`: from the control plane's CA (`ca_dir`), or from a CA of its own."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import serialization
+
+    from meshlens.control.ca import CA
+    from tests.control.test_ca import csr as make_csr
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca = CA.open(ca_dir if ca_dir is not None else tmp_path / f"other-ca-{identity[-3:]}")
+    now = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=now_offset_h)
+    issued = ca.sign(make_csr(identity, key), identity, now=now, lifetime=dt.timedelta(hours=hours))
+    cert, keyfile = tmp_path / f"c{now_offset_h}.pem", tmp_path / f"k{now_offset_h}.pem"
+    cert.write_text(issued.certificate_chain)
+    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return cert, keyfile
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("expired", "expired"), ("not yet valid", "not yet valid"), ("another CA", "unable to get local issuer")])
+def test_a_client_certificate_that_is_not_good_is_refused_with_the_reason(world, collector, case, reason):
+    control, api, web, app, tmp_path = world
+    ca_dir = control.workdir / "ca"
+    cert, key = {"expired": lambda: client_cert(tmp_path, ca_dir, WEB, -3),
+                 "not yet valid": lambda: client_cert(tmp_path, ca_dir, WEB, +3),
+                 "another CA": lambda: client_cert(tmp_path, None, WEB)}[case]()
+    out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{api.inbound}", "-alpn", "istio-http/1.1",
+                          "-cert", str(cert), "-key", str(key), "-brief"],
+                         input="GET /x HTTP/1.1\r\nHost: api\r\n\r\n", capture_output=True, text=True, timeout=60)
+    assert "HTTP/1.1 200" not in out.stdout
+    [row] = rows(collector, api, 1, "error = 'tls_handshake'")
+    assert reason in row["attributes"]["tls_error"], row
+    assert app.arrived["/x"] == 0 and request(web.outbound, "api", "/still")[0] == 200
+
+
+def test_garbage_and_cut_hellos_are_refused_or_passed_and_the_sidecar_keeps_serving(world, collector):
+    import socket
+
+    control, api, web, app, tmp_path = world
+    for data in (b"\x16\x03\x01\x00\x10" + b"\xff" * 16,  # a handshake record that is no ClientHello
+                 b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a hello cut short, then the client leaves
+                 b"\x16\x03\x01" + b"\x00" * 3):
+        with socket.create_connection(("127.0.0.1", api.inbound), timeout=30) as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            try:
+                while s.recv(65536):
+                    pass
+            except OSError:
+                pass
+    assert request(web.outbound, "api", "/fine")[0] == 200
+    assert request(api.inbound, "api", "/plain-fine")[0] == 200
+
+
+ONLY_WEB = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-web, namespace: default}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/web], namespaces: [default]}}]
+"""
+
+
+def test_authorization_decides_on_the_verified_mtls_identity(world, collector):
+    control, api, web, app, tmp_path = world
+    revision = apply(control, tmp_path, mesh(api.inbound), ONLY_WEB, mode_doc("api", "enforce"))
+    follow(api, revision)
+    follow(web, revision)
+    assert request(web.outbound, "api", "/from-web")[:2] == (200, "api")  # mTLS as web: allowed
+    assert request(api.inbound, "api", "/from-nobody")[:2] == (403, "RBAC: access denied\n")  # plaintext: no principal
+    [denied] = rows(collector, api, 1, "path = '/from-nobody'")
+    assert (denied["status"], denied["peer_identity"]) == (403, "")
