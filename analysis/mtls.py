@@ -12,6 +12,9 @@ plaintext calls would be refused. Verdicts:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import pandas as pd
 
 from meshlens.analysis.evidence import Evidence, Recommendation, confidence_from_n, not_enough
@@ -28,7 +31,7 @@ def caller_frame(scope: Scope) -> pd.DataFrame:
     """Per callee and caller (one observer per edge): calls, TLS and plaintext calls, meshed or not."""
     w = scope.window.where()
     sql = f"""SELECT toString(dst_service) AS callee, caller, any(toString(observer)) AS observer, count() AS n,
-       countIf(tls) AS tls_n, countIf(NOT tls) AS plain_n,
+       countIf(tls) AS tls_n, countIf(NOT tls) AS plain_n, maxIf(time, NOT tls) AS last_plain,
        caller IN (SELECT DISTINCT {CALLER_SQL} FROM calls WHERE {w} AND observer = 'client') AS meshed,
        callee IN (SELECT DISTINCT toString(dst_service) FROM calls WHERE {w} AND observer = 'server'
                   UNION ALL SELECT DISTINCT toString(src_service) FROM calls WHERE {w} AND observer = 'client')
@@ -75,4 +78,55 @@ def recommend_mtls(scope: Scope, frame: pd.DataFrame | None = None) -> list[Reco
             f"{callee} has no sidecar of its own in the records: a PeerAuthentication cannot be enforced there yet",)
         out.append(Recommendation("mtls", target, {"mode": mode, "verdict": v}, Evidence(
             scope.label(), n, figures, confidence_from_n(n, MTLS_MIN_N, 10 * MTLS_MIN_N), reason), warns))
+    return out
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Who would break if `service` went STRICT now, and the order of a rollout that breaks no one."""
+
+    service: str
+    verdict: str
+    callers: list[dict[str, Any]]
+    """Each caller: name (a service, or the address of one with no sidecar), calls, mtls, plaintext, sidecar,
+    last plaintext call (UTC, ISO), seen by (the observer)."""
+    would_break: list[str]
+    """Callers with plaintext calls in the window: STRICT refuses them."""
+    steps: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"service": self.service, "verdict": self.verdict, "callers": self.callers,
+                "would_break": self.would_break, "steps": self.steps}
+
+
+def readiness(scope: Scope, frame: pd.DataFrame | None = None) -> list[Readiness]:
+    """For every destination service in scope (one observer per edge): its callers, who sends plaintext, and the
+    safe order: each client's traffic mTLS first (callers without a sidecar get one; the service's instances
+    labelled so that meshed callers originate mTLS), then STRICT in dry-run, and enforced last, when dry-run's
+    would_refuse_plaintext rows are none (Istio users who switch the server first break their callers)."""
+    df = caller_frame(scope) if frame is None else frame
+    out = []
+    for callee, g in df.groupby("callee", sort=True):
+        callers = []
+        for r in g.itertuples():
+            last = pd.Timestamp(r.last_plain) if int(r.plain_n) else None
+            callers.append({"caller": str(r.caller), "calls": int(r.n), "mtls": int(r.tls_n),
+                            "plaintext": int(r.plain_n), "sidecar": bool(r.meshed), "seen_by": str(r.observer),
+                            "last_plaintext": last.strftime("%Y-%m-%dT%H:%M:%SZ") if last is not None else None})
+        v, _, blockers = verdict(g)
+        breaking = [c["caller"] for c in callers if c["plaintext"]]
+        steps = []
+        if blockers:
+            steps.append(f"give {', '.join(blockers)} a sidecar (meshlens proxy): without one nothing can originate "
+                         f"mTLS for {'it' if len(blockers) == 1 else 'them'}")
+        meshed_plain = [c for c in breaking if c not in blockers]
+        if meshed_plain:
+            steps.append(f"have {', '.join(meshed_plain)} originate mTLS to {callee}: label {callee}'s instances "
+                         "security.istio.io/tlsMode: istio in the mesh definition (Istio's auto mTLS), then check "
+                         "their calls show tls and a peer_identity")
+        steps.append(f"apply a STRICT PeerAuthentication for {callee} and put {callee} in dry-run: every "
+                     "plaintext call is recorded would_refuse_plaintext and still served")
+        steps.append(f"when no call to {callee} says would_refuse_plaintext, put {callee} in enforce: the server "
+                     "goes STRICT last")
+        out.append(Readiness(str(callee), v, callers, breaking, steps))
     return out

@@ -224,3 +224,29 @@ def test_authorization_decides_on_the_verified_mtls_identity(world, collector):
     assert request(api.inbound, "api", "/from-nobody")[:2] == (403, "RBAC: access denied\n")  # plaintext: no principal
     [denied] = rows(collector, api, 1, "path = '/from-nobody'")
     assert (denied["status"], denied["peer_identity"]) == (403, "")
+
+
+def test_readiness_names_who_would_break_under_strict_and_the_order_that_breaks_no_one(world, collector):
+    import os
+    import sys
+
+    control, api, web, app, tmp_path = world
+    assert request(web.outbound, "api", "/ready-mtls")[0] == 200
+    assert request(api.inbound, "api", "/ready-plain")[0] == 200  # a caller with no sidecar: curl on loopback
+    rows(collector, api, 2)
+    rows(collector, web, 1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLENS_")}
+    out = subprocess.run([sys.executable, "-m", "meshlens.cli.main", "mtls", "readiness", "api", "--store",
+                          collector.query_url, "--format", "json"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    [r] = json.loads(out.stdout)
+    callers = {c["caller"]: c for c in r["callers"]}
+    assert callers["web"]["mtls"] >= 1 and callers["web"]["plaintext"] == 0 and callers["web"]["sidecar"]
+    plain = callers["127.0.0.1"]
+    assert plain["plaintext"] >= 1 and not plain["sidecar"] and plain["last_plaintext"].endswith("Z")
+    assert r["would_break"] == ["127.0.0.1"] and r["verdict"] == "blocked by 127.0.0.1"
+    assert r["steps"][0].startswith("give 127.0.0.1 a sidecar") and r["steps"][-1].endswith("the server goes STRICT last")
+    table = subprocess.run([sys.executable, "-m", "meshlens.cli.main", "mtls", "readiness", "api", "--store",
+                            collector.query_url], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert table.startswith("api: blocked by 127.0.0.1; would break under STRICT now: 127.0.0.1") and "1. give" in table
