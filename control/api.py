@@ -5,6 +5,7 @@
     GET    /v1/resources/{kind}/{name}               resource            (name: namespace/name for Istio's kinds)
     POST   /v1/apply          body: YAML, or JSON {"files": [...]}      {"revision": r, "results": [...]}
                               ?dry_run=true: what it would change (each result with before, after)
+                              ?force=true: past the readiness gate (control/gate.py; also on PUT /v1/modes)
     DELETE /v1/resources/{kind}/{name}                                   {"revision": r}
     GET    /v1/modes[/{service}]                     {"revision": r, "modes": {service: mode}}
     PUT    /v1/modes/{service}  {"mode": M, "reason": "..."}             {"revision": r, "action": ...}
@@ -56,13 +57,16 @@ MAX_WATCH_S = 60.0
 _HISTORY_LIMIT = 1000
 
 
-def build_app(store: Store, tokens: Tokens | None = None, ca: CA | None = None) -> web.Application:
+def build_app(store: Store, tokens: Tokens | None = None, ca: CA | None = None,
+              calls_store: str | None = None) -> web.Application:
     """`tokens`: who may do what (control/auth.py); None: everyone who can reach it (loopback only).
     `ca`: the mesh's CA (control/ca.py); None: no certificates issued."""
     app = web.Application(client_max_size=MAX_APPLY_BYTES, middlewares=[_errors, _auth])
     app["store"] = store
     app["tokens"] = tokens
     app["ca"] = ca
+    app["calls_store"] = calls_store
+    """Where the readiness gate reads the recorded calls (control/gate.py)."""
     app["sidecars"] = Sidecars()
     app["snapshots"] = Snapshots()
     app.add_routes([
@@ -215,6 +219,7 @@ async def _apply(request: web.Request) -> web.Response:
         return web.json_response({"revision": await store.revision(), "results": [
             {"kind": r.kind, "name": r.name, "action": _would(before.get(r.key), r), "warnings": list(r.warnings),
              "before": before[r.key].doc if r.key in before else None, "after": r.doc} for r in resources]})
+    await _gate(request, stored, [r for r in stored if r.key not in applied] + resources)
     results = await store.put(resources, _change(request))
     for res, action in results:
         if action != "unchanged":
@@ -222,6 +227,16 @@ async def _apply(request: web.Request) -> web.Response:
     return web.json_response({"revision": await store.revision(), "results": [
         {"kind": r.kind, "name": r.name, "revision": r.revision, "action": a, "warnings": list(r.warnings)}
         for r, a in results]})
+
+
+async def _gate(request: web.Request, before: list[Resource], after: list[Resource]) -> None:
+    """A change that would enforce STRICT on a service with plaintext callers is refused (409), unless ?force=true."""
+    from meshlens.control.gate import GateRefused, check
+
+    try:
+        await check(before, after, request.app["calls_store"], request.query.get("force") == "true")
+    except GateRefused as e:
+        raise _Refused(409, str(e)) from None
 
 
 def _would(old: Resource | None, new: Resource) -> str:
@@ -304,6 +319,8 @@ async def _set_mode(request: web.Request) -> web.Response:
         raise _Refused(400, f"{service!r} is not a service name (lowercase letters, digits, '-' and '.')") from None
     store = _store(request)
     await _check_modes(store, [res], "")
+    before = await store.list()
+    await _gate(request, before, [r for r in before if r.key != res.key] + [res])
     [(stored, action)] = await store.put([res], _change(request, reason))
     if action != "unchanged":
         log.info("mode set service=%s mode=%s revision=%d", service, mode, stored.revision)

@@ -79,12 +79,15 @@ class ControlClient:
         except ValueError:
             raise ControlError(f"the control plane at {self.url} answered something other than JSON") from None
 
-    def apply(self, files: list[tuple[str, str]], reason: str = "", dry_run: bool = False) -> dict[str, Any]:
+    def apply(self, files: list[tuple[str, str]], reason: str = "", dry_run: bool = False,
+              force: bool = False) -> dict[str, Any]:
         """Store every document of the files given ((source, YAML text) pairs) in one change, or none;
-        `dry_run`: only say what would change (each result with its document before and after)."""
+        `dry_run`: only say what would change (each result with its document before and after); `force`: past
+        the readiness gate (control/gate.py)."""
         body = json.dumps({"files": [{"source": s, "text": t} for s, t in files]}).encode()
+        query = {"dry_run": "true" if dry_run else None, "force": "true" if force else None}
         return self.request("POST", "/v1/apply", body, reason=reason, headers={"Content-Type": "application/json"},
-                            query={"dry_run": "true"} if dry_run else None)
+                            query=query if dry_run or force else None)
 
     def get(self, kind: str, name: str | None = None) -> dict[str, Any]:
         if name is None:
@@ -95,10 +98,10 @@ class ControlClient:
         return self.request("DELETE", f"/v1/resources/{urllib.parse.quote(kind)}/{urllib.parse.quote(name)}",
                             reason=reason)
 
-    def set_mode(self, service: str, mode: str, reason: str) -> dict[str, Any]:
+    def set_mode(self, service: str, mode: str, reason: str, force: bool = False) -> dict[str, Any]:
         return self.request("PUT", f"/v1/modes/{urllib.parse.quote(service)}",
                             json.dumps({"mode": mode, "reason": reason}).encode(),
-                            headers={"Content-Type": "application/json"})
+                            headers={"Content-Type": "application/json"}, query={"force": "true"} if force else None)
 
     def modes(self, service: str | None = None) -> dict[str, Any]:
         return self.request("GET", "/v1/modes" + (f"/{urllib.parse.quote(service)}" if service else ""))

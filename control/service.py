@@ -27,12 +27,13 @@ DEFAULT_PORT = 15010  # Istio's control-plane (istiod) port
 
 
 async def serve(store: Store, host: str, port: int, tokens: Tokens | None = None,
-                tls: ssl.SSLContext | None = None, collector: str | None = None, ca: CA | None = None) -> None:
+                tls: ssl.SSLContext | None = None, collector: str | None = None, ca: CA | None = None,
+                calls_store: str | None = None) -> None:
     """Serve until signalled; with `collector` (a URL control/changes.py's changes_url takes), ship every change
     there too."""
     await store.open()  # an etcd cluster nobody answers for is said now, not at the first request
     # handler_cancellation: a long poll whose sidecar went away ends with it, not at its timeout
-    runner = web.AppRunner(build_app(store, tokens, ca), access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(build_app(store, tokens, ca, calls_store), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
     await site.start()
@@ -59,8 +60,8 @@ async def serve(store: Store, host: str, port: int, tokens: Tokens | None = None
 
 
 def run(store: Store, host: str, port: int, tokens: Tokens | None = None, tls: ssl.SSLContext | None = None,
-        collector: str | None = None, ca: CA | None = None) -> None:
-    asyncio.run(serve(store, host, port, tokens, tls, collector, ca))
+        collector: str | None = None, ca: CA | None = None, calls_store: str | None = None) -> None:
+    asyncio.run(serve(store, host, port, tokens, tls, collector, ca, calls_store))
 
 
 def server_tls(cert: str, key: str) -> ssl.SSLContext:

@@ -38,13 +38,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from meshlens.policy.security import ROOT_NAMESPACE, peer_authentication  # shared with the control plane's gate
+
 if TYPE_CHECKING:
     from meshlens.protocols.http1 import RequestHead
 
 __all__ = ["ROOT_NAMESPACE", "Policy", "Request", "Verdict", "applicable", "compile_policy", "condition_getter", "decide",
            "peer_authentication"]
 
-ROOT_NAMESPACE = "istio-system"  # Istio's default root namespace: its selector-less policies are mesh-wide
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,32 +220,6 @@ def compile_policy(name: str, doc: dict[str, Any]) -> Policy:
     annotations = (doc.get("metadata") or {}).get("annotations") or {}
     return Policy(name, str(spec.get("action", "ALLOW")), str(annotations.get("istio.io/dry-run", "")).lower() == "true",
                   tuple(_rule(r or {}) for r in spec.get("rules") or ()))
-
-
-def peer_authentication(docs: list[tuple[str, dict[str, Any]]], namespace: str,
-                        labels: dict[str, str]) -> tuple[str, dict[int, str]]:
-    """The mTLS mode a workload's inbound side takes from PeerAuthentications ((namespace/name, doc) pairs), and its
-    port-level modes. Istio's precedence: a policy selecting the workload in its namespace, else its namespace's
-    without a selector, else the root namespace's (mesh-wide); UNSET (or no mode) takes the next level's; with
-    nothing set, PERMISSIVE. Port-level modes come from the workload's own policy."""
-    levels: list[dict[str, Any] | None] = [None, None, None]  # workload, namespace, mesh
-    for name, doc in sorted(docs, key=lambda d: d[0]):
-        ns = name.split("/", 1)[0]
-        spec = doc.get("spec") or {}
-        selector = (spec.get("selector") or {}).get("matchLabels")
-        if ns == namespace and selector and all(labels.get(k) == v for k, v in selector.items()):
-            levels[0] = levels[0] or spec
-        elif ns == namespace and not selector:
-            levels[1] = levels[1] or spec
-        elif ns == ROOT_NAMESPACE and not selector:
-            levels[2] = levels[2] or spec
-    mode = "PERMISSIVE"
-    for spec in reversed(levels):  # mesh, then namespace, then workload: each set mode overrides
-        chosen = ((spec or {}).get("mtls") or {}).get("mode", "UNSET")
-        if chosen != "UNSET":
-            mode = chosen
-    ports = {int(p): m.get("mode", "UNSET") for p, m in ((levels[0] or {}).get("portLevelMtls") or {}).items()}
-    return mode, {p: (m if m != "UNSET" else mode) for p, m in ports.items()}
 
 
 def applicable(name: str, doc: dict[str, Any], namespace: str, labels: dict[str, str]) -> bool:

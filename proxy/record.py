@@ -92,8 +92,8 @@ class Recording:
             row[AT.mode] = route.dest.mode
         if req.peer_identity:
             row[AT.tls], row[AT.peer_identity] = True, req.peer_identity
-        elif conn.tls is not None:
-            row[AT.tls] = True
+        elif conn.tls is not None or error == "tls_identity" or error == "tls_handshake":
+            row[AT.tls] = True  # terminated here; or an mTLS attempt upstream that failed: not plaintext
         if req.actions:
             row[AT.action] = ",".join(req.actions)
         attributes = {"x_request_id": req.request_id.decode("latin-1")} if req.request_id else {}

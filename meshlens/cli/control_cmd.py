@@ -80,6 +80,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ca-cert", metavar="PEM", help="sign workload certificates with your own root or intermediate "
                                                    "(followed by its chain up to the root) ...")
     p.add_argument("--ca-key", metavar="PEM", help="... and its ECDSA P-256 key")
+    p.add_argument("--calls-store", metavar="URL", default=os.environ.get("MESHLENS_STORE"),
+                   help="where the readiness gate reads recorded calls before STRICT mTLS is enforced: a collector's "
+                        "query endpoint (http://HOST:8123/) or ClickHouse (default: MESHLENS_STORE, else none: such "
+                        "a change needs --force)")
     p.add_argument("--cert-lifetime", default="24h", metavar="DURATION",
                    help="of workload certificates (default 24h, Istio's; sidecars renew at half of it; at least 10s)")
     p.add_argument("--trust-domain", default="cluster.local",
@@ -100,6 +104,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "all of them, or none if one is wrong.")
     c.add_argument("-f", "--filename", action="append", required=True, metavar="FILE", help="YAML file, or - for stdin")
     c.add_argument("--reason", default="", help="why, for the history")
+    c.add_argument("--force", action="store_true", help="past the readiness gate: enforce STRICT mTLS even on a service whose callers still send plaintext")
     c.set_defaults(run=run_apply)
 
     c = client("diff", "what an apply of these files would change, as a diff (nothing stored)",
@@ -130,6 +135,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("service")
     s.add_argument("mode", choices=["observe", "dry-run", "enforce"])
     s.add_argument("--reason", required=True, help="why, for the history (required: a mode switch is a decision)")
+    s.add_argument("--force", action="store_true", help="past the readiness gate: enforce STRICT mTLS even on a service whose callers still send plaintext")
     s.set_defaults(run=run_mode_set)
     g = msub.add_parser("get", help="show the mode of every service, or of one", epilog=CLIENT_EPILOG,
                         formatter_class=fmt, description="Show the mode of every service in the mesh, or of one.")
@@ -212,7 +218,7 @@ def run_control(args: argparse.Namespace) -> int:
     except StoreURLError as e:
         raise UserError(str(e)) from None
     try:
-        run(store, args.host, args.port, tokens, tls, args.collector, ca)
+        run(store, args.host, args.port, tokens, tls, args.collector, ca, args.calls_store)
     except (StoreUnavailable, StoreURLError) as e:
         raise UserError(str(e)) from None
     return 0
@@ -276,7 +282,7 @@ def _read_files(paths: list[str]) -> list[tuple[str, str]]:
 def run_apply(args: argparse.Namespace) -> int:
     client = _client(args)
     docs = _read_files(args.filename)
-    out = _call(client.apply, docs, args.reason)  # one change: all the files, or none of them
+    out = _call(client.apply, docs, args.reason, force=args.force)  # one change: all the files, or none of them
     for r in out["results"]:
         print(f"{r['kind'].lower()}/{r['name']} {r['action']}")
         for w in r["warnings"]:
@@ -338,7 +344,7 @@ def run_delete(args: argparse.Namespace) -> int:
 
 
 def run_mode_set(args: argparse.Namespace) -> int:
-    out = _call(_client(args).set_mode, args.service, args.mode, args.reason)
+    out = _call(_client(args).set_mode, args.service, args.mode, args.reason, force=args.force)
     state = "unchanged" if out["action"] == "unchanged" else f"set (revision {out['revision']})"
     print(f"{out['service']}: {out['mode']} {state}")
     return 0

@@ -18,7 +18,10 @@ from typing import Any
 from meshlens.policy.spec import (UNSUPPORTED, SpecError, Where, enum, list_of, map_of, message, run, string,
                                    uint)
 
-__all__ = ["CONDITION_KEYS", "check_authorization_policy", "check_peer_authentication"]
+__all__ = ["CONDITION_KEYS", "ROOT_NAMESPACE", "check_authorization_policy", "check_peer_authentication",
+           "peer_authentication"]
+
+ROOT_NAMESPACE = "istio-system"  # Istio's default root namespace: its selector-less policies are mesh-wide
 
 # The `when` keys the sidecar evaluates (proxy/authz.py condition_getter); request.headers[NAME] besides.
 CONDITION_KEYS = ("source.ip", "remote.ip", "source.principal", "source.namespace", "source.serviceAccount",
@@ -84,3 +87,29 @@ def check_authorization_policy(spec: dict[str, Any], namespace: str) -> list[tup
                 warnings.append((("rules", i, "when", j, "key"), f"{key!r} is not a key meshlens evaluates (known: "
                                  f"request.headers[NAME], {', '.join(CONDITION_KEYS)}): it never matches"))
     return warnings
+
+
+def peer_authentication(docs: list[tuple[str, dict[str, Any]]], namespace: str,
+                        labels: dict[str, str]) -> tuple[str, dict[int, str]]:
+    """The mTLS mode a workload's inbound side takes from PeerAuthentications ((namespace/name, doc) pairs), and its
+    port-level modes. Istio's precedence: a policy selecting the workload in its namespace, else its namespace's
+    without a selector, else the root namespace's (mesh-wide); UNSET (or no mode) takes the next level's; with
+    nothing set, PERMISSIVE. Port-level modes come from the workload's own policy."""
+    levels: list[dict[str, Any] | None] = [None, None, None]  # workload, namespace, mesh
+    for name, doc in sorted(docs, key=lambda d: d[0]):
+        ns = name.split("/", 1)[0]
+        spec = doc.get("spec") or {}
+        selector = (spec.get("selector") or {}).get("matchLabels")
+        if ns == namespace and selector and all(labels.get(k) == v for k, v in selector.items()):
+            levels[0] = levels[0] or spec
+        elif ns == namespace and not selector:
+            levels[1] = levels[1] or spec
+        elif ns == ROOT_NAMESPACE and not selector:
+            levels[2] = levels[2] or spec
+    mode = "PERMISSIVE"
+    for spec in reversed(levels):  # mesh, then namespace, then workload: each set mode overrides
+        chosen = ((spec or {}).get("mtls") or {}).get("mode", "UNSET")
+        if chosen != "UNSET":
+            mode = chosen
+    ports = {int(p): m.get("mode", "UNSET") for p, m in ((levels[0] or {}).get("portLevelMtls") or {}).items()}
+    return mode, {p: (m if m != "UNSET" else mode) for p, m in ports.items()}

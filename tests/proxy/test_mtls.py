@@ -15,6 +15,7 @@ from tests.control.processes import ControlProcess
 from tests.proxy.conftest import free_port
 from tests.proxy.policy_app import Instance
 from tests.proxy.processes import ProxyProcess, recorded_calls
+from tests.control.test_control_cli import cli
 from tests.proxy.test_policies import apply, config, follow, request, stats
 from tests.waiting import wait_until
 
@@ -42,7 +43,7 @@ def with_identity(proxy: ProxyProcess) -> dict:
 @pytest.fixture
 def world(tmp_path: Path, collector: CollectorProcess):
     app = Instance("api").start()
-    control = ControlProcess(tmp_path / "control").start()
+    control = ControlProcess(tmp_path / "control", 0, None, "--calls-store", collector.query_url).start()
     inbound = free_port()
     started: list = [control]
     try:
@@ -117,6 +118,15 @@ spec:
 """
 
 
+def apply_forced(control: ControlProcess, tmp_path: Path, *docs: str) -> int:
+    """Apply past the readiness gate (tested on its own below)."""
+    f = tmp_path / "forced.yaml"
+    f.write_text("\n---\n".join(d.strip() for d in docs) + "\n")
+    out = cli(control, "apply", "-f", str(f), "--force", "--reason", "test")
+    assert out.returncode == 0, out.stderr
+    return int(json.loads(cli(control, "status", "-o", "json").stdout)["revision"])
+
+
 def mode_doc(service: str, mode: str) -> str:
     return f"apiVersion: meshlens.io/v1alpha1\nkind: Mode\nmetadata: {{name: {service}}}\nspec: {{mode: {mode}}}\n"
 
@@ -124,7 +134,7 @@ def mode_doc(service: str, mode: str) -> str:
 @pytest.mark.parametrize("mode", ["dry-run", "enforce"])
 def test_strict_refuses_plaintext_when_enforced_and_says_it_would_in_dry_run(world, collector, mode):
     control, api, web, app, tmp_path = world
-    revision = apply(control, tmp_path, mesh(api.inbound), STRICT, mode_doc("api", mode))
+    revision = apply_forced(control, tmp_path, mesh(api.inbound), STRICT, mode_doc("api", mode))
     follow(api, revision)
     follow(web, revision)
     assert request(web.outbound, "api", "/mesh")[:2] == (200, "api")  # mTLS: always welcome
@@ -230,15 +240,18 @@ def test_readiness_names_who_would_break_under_strict_and_the_order_that_breaks_
     import os
     import sys
 
+    import datetime as dt
+
     control, api, web, app, tmp_path = world
+    since = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S")
     assert request(web.outbound, "api", "/ready-mtls")[0] == 200
     assert request(api.inbound, "api", "/ready-plain")[0] == 200  # a caller with no sidecar: curl on loopback
     rows(collector, api, 2)
     rows(collector, web, 1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLENS_")}
     out = subprocess.run([sys.executable, "-m", "meshlens.cli.main", "mtls", "readiness", "api", "--store",
-                          collector.query_url, "--format", "json"], capture_output=True, text=True, env=env,
-                         timeout=120)
+                          collector.query_url, "--since", since, "--format", "json"], capture_output=True, text=True,
+                         env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     [r] = json.loads(out.stdout)
     callers = {c["caller"]: c for c in r["callers"]}
@@ -248,5 +261,38 @@ def test_readiness_names_who_would_break_under_strict_and_the_order_that_breaks_
     assert r["would_break"] == ["127.0.0.1"] and r["verdict"] == "blocked by 127.0.0.1"
     assert r["steps"][0].startswith("give 127.0.0.1 a sidecar") and r["steps"][-1].endswith("the server goes STRICT last")
     table = subprocess.run([sys.executable, "-m", "meshlens.cli.main", "mtls", "readiness", "api", "--store",
-                            collector.query_url], capture_output=True, text=True, env=env, timeout=120).stdout
+                            collector.query_url, "--since", since], capture_output=True, text=True, env=env,
+                           timeout=120).stdout
     assert table.startswith("api: blocked by 127.0.0.1; would break under STRICT now: 127.0.0.1") and "1. give" in table
+
+
+def test_the_gate_refuses_enforcing_strict_while_plaintext_callers_remain_and_dry_run_names_the_same(
+        world, collector):
+    control, api, web, app, tmp_path = world
+    assert request(web.outbound, "api", "/gate-mtls")[0] == 200
+    assert request(api.inbound, "api", "/gate-plain")[0] == 200
+    rows(collector, api, 2)
+    revision = apply(control, tmp_path, mesh(api.inbound), STRICT, mode_doc("api", "dry-run"))  # dry-run: allowed
+    follow(api, revision)
+    assert request(api.inbound, "api", "/gate-dry")[0] == 200
+    [dry] = recorded_calls(collector.query_url, f"observer_id = '{config(api)['observer_id']}' AND path = "
+                           "'/gate-dry'", 1, columns=("action", "src_addr"))
+    assert dry["action"] == "would_refuse_plaintext"
+    refused = cli(control, "mode", "set", "api", "enforce", "--reason", "go strict")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "STRICT mTLS would refuse plaintext callers of the last 24 h: api: 127.0.0.1 (" in refused.stderr
+    assert dry["src_addr"] == "127.0.0.1"  # the caller dry-run recorded is the one the gate names
+    assert "web" not in refused.stderr.split("api: ", 1)[1]  # the mTLS caller breaks nothing
+    assert "dry-run" in cli(control, "mode", "get", "api").stdout  # nothing changed
+    forced = cli(control, "mode", "set", "api", "enforce", "--reason", "go strict anyway", "--force")
+    assert forced.returncode == 0, forced.stderr
+
+
+def test_without_a_calls_store_enforcing_strict_needs_force_and_says_why(tmp_path):
+    with ControlProcess(tmp_path / "control") as control:
+        f = tmp_path / "strict.yaml"
+        f.write_text("\n---\n".join(d.strip() for d in (mesh(9), STRICT, mode_doc("api", "enforce"))) + "\n")
+        out = cli(control, "apply", "-f", str(f))
+        assert out.returncode == 2 and out.stderr.count("\n") == 1
+        assert "STRICT mTLS would be enforced on api, and who still calls in plaintext cannot be checked" in out.stderr
+        assert cli(control, "apply", "-f", str(f), "--force").returncode == 0
