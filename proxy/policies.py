@@ -29,7 +29,7 @@ from meshlens.proxy.chain import Chain, Decision, Kind, note
 from meshlens.proxy.connect import UO, LocalReply
 from meshlens.proxy.limits import SENT, Breaker, PoolLimits, TokenBucket
 from meshlens.proxy.outlier import Outlier, OutlierConfig
-from meshlens.proxy.retries import DEFAULT_RETRY, no_response
+from meshlens.proxy.retries import DEFAULT_RETRY, RetryPolicy, no_response
 from meshlens.proxy.routing import HttpRule, Routes
 
 if TYPE_CHECKING:
@@ -301,7 +301,7 @@ class Timeout:
         rule = ex.route.rule if ex.route is not None else None
         if rule is None:
             return None
-        retry = rule.retry or DEFAULT_RETRY
+        retry = _retry_policy(ex)
         if self.mode == "enforce":
             if rule.timeout:
                 ex.deadline(rule.timeout, "timed_out")
@@ -311,7 +311,7 @@ class Timeout:
     def on_response(self, ex: Exchange, head: ResponseHead) -> None:
         rule = ex.route.rule if ex.route is not None else None
         if self.mode != "enforce" and rule is not None:
-            per_try = (rule.retry or DEFAULT_RETRY).per_try_timeout
+            per_try = _retry_policy(ex).per_try_timeout
             if per_try and ex.env.now_ns() - ex.t0 > per_try * 1e9:  # dry-run makes one attempt: from the start
                 note(self, ex, "timed_out")
         return None
@@ -371,9 +371,7 @@ class Retry:
         self.mode = dest.mode
         self.random = random
 
-    def _decide(self, ex: Exchange, retriable: bool) -> Decision | None:
-        rule = ex.route.rule if ex.route is not None else None
-        policy = rule.retry if rule is not None and rule.retry is not None else DEFAULT_RETRY
+    def _decide(self, ex: Exchange, policy: RetryPolicy, retriable: bool) -> Decision | None:
         retries = ex.attempt - 1
         if not retriable or retries >= policy.attempts or ex.replay is None:
             return None
@@ -384,19 +382,23 @@ class Retry:
         return Decision(Kind.RETRY, "retried", delay=policy.backoff(retries + 1, self.random))
 
     def on_response(self, ex: Exchange, head: ResponseHead) -> Decision | None:
-        rule = ex.route.rule if ex.route is not None else None
-        policy = rule.retry if rule is not None and rule.retry is not None else DEFAULT_RETRY
+        policy = _retry_policy(ex)
         status = head.status
         if status < policy.lowest:
             return None
-        return self._decide(ex, policy.retriable_status(status))
+        return self._decide(ex, policy, policy.retriable_status(status))
 
     def on_error(self, ex: Exchange, reply: LocalReply) -> Decision | None:
         if reply.error == "overflow" or reply.error == "no_healthy_upstream":
             return None
-        rule = ex.route.rule if ex.route is not None else None
-        policy = rule.retry if rule is not None and rule.retry is not None else DEFAULT_RETRY
-        return self._decide(ex, policy.retriable_failure(reply))
+        policy = _retry_policy(ex)
+        return self._decide(ex, policy, policy.retriable_failure(reply))
+
+
+def _retry_policy(ex: Exchange) -> RetryPolicy:
+    """The retries of the rule the exchange matched, else Istio's default policy."""
+    rule = ex.route.rule if ex.route is not None else None
+    return rule.retry if rule is not None and rule.retry is not None else DEFAULT_RETRY
 
 
 RBAC_DENIED = LocalReply(403, "RBAC: access denied", "denied", "RBAC")

@@ -16,7 +16,7 @@ from tests.proxy.conftest import free_port
 from tests.proxy.policy_app import Instance
 from tests.proxy.processes import ProxyProcess, recorded_calls
 from tests.control.test_control_cli import cli
-from tests.proxy.test_policies import apply, config, follow, request, stats
+from tests.proxy.test_policies import apply, config, follow, mode_doc, request, stats
 from tests.waiting import wait_until
 
 COLUMNS = ("observer", "src_service", "dst_service", "path", "status", "tls", "peer_identity", "error", "attributes")
@@ -118,23 +118,11 @@ spec:
 """
 
 
-def apply_forced(control: ControlProcess, tmp_path: Path, *docs: str) -> int:
-    """Apply past the readiness gate (tested on its own below)."""
-    f = tmp_path / "forced.yaml"
-    f.write_text("\n---\n".join(d.strip() for d in docs) + "\n")
-    out = cli(control, "apply", "-f", str(f), "--force", "--reason", "test")
-    assert out.returncode == 0, out.stderr
-    return int(json.loads(cli(control, "status", "-o", "json").stdout)["revision"])
-
-
-def mode_doc(service: str, mode: str) -> str:
-    return f"apiVersion: meshlens.io/v1alpha1\nkind: Mode\nmetadata: {{name: {service}}}\nspec: {{mode: {mode}}}\n"
-
-
 @pytest.mark.parametrize("mode", ["dry-run", "enforce"])
 def test_strict_refuses_plaintext_when_enforced_and_says_it_would_in_dry_run(world, collector, mode):
     control, api, web, app, tmp_path = world
-    revision = apply_forced(control, tmp_path, mesh(api.inbound), STRICT, mode_doc("api", mode))
+    revision = apply(control, tmp_path, mesh(api.inbound), STRICT, mode_doc("api", mode),
+                     flags=("--force",))  # past the readiness gate, tested on its own below
     follow(api, revision)
     follow(web, revision)
     assert request(web.outbound, "api", "/mesh")[:2] == (200, "api")  # mTLS: always welcome

@@ -28,8 +28,10 @@ COLUMNS = ("dst_service", "dst_subset", "path", "status", "mode", "action", "att
 
 
 def request(port: int, host: str, path: str = "/", headers: dict[str, str] | None = None,
-            timeout: float = 60) -> tuple[int, str, dict[str, str]]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Host": host, **(headers or {})})
+            timeout: float = 60, body: bytes | None = None) -> tuple[int, str, dict[str, str]]:
+    """GET, or POST `body`; an error status is answered like any other."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
+                                 method="POST" if body is not None else "GET", headers={"Host": host, **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read().decode(), dict(resp.headers)
@@ -51,12 +53,12 @@ def mode_doc(service: str, mode: str) -> str:
     return f"apiVersion: meshlens.io/v1alpha1\nkind: Mode\nmetadata:\n  name: {service}\nspec:\n  mode: {mode}\n"
 
 
-def apply(control: ControlProcess, tmp_path: Path, *docs: str) -> int:
-    """Apply the documents as one change; the store's revision after it."""
+def apply(control: ControlProcess, tmp_path: Path, *docs: str, flags: tuple[str, ...] = ()) -> int:
+    """Apply the documents as one change (with the CLI's `flags`); the store's revision after it."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     f = tmp_path / f"apply-{time.monotonic_ns()}.yaml"
     f.write_text("\n---\n".join(d.strip() for d in docs) + "\n")
-    out = cli(control, "apply", "-f", str(f), "--reason", "test")
+    out = cli(control, "apply", "-f", str(f), "--reason", "test", *flags)
     assert out.returncode == 0, out.stderr
     return int(json.loads(cli(control, "status", "-o", "json").stdout)["revision"])
 
@@ -419,10 +421,8 @@ def test_mirroring_sends_a_copy_with_a_shadow_host_and_forgets_it(tmp_path, cont
         revision = apply(control, tmp_path, json.dumps(mesh), MIRROR, mode_doc("payment-service", mode))
         with sidecar(tmp_path, control, collector) as proxy:
             follow(proxy, revision)
-            req = urllib.request.Request(f"http://127.0.0.1:{proxy.outbound}/orders", data=b"order-1", method="POST",
-                                         headers={"Host": "payment-service"})
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                assert (resp.status, resp.read()) == (200, b"main")  # the shadow's 500 is never seen
+            assert request(proxy.outbound, "payment-service", "/orders", body=b"order-1")[:2] == (200, "main")
+            # the shadow's 500 is never seen
             [row] = calls(collector, proxy, 1)
             if mode == "enforce":
                 wait_until(lambda: shadow.arrived["/orders"] == 1, "the copy at the shadow")
@@ -472,15 +472,8 @@ def test_authorization_policies_deny_in_enforce_and_say_would_deny_in_dry_run(tm
         with sidecar(tmp_path, control, collector, "web", "--app-port", str(web.port)) as server:
             follow(server, revision)
             port = server.inbound
-            got = [request(port, "web", "/pay")[:2],
-                   request(port, "web", "/admin/users")[:2]]
-            post = urllib.request.Request(f"http://127.0.0.1:{port}/pay", data=b"{}", method="POST",
-                                          headers={"Host": "web"})
-            try:
-                with urllib.request.urlopen(post, timeout=60) as resp:
-                    got.append((resp.status, resp.read().decode()))
-            except urllib.error.HTTPError as e:
-                got.append((e.code, e.read().decode()))
+            got = [request(port, "web", "/pay")[:2], request(port, "web", "/admin/users")[:2],
+                   request(port, "web", "/pay", body=b"{}")[:2]]
             me = config(server)["observer_id"]
             rows = recorded_calls(collector.query_url, f"observer = 'server' AND observer_id = '{me}'", 3,
                                   columns=COLUMNS + ("method",))
