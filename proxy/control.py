@@ -293,7 +293,10 @@ class IdentityWatch:
 
     def described(self) -> dict[str, Any]:
         w = self.workload
-        return {"identity": w.identity, "state": self.state, "error": self.error,
+        state = self.state
+        if state in ("valid", "renewing") and w.expires_at and time.time() >= w.expires_at:
+            state = "expired"  # the renewal thread may be waiting out a backoff: the clock says it now
+        return {"identity": w.identity, "state": state, "error": self.error,
                 "not_after": w.not_after.isoformat() if w.not_after else None}
 
     def _run(self) -> None:

@@ -43,6 +43,8 @@ class Workload:
         self.installed_at: dt.datetime | None = None
         """When the certificate in hand was installed (its life, for renewal, counts from here: a CA backdates)."""
         self.not_after: dt.datetime | None = None
+        self.expires_at = 0.0
+        """`not_after` as a Unix time: from then on no mTLS is originated with it (peers would refuse it)."""
         self.server: ssl.SSLContext | None = None
         """Inbound mTLS: its chain, peers' chains checked against the bundle (a client certificate required)."""
         self.client: ssl.SSLContext | None = None
@@ -97,6 +99,7 @@ class Workload:
         server, client = _contexts(chain_pem.encode(), key_pem, bundle_pem)
         self.key, self.identity, self.server, self.client = key, identity, server, client
         self.installed_at, self.not_after = dt.datetime.now(dt.timezone.utc), leaf.not_valid_after_utc
+        self.expires_at = self.not_after.timestamp()
         self._renew_share = RENEW_AT + random.uniform(-1, 1) * RENEW_JITTER  # drawn once a certificate
 
     _renew_share = RENEW_AT

@@ -242,8 +242,8 @@ class Proxy:
             return "", None
         workload = identity.workload
         svc = self.mesh.services.get(route.dst_service)
-        if workload.client is None or svc is None:
-            return "", None
+        if workload.client is None or svc is None or time.time() >= workload.expires_at:
+            return "", None  # without a certificate a peer would accept, plaintext: PERMISSIVE serves it, STRICT not
         return workload.identity_of(svc.namespace, svc.identity_account), workload.client
 
     def _mirror(self, ex: Exchange) -> bool:
