@@ -26,6 +26,7 @@ import os
 import random
 import ssl
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
