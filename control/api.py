@@ -14,9 +14,12 @@
     GET    /v1/snapshot?service=S&instance=I&version=V[&timeout=T]   a sidecar's long poll (control/distribution.py)
     POST   /v1/status   {"service", "instance", "version", "ack", "error", "mode"}   its ACK or NACK
     GET    /v1/status                                {"revision": r, "sidecars": [...]}
-    POST   /v1/certificate  {"service": S, "csr": PEM}   a workload certificate (control/ca.py):
-                              {"identity", "certificate_chain", "trust_bundle", "not_after"}
+    POST   /v1/certificate  {"service": S, "instance": I, "csr": PEM}   a workload certificate (control/ca.py):
+                              {"identity", "certificate_chain", "trust_bundle", "not_after", "root"}
     GET    /v1/trust-bundle                          the roots workload certificates chain to (PEM)
+    GET    /v1/ca                                    the roots, a rotation's state, what each sidecar holds
+    POST   /v1/ca/rotate  {"step": "begin"|"switch"|"finish", "reason"}[?force=true]   a root rotation's step
+                              (control/ca.py; refused 409 naming the sidecars it would break: control/rotation.py)
 
 A workload certificate is issued for the identity the stored Mesh gives the service, to a
 sidecar token bound to that service (or a write token; anyone on loopback without tokens).
@@ -42,9 +45,12 @@ from aiohttp import web
 from meshlens.policy.resources import (KINDS, MODES, Resource, ResourceError, check_references, mode_resource,
                                         parse_documents)
 from meshlens.control.auth import Tokens
-from meshlens.control.ca import CA, MAX_CSR_BYTES, CAError
+from meshlens.control.ca import CA, MAX_CSR_BYTES, ROTATION_STEPS, CAError
 from meshlens.control.distribution import Sidecars, Snapshots
+from meshlens.control import rotation
+from meshlens.control.rotation import RotationRefused, check_step, trust_resource
 from meshlens.control.store import Change, Store, StoreUnavailable
+from meshlens.policy.trust import fingerprint
 
 __all__ = ["MAX_APPLY_BYTES", "MAX_WATCH_S", "build_app"]
 
@@ -69,6 +75,9 @@ def build_app(store: Store, tokens: Tokens | None = None, ca: CA | None = None,
     """Where the readiness gate reads the recorded calls (control/gate.py)."""
     app["sidecars"] = Sidecars()
     app["snapshots"] = Snapshots()
+    app["certificates"] = {"issued": 0, "refused": 0}
+    if ca is not None:
+        app.on_startup.append(_publish_trust)
     app.add_routes([
         web.get("/healthz", _healthz),
         web.get("/v1/resources", _list),
@@ -85,6 +94,8 @@ def build_app(store: Store, tokens: Tokens | None = None, ca: CA | None = None,
         web.post("/v1/status", _report),
         web.post("/v1/certificate", _certificate),
         web.get("/v1/trust-bundle", _trust_bundle),
+        web.get("/v1/ca", _ca_status),
+        web.post("/v1/ca/rotate", _rotate),
     ])
     return app
 
@@ -113,6 +124,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         raise
 
 
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _SIDECAR_PATHS = {("GET", "/v1/snapshot"), ("POST", "/v1/status"), ("POST", "/v1/certificate")}
 
 
@@ -123,6 +135,8 @@ async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
         return await handler(request)
     token = tokens.find(request.headers.get("Authorization"))
     if token is None:
+        if request.path == "/v1/certificate":  # a revoked sidecar token, say: counted with the CA's refusals
+            request.app["certificates"]["refused"] += 1
         raise _Refused(401, "this control plane needs a token: Authorization: Bearer TOKEN "
                             "(the CLI's --token or MESHLENS_TOKEN; a sidecar's --control-token)")
     action = ("sidecar" if (request.method, request.path) in _SIDECAR_PATHS else
@@ -330,8 +344,8 @@ async def _set_mode(request: web.Request) -> web.Response:
 async def _history(request: web.Request) -> web.Response:
     q = request.query
     kind = q.get("kind")
-    if kind is not None and kind not in KINDS:
-        raise _Refused(400, f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
+    if kind is not None and kind not in KINDS and kind != rotation.KIND:
+        raise _Refused(400, f"unknown kind {kind!r} (known: {', '.join(KINDS + (rotation.KIND,))})")
     try:
         limit = int(q.get("limit", "100"))
     except ValueError:
@@ -375,8 +389,11 @@ async def _snapshot(request: web.Request) -> web.StreamResponse:
         raise _Refused(400, "timeout must be seconds") from None
     if not 0 <= timeout <= MAX_WATCH_S:
         raise _Refused(400, f"timeout must be 0 to {MAX_WATCH_S:g} seconds")
+    root, trusts = q.get("root", ""), tuple(t for t in q.get("trusts", "").split(",") if t)
+    if root and not _FINGERPRINT.fullmatch(root) or len(trusts) > 8 or not all(map(_FINGERPRINT.fullmatch, trusts)):
+        raise _Refused(400, "root and trusts must be SHA-256 fingerprints in hex (trusts: up to 8, comma-separated)")
     store, sidecars = _store(request), request.app["sidecars"]
-    sidecars.polled(service, instance, version)
+    sidecars.polled(service, instance, version, root, trusts)
     if version == str(await store.revision()):
         await store.wait(int(version), timeout)
         if version == str(await store.revision()):
@@ -425,9 +442,12 @@ async def _certificate(request: web.Request) -> web.Response:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         body = None
-    if not isinstance(body, dict) or set(body) != {"service", "csr"} or not isinstance(body["csr"], str):
-        raise _Refused(400, 'expected JSON {"service": NAME, "csr": "-----BEGIN CERTIFICATE REQUEST-----..."}')
+    if not isinstance(body, dict) or not {"service", "csr"} <= set(body) <= {"service", "instance", "csr"} \
+            or not isinstance(body["csr"], str):
+        raise _Refused(400, 'expected JSON {"service": NAME, "instance": ID, "csr": '
+                            '"-----BEGIN CERTIFICATE REQUEST-----..."}')
     service = _ident(body["service"], "service")
+    instance = _ident(body["instance"], "instance") if "instance" in body else None
     token = request.get("token")
     if token is not None and token.role == "sidecar" and token.service is None:
         raise _Refused(403, f"token {token.name!r} is bound to no service: it may not be given an identity")
@@ -445,13 +465,62 @@ async def _certificate(request: web.Request) -> web.Response:
     try:
         issued = ca.sign(body["csr"].encode("utf-8", "replace"), identity)
     except CAError as e:
+        request.app["certificates"]["refused"] += 1
         log.warning("refused a certificate request service=%s identity=%s error=%s", service, identity, e)
         raise _Refused(400, str(e)) from None
+    request.app["certificates"]["issued"] += 1
+    if instance is not None:  # what it holds now, for the rotation's gate, before its next poll says so
+        request.app["sidecars"].certified(service, instance, issued.root, tuple(fingerprint(r) for r in ca.roots))
     log.info("issued a workload certificate service=%s identity=%s not_after=%s", service, identity,
              issued.not_after.isoformat())
     return web.json_response({"identity": issued.identity, "certificate_chain": issued.certificate_chain,
-                              "trust_bundle": issued.trust_bundle, "not_after": issued.not_after.isoformat()})
+                              "trust_bundle": issued.trust_bundle, "not_after": issued.not_after.isoformat(),
+                              "root": issued.root})
 
 
 async def _trust_bundle(request: web.Request) -> web.Response:
     return web.Response(text=_ca(request).bundle(), content_type="application/x-pem-file")
+
+
+async def _publish_trust(app: web.Application) -> None:
+    """The CA's trust into the store when it is not what is stored (the user's files changed between two starts:
+    their rotation's steps), so that sidecars get it with their next snapshot. Nothing is stored for a CA of one
+    root with none stored before: sidecars get its bundle with their certificates."""
+    store, ca = app["store"], app["ca"]
+    res = trust_resource(ca)
+    stored = await store.get(res.kind, res.name)
+    if stored is None and len(ca.roots) == 1 and ca.rotation == "none":
+        return
+    await store.put([res], Change("control-plane", "the CA's trust at start"))
+
+
+async def _ca_status(request: web.Request) -> web.Response:
+    return web.json_response(rotation.status(_ca(request), request.app["sidecars"].listed(),
+                                             request.app["certificates"]))
+
+
+async def _rotate(request: web.Request) -> web.Response:
+    ca = _ca(request)
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict) or body.get("step") not in ROTATION_STEPS or not set(body) <= {"step", "reason"} \
+            or not isinstance(body.get("reason", ""), str):
+        raise _Refused(400, f'expected JSON {{"step": one of {", ".join(ROTATION_STEPS)}, "reason": "..."}}')
+    step = body["step"]
+    if request.query.get("force") != "true":
+        try:
+            check_step(step, ca, request.app["sidecars"].listed())
+        except RotationRefused as e:
+            raise _Refused(409, str(e)) from None
+    try:
+        ca.rotate(step)
+    except CAError as e:
+        raise _Refused(409, str(e)) from None
+    except OSError as e:
+        raise _Refused(500, f"the CA's files: {e.strerror or e}") from None
+    [(res, _)] = await _store(request).put([trust_resource(ca)], _change(request, body.get("reason", "") or
+                                                                         f"root rotation: {step}"))
+    log.info("root rotation step=%s rotation=%s revision=%d", step, ca.rotation, res.revision)
+    return web.json_response({"revision": res.revision, "rotation": ca.rotation})

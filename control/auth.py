@@ -12,13 +12,17 @@
 Without a tokens file the control plane serves anyone who reaches it, so it listens on
 loopback only; with one, every request but /healthz needs `Authorization: Bearer TOKEN`
 (401 without a known one, 403 beyond its role) and may listen on any address. Tokens are
-compared as SHA-256 digests in constant time.
+compared as SHA-256 digests in constant time. The file is read again when it changes:
+taking a token out revokes it (`Tokens`).
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +32,8 @@ ROLES = ("read", "write", "sidecar")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # A token shorter than this is refused: 128 bits, as a random 32-character hex string has.
 MIN_TOKEN_CHARS = 32
+
+log = logging.getLogger("meshlens.control.auth")
 
 
 class TokenError(ValueError):
@@ -51,14 +57,43 @@ class Token:
 
 
 class Tokens:
-    def __init__(self, by_digest: dict[bytes, Token]) -> None:
+    """The tokens of a file, read again when it changes (checked at most every RELOAD_S): a token taken out of it is
+    revoked from then on, for every request, a sidecar's polls and certificate requests included. A file changed
+    into one that cannot be used is logged and the tokens in force kept."""
+
+    RELOAD_S = 1.0
+
+    def __init__(self, by_digest: dict[bytes, Token], path: str | None = None) -> None:
         self._by_digest = by_digest
+        self.path = path
+        self._stamp = _stamp(path) if path else None
+        self._checked = time.monotonic()
 
     def __len__(self) -> int:
         return len(self._by_digest)
 
+    def _reload(self) -> None:
+        now = time.monotonic()
+        if self.path is None or now - self._checked < self.RELOAD_S:
+            return
+        self._checked = now
+        stamp = _stamp(self.path)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            fresh = load_tokens(self.path)
+        except TokenError as e:
+            log.error("the tokens file changed into one that cannot be used; keeping the %d tokens in force: %s",
+                      len(self._by_digest), e)
+            return
+        gone = sorted({t.name for t in self._by_digest.values()} - {t.name for t in fresh._by_digest.values()})
+        self._by_digest = fresh._by_digest
+        log.warning("tokens file reloaded path=%s tokens=%d revoked=%s", self.path, len(self), ",".join(gone) or "-")
+
     def find(self, header: str | None) -> Token | None:
         """The token an Authorization header carries, if it is one of ours."""
+        self._reload()
         if not header or not header.startswith("Bearer "):
             return None
         digest = hashlib.sha256(header[len("Bearer "):].strip().encode()).digest()
@@ -87,7 +122,15 @@ def load_tokens(path: str) -> Tokens:
             raise TokenError(f"{where}: the same token as {by_digest[digest].name!r}")
         names.add(token.name)
         by_digest[digest] = token
-    return Tokens(by_digest)
+    return Tokens(by_digest, path)
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _entry(item: Any, where: str) -> tuple[bytes, Token]:

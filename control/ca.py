@@ -15,6 +15,20 @@ root generated at the control plane's first start and kept in its data directory
 (`root-cert.pem`, and `root-key.pem` readable by its owner only). Keys are ECDSA P-256.
 Several control-plane replicas (etcd) must be given the same files.
 
+Rotating the root, without a failed request, in Linkerd's three steps (`meshlens ca rotate`,
+control/api.py; each step is written to the store as the `TrustBundle`, so every sidecar
+gets it with its next snapshot, and the history says who rotated when):
+
+- `begin`: a new root is made (`next-root-cert.pem`, `next-root-key.pem`) and trusted beside
+  the old one; certificates are still signed by the old one.
+- `switch`: once every sidecar trusts the new root, it signs; the old one is kept trusted
+  (`previous-root-cert.pem`; its key is deleted) and sidecars renew at once.
+- `finish`: once every sidecar holds a certificate from the new root, the old is dropped.
+
+A step cut midway (a crash between two renames) is completed at the next start. With the
+user's own files the same steps are restarts: `--ca-trust` the new root, then sign with
+it and `--ca-trust` the old, then drop `--ca-trust`.
+
 A request is refused, in one line, when it is not a PEM CSR, its signature does not
 verify, its key is not ECDSA P-256, it names another identity than the one its token
 allows, or it is larger than MAX_CSR_BYTES.
@@ -34,8 +48,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["MAX_CSR_BYTES", "ROOT_LIFETIME", "TRUST_DOMAIN", "WORKLOAD_LIFETIME", "CA", "CAError", "Issued",
-           "spiffe_id"]
+from meshlens.policy.trust import fingerprint
+
+__all__ = ["MAX_CSR_BYTES", "ROOT_LIFETIME", "ROTATION_STEPS", "TRUST_DOMAIN", "WORKLOAD_LIFETIME", "CA", "CAError",
+           "Issued", "spiffe_id"]
 
 log = logging.getLogger("meshlens.control.ca")
 
@@ -46,6 +62,10 @@ ROOT_LIFETIME = dt.timedelta(days=3650)  # Istio's self-signed root: 10 years
 BACKDATE = dt.timedelta(minutes=5)
 # A P-256 CSR is under 1 KiB; this leaves room for a long identity and refuses anything else.
 MAX_CSR_BYTES = 16 * 1024
+ROTATION_STEPS = ("begin", "switch", "finish")
+# The generated root's files, in its directory.
+ROOT, ROOT_KEY, NEXT, NEXT_KEY, PREVIOUS = ("root-cert.pem", "root-key.pem", "next-root-cert.pem",
+                                            "next-root-key.pem", "previous-root-cert.pem")
 
 
 class CAError(ValueError):
@@ -64,6 +84,8 @@ class Issued:
     trust_bundle: str
     """PEM: the roots a peer's chain may end in."""
     not_after: dt.datetime
+    root: str
+    """The fingerprint of the root the certificate chains to."""
 
 
 class CA:
@@ -71,11 +93,15 @@ class CA:
 
     def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate],
                  roots: list[x509.Certificate], trust_domain: str = TRUST_DOMAIN,
-                 lifetime: dt.timedelta = WORKLOAD_LIFETIME) -> None:
-        self.cert, self.key, self.chain, self.roots = cert, key, chain, roots
+                 lifetime: dt.timedelta = WORKLOAD_LIFETIME, directory: Path | None = None) -> None:
+        self.cert, self.key, self.chain = cert, key, chain
+        self.roots = roots
+        """The trust bundle: first the root the signing certificate chains to, then any other trusted."""
         self.trust_domain = trust_domain
         self.lifetime = lifetime
         """Of the workload certificates it issues (`meshlens control --cert-lifetime`)."""
+        self.directory = directory
+        """Where the generated root is kept (None: the user's files, whose rotation is theirs)."""
 
     def __repr__(self) -> str:
         return f"<CA {self.cert.subject.rfc4514_string()} trust_domain={self.trust_domain}>"
@@ -84,27 +110,63 @@ class CA:
 
     @classmethod
     def open(cls, directory: Path, trust_domain: str = TRUST_DOMAIN, cert_file: str | None = None,
-             key_file: str | None = None, lifetime: dt.timedelta = WORKLOAD_LIFETIME) -> CA:
-        """The user's files when given, else the root kept in `directory` (generated there at first start)."""
+             key_file: str | None = None, lifetime: dt.timedelta = WORKLOAD_LIFETIME,
+             trust_file: str | None = None) -> CA:
+        """The user's files when given (`trust_file`: more roots to trust, for their rotation), else the root kept
+        in `directory` (generated there at first start), with a rotation's other root."""
         if bool(cert_file) != bool(key_file):
             raise CAError("--ca-cert and --ca-key go together: the signing certificate and its key")
         if cert_file and key_file:
-            return cls._from_files(Path(cert_file), Path(key_file), trust_domain, lifetime)
-        cert_path, key_path = directory / "root-cert.pem", directory / "root-key.pem"
-        if not cert_path.exists() or not key_path.exists():
-            directory.mkdir(parents=True, exist_ok=True)
-            with open(directory / ".lock", "w") as lock:  # two control planes starting at once make one root
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if not cert_path.exists() and not key_path.exists():
-                    cls._generate(cert_path, key_path, trust_domain)
-        return cls._from_files(cert_path, key_path, trust_domain, lifetime)
+            extra = _certificates(Path(trust_file), "--ca-trust") if trust_file else []
+            return cls._from_files(Path(cert_file), Path(key_file), trust_domain, lifetime, extra)
+        if trust_file:
+            raise CAError("--ca-trust goes with --ca-cert (the generated root rotates with `meshlens ca rotate`)")
+        directory.mkdir(parents=True, exist_ok=True)
+        with _locked(directory):  # two control planes starting at once make one root
+            _complete_switch(directory)
+            if not (directory / ROOT).exists() and not (directory / ROOT_KEY).exists():
+                cls._generate(directory / ROOT, directory / ROOT_KEY, trust_domain)
+            extra = [_certificates(directory / name, name)[0] for name in (NEXT, PREVIOUS) if (directory / name).exists()]
+        ca = cls._from_files(directory / ROOT, directory / ROOT_KEY, trust_domain, lifetime, extra)
+        ca.directory = directory
+        return ca
+
+    @property
+    def rotation(self) -> str:
+        """Where a rotation of the generated root stands: none, begun (a next root trusted), switched (the previous
+        root still trusted)."""
+        d = self.directory
+        if d is None:
+            return "none"
+        return "begun" if (d / NEXT).exists() else "switched" if (d / PREVIOUS).exists() else "none"
+
+    def rotate(self, step: str) -> None:
+        """One step of a root rotation (the module's docstring); CAError when it is not the step that comes next."""
+        d = self.directory
+        if d is None:
+            raise CAError("this CA is your own files (--ca-cert): rotate its root by restarting the control plane, "
+                          "first with --ca-trust NEW-ROOT, then signing with the new one and --ca-trust OLD-ROOT, "
+                          "then without --ca-trust")
+        expected = {"none": "begin", "begun": "switch", "switched": "finish"}[self.rotation]
+        if step != expected:
+            raise CAError(f"the rotation is {self.rotation}: the next step is {expected}, not {step}")
+        with _locked(d):
+            if step == "begin":
+                self._generate(d / NEXT, d / NEXT_KEY, self.trust_domain)
+            elif step == "switch":
+                _write(d / PREVIOUS, (d / ROOT).read_bytes())  # first: a cut switch is completed from here
+                _complete_switch(d)
+            else:
+                (d / PREVIOUS).unlink()
+        fresh = CA.open(d, self.trust_domain, lifetime=self.lifetime)
+        self.cert, self.key, self.chain, self.roots = fresh.cert, fresh.key, fresh.chain, fresh.roots
+        log.info("root rotation step=%s signer=%s roots=%s", step, fingerprint(self.roots[0])[:16],
+                 ",".join(fingerprint(r)[:16] for r in self.roots))
 
     @classmethod
-    def _from_files(cls, cert_path: Path, key_path: Path, trust_domain: str, lifetime: dt.timedelta) -> CA:
-        try:
-            certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
-        except (OSError, ValueError) as e:
-            raise CAError(f"{cert_path}: not a PEM certificate ({getattr(e, 'strerror', None) or e})") from None
+    def _from_files(cls, cert_path: Path, key_path: Path, trust_domain: str, lifetime: dt.timedelta,
+                    extra_roots: list[x509.Certificate] | None = None) -> CA:
+        certs = _certificates(cert_path, str(cert_path))
         try:
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         except (OSError, ValueError, TypeError) as e:
@@ -128,16 +190,25 @@ class CA:
         root = certs[-1]
         if root.issuer != root.subject:
             raise CAError(f"{cert_path}: the chain must end in its self-signed root")
-        return cls(signing, key, certs[1:-1] if len(certs) > 1 else [], [root], trust_domain, lifetime)
+        roots = [root, *(r for r in extra_roots or () if r != root)]
+        for r in roots[1:]:
+            if r.issuer != r.subject:
+                raise CAError(f"{r.subject.rfc4514_string()}: a trusted root must be self-signed")
+        return cls(signing, key, certs[1:-1] if len(certs) > 1 else [], roots, trust_domain, lifetime)
 
     @staticmethod
     def _generate(cert_path: Path, key_path: Path, trust_domain: str) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlens"),
-                          x509.NameAttribute(NameOID.COMMON_NAME, f"meshlens root CA {trust_domain}")])
         now = dt.datetime.now(dt.timezone.utc)
+        serial = x509.random_serial_number()
+        # Named by when it was made and its serial: a rotation's two roots are told apart in chains, logs and
+        # `meshlens ca status`.
+        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlens"),
+                          x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, trust_domain[:64]),
+                          x509.NameAttribute(NameOID.COMMON_NAME,
+                                             f"meshlens root CA {now:%Y-%m-%d} {serial % 16 ** 8:08x}")])
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - BACKDATE)
+                .serial_number(serial).not_valid_before(now - BACKDATE)
                 .not_valid_after(now + ROOT_LIFETIME)
                 .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
                 .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
@@ -149,7 +220,7 @@ class CA:
         with os.fdopen(fd, "wb") as f:
             f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption()))
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         log.info("generated the mesh's root CA cert=%s trust_domain=%s", cert_path, trust_domain)
 
     # -- what it does -----------------------------------------------------------------------------
@@ -205,4 +276,50 @@ class CA:
                 .sign(self.key, hashes.SHA256()))
         chain = [cert, *([self.cert] if self.cert not in self.roots else []), *self.chain]
         pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain)
-        return Issued(identity, pem, self.bundle(), not_after)
+        return Issued(identity, pem, self.bundle(), not_after, fingerprint(self.roots[0]))
+
+    def trust(self) -> dict[str, object]:
+        """What sidecars are told of the trust (the store's TrustBundle): every root, and the one that signs now."""
+        return {"roots": [r.public_bytes(serialization.Encoding.PEM).decode() for r in self.roots],
+                "signer": fingerprint(self.roots[0]), "rotation": self.rotation}
+
+
+def _certificates(path: Path, what: str) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise CAError(f"{what}: not a PEM certificate ({getattr(e, 'strerror', None) or e})") from None
+
+
+class _locked:
+    """The CA directory's lock: one control plane at a time makes or rotates its root."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / ".lock"
+
+    def __enter__(self) -> None:
+        self._file = open(self.path, "w")
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _complete_switch(d: Path) -> None:
+    """The switch's renames (the next root's key, then its certificate, over the root's), or what a crash left of
+    them; a begin cut before its certificate was written is undone."""
+    if (d / NEXT_KEY).exists() and not (d / NEXT).exists():
+        (d / NEXT_KEY).unlink()  # a begin cut short: its key alone
+        return
+    if not (d / PREVIOUS).exists():
+        return  # no switch under way
+    if (d / NEXT_KEY).exists():
+        os.replace(d / NEXT_KEY, d / ROOT_KEY)
+    if (d / NEXT).exists():
+        os.replace(d / NEXT, d / ROOT)

@@ -3,8 +3,9 @@
 A sidecar long-polls `GET /v1/snapshot?service=S&instance=I&version=V`: it is answered
 at once with a full snapshot when the store's revision is not V, else when the revision
 moves, else 304 after the wait it asked for. A snapshot holds what a sidecar needs:
-the mesh, every service's mode, and the policies (every VirtualService, DestinationRule,
-PeerAuthentication, AuthorizationPolicy and LocalRateLimit). Its version is the store
+the mesh, every service's mode, the policies (every VirtualService, DestinationRule,
+PeerAuthentication, AuthorizationPolicy and LocalRateLimit), and the CA's trust
+(control/rotation.py). Its version is the store
 revision it was built at: anything stored changes it, so a sidecar never keeps a stale
 one. The snapshot is sent whatever it holds; the sidecar validates it and reports ACK
 or NACK with its error (`POST /v1/status`), and `GET /v1/status` lists every sidecar
@@ -39,8 +40,9 @@ async def snapshot(store: Store) -> dict[str, Any]:
     mesh = next(iter(by_kind.get("Mesh", [])), None)
     modes = {r.name: r.doc["spec"]["mode"] for r in by_kind.get("Mode", [])}
     policies = [r.doc for kind in POLICY_KINDS for r in by_kind.get(kind, [])]
+    trust = next(iter(by_kind.get("TrustBundle", [])), None)  # control/rotation.py
     return {"version": str(version), "mesh": mesh.doc["spec"] if mesh else {"services": {}}, "modes": modes,
-            "policies": policies}
+            "policies": policies, "trust": trust.doc["spec"] if trust else None}
 
 
 class Snapshots:
@@ -79,12 +81,17 @@ class Sidecar:
     error: str = ""
     mode: str = ""
     """The mode it says it applies."""
+    certificate_root: str = ""
+    """The fingerprint of the root its certificate chains to ('' without one), as its last poll said."""
+    trusts: tuple[str, ...] = ()
+    """The fingerprints of the roots it trusts."""
     last_seen: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
         return {"service": self.service, "instance": self.instance, "polled_version": self.polled_version,
                 "applied_version": self.applied_version, "state": self.state, "error": self.error,
-                "mode": self.mode, "last_seen": self.last_seen}
+                "mode": self.mode, "certificate_root": self.certificate_root, "trusts": list(self.trusts),
+                "last_seen": self.last_seen}
 
 
 class Sidecars:
@@ -93,15 +100,20 @@ class Sidecars:
     def __init__(self) -> None:
         self.by_instance: dict[str, Sidecar] = {}
 
-    def polled(self, service: str, instance: str, version: str) -> None:
+    def polled(self, service: str, instance: str, version: str, root: str = "", trusts: tuple[str, ...] = ()) -> None:
         s = self._get(service, instance)
-        s.polled_version, s.last_seen = version, time.time()
+        s.polled_version, s.certificate_root, s.trusts, s.last_seen = version, root, trusts, time.time()
 
     def reported(self, service: str, instance: str, version: str, ack: bool, error: str, mode: str) -> None:
         s = self._get(service, instance)
         s.state, s.error, s.mode, s.last_seen = ("ACK" if ack else "NACK"), error, mode, time.time()
         if ack:
             s.applied_version = version
+
+    def certified(self, service: str, instance: str, root: str, trusts: tuple[str, ...]) -> None:
+        """A certificate issued to it: what it holds from now on."""
+        s = self._get(service, instance)
+        s.certificate_root, s.trusts, s.last_seen = root, trusts, time.time()
 
     def _get(self, service: str, instance: str) -> Sidecar:
         s = self.by_instance.get(instance)

@@ -90,6 +90,9 @@ class ControlWatch:
         self._thread: threading.Thread | None = None
         self._apply: Callable[[dict[str, Any]], str] | None = None
         self._loop: Any = None
+        self.holds: Callable[[], tuple[str, tuple[str, ...]]] | None = None
+        """What this sidecar's certificate chains to and what it trusts (`IdentityWatch.holds`): told on each poll,
+        for the root rotation's gate (control/rotation.py)."""
 
     def __repr__(self) -> str:
         return f"<ControlWatch {self.url} {self.service} version={self.version} {self.state}>"
@@ -203,8 +206,11 @@ class ControlWatch:
 
     def _poll(self, version: str, wait: float) -> dict[str, Any] | None:
         """The snapshot, or None when it did not change within `wait`. OSError when unreachable."""
-        query = urllib.parse.urlencode({"service": self.service, "instance": self.instance, "version": version,
-                                        "timeout": f"{wait:.1f}"})
+        params = {"service": self.service, "instance": self.instance, "version": version, "timeout": f"{wait:.1f}"}
+        root, trusts = self.holds() if self.holds is not None else ("", ())
+        if root:
+            params.update(root=root, trusts=",".join(trusts))
+        query = urllib.parse.urlencode(params)
         status, body = self._request("GET", f"/v1/snapshot?{query}", None, wait + 10)
         if status == 304:
             return None
@@ -218,7 +224,7 @@ class ControlWatch:
     def certificate(self, csr: bytes) -> dict[str, Any]:
         """The control plane's CA's answer to a CSR (control/ca.py); CertificateRefused for a 4xx, OSError when
         it cannot be asked."""
-        body = json.dumps({"service": self.service, "csr": csr.decode()}).encode()
+        body = json.dumps({"service": self.service, "instance": self.instance, "csr": csr.decode()}).encode()
         status, data = self._request("POST", "/v1/certificate", body, 30)
         if 400 <= status < 500:
             try:
@@ -230,8 +236,9 @@ class ControlWatch:
             raise OSError(f"the control plane answered {status}: {data[:200].decode('utf-8', 'replace')}")
         got = json.loads(data)
         if not isinstance(got, dict) or not all(isinstance(got.get(k), str)
-                                                for k in ("identity", "certificate_chain", "trust_bundle")):
-            raise OSError("the control plane's certificate answer lacks identity, certificate_chain or trust_bundle")
+                                                for k in ("identity", "certificate_chain", "trust_bundle", "root")):
+            raise OSError("the control plane's certificate answer lacks identity, certificate_chain, trust_bundle "
+                          "or root")
         return got
 
     def _report(self, ack: bool) -> None:
@@ -266,20 +273,33 @@ class IdentityWatch:
     life (a new key each time), installed on the event loop between two callbacks.
 
     While the control plane is away, the certificate in hand is kept and used, and asked for again with backoff
-    (RETRY_MIN_S doubling to RETRY_MAX_S); once it has expired, the state says `expired` and peers refuse it,
-    until the control plane answers again. A control plane without a CA (404) is asked again every
-    NO_CA_RETRY_S; a refused request (another 4xx) is logged and tried again at the same pace."""
+    (RETRY_MIN_S doubling to RETRY_MAX_S). Once it has expired the state says `expired`: no mTLS is originated
+    with it (calls go plaintext: PERMISSIVE servers serve them, STRICT ones refuse them), and callers that reach
+    this sidecar over mTLS are refused by their own sidecar (its certificate is expired), until the control plane
+    answers again and a new one is installed. A control plane without a CA (404) is asked again every
+    NO_CA_RETRY_S; a refused request (another 4xx: a revoked token, say) is logged and tried again at that pace.
+
+    A root rotation reaches it in the snapshot's trust (`trust`, control/rotation.py): a new bundle rebuilds the
+    contexts (for new connections; those open keep theirs), and a signer that is not the root its certificate
+    chains to has it renewed now, after up to ROTATION_JITTER_S (so that a thousand sidecars do not ask at once)."""
 
     NO_CA_RETRY_S = 60.0
+    ROTATION_JITTER_S = 1.0
 
     def __init__(self, watch: ControlWatch, workload: Any) -> None:
         self.watch, self.workload = watch, workload
         self.state = "none"
         """none (not asked yet), valid, renewing (due, not renewed yet), expired, refused, no-ca."""
         self.error = ""
+        self.signer = ""
+        """The root the control plane signs with now, as the last snapshot said ('' before one said)."""
+        self.renewals = 0
+        """Certificates installed since start (the first included)."""
         self._stop = threading.Event()
+        self._nudge = threading.Event()
         self._loop: Any = None
         self._thread: threading.Thread | None = None
+        watch.holds = self.holds
 
     def __repr__(self) -> str:
         return f"<IdentityWatch {self.workload.identity or '-'} {self.state}>"
@@ -291,6 +311,22 @@ class IdentityWatch:
 
     def stop(self) -> None:
         self._stop.set()
+        self._nudge.set()
+
+    def holds(self) -> tuple[str, tuple[str, ...]]:
+        w = self.workload
+        return w.root, w.trusts
+
+    def trust(self, trust: Any) -> None:
+        """A snapshot's trust (meshlens.policy.trust `Trust`), on the loop; ValueError (nothing changed) when its
+        bundle does not load."""
+        w = self.workload
+        if w.identity and trust.bundle != w.bundle:
+            w.retrust(trust.bundle)
+            log.info("trust bundle replaced roots=%s", ",".join(r[:16] for r in w.trusts))
+        self.signer = trust.signer
+        if w.identity and w.root != trust.signer:
+            self._nudge.set()
 
     def described(self) -> dict[str, Any]:
         w = self.workload
@@ -298,7 +334,14 @@ class IdentityWatch:
         if state in ("valid", "renewing") and w.expires_at and time.time() >= w.expires_at:
             state = "expired"  # the renewal thread may be waiting out a backoff: the clock says it now
         return {"identity": w.identity, "state": state, "error": self.error,
-                "not_after": w.not_after.isoformat() if w.not_after else None}
+                "not_after": w.not_after.isoformat() if w.not_after else None, "root": w.root,
+                "trusts": list(w.trusts), "renewals": self.renewals}
+
+    def _due_in(self, now: Any) -> float:
+        w = self.workload
+        if self.signer and w.root and w.root != self.signer:  # a rotation switched the signer
+            return 0.0
+        return w.renew_in(now)
 
     def _run(self) -> None:
         import datetime as dt
@@ -306,10 +349,14 @@ class IdentityWatch:
         backoff = RETRY_MIN_S
         while not self._stop.is_set():
             now = dt.datetime.now(dt.timezone.utc)
-            wait = self.workload.renew_in(now)
+            wait = self._due_in(now)
             if wait > 0:
-                self._stop.wait(wait)
+                self._nudge.wait(wait)
+                if self._nudge.is_set() and not self._stop.is_set():
+                    self._nudge.clear()
+                    self._stop.wait(random.uniform(0, self.ROTATION_JITTER_S))
                 continue
+            self._nudge.clear()
             if self.workload.not_after is not None:
                 self.state = "expired" if now >= self.workload.not_after else "renewing"
             try:
@@ -337,8 +384,10 @@ class IdentityWatch:
 
         def on_loop() -> None:
             try:
-                self.workload.install(got["identity"], got["certificate_chain"], got["trust_bundle"], key)
+                self.workload.install(got["identity"], got["certificate_chain"], got["trust_bundle"], key,
+                                      got["root"])
                 self.state, self.error = "valid", ""  # with the certificate, as /config (on the loop) reads them
+                self.renewals += 1
                 done.set_result(None)
             except ValueError as e:
                 done.set_exception(e)
@@ -349,5 +398,5 @@ class IdentityWatch:
         except RuntimeError:  # the loop closed: the proxy is stopping
             self._stop.set()
             return
-        log.info("workload certificate installed identity=%s not_after=%s", self.workload.identity,
-                 self.workload.not_after)
+        log.info("workload certificate installed identity=%s not_after=%s root=%s", self.workload.identity,
+                 self.workload.not_after, self.workload.root[:16])

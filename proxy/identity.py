@@ -22,6 +22,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from meshlens.collector.record import AT
+from meshlens.policy.trust import bundle_fingerprints
 from meshlens.protocols.errors import PeerError
 from meshlens.protocols.tls import ClientHello, HelloParser, ServerHello, hello_attributes
 from meshlens.proxy.mtls import MESH_ALPN
@@ -49,6 +50,13 @@ class Workload:
         """Inbound mTLS: its chain, peers' chains checked against the bundle (a client certificate required)."""
         self.client: ssl.SSLContext | None = None
         """Outbound mTLS: its chain, the server's checked against the bundle (its SPIFFE id checked by the caller)."""
+        self.root = ""
+        """The fingerprint of the root its certificate chains to (control/ca.py `fingerprint`)."""
+        self.bundle = ""
+        """The trust bundle in force (PEM)."""
+        self.trusts: tuple[str, ...] = ()
+        """The fingerprints of the roots in it."""
+        self._chain = self._key_pem = b""
 
     def __repr__(self) -> str:
         return f"<Workload {self.identity or '-'} until {self.not_after}>"
@@ -73,17 +81,17 @@ class Workload:
         req = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
         return req.public_bytes(serialization.Encoding.PEM), key
 
-    def install(self, identity: str, chain_pem: str, bundle_pem: str, key: Any) -> None:
-        """A certificate the CA issued for `key` (from `csr`); ValueError (nothing changed) when it is not for that
-        key and identity."""
+    def install(self, identity: str, chain_pem: str, bundle_pem: str, key: Any, root: str) -> None:
+        """A certificate the CA issued for `key` (from `csr`), chaining to the root `root` names; ValueError
+        (nothing changed) when it is not for that key and identity."""
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
         try:
             chain = x509.load_pem_x509_certificates(chain_pem.encode())
-            x509.load_pem_x509_certificates(bundle_pem.encode())
         except ValueError as e:
             raise ValueError(f"the issued certificate does not parse: {e}") from None
+        trusts = bundle_fingerprints(bundle_pem)
         leaf = chain[0]
         if leaf.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
             raise ValueError("the issued certificate is not for this sidecar's key")
@@ -98,11 +106,23 @@ class Workload:
                                     serialization.NoEncryption())
         server, client = _contexts(chain_pem.encode(), key_pem, bundle_pem)
         self.key, self.identity, self.server, self.client = key, identity, server, client
+        self.root, self.bundle, self.trusts = root, bundle_pem, trusts
+        self._chain, self._key_pem = chain_pem.encode(), key_pem
         self.installed_at, self.not_after = dt.datetime.now(dt.timezone.utc), leaf.not_valid_after_utc
         self.expires_at = self.not_after.timestamp()
         self._renew_share = RENEW_AT + random.uniform(-1, 1) * RENEW_JITTER  # drawn once a certificate
 
     _renew_share = RENEW_AT
+
+    def retrust(self, bundle_pem: str) -> None:
+        """The same certificate with another trust bundle (a root rotation's step): new contexts for new connections;
+        ValueError (nothing changed) when it does not load."""
+        trusts = bundle_fingerprints(bundle_pem)
+        try:
+            server, client = _contexts(self._chain, self._key_pem, bundle_pem)
+        except ssl.SSLError as e:
+            raise ValueError(f"the trust bundle does not load: {e}") from None
+        self.server, self.client, self.bundle, self.trusts = server, client, bundle_pem, trusts
 
     def renew_in(self, now: dt.datetime) -> float:
         """Seconds from `now` to its renewal: at half its life, with jitter (0 when due or when there is none)."""

@@ -171,6 +171,7 @@ class Proxy:
         request, connections and requests in flight untouched; returns the mode this sidecar applies.
         Raises ValueError (nothing changed) when it cannot be applied."""
         from meshlens.mesh import CONTROL_MODES, MeshError, parse
+        from meshlens.policy.trust import read_trust
 
         try:
             mesh = parse(snap.get("mesh"), f"snapshot {snap.get('version')}")
@@ -189,6 +190,8 @@ class Proxy:
             mesh.lookup(cfg.local_host, self.ports["inbound"]) if "inbound" in self.ports else None)
         policies = Policies.build(mesh, service.name, modes, policies_docs, self.router.random,
                                   self.router.policies, found[1].labels if found else None)  # ValueError: NACKed
+        if snap.get("trust") is not None and self.identity is not None:  # a root rotation's step (proxy/control.py)
+            self.identity.trust(read_trust(snap["trust"], f"snapshot {snap.get('version')}"))
         self.mesh, self.service = mesh, service
         self.router.update(mesh, service)
         self.router.set_policies(policies if policies.outbound or policies.inbound else None)
@@ -325,6 +328,10 @@ async def serve(config: ProxyConfig, recorder: CallRecorder | None, watch: Contr
     proxy = Proxy(config, recorder)
     if watch is not None:
         assert snap is not None
+        from meshlens.proxy.control import IdentityWatch
+        from meshlens.proxy.identity import Workload
+
+        proxy.identity = IdentityWatch(watch, Workload())
         try:
             error = ""
             proxy.control = watch
@@ -332,10 +339,6 @@ async def serve(config: ProxyConfig, recorder: CallRecorder | None, watch: Contr
         except ValueError as e:  # checked by the CLI already; a mode it cannot read is refused here
             error = str(e)
         watch.start(asyncio.get_running_loop(), proxy.apply_snapshot, snap, error)
-        from meshlens.proxy.control import IdentityWatch
-        from meshlens.proxy.identity import Workload
-
-        proxy.identity = IdentityWatch(watch, Workload())
         proxy.identity.start(asyncio.get_running_loop())
     await proxy.start()
     admin_servers, admin_ports = await start_admin(proxy)

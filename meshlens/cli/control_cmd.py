@@ -25,7 +25,8 @@ CONTROL_EPILOG = """examples:
   meshlens control --host 0.0.0.0 --tokens tokens.yaml --tls-cert api.pem --tls-key api.key
       beyond loopback: every request needs a token (read, write, or a sidecar's), over HTTPS
   meshlens control --ca-cert intermediate-chain.pem --ca-key intermediate-key.pem
-      workload certificates signed by your own CA (else a root made at first start)
+      workload certificates signed by your own CA (else a root made at first start;
+      `meshlens ca rotate` rotates that one)
   meshlens control --collector http://127.0.0.1:4318
       every change also becomes a row of the collector's mesh_changes, for dashboards to mark;
       what changed while the collector was away is shipped once it is back
@@ -80,6 +81,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ca-cert", metavar="PEM", help="sign workload certificates with your own root or intermediate "
                                                    "(followed by its chain up to the root) ...")
     p.add_argument("--ca-key", metavar="PEM", help="... and its ECDSA P-256 key")
+    p.add_argument("--ca-trust", metavar="PEM", help="with --ca-cert: more roots to trust (a rotation of your root: "
+                                                     "the new one before it signs, the old one after)")
     p.add_argument("--calls-store", metavar="URL", default=os.environ.get("MESHLENS_STORE"),
                    help="where the readiness gate reads recorded calls before STRICT mTLS is enforced: a collector's "
                         "query endpoint (http://HOST:8123/) or ClickHouse (default: MESHLENS_STORE, else none: such "
@@ -209,7 +212,7 @@ def run_control(args: argparse.Namespace) -> int:
         raise UserError(f"--cert-lifetime {args.cert_lifetime}: from 10s to 90 days")
     try:
         ca = CA.open(Path(args.ca_dir) if args.ca_dir else data_home() / "control" / "ca", args.trust_domain,
-                     args.ca_cert, args.ca_key, dt.timedelta(seconds=lifetime))
+                     args.ca_cert, args.ca_key, dt.timedelta(seconds=lifetime), args.ca_trust)
     except (CAError, OSError) as e:
         raise UserError(f"CA: {getattr(e, 'strerror', None) or e}") from None
     check_ports(args.host, {"--port": args.port})
@@ -385,7 +388,7 @@ def run_status(args: argparse.Namespace) -> int:
 def run_history(args: argparse.Namespace) -> int:
     if not 1 <= args.limit <= 1000:
         raise UserError(f"--limit must be 1 to 1000, got {args.limit}")
-    kind = _kind(args.kind) if args.kind else None
+    kind = None if not args.kind else "TrustBundle" if args.kind.lower() == "trustbundle" else _kind(args.kind)
     entries = _call(_client(args).history, kind, None, args.limit, args.service)["entries"]
     if args.output == "json":
         print(json.dumps(entries, indent=2))
@@ -393,6 +396,9 @@ def run_history(args: argparse.Namespace) -> int:
     for e in entries:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e["time"]))
         what = f"{e['kind']} {e['name']} {e['action']}"
+        if e["kind"] == "TrustBundle":
+            spec = (e["after"] or {}).get("spec", {})
+            what = f"trust: {len(spec.get('roots', []))} root(s), rotation {spec.get('rotation', 'none')}"
         if e["kind"] == "Mode":
             before = (e["before"] or {}).get("spec", {}).get("mode", "observe")
             after = (e["after"] or {}).get("spec", {}).get("mode", "observe")

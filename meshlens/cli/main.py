@@ -6,8 +6,8 @@ import logging
 import sys
 
 from meshlens import __version__
-from meshlens.cli import (analysis_cmd, collector_cmd, control_cmd, dashboards_cmd, demo_cmd, mtls_cmd, proxy_cmd,
-                          query_cmd, schema_cmd, tap_cmd)
+from meshlens.cli import (analysis_cmd, ca_cmd, collector_cmd, control_cmd, dashboards_cmd, demo_cmd, mtls_cmd,
+                          proxy_cmd, query_cmd, schema_cmd, tap_cmd)
 from meshlens.cli.errors import UserError
 from meshlens.config import ConfigError
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log verbosity (logs go to stderr as key=value)")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
     for mod in (collector_cmd, query_cmd, schema_cmd, analysis_cmd, proxy_cmd, tap_cmd, demo_cmd, dashboards_cmd,
-                control_cmd, mtls_cmd):
+                control_cmd, ca_cmd, mtls_cmd):
         mod.add_parser(sub)
     return parser
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from meshlens.control.ca import CA, CAError, spiffe_id
+from meshlens.policy.trust import fingerprint
 
 WEB = spiffe_id("cluster.local", "default", "web")
 
@@ -126,3 +128,56 @@ def test_ca_files_that_cannot_be_used_are_refused_naming_the_file(tmp_path, file
         CA.open(tmp_path / "x", cert_file=str(cert), key_file=str(key))
     with pytest.raises(CAError, match="go together"):
         CA.open(tmp_path / "x", cert_file=str(cert))
+
+
+def test_a_root_rotation_trusts_both_roots_across_the_switch_and_the_new_one_alone_after(tmp_path):
+    ca = CA.open(tmp_path / "ca")
+    old = ca.roots[0]
+    with pytest.raises(CAError, match="the next step is begin, not switch"):
+        ca.rotate("switch")
+    ca.rotate("begin")
+    assert ca.rotation == "begun" and ca.roots[0] == old and len(ca.roots) == 2
+    new = ca.roots[1]
+    assert new.subject != old.subject  # told apart by when each was made
+    before = ca.sign(csr(), WEB)
+    assert before.root == fingerprint(old)
+    ca.rotate("switch")
+    assert ca.rotation == "switched" and ca.roots == [new, old]
+    assert not (tmp_path / "ca" / "next-root-key.pem").exists()  # the old key is gone; the new one signs
+    after = ca.sign(csr(), WEB)
+    assert after.root == fingerprint(new)
+    for issued in (before, after):  # both verify against the bundle of the overlap
+        (tmp_path / "v").mkdir(exist_ok=True)
+        assert openssl_verify(tmp_path / "v", replace(issued, trust_bundle=ca.bundle())).returncode == 0
+    assert CA.open(tmp_path / "ca").roots == [new, old]  # the state is on disk
+    ca.rotate("finish")
+    assert ca.rotation == "none" and ca.roots == [new]
+    assert openssl_verify(tmp_path / "v", replace(before, trust_bundle=ca.bundle())).returncode != 0
+
+
+def test_a_switch_cut_by_a_crash_is_completed_at_the_next_start_and_a_cut_begin_undone(tmp_path):
+    d = tmp_path / "ca"
+    ca = CA.open(d)
+    ca.rotate("begin")
+    new = ca.roots[1]
+    # the switch's first two writes, then a crash: the previous root written, the key moved, the certificate not
+    (d / "previous-root-cert.pem").write_bytes((d / "root-cert.pem").read_bytes())
+    (d / "next-root-key.pem").replace(d / "root-key.pem")
+    again = CA.open(d)
+    assert again.rotation == "switched" and again.roots[0] == new and again.sign(csr(), WEB).root == fingerprint(new)
+    # a begin cut after its key was written, before its certificate
+    again.rotate("finish")
+    (d / "next-root-key.pem").write_bytes(b"half")
+    assert CA.open(d).rotation == "none" and not (d / "next-root-key.pem").exists()
+
+
+def test_the_users_files_rotate_by_restarts_with_ca_trust(tmp_path):
+    ca = CA.open(tmp_path / "ca")
+    with pytest.raises(CAError, match="--ca-trust goes with --ca-cert"):
+        CA.open(tmp_path / "ca", trust_file=str(tmp_path / "ca" / "root-cert.pem"))
+    other = CA.open(tmp_path / "other")
+    own = CA.open(tmp_path / "x", cert_file=str(tmp_path / "ca" / "root-cert.pem"),
+                  key_file=str(tmp_path / "ca" / "root-key.pem"), trust_file=str(tmp_path / "other" / "root-cert.pem"))
+    assert own.roots == [ca.roots[0], other.roots[0]] and own.rotation == "none"
+    with pytest.raises(CAError, match="rotate its root by restarting"):
+        own.rotate("begin")

@@ -60,7 +60,7 @@ def test_a_certificate_is_refused_in_one_line_for_what_the_caller_may_not_have(t
             (ask(control, "web", web_id, READ), 403, "token 'viewer' (role read) may not"),
             (ask(control, "web", web_id), 401, "this control plane needs a token"),
             (ask(control, "ghost", None, WRITE), 404, "no service 'ghost' in the stored mesh"),
-            (post(control, b"{", SIDECAR), 400, 'expected JSON {"service": NAME, "csr": '),
+            (post(control, b"{", SIDECAR), 400, 'expected JSON {"service": NAME, "instance": ID, "csr": '),
             (post(control, json.dumps({"service": "web", "csr": "junk"}).encode(), SIDECAR), 400,
              "not a PEM certificate signing request"),
             (post(control, b"x" * 40000, SIDECAR), 413, "a certificate request is at most MAX_CSR_BYTES=16384"),
