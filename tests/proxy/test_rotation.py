@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from meshlens.policy.trust import fingerprint
 from tests.collector_process import CollectorProcess
 from tests.control.processes import ControlProcess
 from tests.control.test_control_cli import cli
@@ -286,4 +287,41 @@ def test_a_token_taken_out_of_the_tokens_file_is_revoked_and_the_sidecar_keeps_s
                 # the sidecar keeps serving on what it holds (its snapshot; plaintext until a certificate is back)
                 assert request(api.inbound, "api", "/still")[:2] == (200, "api")
     finally:
+        app.stop()
+
+
+def test_your_own_ca_files_rotate_by_restarts_and_each_restart_reaches_the_sidecars(tmp_path):
+    """--ca-cert files: the new root trusted first (--ca-trust), then signing with the old one trusted, then alone;
+    each restart stores the trust that changed, and the sidecar follows it."""
+    from meshlens.control.ca import CA
+
+    old, new = CA.open(tmp_path / "old"), CA.open(tmp_path / "new")
+    files = {name: (str(tmp_path / name / "root-cert.pem"), str(tmp_path / name / "root-key.pem"))
+             for name in ("old", "new")}
+    app = Instance("api").start()
+    port, control = free_port(), None
+    try:
+        def start(signer: str, *trust: str) -> ControlProcess:
+            cert, key = files[signer]
+            args = ["--ca-cert", cert, "--ca-key", key] + (["--ca-trust", files[trust[0]][0]] if trust else [])
+            return ControlProcess(tmp_path / "control", port, None, *args).start()
+
+        control = start("old")
+        revision = apply(control, tmp_path, mesh(free_port()))
+        with ProxyProcess(tmp_path / "api", None, "api", "--no-record", "--app-port", str(app.port),
+                          control=control.url).start() as api:
+            follow(api, revision)
+            fp_old, fp_new = (fingerprint(ca.roots[0]) for ca in (old, new))
+            assert with_identity(api)["identity"]["root"] == fp_old
+            for signer, trust, trusts in (("old", ("new",), [fp_old, fp_new]), ("new", ("old",), [fp_new, fp_old]),
+                                          ("new", (), [fp_new])):
+                control.stop()
+                control = start(signer, *trust)
+                wait_until(lambda t=trusts: identity(api)["trusts"] == t, f"the sidecar trusting {trusts}")
+                want = fp_old if signer == "old" else fp_new
+                wait_until(lambda w=want: identity(api)["root"] == w, "its certificate from the signer")
+            assert request(api.inbound, "api", "/")[0] == 200
+    finally:
+        if control is not None:
+            control.stop()
         app.stop()
