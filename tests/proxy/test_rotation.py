@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -220,6 +221,16 @@ def test_a_step_that_would_break_a_sidecar_is_refused_naming_it_unless_forced(tm
         assert out.returncode == 2 and "still hold a certificate from the old root" in out.stderr
         assert rotate(control, "finish", "--force").returncode == 0
         assert [r["fingerprint"] for r in ca_status(control)["roots"]] == [new]
+        # what the rotation is asked wrongly: 400, one line, nothing changed
+        for body in (b"", b"{", b"[]", b'{"step": "again"}', b'{"step": "begin", "extra": 1}',
+                     b'{"step": "begin", "reason": 7}'):
+            req = urllib.request.Request(f"{control.url}/v1/ca/rotate", data=body, method="POST")
+            try:
+                urllib.request.urlopen(req, timeout=30)
+                raise AssertionError(f"{body!r} was taken")
+            except urllib.error.HTTPError as e:
+                assert e.code == 400 and json.loads(e.read())["error"].startswith("expected JSON"), body
+        assert ca_status(control)["rotation"] == "none"
         # a malformed fingerprint on a poll: 400, one line
         q = "service=api&instance=api-1&version=&timeout=0&root=nothex"
         try:
