@@ -295,6 +295,8 @@ class IdentityWatch:
         """The root the control plane signs with now, as the last snapshot said ('' before one said)."""
         self.renewals = 0
         """Certificates installed since start (the first included)."""
+        self._renewed_for = ""
+        """The signer a renewal last succeeded under: a switch renews once per signer, however the CA answers."""
         self._stop = threading.Event()
         self._nudge = threading.Event()
         self._loop: Any = None
@@ -339,8 +341,8 @@ class IdentityWatch:
 
     def _due_in(self, now: Any) -> float:
         w = self.workload
-        if self.signer and w.root and w.root != self.signer:  # a rotation switched the signer
-            return 0.0
+        if self.signer and w.root and w.root != self.signer and self._renewed_for != self.signer:
+            return 0.0  # a rotation switched the signer
         return w.renew_in(now)
 
     def _run(self) -> None:
@@ -378,6 +380,7 @@ class IdentityWatch:
             backoff = RETRY_MIN_S
 
     def _renew(self) -> None:
+        signer = self.signer
         csr, key = self.workload.csr()
         got = self.watch.certificate(csr)
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -388,6 +391,7 @@ class IdentityWatch:
                                       got["root"])
                 self.state, self.error = "valid", ""  # with the certificate, as /config (on the loop) reads them
                 self.renewals += 1
+                self._renewed_for = signer
                 done.set_result(None)
             except ValueError as e:
                 done.set_exception(e)
