@@ -135,7 +135,11 @@ class Downstream(asyncio.Protocol):
         if self.tunnel is not None:
             return True
         if self.reader.phase is not _UPGRADE_WAIT:  # held bytes still go to the tunnel if it opens
-            self.reader.feed_eof()
+            if self.reader.feed_eof() and self.reading is not None:
+                # it left in the middle of a request body, which can now never end: the connection and whatever
+                # went upstream are cut and the exchanges recorded downstream_closed (DC), as Envoy resets them
+                self.abort()
+                return None
         return True if self.queue else None
 
     def pause_writing(self) -> None:
