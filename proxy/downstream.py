@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from meshlens.proxy.server import Proxy
     from meshlens.proxy.upstream import Upstream
 
-__all__ = ["HEADER_TIMEOUT", "IDLE_TIMEOUT", "MAX_QUEUED", "Downstream"]
+__all__ = ["COUNTERS", "HEADER_TIMEOUT", "IDLE_TIMEOUT", "MAX_QUEUED", "Downstream"]
 
 # Time allowed for a whole request head once its first byte arrived. nginx's
 # client_header_timeout is 60 s; Envoy recommends 10 s for edge proxies (slow-loris).
@@ -41,6 +41,11 @@ IDLE_TIMEOUT = 60.0
 # Pipelined requests read ahead of the one being answered before the client is not read
 # any further (nginx reads one buffer ahead); far below the codec's MAX_PENDING_EXCHANGES.
 MAX_QUEUED = 16
+# Counters of this module's own that the process' stats do not declare (/stats shows them from 0, proxy/admin.py):
+# an mTLS handshake the client left unfinished (closed, or silent past header_timeout), and first bytes that look
+# like TLS but are no ClientHello one can read (garbage, or over MAX_HELLO_BYTES: passed through, as Envoy's TLS
+# inspector counts tls_not_found and client_hello_too_large and lets the connection go on).
+COUNTERS = ("downstream_cx_tls_unfinished", "downstream_cx_tls_hello_invalid")
 _EXTRA = frozenset({PEER_HEADER})
 _IDLE_PHASE, _HEAD_PHASE, _UPGRADE_WAIT = Phase.IDLE, Phase.HEAD, Phase.UPGRADE_WAIT
 _NO_TIMER, _IDLE_TIMER, _HEAD_TIMER, _SNIFF_TIMER = 0, 1, 2, 3
@@ -77,6 +82,7 @@ class Downstream(asyncio.Protocol):
         self.tls: TlsServer | None = None  # mTLS terminated here (proxy/mtls.py): self.transport is its plaintext side
         self.hello: HelloParser | None = None  # reading a ClientHello, to tell mesh mTLS from other TLS
         self.peer_identity = ""  # the verified SPIFFE id of an mTLS client
+        self.handshake_over = False  # the mTLS handshake succeeded, or its failure is recorded (once)
         self.mtls = "PERMISSIVE"  # inbound: the PeerAuthentication mode for the app's port (proxy/authz.py)
         self.mtls_mode_of: str | None = None  # inbound: the service's mode it runs in (None: observe, nothing applied)
         self.mtls_note = ""  # what STRICT did (refused_plaintext) or would have done (would_refuse_plaintext)
@@ -116,6 +122,8 @@ class Downstream(asyncio.Protocol):
             self._arm(min(SNIFF_TIMEOUT, self.proxy.config.idle_timeout), _SNIFF_TIMER)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.tls is not None and not self.handshake_over:
+            self._tls_unfinished("the connection closed during the handshake")
         self.deadline = 0.0
         if self.timer is not None:
             self.timer.cancel()
@@ -359,6 +367,9 @@ class Downstream(asyncio.Protocol):
         if kind == _IDLE_TIMER:
             if not self.queue and self.reading is None:
                 self.transport.close()
+        elif kind == _HEAD_TIMER and self.tls is not None and not self.handshake_over:
+            self._tls_unfinished(f"no handshake within header_timeout={self.proxy.config.header_timeout:g}s")
+            self.abort()
         elif kind == _HEAD_TIMER:
             self.proxy.stats["downstream_rq_header_timeout"] += 1
             self._refuse(LocalReply(408, f"request head not received within {self.proxy.config.header_timeout:g}s",
@@ -404,6 +415,7 @@ class Downstream(asyncio.Protocol):
             hello = parser.feed(data)
         except PeerError:
             hello = False  # not a hello we can read: passed through, the record says why
+            self._count("downstream_cx_tls_hello_invalid")
         if hello is None:
             self.sniffed = head
             return None
@@ -445,6 +457,7 @@ class Downstream(asyncio.Protocol):
 
     def _tls_done(self, tls: TlsServer, error: str) -> None:
         stats = self.proxy.stats
+        self.handshake_over = True
         if error:
             stats["downstream_cx_tls_refused"] += 1
             self.proxy.recording.connection(self, "tls", self.proxy.router.inbound(self.peer[0]), None, "tls_handshake",
@@ -452,6 +465,17 @@ class Downstream(asyncio.Protocol):
             return
         stats["downstream_cx_mtls"] += 1
         self.peer_identity = tls.peer_identity
+
+    def _tls_unfinished(self, why: str) -> None:
+        """An mTLS handshake that never ended: recorded as a refused one is, counted apart (the client's doing)."""
+        self.handshake_over = True
+        self._count("downstream_cx_tls_unfinished")
+        self.proxy.recording.connection(self, "tls", self.proxy.router.inbound(self.peer[0]), None, "tls_handshake",
+                                        "", None, {"tls_error": why})
+
+    def _count(self, name: str) -> None:
+        stats = self.proxy.stats
+        stats[name] = stats.get(name, 0) + 1
 
     def _pass(self, protocol: str, first: bytes) -> None:
         self.sniffing = False
