@@ -256,7 +256,7 @@ class CA:
         except ValueError:
             raise CAError("the certificate request's extensions do not parse") from None
         if asked is not None:
-            names = [str(n.value) for n in asked]
+            names = [str(n.value).encode("unicode_escape").decode() for n in asked]  # one line, whatever it holds
             if names != [identity] or asked.get_values_for_type(x509.UniformResourceIdentifier) != [identity]:
                 raise CAError(f"the request names {', '.join(names) or 'nothing'}; this token may have {identity} only")
         now = (now or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0)  # certificates keep seconds

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 from meshlens.protocols.errors import PeerError
 from meshlens.protocols.http1 import RequestHead, RequestReader
-from meshlens.proxy.downstream import COUNTERS as DOWNSTREAM_COUNTERS
 
 if TYPE_CHECKING:
     from meshlens.proxy.server import Proxy
@@ -32,7 +31,7 @@ def admin_pages(proxy: Proxy) -> dict[str, Callable[[], Page]]:
         return (503, _TEXT, b"draining\n") if proxy.draining else (200, _TEXT, b"ok\n")
 
     def stats() -> Page:
-        return 200, _JSON, json.dumps({**dict.fromkeys(DOWNSTREAM_COUNTERS, 0), **proxy.snapshot()}).encode()
+        return 200, _JSON, json.dumps(proxy.snapshot()).encode()
 
     def config() -> Page:
         cfg = proxy.config

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from meshlens.proxy.server import Proxy
     from meshlens.proxy.upstream import Upstream
 
-__all__ = ["COUNTERS", "HEADER_TIMEOUT", "IDLE_TIMEOUT", "MAX_QUEUED", "Downstream"]
+__all__ = ["HEADER_TIMEOUT", "IDLE_TIMEOUT", "MAX_QUEUED", "Downstream"]
 
 # Time allowed for a whole request head once its first byte arrived. nginx's
 # client_header_timeout is 60 s; Envoy recommends 10 s for edge proxies (slow-loris).
@@ -45,7 +45,6 @@ MAX_QUEUED = 16
 # an mTLS handshake the client left unfinished (closed, or silent past header_timeout), and first bytes that look
 # like TLS but are no ClientHello one can read (garbage, or over MAX_HELLO_BYTES: passed through, as Envoy's TLS
 # inspector counts tls_not_found and client_hello_too_large and lets the connection go on).
-COUNTERS = ("downstream_cx_tls_unfinished", "downstream_cx_tls_hello_invalid")
 _EXTRA = frozenset({PEER_HEADER})
 _IDLE_PHASE, _HEAD_PHASE, _UPGRADE_WAIT = Phase.IDLE, Phase.HEAD, Phase.UPGRADE_WAIT
 _NO_TIMER, _IDLE_TIMER, _HEAD_TIMER, _SNIFF_TIMER = 0, 1, 2, 3
@@ -415,7 +414,7 @@ class Downstream(asyncio.Protocol):
             hello = parser.feed(data)
         except PeerError:
             hello = False  # not a hello we can read: passed through, the record says why
-            self._count("downstream_cx_tls_hello_invalid")
+            self.proxy.stats["downstream_cx_tls_hello_invalid"] += 1
         if hello is None:
             self.sniffed = head
             return None
@@ -469,13 +468,9 @@ class Downstream(asyncio.Protocol):
     def _tls_unfinished(self, why: str) -> None:
         """An mTLS handshake that never ended: recorded as a refused one is, counted apart (the client's doing)."""
         self.handshake_over = True
-        self._count("downstream_cx_tls_unfinished")
+        self.proxy.stats["downstream_cx_tls_unfinished"] += 1
         self.proxy.recording.connection(self, "tls", self.proxy.router.inbound(self.peer[0]), None, "tls_handshake",
                                         "", None, {"tls_error": why})
-
-    def _count(self, name: str) -> None:
-        stats = self.proxy.stats
-        stats[name] = stats.get(name, 0) + 1
 
     def _pass(self, protocol: str, first: bytes) -> None:
         self.sniffing = False

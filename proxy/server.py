@@ -96,6 +96,7 @@ class Proxy:
             "downstream_rq_header_timeout": 0, "upstream_cx_total": 0, "upstream_cx_reused": 0,
             "upstream_rq_refused": 0, "upstream_rq_reset": 0, "downstream_rq_local_reply": 0,
             "downstream_cx_mtls": 0, "downstream_cx_tls_refused": 0, "downstream_cx_plaintext_refused": 0,
+            "downstream_cx_tls_unfinished": 0, "downstream_cx_tls_hello_invalid": 0,
             "upstream_cx_mtls": 0,
             "upstream_cx_identity_refused": 0,
         }
@@ -226,7 +227,8 @@ class Proxy:
             ex.connect_failed(failure(e))
             return
         if tls is not None:
-            got = spiffe_of(up.transport.get_extra_info("peercert") if up.transport is not None else None)
+            transport = up.transport
+            got = spiffe_of(transport.get_extra_info("peercert") if transport is not None else None)
             if got != expected:  # a server that is not the destination service: as if it could not be reached
                 self.stats["upstream_cx_identity_refused"] += 1
                 up.abort()
@@ -234,6 +236,8 @@ class Proxy:
                 ex.connect_failed(LocalReply(503, f"upstream connect error: {why}", "tls_identity", UF))
                 return
             self.stats["upstream_cx_mtls"] += 1
+            if transport is not None and transport.get_extra_info("ssl_object").session_reused:
+                self.stats["upstream_cx_mtls_resumed"] = self.stats.get("upstream_cx_mtls_resumed", 0) + 1
             up.peer_identity = got
         ex.connected(up)
 
