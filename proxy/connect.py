@@ -18,6 +18,8 @@ import ssl
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
+from meshlens.proxy.mtls import SESSIONS, TlsClient
+
 __all__ = ["CONNECT_TIMEOUT", "DC", "DPE", "LR", "NR", "UC", "UF", "UH", "UO", "UPE", "UPSTREAM_PROTOCOL_ERROR",
            "UPSTREAM_RESET", "UR", "URX", "UT", "LocalReply", "failure", "no_endpoint", "open_connection"]
 
@@ -93,16 +95,23 @@ P = TypeVar("P", bound=asyncio.BaseProtocol)
 async def open_connection(protocol: Callable[[], P], addr: tuple[str, int], timeout: float | None = None,
                           tls: ssl.SSLContext | None = None) -> P:
     """Connect to `addr` within `timeout` (a DestinationRule's connectTimeout; default CONNECT_TIMEOUT), over
-    `tls` when given (mTLS: the handshake within the same timeout; the peer's identity is the caller's to check);
-    the protocol is returned connected.
+    `tls` when given (mTLS: the handshake within the same timeout, resuming the last session to `addr` when there
+    is one, proxy/mtls.py; the peer's identity is the caller's to check); the protocol is returned connected.
 
-    Raises OSError (TimeoutError included): `failure` says what it is answered and recorded as."""
+    Raises OSError (TimeoutError and ssl.SSLError included): `failure` says what it is answered and recorded as."""
     loop = asyncio.get_running_loop()
     # asyncio.timeout, not wait_for: wait_for wraps the connect in a task of its own (Python 3.11), a cost
     # each connection pays (maxRequestsPerConnection makes that every few requests)
     async with asyncio.timeout(timeout or CONNECT_TIMEOUT):
         if tls is None:
             _, proto = await loop.create_connection(protocol, addr[0], addr[1])
-        else:
-            _, proto = await loop.create_connection(protocol, addr[0], addr[1], ssl=tls, server_hostname="")
+            return proto
+        # TLS over memory BIOs (TlsClient), not create_connection(ssl=): only wrap_bio takes a session to resume
+        proto = protocol()
+        raw, client = await loop.create_connection(lambda: TlsClient(tls, addr, SESSIONS, proto), addr[0], addr[1])
+        try:
+            await client.handshake
+        except BaseException:  # failed, lost or timed out: the connection goes
+            raw.abort()
+            raise
     return proto

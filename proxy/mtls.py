@@ -19,16 +19,23 @@ connection is refused as a failure to connect (503 UF) naming both.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
+import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MESH_ALPN", "TLS_MODE_LABEL", "AppTransport", "TlsServer", "meshed", "spiffe_of"]
+__all__ = ["MAX_SESSIONS", "MESH_ALPN", "SESSIONS", "TLS_MODE_LABEL", "AppTransport", "SessionCache", "TlsClient",
+           "TlsServer", "meshed", "spiffe_of"]
 
 MESH_ALPN = ("istio-http/1.1", "istio")
 # Istio's label on an endpoint whose sidecar terminates mTLS (injected pods carry it).
 TLS_MODE_LABEL = ("security.istio.io/tlsMode", "istio")
 _READ = 256 * 1024
+# Upstream addresses whose last TLS session a client context keeps, to resume the next connection's handshake with
+# it (Envoy keeps max_session_keys = 1 per upstream cluster; 0 keeps none: every handshake a full one).
+MAX_SESSIONS = 1024
 
 
 def meshed(labels: dict[str, str]) -> bool:
@@ -50,71 +57,90 @@ def handshake_reason(e: ssl.SSLError) -> str:
     return str(reason).replace("_", " ").lower()[:200]
 
 
-class TlsServer(asyncio.Protocol):
-    """Server-side TLS over a raw transport that has already read `first` (the ClientHello's bytes)."""
+@functools.lru_cache(maxsize=64)
+def _seconds(cert_time: str) -> float:
+    """ssl.cert_time_to_seconds, remembered: strptime costs ~15 us, and a mesh has few certificates at a time."""
+    return ssl.cert_time_to_seconds(cert_time)
 
-    def __init__(self, raw: asyncio.Transport, context: ssl.SSLContext, app: asyncio.Protocol,
-                 done: Callable[[TlsServer, str], None]) -> None:
-        """`done(tls, error)` once the handshake ends: error '' and `peer_identity` set, or why it failed."""
-        self.raw = raw
+
+class _Tls(asyncio.Protocol):
+    """One end of a TLS connection: an SSLObject over memory BIOs as a raw transport's protocol, its plaintext
+    handed to `app` through `transport` (an AppTransport). What the two ends share: records in, plaintext out."""
+
+    def __init__(self, raw: asyncio.Transport | None, obj: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO, app: asyncio.Protocol) -> None:
+        # per connection
+        self.raw: asyncio.Transport = raw  # type: ignore[assignment]  # the client's: set by connection_made
         self.app = app
-        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.ssl = context.wrap_bio(self._in, self._out, server_side=True)
+        self._in, self._out = incoming, outgoing
+        self.ssl = obj
         self.handshaken = False
         self.failed = False
+        self.resumed = False
+        """The handshake resumed an earlier session (no certificates exchanged: the session's are the peer's)."""
         self.peer_identity = ""
+        self.error: ssl.SSLError | None = None
+        """Why the handshake failed."""
         self.transport = AppTransport(self)
-        self._done = done
         self._eof_sent = False
 
-    def start(self, first: bytes) -> None:
-        self.raw.set_protocol(self)
-        self.data_received(first)
-
-    # -- the raw transport's protocol ---------------------------------------------------------------
-
-    def data_received(self, data: bytes) -> None:
-        if self.failed:
-            return
-        self._in.write(data)
-        if not self.handshaken:
-            try:
-                self.ssl.do_handshake()
-            except ssl.SSLWantReadError:
-                self._flush()
-                return
-            except ssl.SSLError as e:
-                self.failed = True
-                self._flush()  # the alert, so the client learns why
-                self.raw.close()
-                self._done(self, handshake_reason(e))
-                return
-            self.handshaken = True
-            self.peer_identity = spiffe_of(self.ssl.getpeercert())
+    def _handshake(self) -> bool:
+        """Go on with the handshake on what arrived; whether it is done. A failure sets `failed` and `error`, flushes
+        the alert (so the peer learns why) and closes the connection."""
+        try:
+            self.ssl.do_handshake()
+        except ssl.SSLWantReadError:
             self._flush()
-            self._done(self, "")
+            return False
+        except ssl.SSLError as e:
+            return self._fail(e)
+        cert = self.ssl.getpeercert()
+        if self.ssl.session_reused:
+            self.resumed = True
+            # a session outlives nothing it was made with: the peer's certificate must still be valid now
+            if not cert or _seconds(cert["notAfter"]) <= time.time():
+                expired = ssl.SSLCertVerificationError(1, "certificate has expired (resumed session)")
+                expired.verify_message = "certificate has expired (resumed session)"
+                return self._fail(expired)
+        self.handshaken = True
+        self.peer_identity = spiffe_of(cert)
+        self._flush()
+        return True
+
+    def _fail(self, e: ssl.SSLError) -> bool:
+        self.failed, self.error = True, e
+        self._flush()
+        self.raw.close()
+        return False
+
+    def _deliver(self) -> bool:
+        """Decrypt what arrived and hand the plaintext to the app; whether there was any."""
         chunks = []
+        obj, incoming = self.ssl, self._in
         while True:
             try:
-                chunk = self.ssl.read(_READ)
+                chunk = obj.read(_READ)
             except ssl.SSLWantReadError:
                 break
-            except ssl.SSLZeroReturnError:  # close_notify: the client's end of the stream
+            except ssl.SSLZeroReturnError:  # close_notify: the peer's end of the stream
                 self._flush()
                 if chunks:
                     self.app.data_received(b"".join(chunks))
-                    chunks = []
                 self._peer_eof()
-                break
+                return bool(chunks)
             except ssl.SSLError:
                 self.raw.abort()
-                return
+                return False
             if not chunk:
                 break
             chunks.append(chunk)
+            if not incoming.pending and not obj.pending():  # all read: spares the SSLWantReadError a read costs
+                break
         self._flush()  # session tickets, key updates
         if chunks:
-            self.app.data_received(b"".join(chunks))
+            self.app.data_received(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+            return True
+        return False
 
     def _peer_eof(self) -> None:
         if self._eof_sent:
@@ -144,10 +170,119 @@ class TlsServer(asyncio.Protocol):
             self.raw.write(data)
 
 
+class TlsServer(_Tls):
+    """Server-side TLS over a raw transport that has already read `first` (the ClientHello's bytes)."""
+
+    def __init__(self, raw: asyncio.Transport, context: ssl.SSLContext, app: asyncio.Protocol,
+                 done: Callable[[TlsServer, str], None]) -> None:
+        """`done(tls, error)` once the handshake ends: error '' and `peer_identity` set, or why it failed."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        super().__init__(raw, context.wrap_bio(incoming, outgoing, server_side=True), incoming, outgoing, app)
+        self._done = done
+
+    def start(self, first: bytes) -> None:
+        self.raw.set_protocol(self)
+        self.data_received(first)
+
+    def data_received(self, data: bytes) -> None:
+        if self.failed:
+            return
+        self._in.write(data)
+        if not self.handshaken:
+            if not self._handshake():
+                if self.failed:
+                    self._done(self, handshake_reason(self.error))  # type: ignore[arg-type]
+                return
+            self._done(self, "")
+        self._deliver()
+
+
+class SessionCache:
+    """The last TLS session of each upstream address, by the client context that made it.
+
+    Python offers a session only to a connection of the context that made it, and the workload's contexts are
+    replaced whole at each renewal (proxy/identity.py): keyed weakly by the context, a renewal's old sessions go
+    with the old context, and a new context starts with none."""
+
+    def __init__(self) -> None:
+        self._by_context: weakref.WeakKeyDictionary[ssl.SSLContext, dict[tuple[str, int], ssl.SSLSession]] = (
+            weakref.WeakKeyDictionary())
+
+    def __repr__(self) -> str:
+        return f"<SessionCache contexts={len(self._by_context)}>"
+
+    def get(self, context: ssl.SSLContext, addr: tuple[str, int]) -> ssl.SSLSession | None:
+        sessions = self._by_context.get(context)
+        return sessions.get(addr) if sessions else None
+
+    def put(self, context: ssl.SSLContext, addr: tuple[str, int], session: ssl.SSLSession) -> None:
+        if MAX_SESSIONS <= 0:
+            return
+        sessions = self._by_context.get(context)
+        if sessions is None:
+            sessions = self._by_context[context] = {}
+        sessions.pop(addr, None)  # the newest last: the oldest address goes first when full
+        if len(sessions) >= MAX_SESSIONS:
+            del sessions[next(iter(sessions))]
+        sessions[addr] = session
+
+
+class TlsClient(_Tls):
+    """Client-side TLS (mTLS originated) as the protocol of a connection being opened to `addr`: the last session
+    to that address is offered, and the one a full handshake gets is kept for the next. `handshake` resolves when
+    the handshake is done (the app then connected to `transport`), or fails with the ssl.SSLError or the loss."""
+
+    def __init__(self, context: ssl.SSLContext, addr: tuple[str, int], sessions: SessionCache,
+                 app: asyncio.Protocol) -> None:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = context.wrap_bio(incoming, outgoing, server_side=False, session=sessions.get(context, addr))
+        super().__init__(None, obj, incoming, outgoing, app)
+        self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._context, self._addr, self._sessions = context, addr, sessions
+        self._keep_session = True  # until this connection's session is kept, or there is none to keep
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.raw = transport  # type: ignore[assignment]
+        self._handshake()  # the ClientHello
+
+    def data_received(self, data: bytes) -> None:
+        if self.failed:
+            return
+        self._in.write(data)
+        if not self.handshaken:
+            if not self._handshake():
+                if self.failed and not self.handshake.done():
+                    self.handshake.set_exception(self.error)  # type: ignore[arg-type]
+                return
+            # A resumed session is offered again (OpenSSL's tickets are stateless, good until their lifetime or the
+            # server's next key), not replaced: Python copies a session through DER each way (its workaround for
+            # OpenSSL 1.1.0), ~120 us with OpenSSL 3's certificate decoding, so one copy a full handshake, not two.
+            self._keep_session = not self.resumed
+            self.app.connection_made(self.transport)
+            if not self.handshake.done():
+                self.handshake.set_result(None)
+        if self._deliver() and self._keep_session:
+            # TLS 1.3 tickets come after the handshake, but before any answer: read by the first plaintext
+            self._keep_session = False
+            session = self.ssl.session
+            if session is not None and session.has_ticket:
+                self._sessions.put(self._context, self._addr, session)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.handshaken:
+            self.app.connection_lost(exc)
+        elif not self.handshake.done():
+            self.handshake.set_exception(exc or ConnectionResetError("the upstream closed during the TLS handshake"))
+
+
+SESSIONS = SessionCache()
+"""The sidecar's sessions (one per process: sessions belong to contexts, which are the process' own)."""
+
+
 class AppTransport(asyncio.Transport):
     """The plaintext side of a terminated TLS connection, as the shells and tunnels use a transport."""
 
-    def __init__(self, tls: TlsServer) -> None:
+    def __init__(self, tls: _Tls) -> None:
         super().__init__()
         self._tls = tls
         self._closing = False

@@ -284,3 +284,85 @@ def test_without_a_calls_store_enforcing_strict_needs_force_and_says_why(tmp_pat
         assert out.returncode == 2 and out.stderr.count("\n") == 1
         assert "STRICT mTLS would be enforced on api, and who still calls in plaintext cannot be checked" in out.stderr
         assert cli(control, "apply", "-f", str(f), "--force").returncode == 0
+
+
+ONE_PER_CONNECTION = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api-one-per-connection}
+spec:
+  host: api
+  trafficPolicy:
+    connectionPool:
+      http: {maxRequestsPerConnection: 1}
+"""
+
+
+def one_connection_per_request(control, api, web, tmp_path: Path) -> int:
+    revision = apply(control, tmp_path, mesh(api.inbound), ONE_PER_CONNECTION, mode_doc("api", "enforce"))
+    follow(api, revision)
+    follow(web, revision)
+    return revision
+
+
+def identities(collector: CollectorProcess, web: ProxyProcess, api: ProxyProcess, path: str) -> tuple:
+    [client] = rows(collector, web, 1, f"path = '{path}'")
+    [server] = rows(collector, api, 1, f"path = '{path}'")
+    return (client["status"], client["tls"], client["peer_identity"]), (server["tls"], server["peer_identity"])
+
+
+def test_a_second_connection_to_the_same_server_resumes_its_session_and_both_sides_still_verify(world, collector):
+    control, api, web, app, tmp_path = world
+    one_connection_per_request(control, api, web, tmp_path)
+    assert request(web.outbound, "api", "/full")[:2] == (200, "api")
+    assert stats(web).get("upstream_cx_mtls_resumed", 0) == 0
+    assert request(web.outbound, "api", "/resumed")[:2] == (200, "api")  # a new connection: the ticket offered
+    s = stats(web)
+    assert (s["upstream_cx_mtls"], s["upstream_cx_mtls_resumed"]) == (2, 1)
+    assert stats(api)["downstream_cx_mtls"] == 2
+    for path in ("/full", "/resumed"):  # no certificate is sent on resumption: the session's are checked
+        assert identities(collector, web, api, path) == ((200, True, API), (True, WEB))
+
+
+def test_a_server_that_refuses_the_ticket_gets_a_full_handshake_and_no_request_fails(world, collector):
+    control, api, web, app, tmp_path = world
+    revision = one_connection_per_request(control, api, web, tmp_path)
+    assert request(web.outbound, "api", "/before")[0] == 200
+    assert request(web.outbound, "api", "/resumed")[0] == 200
+    assert stats(web)["upstream_cx_mtls_resumed"] == 1
+    api.stop()  # its ticket keys, and its certificate, go with the process
+    api.start()
+    follow(api, revision)
+    with_identity(api)
+    assert request(web.outbound, "api", "/after-restart")[:2] == (200, "api")  # the old ticket offered, refused
+    s = stats(web)
+    assert (s["upstream_cx_mtls"], s["upstream_cx_mtls_resumed"], s["upstream_cx_total"]) == (3, 1, 3)
+    assert identities(collector, web, api, "/after-restart") == ((200, True, API), (True, WEB))
+    assert request(web.outbound, "api", "/resumed-again")[0] == 200  # the new server's ticket, kept
+    assert stats(web)["upstream_cx_mtls_resumed"] == 2
+
+
+def test_sessions_are_kept_per_context_and_address_and_a_renewed_context_starts_with_none(monkeypatch):
+    import ssl
+
+    from meshlens.proxy import mtls
+
+    cache = mtls.SessionCache()
+    old, new = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    a, b, c = ("10.0.0.1", 15006), ("10.0.0.2", 15006), ("10.0.0.3", 15006)
+    cache.put(old, a, "session-a")  # type: ignore[arg-type]
+    assert (cache.get(old, a), cache.get(old, b), cache.get(new, a)) == ("session-a", None, None)
+    cache.put(old, a, "session-a2")  # type: ignore[arg-type]  # the last one kept
+    assert cache.get(old, a) == "session-a2"
+    del old  # a renewal replaces the context: its sessions go with it
+    import gc
+
+    gc.collect()
+    assert repr(cache) == "<SessionCache contexts=0>"
+    monkeypatch.setattr(mtls, "MAX_SESSIONS", 2)
+    for addr in (a, b, c):
+        cache.put(new, addr, f"session-{addr[0]}")  # type: ignore[arg-type]
+    assert (cache.get(new, a), cache.get(new, b), cache.get(new, c)) == (None, "session-10.0.0.2", "session-10.0.0.3")
+    monkeypatch.setattr(mtls, "MAX_SESSIONS", 0)  # keeps none
+    cache.put(new, a, "session-a")  # type: ignore[arg-type]
+    assert cache.get(new, a) is None
