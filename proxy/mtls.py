@@ -14,7 +14,11 @@ Outbound, a request to an instance whose sidecar accepts mTLS (labelled
 `security.istio.io/tlsMode: istio`, as Istio's injector labels its pods: Istio's auto
 mTLS) goes over TLS with the sidecar's own certificate and the mesh ALPN, and the
 server's SPIFFE id must be the destination service's (`expected_identity`), else the
-connection is refused as a failure to connect (503 UF) naming both.
+connection is refused as a failure to connect (503 UF) naming both. It is originated the
+way it is terminated, over memory BIOs (`TlsClient`: asyncio's create_connection(ssl=)
+cannot offer a session), so that a new connection to an address resumes the last session
+to it (`SessionCache`): no certificates are exchanged on resumption, and the identity
+checked is the session's, verified when it was made.
 """
 from __future__ import annotations
 
