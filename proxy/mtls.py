@@ -26,7 +26,6 @@ import asyncio
 import functools
 import ssl
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -202,29 +201,31 @@ class TlsServer(_Tls):
 
 
 class SessionCache:
-    """The last TLS session of each upstream address, by the client context that made it.
+    """The last TLS session of each upstream address, made with the client context in force.
 
     Python offers a session only to a connection of the context that made it, and the workload's contexts are
-    replaced whole at each renewal (proxy/identity.py): keyed weakly by the context, a renewal's old sessions go
-    with the old context, and a new context starts with none."""
+    replaced whole at each renewal (proxy/identity.py): the first connection asked for with a new context drops
+    the old one's sessions (a session holds its context: keeping them would keep every renewal's context alive),
+    and a session a connection of an older context brings back later is not kept."""
 
     def __init__(self) -> None:
-        self._by_context: weakref.WeakKeyDictionary[ssl.SSLContext, dict[tuple[str, int], ssl.SSLSession]] = (
-            weakref.WeakKeyDictionary())
+        self.context: ssl.SSLContext | None = None
+        self.sessions: dict[tuple[str, int], ssl.SSLSession] = {}
 
     def __repr__(self) -> str:
-        return f"<SessionCache contexts={len(self._by_context)}>"
+        return f"<SessionCache sessions={len(self.sessions)}>"
 
     def get(self, context: ssl.SSLContext, addr: tuple[str, int]) -> ssl.SSLSession | None:
-        sessions = self._by_context.get(context)
-        return sessions.get(addr) if sessions else None
+        """The session to offer a new connection to `addr` made with `context` (the one in force), if any."""
+        if context is not self.context:
+            self.context, self.sessions = context, {}
+            return None
+        return self.sessions.get(addr)
 
     def put(self, context: ssl.SSLContext, addr: tuple[str, int], session: ssl.SSLSession) -> None:
-        if MAX_SESSIONS <= 0:
+        if context is not self.context or MAX_SESSIONS <= 0:
             return
-        sessions = self._by_context.get(context)
-        if sessions is None:
-            sessions = self._by_context[context] = {}
+        sessions = self.sessions
         sessions.pop(addr, None)  # the newest last: the oldest address goes first when full
         if len(sessions) >= MAX_SESSIONS:
             del sessions[next(iter(sessions))]

@@ -342,7 +342,7 @@ def test_a_server_that_refuses_the_ticket_gets_a_full_handshake_and_no_request_f
     assert stats(web)["upstream_cx_mtls_resumed"] == 2
 
 
-def test_sessions_are_kept_per_context_and_address_and_a_renewed_context_starts_with_none(monkeypatch):
+def test_sessions_are_kept_per_address_for_the_context_in_force_and_a_renewal_drops_them(monkeypatch):
     import ssl
 
     from meshlens.proxy import mtls
@@ -350,15 +350,15 @@ def test_sessions_are_kept_per_context_and_address_and_a_renewed_context_starts_
     cache = mtls.SessionCache()
     old, new = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     a, b, c = ("10.0.0.1", 15006), ("10.0.0.2", 15006), ("10.0.0.3", 15006)
+    assert cache.get(old, a) is None  # the first connection with this context
     cache.put(old, a, "session-a")  # type: ignore[arg-type]
-    assert (cache.get(old, a), cache.get(old, b), cache.get(new, a)) == ("session-a", None, None)
-    cache.put(old, a, "session-a2")  # type: ignore[arg-type]  # the last one kept
-    assert cache.get(old, a) == "session-a2"
-    del old  # a renewal replaces the context: its sessions go with it
-    import gc
-
-    gc.collect()
-    assert repr(cache) == "<SessionCache contexts=0>"
+    assert (cache.get(old, a), cache.get(old, b)) == ("session-a", None)
+    cache.put(old, a, "session-a2")  # type: ignore[arg-type]
+    assert cache.get(old, a) == "session-a2"  # the last one kept
+    assert cache.get(new, a) is None  # renewed: a new context asked for, the old one's sessions dropped
+    assert repr(cache) == "<SessionCache sessions=0>"
+    cache.put(old, a, "late")  # type: ignore[arg-type]  # a connection of the old context ending late: not kept
+    assert cache.get(new, a) is None
     monkeypatch.setattr(mtls, "MAX_SESSIONS", 2)
     for addr in (a, b, c):
         cache.put(new, addr, f"session-{addr[0]}")  # type: ignore[arg-type]
