@@ -139,7 +139,8 @@ class _Tls(asyncio.Protocol):
             chunks.append(chunk)
             if not incoming.pending and not obj.pending():  # all read: spares the SSLWantReadError a read costs
                 break
-        self._flush()  # session tickets, key updates
+        if self._out.pending:  # session tickets, key updates
+            self._flush()
         if chunks:
             self.app.data_received(b"".join(chunks) if len(chunks) > 1 else chunks[0])
             return True
@@ -293,14 +294,15 @@ class AppTransport(asyncio.Transport):
         self._closing = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing or self._tls.raw.is_closing():
+        tls = self._tls
+        if self._closing or tls.raw.is_closing():
             return
         try:
-            self._tls.ssl.write(data)
+            tls.ssl.write(data)
         except ssl.SSLError:
-            self._tls.raw.abort()
+            tls.raw.abort()
             return
-        self._tls._flush()
+        tls.raw.write(tls._out.read())
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
