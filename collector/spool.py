@@ -8,7 +8,9 @@ rows or is a flush interval old; a sealed segment is one insert per table, with
 a deduplication token made of the spool's id, the segment number and the table.
 It is deleted only after the store took it. After a crash every segment left is
 replayed in order with the same tokens, so the store drops what it already has:
-nothing acknowledged is lost and nothing is stored twice.
+nothing acknowledged is lost and nothing is stored twice. (The embedded store dies
+with us, possibly inside ClickHouse's insert, after the token's record and before
+its part: stores/insert_ledger.py is how it still stores such a replay once.)
 
 Frame layout (little endian):  u32 length | u32 crc32(payload) | payload
 payload: [u8 0 | u32 length | batch id, UTF-8]  then repeated  u8 table code | u32 length | Arrow IPC stream

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -22,10 +23,13 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from meshlens.collector.stores.base import Store, StoreError, first_line, insert_columns_sql, quote_ident
+from meshlens.collector.stores.insert_ledger import InsertLedger, Replay
 from meshlens.config import data_home
 
 if TYPE_CHECKING:
     from chdb.session import Session
+
+log = logging.getLogger("meshlens.collector")
 
 
 def default_data_dir() -> Path:
@@ -63,6 +67,10 @@ class EmbeddedStore(Store):
         self._readers: list[Session] = []
         self._readers_lock = threading.Lock()
         self._closed = False
+        # What was being inserted when the last run died (stores/insert_ledger.py), resolved
+        # against the parts at the first insert, once the schema is in place.
+        self._ledger = InsertLedger(self.path)
+        self._replays: dict[str, Replay] | None = None
 
     def raw_query(self, sql: str, fmt: str = "TabSeparated") -> bytes:
         """Run any statement and return its output in `fmt` (the query endpoint's entry)."""
@@ -119,14 +127,84 @@ class EmbeddedStore(Store):
         return pa.ipc.open_stream(data).read_all()
 
     def insert(self, table: str, data: pa.Table, token: str) -> None:
+        """Insert under `token`, stored once even when the last run died inside the insert of the same token.
+
+        The ledger (stores/insert_ledger.py) names each insert before it runs; a replay of one
+        that never returned skips the partitions it landed in and takes a fresh token for the rest.
+        """
         batch = data  # noqa: F841 - chdb's Python() table function finds it by name
-        sql = f"{insert_columns_sql(table, data)} SELECT * FROM Python(batch)"
-        sql += _settings_clause({"insert_deduplication_token": token})
+        source, used, landed = "Python(batch)", token, set()
         with self._lock:
             try:
-                self._session.query(sql)
+                if self._replays is None:
+                    self._replays = self._unfinished_inserts()
+                replay = self._replays.get(token)
+                db, name = _split_table(table, self.database)
+                if replay is not None:
+                    used, landed = replay.fresh_token(token), replay.landed
+                    source, empty = self._rows_outside(db, name, data, landed)
+                    if empty:
+                        self._forget(token)
+                        return
+                self._begin(token, used, table, self._max_block(db, name), landed)
+                sql = f"{insert_columns_sql(table, data)} SELECT * FROM {source}"
+                self._session.query(sql + _settings_clause({"insert_deduplication_token": used}))
+            except StoreError:
+                raise
             except Exception as e:
                 raise StoreError(first_line(e)) from None
+            self._forget(token)
+
+    def _unfinished_inserts(self) -> dict[str, Replay]:
+        """The insert the last run began and never finished, with the partitions its parts landed in."""
+        pending = self._ledger.unfinished()
+        if pending is None:
+            return {}
+        db, name = _split_table(pending.table, self.database)
+        landed = {row[0] for row in self._rows(
+            f"SELECT DISTINCT partition_id FROM system.parts WHERE database = {_literal(db)} "
+            f"AND table = {_literal(name)} AND active AND max_block_number > {pending.after_block}")}
+        log.info("resolving an insert cut short token=%s table=%s landed_partitions=%s",
+                 pending.token, pending.table, ",".join(sorted(landed | set(pending.landed))) or "none")
+        return {pending.token: Replay(landed | set(pending.landed))}
+
+    def _rows_outside(self, db: str, name: str, data: pa.Table, landed: set[str]) -> tuple[str, bool]:
+        """The SELECT source of `data`'s rows whose partition is not in `landed`, and whether there are none."""
+        if not landed:
+            return "Python(batch)", False
+        key = self._rows(f"SELECT partition_key FROM system.tables WHERE database = {_literal(db)} "
+                         f"AND name = {_literal(name)}")[0][0]
+        if not key:  # one partition, 'all'
+            return "Python(batch)", "all" in landed
+        # The partition is computed on the table's own types, as the insert computes it.
+        types = dict(self._rows(f"SELECT name, type FROM system.columns WHERE database = {_literal(db)} "
+                                f"AND table = {_literal(name)}"))
+        cast = ", ".join(f"CAST(`{c}` AS {types[c]}) AS `{c}`" for c in data.column_names)
+        ids = ", ".join(_literal(p) for p in sorted(landed))
+        return f"(SELECT {cast} FROM Python(batch)) WHERE partitionId({key}) NOT IN ({ids})", False
+
+    def _max_block(self, db: str, name: str) -> int:
+        rows = self._rows(f"SELECT max(max_block_number) FROM system.parts WHERE database = {_literal(db)} "
+                          f"AND table = {_literal(name)} AND active")
+        return int(rows[0][0]) if rows else 0
+
+    def _rows(self, sql: str) -> list[list[Any]]:
+        res = self._session.query(sql, "JSONCompact")
+        return json.loads(res.bytes() or b'{"data":[]}')["data"]
+
+    def _begin(self, token: str, used: str, table: str, after_block: int, landed: set[str]) -> None:
+        try:
+            self._ledger.begin(token, used, table, after_block, landed)
+        except OSError as e:  # a full disk: the insert goes on, as it did before the ledger
+            log.warning("cannot write the insert ledger path=%s error=%s", self._ledger.path, e.strerror or e)
+
+    def _forget(self, token: str) -> None:
+        assert self._replays is not None
+        self._replays.pop(token, None)
+        try:
+            self._ledger.done(token)
+        except OSError as e:
+            log.warning("cannot write the insert ledger path=%s error=%s", self._ledger.path, e.strerror or e)
 
     def use_database(self) -> None:
         self.command(f"USE {quote_ident(self.database)}")
@@ -165,12 +243,22 @@ def _other_holder(path: Path) -> int | None:
     return pid if pid != os.getpid() else None
 
 
+def _split_table(table: str, database: str) -> tuple[str, str]:
+    """`db`.`name` (as stores are given tables) as its two names; the store's database when unqualified."""
+    db, _, name = table.rpartition(".")
+    return (db.strip("`") or database), name.strip("`")
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def _settings_clause(settings: dict[str, Any] | None) -> str:
     if not settings:
         return ""
     parts = []
     for k, v in settings.items():
-        val = str(v) if isinstance(v, (int, float)) else "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+        val = str(v) if isinstance(v, (int, float)) else _literal(str(v))
         parts.append(f"{k} = {val}")
     return " SETTINGS " + ", ".join(parts)
 

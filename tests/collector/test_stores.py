@@ -7,6 +7,7 @@ closed before its test ends.
 """
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from meshlens.collector.stores import (DEFAULT_DATABASE, Store, StoreError, Stor
                               UnsupportedServer, connect, parse_store_url)
 from meshlens.collector.stores.embedded import EmbeddedStore, default_data_dir
 from meshlens.collector.stores.http import HttpStore
+from meshlens.collector.stores.insert_ledger import LEDGER_FILE, InsertLedger
 from meshlens.collector.stores.native import NativeStore
 from tests.clickhouse_server import ClickHouseServer, free_port
 
@@ -338,3 +340,61 @@ def test_full_ddl_on_a_cluster_replicates_and_distributes() -> None:
     assert "TO `meshlens`.`otel_traces_trace_id_ts_local`" in text and "FROM `meshlens`.`otel_traces_local`" in text
     single = "\n".join(full_ddl(Layout()))
     assert "ON CLUSTER" not in single and "Replicated" not in single and "Distributed" not in single
+
+
+# -- A kill -9 inside the embedded store's insert (stores/insert_ledger.py) ------------------
+
+def _killed_in_the_insert(path: Path, table: str, batch: pa.Table, token: str, *, parts_lost: int) -> None:
+    """Leave on disk what a `kill -9` inside ClickHouse's insert of `batch` leaves.
+
+    ClickHouse writes each block's deduplication record before it renames the block's part in
+    (seen with strace: the record's write(2), then rename(tmp_insert_…)); a kill between the two
+    leaves the record without the part. Here: the insert runs, then `parts_lost` of its parts are
+    removed, and the ledger is left as `begin` wrote it, the insert never having returned.
+    """
+    store = EmbeddedStore(path)
+    try:
+        migrate(store, Layout())
+        db, name = table.split(".")
+        before = int(store.query_rows(f"SELECT max(max_block_number) FROM system.parts WHERE database = '{db}' "
+                                      f"AND table = '{name}' AND active")[0][0])
+        store.insert(table, batch, token)
+        made = store.query_rows(f"SELECT path FROM system.parts WHERE database = '{db}' AND table = '{name}' "
+                                f"AND active AND max_block_number > {before} ORDER BY partition_id")
+    finally:
+        store.close()
+    for (part,) in made[:parts_lost]:
+        shutil.rmtree(part)
+    (path / LEDGER_FILE).unlink()  # as `begin` left it: the insert never returned to write `done`
+    InsertLedger(path).begin(token, token, table, before, set())
+
+
+@pytest.mark.parametrize("parts_lost", [0, 1], ids=["the-part-was-in", "the-part-never-was"])
+def test_a_segment_replayed_after_a_kill_inside_its_insert_is_stored_once(tmp_path: Path, parts_lost: int) -> None:
+    batch = calls(1000)
+    _killed_in_the_insert(tmp_path / "chdb", "meshlens.calls", batch, "meshlens-s1-7-calls", parts_lost=parts_lost)
+    store = EmbeddedStore(tmp_path / "chdb")
+    try:
+        if parts_lost:  # the state the collector met: a replay under the same token alone is dropped
+            assert store.query_rows("SELECT count() FROM meshlens.calls") == [(0,)]
+        store.insert("meshlens.calls", batch, "meshlens-s1-7-calls")  # the spool's replay, same token
+        assert store.query_rows("SELECT count(), uniqExact(attributes['seq']) FROM meshlens.calls") == [(1000, 1000)]
+        store.insert("meshlens.calls", batch, "meshlens-s1-7-calls")  # and again: still once
+        store.insert("meshlens.calls", calls(5, start=1000), "meshlens-s1-8-calls")
+        assert count(store, "calls") == 1005
+    finally:
+        store.close()
+
+
+def test_a_segment_over_two_days_whose_insert_was_cut_between_its_parts_is_stored_once(tmp_path: Path) -> None:
+    day = 86_400 * 10**9
+    batch = to_table("calls", {"time": [time.time_ns() - day * (i % 2) for i in range(100)],
+                               "attributes": [{"seq": str(i)} for i in range(100)]})
+    _killed_in_the_insert(tmp_path / "chdb", "meshlens.calls", batch, "meshlens-s1-9-calls", parts_lost=1)
+    store = EmbeddedStore(tmp_path / "chdb")
+    try:
+        assert count(store, "calls") == 50  # one day's part is in, the other's record has no part
+        store.insert("meshlens.calls", batch, "meshlens-s1-9-calls")
+        assert store.query_rows("SELECT count(), uniqExact(attributes['seq']) FROM meshlens.calls") == [(100, 100)]
+    finally:
+        store.close()
