@@ -263,7 +263,7 @@ class TlsClient(_Tls):
             # A resumed session is offered again (OpenSSL's tickets are stateless, good until their lifetime or the
             # server's next key), not replaced: Python copies a session through DER each way (its workaround for
             # OpenSSL 1.1.0), ~120 us with OpenSSL 3's certificate decoding, so one copy a full handshake, not two.
-            self._keep_session = not self.resumed
+            self._keep_session = not self.resumed and MAX_SESSIONS > 0
             self.app.connection_made(self.transport)
             if not self.handshake.done():
                 self.handshake.set_result(None)
