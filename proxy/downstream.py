@@ -22,7 +22,7 @@ from meshlens.protocols.tls import HelloParser
 from meshlens.proxy.connect import DC, DPE, NR, LocalReply
 from meshlens.proxy.exchange import Exchange, State
 from meshlens.proxy.headers import PEER_HEADER
-from meshlens.proxy.mtls import MESH_ALPN, TlsServer
+from meshlens.proxy.mtls import MESH_ALPN, TlsServer, handshake_reason
 from meshlens.proxy.passthrough import SNIFF_TIMEOUT, Passthrough, connect_method
 from meshlens.proxy.tunnel import CLIENT, SERVER, Tunnel
 
@@ -123,6 +123,10 @@ class Downstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.tls is not None and not self.handshake_over:
             self._tls_unfinished("the connection closed during the handshake")
+        elif self.tls is not None and self.tls.error is not None:  # after the handshake: a record that did not decrypt
+            self.proxy.stats["downstream_cx_tls_record_error"] += 1
+            self.proxy.recording.connection(self, "tls", self.proxy.router.inbound(self.peer[0]), None, "tls_record",
+                                            "", None, {"tls_error": handshake_reason(self.tls.error)})
         self.deadline = 0.0
         if self.timer is not None:
             self.timer.cancel()

@@ -151,6 +151,8 @@ def _contexts(chain: bytes, key: bytes, bundle: str) -> tuple[ssl.SSLContext, ss
             ctx.check_hostname = False  # the peer is named by its SPIFFE id, which the caller checks
             ctx.verify_mode = ssl.CERT_REQUIRED
             ctx.set_alpn_protocols(list(MESH_ALPN))  # what marks mesh traffic (proxy/mtls.py)
+            if purpose == ssl.PROTOCOL_TLS_SERVER:
+                ctx.num_tickets = 1  # a client keeps one session an address (proxy/mtls.py): OpenSSL's 2nd ticket is waste
             out.append(ctx)
         return out[0], out[1]
 

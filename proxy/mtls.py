@@ -131,9 +131,8 @@ class _Tls(asyncio.Protocol):
                     self.app.data_received(b"".join(chunks))
                 self._peer_eof()
                 return bool(chunks)
-            except ssl.SSLError:
-                self.raw.abort()
-                return False
+            except ssl.SSLError as e:  # a record that does not decrypt (a bad MAC, say): the alert, then closed
+                return self._fail(e)
             if not chunk:
                 break
             chunks.append(chunk)

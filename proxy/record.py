@@ -117,6 +117,8 @@ class Recording:
         row[AT.attributes] = attributes = dict(attributes or {})
         if attributes.get("tls_error"):
             row[AT.tls] = True
+        if conn.tls is not None and conn.tls.peer_identity:  # mTLS terminated: the peer it verified
+            row[AT.tls], row[AT.peer_identity] = True, conn.tls.peer_identity
         if conn.mtls_note:
             row[AT.action] = conn.mtls_note
         if conn.inbound and conn.mtls_mode_of is not None:

@@ -97,7 +97,7 @@ class Proxy:
             "upstream_rq_refused": 0, "upstream_rq_reset": 0, "downstream_rq_local_reply": 0,
             "downstream_cx_mtls": 0, "downstream_cx_tls_refused": 0, "downstream_cx_plaintext_refused": 0,
             "downstream_cx_tls_unfinished": 0, "downstream_cx_tls_hello_invalid": 0,
-            "upstream_cx_mtls": 0,
+            "downstream_cx_tls_record_error": 0, "upstream_cx_mtls": 0, "upstream_cx_mtls_resumed": 0,
             "upstream_cx_identity_refused": 0,
         }
         self.pool = Pool(self.stats)
@@ -237,7 +237,7 @@ class Proxy:
                 return
             self.stats["upstream_cx_mtls"] += 1
             if transport is not None and transport.get_extra_info("ssl_object").session_reused:
-                self.stats["upstream_cx_mtls_resumed"] = self.stats.get("upstream_cx_mtls_resumed", 0) + 1
+                self.stats["upstream_cx_mtls_resumed"] += 1
             up.peer_identity = got
         ex.connected(up)
 

@@ -315,7 +315,7 @@ def test_a_second_connection_to_the_same_server_resumes_its_session_and_both_sid
     control, api, web, app, tmp_path = world
     one_connection_per_request(control, api, web, tmp_path)
     assert request(web.outbound, "api", "/full")[:2] == (200, "api")
-    assert stats(web).get("upstream_cx_mtls_resumed", 0) == 0
+    assert stats(web)["upstream_cx_mtls_resumed"] == 0
     assert request(web.outbound, "api", "/resumed")[:2] == (200, "api")  # a new connection: the ticket offered
     s = stats(web)
     assert (s["upstream_cx_mtls"], s["upstream_cx_mtls_resumed"]) == (2, 1)
