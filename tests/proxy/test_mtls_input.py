@@ -28,8 +28,7 @@ def still_serving(web, api) -> None:
 
 
 def settled(web, api) -> None:
-    """No connection left open on the api sidecar but the web sidecar's own to it: those it pools, and those it is
-    closing, which linger (ESTABLISHED, the close_notify sent) for up to asyncio's 30 s SSL shutdown timeout."""
+    """No connection left open on the api sidecar but the web sidecar's own to it (those it pools)."""
     import subprocess
 
     def web_sockets() -> int:
