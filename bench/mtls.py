@@ -31,7 +31,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -44,9 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.policies import apply  # noqa: E402
-from bench.proxy import NGINX, cpu_s, free_port, wait_port, worker  # noqa: E402
+from bench.proxy import NGINX, cpu_s, free_port, nginx, worker, wrk  # noqa: E402
 from tests.control.processes import ControlProcess  # noqa: E402
 from tests.proxy.processes import ProxyProcess  # noqa: E402
+from tests.proxy.test_policies import mode_doc  # noqa: E402
 from tests.waiting import wait_until  # noqa: E402
 
 NO_RESUMPTION = "--bench-no-resumption"
@@ -60,10 +60,6 @@ spec:
     connectionPool:
       http: {maxRequestsPerConnection: 1}
 """
-
-
-def mode_doc(service: str, mode: str) -> str:
-    return f"apiVersion: meshlens.io/v1alpha1\nkind: Mode\nmetadata:\n  name: {service}\nspec:\n  mode: {mode}\n"
 
 
 # -- certificates for nginx ----------------------------------------------------------------------
@@ -106,29 +102,6 @@ def certificates(directory: Path) -> None:
 # -- nginx -------------------------------------------------------------------------------------
 
 
-def nginx(workdir: Path, listen: str, server_block: str, http_extra: str = "") -> tuple[subprocess.Popen, int]:
-    """nginx, 1 worker, on an ephemeral port; `listen` the listen directive's parameters after the address (ssl)."""
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "nginx.conf").write_text(f"""
-worker_processes 1;
-daemon off;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {workdir}/body; proxy_temp_path {workdir}/proxy;
-  fastcgi_temp_path {workdir}/fcgi; uwsgi_temp_path {workdir}/uwsgi; scgi_temp_path {workdir}/scgi;
-  keepalive_requests 1000000;
-  {http_extra}
-  server {{ listen 127.0.0.1:{port} {listen}; {server_block} }}
-}}""")
-    proc = subprocess.Popen([NGINX, "-c", str(workdir / "nginx.conf"), "-p", str(workdir)], stderr=subprocess.DEVNULL)
-    wait_port(port)
-    return proc, port
-
-
 PASS = 'proxy_http_version 1.1; proxy_set_header Connection "";'
 
 
@@ -137,8 +110,8 @@ def hop2(workdir: Path, certs: Path, upstream: int, tls: bool) -> tuple[subproce
     ssl = (f"ssl_certificate {certs}/hop2.pem; ssl_certificate_key {certs}/hop2.key; "
            f"ssl_client_certificate {certs}/ca.pem; ssl_verify_client on; ssl_protocols TLSv1.2 TLSv1.3; "
            "ssl_session_tickets on; ") if tls else ""
-    return nginx(workdir, "ssl" if tls else "", f"{ssl}location / {{ proxy_pass http://app; {PASS} }}",
-                 f"upstream app {{ server 127.0.0.1:{upstream}; keepalive 32; }}")
+    return nginx(workdir, f"{ssl}location / {{ proxy_pass http://app; {PASS} }}",
+                 f"upstream app {{ server 127.0.0.1:{upstream}; keepalive 32; }}", "ssl" if tls else "", 4096)
 
 
 def hop1(workdir: Path, certs: Path, to: int, tls: bool, keepalive: bool = True,
@@ -149,8 +122,9 @@ def hop1(workdir: Path, certs: Path, to: int, tls: bool, keepalive: bool = True,
            f"proxy_ssl_trusted_certificate {certs}/ca.pem; proxy_ssl_verify on; proxy_ssl_name hop2.mesh; "
            f"proxy_ssl_session_reuse {'on' if reuse else 'off'}; ") if tls else ""
     scheme = "https" if tls else "http"
-    return nginx(workdir, "", f"location / {{ proxy_pass {scheme}://hop2; {PASS} {ssl}}}",
-                 f"upstream hop2 {{ server 127.0.0.1:{to}; {'keepalive 32;' if keepalive else ''} }}")
+    return nginx(workdir, f"location / {{ proxy_pass {scheme}://hop2; {PASS} {ssl}}}",
+                 f"upstream hop2 {{ server 127.0.0.1:{to}; {'keepalive 32;' if keepalive else ''} }}",
+                 worker_connections=4096)
 
 
 # -- meshlens ----------------------------------------------------------------------------------
@@ -187,27 +161,10 @@ def follow(p: ProxyProcess, revision: int, api_mode: str) -> None:
 # -- measuring -----------------------------------------------------------------------------------
 
 
-def wrk(port: int, host: str, duration: int, connections: int) -> dict:
-    """wrk to `port` (with Host: `host` when given); req/s, requests, p50/p99 ms, and its error lines."""
-    extra = ["-H", f"Host: {host}"] if host else []
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", *extra,
-                          f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=duration + 30).stdout
-
-    def pct(p: str) -> float:
-        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
-        v, unit = float(m.group(1)), m.group(2)
-        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
-
-    errors = re.findall(r"Non-2xx or 3xx responses: \d+|Socket errors: .*", out)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "requests": int(re.search(r"(\d+) requests in", out).group(1)), "p50_ms": pct("50"),
-            "p99_ms": pct("99"), "errors": "; ".join(errors)}
-
-
 def measured(port: int, host: str, pids: dict[str, int], duration: int, connections: int) -> dict:
     """wrk to `port`, with the CPU each of `pids` spent meanwhile, per request."""
     c0 = {k: sum(cpu_s(pid)) for k, pid in pids.items()}
-    r = wrk(port, host, duration, connections)
+    r = wrk(port, duration, connections, host)
     n = max(1, r["requests"])
     r["cpu_us"] = {k: (sum(cpu_s(pid)) - c0[k]) / n * 1e6 for k, pid in pids.items()}
     return r
@@ -229,7 +186,7 @@ def main() -> None:
     try:
         certs = tmp / "certs"
         certificates(certs)
-        up, up_port = nginx(tmp / "upstream", "", 'location / { return 200 "ok\\n"; }')
+        up, up_port = nginx(tmp / "upstream", 'location / { return 200 "ok\\n"; }', worker_connections=4096)
         procs.append(up)
         ng: dict[str, tuple[int, dict[str, int]]] = {}  # path -> (port, the workers measured)
         for tls in (True, False):
@@ -261,6 +218,12 @@ def main() -> None:
         for p in sidecars:
             follow(p, revision, "observe")
 
+        def api_mode(mode: str) -> None:
+            """Calls to api in `mode` on both web sidecars (enforce: a new upstream connection every request)."""
+            revision = apply(control, tmp, mesh, ONE_PER_CONNECTION, mode_doc("api", mode))
+            for p in (web, web_cold):
+                follow(p, revision, mode)
+
         def ml(client: ProxyProcess, server: ProxyProcess) -> dict[str, int]:
             return {"hop 1": client.proc.pid, "hop 2": server.proc.pid}
 
@@ -280,7 +243,7 @@ def main() -> None:
 
         def run(rnd: int, name: str, port: int, pids: dict[str, int]) -> None:
             host = hosts.get(name, "")
-            wrk(port, host, 1, args.connections)  # warm-up: pools filled, sessions cached, code paths hot
+            wrk(port, 1, args.connections, host)  # warm-up: pools filled, sessions cached, code paths hot
             client = next((p for p in (web, web_cold) if p.outbound == port), None)
             before = admin(client, "stats") if client is not None else {}
             r = measured(port, host, pids, args.duration, args.connections)
@@ -299,23 +262,19 @@ def main() -> None:
                   f"  {cpu}{extra}  {r['errors']}", flush=True)
 
         for rnd in range(1, args.rounds + 1):
-            wrk(up_port, "", 1, args.connections)
-            direct = wrk(up_port, "", args.duration, args.connections)
+            wrk(up_port, 1, args.connections)
+            direct = wrk(up_port, args.duration, args.connections)
             results.setdefault("direct (nginx return 200)", []).append({**direct, "cpu_us": {}})
             print(f"  round {rnd} {'direct (nginx return 200)':54} {direct['rps']:8.0f} req/s  "
                   f"p50 {direct['p50_ms']:6.2f} ms  p99 {direct['p99_ms']:6.2f} ms", flush=True)
             order = list(steady.items())
             for name, (port, pids) in (order if rnd % 2 else order[::-1]):
                 run(rnd, name, port, pids)
-            revision = apply(control, tmp, mesh, ONE_PER_CONNECTION, mode_doc("api", "enforce"))
-            for p in (web, web_cold):
-                follow(p, revision, "enforce")
+            api_mode("enforce")
             order = list(handshakes.items())
             for name, (port, pids) in (order if rnd % 2 else order[::-1]):
                 run(rnd, name, port, pids)
-            revision = apply(control, tmp, mesh, ONE_PER_CONNECTION, mode_doc("api", "observe"))
-            for p in (web, web_cold):
-                follow(p, revision, "observe")
+            api_mode("observe")
 
         def med(name: str, key: str) -> float:
             return statistics.median(r[key] for r in results[name])

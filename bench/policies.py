@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.proxy import cpu_s, nginx  # noqa: E402
+from bench.proxy import cpu_s, nginx, wrk  # noqa: E402
 from tests.control.processes import ControlProcess  # noqa: E402
 from tests.meshlens.policy.test_resources import EXAMPLE  # noqa: E402
 from tests.proxy.processes import ProxyProcess  # noqa: E402
@@ -82,27 +81,11 @@ def follow(proxy: ProxyProcess, revision: int, mode: str) -> None:
     wait_until(applied, f"the sidecar on revision {revision}, {SERVICE} in {mode}")
 
 
-def wrk(port: int, duration: int, connections: int) -> dict:
-    """wrk through the outbound listener to payment-service; req/s, p50/p99 ms, and its error lines."""
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-H", f"Host: {SERVICE}",
-                          f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=duration + 30).stdout
-
-    def pct(p: str) -> float:
-        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
-        v, unit = float(m.group(1)), m.group(2)
-        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
-
-    errors = re.findall(r"Non-2xx or 3xx responses: \d+|Socket errors: .*", out)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "requests": int(re.search(r"(\d+) requests in", out).group(1)), "p50_ms": pct("50"),
-            "p99_ms": pct("99"), "errors": "; ".join(errors), "output": out if errors else ""}
-
-
 def measured(proxy: ProxyProcess, duration: int, connections: int) -> dict:
     """wrk through the sidecar, with the CPU the sidecar spent meanwhile, per request."""
     pid = proxy.proc.pid
     c0 = cpu_s(pid)
-    r = wrk(proxy.outbound, duration, connections)
+    r = wrk(proxy.outbound, duration, connections, SERVICE)
     c1 = cpu_s(pid)
     n = max(1, r["requests"])
     r["user_us"], r["sys_us"] = (c1[0] - c0[0]) / n * 1e6, (c1[1] - c0[1]) / n * 1e6
@@ -161,7 +144,7 @@ def main() -> None:
                 for label, p in proxies.items():
                     follow(p, revision, mode)
                 for label, p in proxies.items():
-                    wrk(p.outbound, 1, args.connections)  # warm-up: pools, code paths, the new revision's objects
+                    wrk(p.outbound, 1, args.connections, SERVICE)  # warm-up: pools, code paths, the new revision's objects
                     r = measured(p, args.duration, args.connections)
                     results.setdefault((label, name), []).append(r)
                     print(f"  round {rnd} {label:20} {name:37} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  "
@@ -169,8 +152,8 @@ def main() -> None:
                     if r["output"]:
                         print(r["output"])
             for name, port in refs.items():
-                wrk(port, 1, args.connections)
-                r = wrk(port, args.duration, args.connections)
+                wrk(port, 1, args.connections, SERVICE)
+                r = wrk(port, args.duration, args.connections, SERVICE)
                 results.setdefault(("reference", name), []).append(r)
                 print(f"  round {rnd} {'reference':20} {name:37} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  "
                       f"p99 {r['p99_ms']:6.2f} ms  {r['errors']}", flush=True)

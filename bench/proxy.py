@@ -40,7 +40,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def nginx(workdir: Path, server_block: str, http_extra: str = "") -> tuple[subprocess.Popen, int]:
+def nginx(workdir: Path, server_block: str, http_extra: str = "", listen: str = "",
+          worker_connections: int = 1024) -> tuple[subprocess.Popen, int]:
+    """nginx, 1 worker, on an ephemeral port; `listen` the listen directive's parameters after the address (ssl)."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "nginx.conf"
@@ -49,14 +51,14 @@ worker_processes 1;
 daemon off;
 pid {workdir}/nginx.pid;
 error_log {workdir}/error.log warn;
-events {{ worker_connections 1024; }}
+events {{ worker_connections {worker_connections}; }}
 http {{
   access_log off;
   client_body_temp_path {workdir}/body; proxy_temp_path {workdir}/proxy;
   fastcgi_temp_path {workdir}/fcgi; uwsgi_temp_path {workdir}/uwsgi; scgi_temp_path {workdir}/scgi;
   keepalive_requests 1000000;
   {http_extra}
-  server {{ listen 127.0.0.1:{port}; {server_block} }}
+  server {{ listen 127.0.0.1:{port} {listen}; {server_block} }}
 }}""")
     proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(workdir)], stderr=subprocess.DEVNULL)
     wait_port(port)
@@ -74,19 +76,22 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def wrk(port: int, duration: int, connections: int) -> dict[str, float]:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+def wrk(port: int, duration: int, connections: int, host: str = "") -> dict:
+    """wrk to `port` (with Host: `host` when given): req/s, requests, p50/p99 ms, its error lines, and its whole
+    output when it had errors."""
+    extra = ["-H", f"Host: {host}"] if host else []
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", *extra,
                           f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=duration + 30).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
 
     def pct(p: str) -> float:
         m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
         v, unit = float(m.group(1)), m.group(2)
         return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
 
-    return {"rps": rps, "requests": int(re.search(r"(\d+) requests in", out).group(1)), "p50_ms": pct("50"),
-            "p99_ms": pct("99"), "errors": errors.group(0) if errors else ""}
+    errors = re.findall(r"Non-2xx or 3xx responses: \d+|Socket errors: .*", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "requests": int(re.search(r"(\d+) requests in", out).group(1)), "p50_ms": pct("50"),
+            "p99_ms": pct("99"), "errors": "; ".join(errors), "output": out if errors else ""}
 
 
 def cpu_s(pid: int) -> tuple[float, float]:
