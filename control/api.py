@@ -47,7 +47,7 @@ from meshlens.policy.resources import (KINDS, MODES, Resource, ResourceError, ch
 from meshlens.control.auth import Tokens
 from meshlens.control.ca import CA, MAX_CSR_BYTES, ROTATION_STEPS, CAError
 from meshlens.control.distribution import Sidecars, Snapshots
-from meshlens.control import rotation
+from meshlens.control import console, rotation
 from meshlens.control.rotation import RotationRefused, check_step, trust_resource
 from meshlens.control.store import Change, Store, StoreUnavailable
 from meshlens.policy.trust import fingerprint
@@ -97,6 +97,7 @@ def build_app(store: Store, tokens: Tokens | None = None, ca: CA | None = None,
         web.get("/v1/ca", _ca_status),
         web.post("/v1/ca/rotate", _rotate),
     ])
+    console.add_routes(app)
     return app
 
 
@@ -131,8 +132,8 @@ _SIDECAR_PATHS = {("GET", "/v1/snapshot"), ("POST", "/v1/status"), ("POST", "/v1
 @web.middleware
 async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
     tokens: Tokens | None = request.app["tokens"]
-    if tokens is None or request.path == "/healthz":
-        return await handler(request)
+    if tokens is None or request.path == "/healthz" or console.is_page(request.path):
+        return await handler(request)  # the console's pages hold no data: their scripts ask the API with a token
     token = tokens.find(request.headers.get("Authorization"))
     if token is None:
         if request.path == "/v1/certificate":  # a revoked sidecar token, say: counted with the CA's refusals
