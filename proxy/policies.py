@@ -30,7 +30,7 @@ from meshlens.proxy.connect import UO, LocalReply
 from meshlens.proxy.limits import SENT, Breaker, PoolLimits, TokenBucket
 from meshlens.proxy.outlier import Outlier, OutlierConfig
 from meshlens.proxy.retries import DEFAULT_RETRY, RetryPolicy, no_response
-from meshlens.proxy.routing import HttpRule, Routes
+from meshlens.proxy.routing import HttpRule, Routes, applicable_blocks
 
 if TYPE_CHECKING:
     from meshlens.mesh import Mesh
@@ -122,7 +122,9 @@ class Policies:
             ns = r.name.split("/", 1)[0]
             spec = r.doc["spec"]
             if r.kind == "VirtualService":
-                compiled = tuple(HttpRule(h, lambda host, ns=ns: service_of(host, ns)[0]) for h in spec.get("http") or ())
+                compiled = tuple(HttpRule(h, lambda host, ns=ns: service_of(host, ns)[0], blocks)
+                                 for h in spec.get("http") or ()
+                                 if (blocks := applicable_blocks(h, own_labels)) is not None)
                 for host in spec["hosts"]:
                     routes.setdefault(service_of(host, ns)[0], Routes(compiled, r.name))
             elif r.kind == "DestinationRule":

@@ -191,17 +191,31 @@ class Fault:
                    int(abort.get("httpStatus", 0)), share(abort) if abort else 0.0)
 
 
+def applicable_blocks(spec: dict[str, Any], own_labels: dict[str, str]) -> list[dict[str, Any]] | None:
+    """The match blocks of an `http` rule that can match calls from this sidecar, or None when none can.
+
+    `sourceLabels` is about the caller, and the caller is this sidecar: a block naming labels its
+    workload does not carry never matches here, so it is left out once, when the snapshot is read, and
+    costs no request anything. A rule whose every block is left out does not apply here at all (Istio's
+    sidecar gets no route for it); a rule without match blocks takes every request."""
+    blocks = spec.get("match") or []
+    kept = [b for b in blocks if all(own_labels.get(k) == v for k, v in (b.get("sourceLabels") or {}).items())]
+    return kept if kept or not blocks else None
+
+
 class HttpRule:
     """One `http` rule of a VirtualService: its matches, its weighted destinations and its policies."""
 
     __slots__ = ("name", "match", "destinations", "choices", "total", "cumulative", "timeout", "retry", "fault",
                  "mirror", "mirror_share", "needs_fields")
 
-    def __init__(self, spec: dict[str, Any], service_of: Callable[[str], str]) -> None:
+    def __init__(self, spec: dict[str, Any], service_of: Callable[[str], str],
+                 blocks: list[dict[str, Any]] | None = None) -> None:
+        """`blocks`: the match blocks that apply to this sidecar (`applicable_blocks`), else all of them."""
         from meshlens.policy.spec import duration_s
 
         self.name = str(spec.get("name", ""))
-        blocks = spec.get("match") or ()
+        blocks = spec.get("match") or () if blocks is None else blocks
         self.match = _matcher([_block(m) for m in blocks])
         """None: the rule has no match and takes every request."""
         self.needs_fields = any(b.get("headers") for b in blocks)

@@ -40,7 +40,7 @@ _MATCH = message({
     "name": string, "uri": string_match, "scheme": string_match, "method": string_match,
     "authority": string_match, "headers": map_of(lambda v, p: _header_match(v, p)), "queryParams": map_of(
         lambda v, p: string_match(v, p)), "port": uint, "ignoreUriCase": boolean,
-    "sourceLabels": UNSUPPORTED, "gateways": UNSUPPORTED, "withoutHeaders": UNSUPPORTED,
+    "sourceLabels": map_of(string), "gateways": UNSUPPORTED, "withoutHeaders": UNSUPPORTED,
     "sourceNamespace": UNSUPPORTED, "statPrefix": UNSUPPORTED,
 })
 

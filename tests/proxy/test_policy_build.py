@@ -41,3 +41,31 @@ def test_a_document_that_does_not_read_is_refused_naming_it() -> None:
     bad = [dict(DOCS[0], spec={**DOCS[0]["spec"], "hosts": []})]
     with pytest.raises(ValueError, match=r"snapshot policy 1: spec.hosts: at least one host is required"):
         Policies.build(MESH, "web", {"payment-service": "enforce"}, bad, random.random)
+
+
+def test_source_labels_keep_the_rules_and_blocks_for_this_caller_only() -> None:
+    """Istio's sourceLabels name the caller's workload: the caller's sidecar keeps what names it."""
+    vs = {"apiVersion": "networking.istio.io/v1beta1", "kind": "VirtualService", "metadata": {"name": "pay"},
+          "spec": {"hosts": ["payment-service"], "http": [
+              {"name": "cart-only", "match": [{"uri": {"exact": "/charge"}, "sourceLabels": {"app": "cart"}}],
+               "timeout": "1s", "route": [{"destination": {"host": "payment-service"}}]},
+              {"name": "web-or-v2", "match": [{"uri": {"prefix": "/a"}, "sourceLabels": {"app": "cart"}},
+                                              {"uri": {"prefix": "/b"}, "sourceLabels": {"app": "web", "version": "v2"}}],
+               "route": [{"destination": {"host": "payment-service"}}]},
+              {"name": "everyone", "route": [{"destination": {"host": "payment-service"}}]}]}}
+    web = Policies.build(MESH, "web", {"payment-service": "enforce"}, [vs], random.random, labels={"version": "v2"})
+    rules = web.outbound["payment-service"].routes.rules
+    assert [r.name for r in rules] == ["web-or-v2", "everyone"]
+    assert rules[0].matches(_head(b"GET /b HTTP/1.1\r\nHost: payment-service\r\n\r\n"))
+    assert not rules[0].matches(_head(b"GET /a HTTP/1.1\r\nHost: payment-service\r\n\r\n"))  # cart's block is gone
+    v1 = Policies.build(MESH, "web", {"payment-service": "enforce"}, [vs], random.random, labels={"version": "v1"})
+    assert [r.name for r in v1.outbound["payment-service"].routes.rules] == ["everyone"]
+    cart = Policies.build(MESH, "cart", {"payment-service": "enforce"}, [vs], random.random)
+    assert [r.name for r in cart.outbound["payment-service"].routes.rules] == ["cart-only", "web-or-v2", "everyone"]
+    assert [p.name for p in cart.outbound["payment-service"].chain.policies] == ["timeout", "retry"]
+
+
+def _head(raw: bytes):
+    from tests.proxy.test_routing import head
+
+    return head(raw)
