@@ -5,7 +5,8 @@
 # Without root or apt-get it says what it could not install and exits 0: those tests skip.
 set -euo pipefail
 
-PACKAGES=(clickhouse-server clickhouse-client libpcap0.8 tshark nginx wrk iptables tcpdump curl iproute2 etcd-server etcd-client)
+PACKAGES=(clickhouse-server clickhouse-client libpcap0.8 tshark nginx wrk iptables tcpdump curl iproute2 etcd-server etcd-client
+  chromium)  # chromium: the console's browser tests (Playwright drives it; it never downloads one)
 LOG=/tmp/meshlens-install-system.log
 POLICY=/usr/sbin/policy-rc.d
 
