@@ -62,7 +62,10 @@ def _dump(obj: Any, indent: str) -> list[str]:
     return [indent + line for line in text.splitlines()]
 
 
-def _virtual_service(callee: str, recs: list[Recommendation], paths: dict[RouteKey, tuple[str, ...]]) -> list[str]:
+def http_entries(callee: str, recs: list[Recommendation], paths: dict[RouteKey, tuple[str, ...]]
+                  ) -> tuple[list[str], list[tuple[dict[str, Any], list[Recommendation]]]]:
+    """A VirtualService's `http` entries for `recs` (most specific match first), each with the recommendations
+    it carries; and a comment for each recommendation that could not be written, saying why."""
     by_route: dict[tuple[str, str, str], dict[str, Recommendation]] = defaultdict(dict)
     skipped = []
     for r in recs:
@@ -80,9 +83,7 @@ def _virtual_service(callee: str, recs: list[Recommendation], paths: dict[RouteK
             skipped.append(f"# {policies} for {caller} -> {method} {route}: {why}")
         else:
             matches[(caller, method, route)] = match
-    # Written line by line so that each http route can carry its evidence as comments.
-    lines = ["apiVersion: networking.istio.io/v1beta1", "kind: VirtualService", "metadata:", f"  name: {callee}",
-             "spec:", "  hosts:", f"  - {callee}", "  http:"]
+    entries = []
     for caller, method, route in sorted(matches, key=lambda k: (k[0], k[1], precedence(k[2]), k[2])):
         kinds = by_route[(caller, method, route)]
         entry: dict[str, Any] = {"name": f"{caller} {method} {route}",
@@ -103,15 +104,38 @@ def _virtual_service(callee: str, recs: list[Recommendation], paths: dict[RouteK
         if timeout:
             entry["timeout"] = duration_text(timeout)
         entry["route"] = [{"destination": {"host": callee}}]
-        for r in kinds.values():
+        entries.append((entry, list(kinds.values())))
+    return skipped, entries
+
+
+def catch_all(callee: str) -> dict[str, Any]:
+    """The last entry: every other call to the callee, as without the VirtualService."""
+    return {"route": [{"destination": {"host": callee}}]}
+
+
+def _virtual_service(callee: str, recs: list[Recommendation], paths: dict[RouteKey, tuple[str, ...]]) -> list[str]:
+    skipped, entries = http_entries(callee, recs, paths)
+    # Written line by line so that each http route can carry its evidence as comments.
+    lines = ["apiVersion: networking.istio.io/v1beta1", "kind: VirtualService", "metadata:", f"  name: {callee}",
+             "spec:", "  hosts:", f"  - {callee}", "  http:"]
+    for entry, kinds in entries:
+        for r in kinds:
             lines += _comment(r, "  ")
         lines += _dump([entry], "  ")
-    lines += ["  - route:", "    - destination:", f"        host: {callee}"]
+    lines += _dump([catch_all(callee)], "  ")
     return skipped + lines
 
 
-def _destination_rule(callee: str, outlier: Recommendation | None, pool: Recommendation | None) -> list[str]:
+def traffic_policy(outlier: Recommendation | None, pool: Recommendation | None) -> dict[str, Any]:
     policy: dict[str, Any] = {}
+    if pool is not None and pool.policy is not None:
+        policy["connectionPool"] = pool.policy
+    if outlier is not None and outlier.policy is not None:
+        policy["outlierDetection"] = {k: v for k, v in outlier.policy.items() if k != "eject"}
+    return policy
+
+
+def _destination_rule(callee: str, outlier: Recommendation | None, pool: Recommendation | None) -> list[str]:
     notes = []
     for r in (pool, outlier):
         if r is None:
@@ -120,10 +144,8 @@ def _destination_rule(callee: str, outlier: Recommendation | None, pool: Recomme
             notes.append(f"# {r.kind}: {r.evidence.reason}")
         else:
             notes += _comment(r, "")
-    if pool is not None and pool.policy is not None:
-        policy["connectionPool"] = pool.policy
+    policy = traffic_policy(outlier, pool)
     if outlier is not None and outlier.policy is not None:
-        policy["outlierDetection"] = {k: v for k, v in outlier.policy.items() if k != "eject"}
         notes.append(f"# instances expected to be ejected: {', '.join(outlier.policy['eject'])}")
     if not policy:
         return notes
@@ -132,12 +154,15 @@ def _destination_rule(callee: str, outlier: Recommendation | None, pool: Recomme
     return notes + _dump(doc, "")
 
 
+def peer_authentication_doc(callee: str, r: Recommendation) -> dict[str, Any]:
+    return {"apiVersion": "security.istio.io/v1beta1", "kind": "PeerAuthentication", "metadata": {"name": callee},
+            "spec": {"selector": {"matchLabels": {"app": callee}}, "mtls": {"mode": r.policy["mode"]}}}
+
+
 def _peer_authentication(callee: str, r: Recommendation) -> list[str]:
     if r.policy is None:
         return [f"# mtls {callee}: {r.evidence.reason}"]
-    doc = {"apiVersion": "security.istio.io/v1beta1", "kind": "PeerAuthentication", "metadata": {"name": callee},
-           "spec": {"selector": {"matchLabels": {"app": callee}}, "mtls": {"mode": r.policy["mode"]}}}
-    return _comment(r, "") + _dump(doc, "")
+    return _comment(r, "") + _dump(peer_authentication_doc(callee, r), "")
 
 
 def istio_yaml(report: Report) -> str:

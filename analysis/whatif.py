@@ -6,15 +6,18 @@
   analysis.retries, with a 95% Wilson interval on that probability;
 - timeout curve: calls cut for a list of timeout values, in one pass;
 - circuit breaker: calls that an ejected instance would not have received,
-  replayed call by call in time order per instance (analysis.runs.breaker_replay_sql).
+  replayed call by call in time order per instance (analysis.runs.breaker_replay_sql);
+- for_recommendation: the one of these a recommendation's policy calls for, as the figures stored
+  with it (`recommend --apply`) for its dry-run to be compared with.
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pandas as pd
 
-from meshlens.analysis.evidence import wilson
+from meshlens.analysis.evidence import Recommendation, wilson
 from meshlens.analysis.outliers import BASE_EJECTION_S
 from meshlens.analysis.retries import expected_recovered, expected_retries_sent, retry_frame
 from meshlens.analysis.runs import breaker_replay_sql
@@ -87,3 +90,35 @@ def breaker_whatif(scope: Scope, consecutive: int, base_ejection_s: float = BASE
     df = scope.frame(sql)
     df["rejected_share"] = df["rejected"] / df["n"]
     return df
+
+
+def for_recommendation(scope: Scope, rec: Recommendation) -> dict[str, Any]:
+    """What the recorded calls say `rec`'s policy would have done on them: the estimate a dry-run is checked
+    against (analysis.dryrun). Empty when the policy changes nothing a call could show (none, a pool, mTLS)."""
+    p, t = rec.policy, rec.target
+    if p is None:
+        return {}
+    key = (t.get("caller"), t.get("method"), t.get("route"))
+
+    def row(df: pd.DataFrame) -> Any:
+        found = df[(df["caller"] == key[0]) & (df["method"] == key[1]) & (df["route"] == key[2])]
+        return found.iloc[0] if len(found) else None
+
+    if rec.kind == "timeout":
+        r = row(timeout_whatif(scope, p["timeout_s"], t["callee"]))
+        return {} if r is None else {"n": int(r.n), "cut": int(r.cut), "cut_ok": int(r.cut_ok),
+                                     "cut_share": float(r.cut_share)}
+    if rec.kind == "retry":
+        r = row(retry_whatif(scope, p["attempts"], t["callee"]))
+        if r is None:
+            return {}
+        return {"n": int(r.n), "transient_failures": int(r.transient_failures),
+                **{k: round(float(getattr(r, k)), 4) for k in ("recovered", "recovered_lo", "recovered_hi",
+                                                                 "retries_sent", "extra_load_share")}}
+    if rec.kind == "outlier":
+        df = breaker_whatif(scope, p["consecutive5xxErrors"] or p["consecutiveGatewayErrors"], callee=t["callee"],
+                            gateway=not p["consecutive5xxErrors"])
+        return {"n": int(df["n"].sum()), "ejections": int(df["trips"].sum()), "rejected": int(df["rejected"].sum()),
+                "rejected_failed": int(df["rejected_failed"].sum()),
+                "ejections_by_instance": {str(r.instance): int(r.trips) for r in df.itertuples() if r.trips}}
+    return {}

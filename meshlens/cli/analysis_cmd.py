@@ -21,6 +21,13 @@ RECOMMEND_EPILOG = """examples:
   meshlens recommend --service payments --window 6h
   meshlens recommend --format yaml > policies.yaml  # Istio VirtualService/DestinationRule/PeerAuthentication
   meshlens recommend --format json --store http://collector:8123/
+  meshlens recommend --service cart --diff        # what --apply would store in the control plane
+  meshlens recommend --service cart --apply --reason "try the recommended timeouts"
+
+--apply stores the recommended policies in the control plane (--control, MESHLENS_CONTROL), each with
+its evidence and what-if as annotations, and puts each service whose policies change in dry-run (never
+straight into enforce); applying the same recommendations again changes nothing. Then:
+meshlens dryrun report SERVICE, and meshlens mode set SERVICE enforce --guard.
 
 each recommendation carries its evidence (window, n, figures, confidence, reason);
 where the data is too thin it says "not enough data (n=…)" instead of guessing."""
@@ -48,6 +55,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(r)
     r.add_argument("--format", choices=["table", "yaml", "json"], default="table",
                    help="table (default), Istio YAML with evidence as comments, or JSON")
+    act = r.add_mutually_exclusive_group()
+    act.add_argument("--apply", action="store_true",
+                     help="store the recommended policies in the control plane and put their services in dry-run")
+    act.add_argument("--diff", action="store_true", help="show what --apply would change, store nothing "
+                                                          "(exit 1 when something would)")
+    r.add_argument("--reason", help="why, for the history (--apply; default: the window and sample used)")
+    r.add_argument("--control", metavar="URL", help="the control plane (default: MESHLENS_CONTROL, else "
+                                                   "http://127.0.0.1:15010)")
+    r.add_argument("--token", help="bearer token (default: MESHLENS_TOKEN)")
+    r.add_argument("--ca", metavar="PEM", help="CA an https control plane's certificate is checked against")
     r.set_defaults(run=run_recommend)
 
 
@@ -123,6 +140,10 @@ def run_recommend(args: argparse.Namespace) -> int:
     from meshlens.analysis.recommend import recommend
     from meshlens.cli.query_cmd import format_table
 
+    if args.apply or args.diff:
+        from meshlens.cli.recommend_apply import apply_recommendations
+
+        return apply_recommendations(args)
     yaml = args.format == "yaml"
     report = _scoped(args, lambda store, window, service: recommend(store, window, service, paths=yaml))
     if yaml:
