@@ -33,9 +33,10 @@ each recommendation carries its evidence (window, n, figures, confidence, reason
 where the data is too thin it says "not enough data (n=…)" instead of guessing."""
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, service: bool = True) -> None:
     p.add_argument("--store", help="store URL (default: MESHLENS_STORE, the local collector, else the embedded store)")
-    p.add_argument("--service", help="only this destination service (analyze: calls to or from it)")
+    if service:
+        p.add_argument("--service", help="only this destination service (analyze: calls to or from it)")
     p.add_argument("--window", help="the last DURATION of calls, e.g. 15m, 1h, 7d (default: all recorded calls)")
     p.add_argument("--since", help="start: ISO 8601 time (UTC unless zoned) or a duration ago, e.g. 2h")
     p.add_argument("--until", help="end: ISO 8601 time or a duration ago (default: now)")
@@ -101,14 +102,14 @@ def _open(args: argparse.Namespace):
     return store
 
 
-def _scoped(args: argparse.Namespace, fn) -> Any:
+def _scoped(args: argparse.Namespace, fn, service: str | None = None) -> Any:
     from meshlens.analysis.scope import NoData, UnknownService
     from meshlens.collector.stores import StoreError
 
     window = window_from(args)
     store = _open(args)
     try:
-        return fn(store, window, args.service)
+        return fn(store, window, service or args.service)
     except (NoData, UnknownService) as e:
         raise UserError(str(e)) from None
     except StoreError as e:

@@ -6,8 +6,8 @@ import logging
 import sys
 
 from meshlens import __version__
-from meshlens.cli import (analysis_cmd, ca_cmd, collector_cmd, control_cmd, dashboards_cmd, demo_cmd, mtls_cmd,
-                          proxy_cmd, query_cmd, schema_cmd, tap_cmd)
+from meshlens.cli import (analysis_cmd, ca_cmd, collector_cmd, control_cmd, dashboards_cmd, demo_cmd, dryrun_cmd,
+                          mtls_cmd, proxy_cmd, query_cmd, schema_cmd, tap_cmd)
 from meshlens.cli.errors import UserError
 from meshlens.config import ConfigError
 
@@ -29,6 +29,8 @@ EPILOG = """examples:
   meshlens tap --iface eth0 --filter "tcp port 80" --mesh mesh.yaml   # passive: calls off the wire
   meshlens analyze --window 1h            # service graph: rate, errors, latency quantiles
   meshlens recommend --format yaml        # timeouts, retries, outlier detection, mTLS, with evidence
+  meshlens recommend --apply --service cart   # stored in the control plane, cart put in dry-run
+  meshlens dryrun report cart             # what the policies would have done, against what was expected
   meshlens dashboards provision --grafana-url http://127.0.0.1:3000 --token "$TOKEN"
   meshlens control                        # the control plane on 127.0.0.1:15010: policies, the mesh, modes
   meshlens apply -f payment-service.yaml  # Istio VirtualService / DestinationRule YAML, validated, audited
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log verbosity (logs go to stderr as key=value)")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
     for mod in (collector_cmd, query_cmd, schema_cmd, analysis_cmd, proxy_cmd, tap_cmd, demo_cmd, dashboards_cmd,
-                control_cmd, ca_cmd, mtls_cmd):
+                control_cmd, ca_cmd, mtls_cmd, dryrun_cmd):
         mod.add_parser(sub)
     return parser
 
