@@ -21,6 +21,11 @@ MAX_BODY_BYTES = 20 * 1024 * 1024
 # the embedded store shares the collector's process, memory and cores with ingestion, so
 # far fewer, yet enough for a dashboard's panels refreshing together.
 MAX_CONCURRENT_QUERIES = 16
+# Spans held for --forward-otlp: a minute of 1,000 spans/s, so a receiver's restart loses
+# nothing; ~0.5 KB a span in Arrow (SDK spans of ten attributes), ~30 MB full.
+FORWARD_QUEUE_SPANS = 60_000
+# The OpenTelemetry exporters' default timeout (OTEL_EXPORTER_OTLP_TIMEOUT, 10 s).
+FORWARD_TIMEOUT_S = 10.0
 
 
 def default_spool_dir() -> str:
@@ -51,6 +56,14 @@ class CollectorConfig:
     traces_retention_days: int = field(default=7, metadata={"help": "days of spans kept (0 = forever)"})
     changes_retention_days: int = field(default=365, metadata={"help": "days of the control plane's changes "
                                                                         "(mesh_changes) kept (0 = forever)"})
+    forward_otlp: str = field(default="", metadata={"help": "also send every accepted span by OTLP/HTTP to this "
+                                                            "endpoint (http://host:4318, or a URL ending in "
+                                                            "/v1/traces); '' = off"})
+    forward_queue_spans: int = field(default=FORWARD_QUEUE_SPANS, metadata={
+        "help": "spans held for the forward endpoint; beyond it new spans are dropped and counted, "
+                "ingestion never waits"})
+    forward_timeout: float = field(default=FORWARD_TIMEOUT_S, metadata={
+        "help": "seconds one request to the forward endpoint may take before it is retried"})
 
     def validate(self) -> None:
         for name in ("otlp_http_port", "otlp_grpc_port"):
@@ -58,11 +71,17 @@ class CollectorConfig:
                 raise ValueError(f"{name} must be 0..65535, got {getattr(self, name)}")
         if not -1 <= self.query_port <= 65535:
             raise ValueError(f"query_port must be -1..65535, got {self.query_port}")
-        for name in ("spool_max_bytes", "batch_rows", "max_backlog_bytes", "max_body_bytes", "query_max_concurrent"):
+        for name in ("spool_max_bytes", "batch_rows", "max_backlog_bytes", "max_body_bytes", "query_max_concurrent",
+                     "forward_queue_spans"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.flush_interval <= 0:
-            raise ValueError(f"flush_interval must be positive, got {self.flush_interval}")
+        for name in ("flush_interval", "forward_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.forward_otlp:
+            from meshlens.collector.forward import traces_url  # protobuf and pyarrow: only when forwarding
+
+            traces_url(self.forward_otlp)
         for name in ("calls_retention_days", "traces_retention_days", "changes_retention_days"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from meshlens.collector.forward import Forwarder
 from meshlens.collector.metrics import CollectorMetrics
 from meshlens.collector.stores.base import quote_ident
 from meshlens.collector.spool import Segment, Spool, SpoolFull
@@ -55,8 +56,9 @@ class BatchPolicy:
 
 class Ingest:
     def __init__(self, store: Store, spool: Spool, database: str, metrics: CollectorMetrics,
-                 policy: BatchPolicy = BatchPolicy()) -> None:
+                 policy: BatchPolicy = BatchPolicy(), forward: Forwarder | None = None) -> None:
         self.store = store
+        self.forward = forward
         self.spool = spool
         self.metrics = metrics
         self.policy = policy
@@ -96,6 +98,8 @@ class Ingest:
         if rows is None:  # the same id in a request that was spooled since the check above
             self.metrics.duplicate_batches.inc()
             return None
+        if self.forward is not None and "otel_traces" in tables:  # accepted, so forwarded
+            self.forward.offer(tables["otel_traces"])
         if self._opened_at is None:
             self._opened_at = time.monotonic()
         for name, t in tables.items():

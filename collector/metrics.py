@@ -40,3 +40,17 @@ class CollectorMetrics:
         self.spool_errors = Counter("meshlens_collector_spool_errors_total",
                                     "Writes the spool refused (limit reached or disk full).", registry=r)
         self.store_up = Gauge("meshlens_collector_store_up", "1 while the last insert succeeded.", registry=r)
+        # --forward-otlp (collector/forward.py); all 0 when forwarding is off
+        self.forward_spans = Counter("meshlens_collector_forward_spans_total",
+                                     "Spans the forward endpoint took.", registry=r)
+        self.forward_batches = Counter("meshlens_collector_forward_batches_total",
+                                       "Export requests the forward endpoint answered 200.", registry=r)
+        self.forward_retries = Counter("meshlens_collector_forward_retries_total",
+                                       "Export requests to be sent again, by what came back (429, 502, 503, "
+                                       "504, unreachable).", ["reason"], registry=r)
+        self.forward_dropped = Counter("meshlens_collector_forward_dropped_spans_total",
+                                       "Accepted spans never forwarded, by reason (queue_full, rejected, invalid, "
+                                       "shutdown, error).", ["reason"], registry=r)
+        self.forward_queue_spans = Gauge("meshlens_collector_forward_queue_spans",
+                                         "Spans waiting for the forward endpoint, the batch being sent included.",
+                                         registry=r)

@@ -1,4 +1,5 @@
-"""`meshlens collector`: open the store and spool, then serve ingest, OTLP/gRPC and queries until signalled."""
+"""`meshlens collector`: open the store and spool, then serve ingest, OTLP/gRPC and queries until signalled
+(and forward accepted spans when --forward-otlp says where)."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from meshlens.collector.config import CollectorConfig
+from meshlens.collector.forward import Forwarder
 from meshlens.collector.grpc_ingest import start_grpc
 from meshlens.collector.http_ingest import make_ingest_app
 from meshlens.collector.ingest import BatchPolicy, Ingest
@@ -32,6 +34,7 @@ class Opened:
     store: Store
     spool: Spool
     ingest: Ingest
+    forward: Forwarder | None
 
 
 def open_store(url: str, retention: Retention) -> Store:
@@ -59,14 +62,19 @@ def open_collector(cfg: CollectorConfig) -> Opened:
         raise StartupError(f"cannot use spool directory {cfg.spool_dir}: {e.strerror or e}") from None
     store = open_store(cfg.store, retention)
     policy = BatchPolicy(cfg.batch_rows, cfg.flush_interval, cfg.max_backlog_bytes)
-    ingest = Ingest(store, spool, store.database, CollectorMetrics(), policy)
-    return Opened(store, spool, ingest)
+    metrics = CollectorMetrics()
+    forward = Forwarder(cfg.forward_otlp, metrics, cfg.forward_queue_spans, cfg.forward_timeout) \
+        if cfg.forward_otlp else None
+    ingest = Ingest(store, spool, store.database, metrics, policy, forward)
+    return Opened(store, spool, ingest, forward)
 
 
 async def serve(cfg: CollectorConfig, opened: Opened) -> None:
     """Serve until SIGTERM/SIGINT, then stop listening, drain the spool and close."""
-    ingest = opened.ingest
+    ingest, forward = opened.ingest, opened.forward
     ingest.start()
+    if forward is not None:
+        forward.start()
     # auto_decompress off: the ingest app undoes gzip itself, with a size bound.
     runner = web.AppRunner(make_ingest_app(ingest, cfg.max_body_bytes), access_log=None, auto_decompress=False)
     await runner.setup()
@@ -89,14 +97,17 @@ async def serve(cfg: CollectorConfig, opened: Opened) -> None:
         if query_runner:
             await query_runner.cleanup()
         ingest.stop(drain_timeout=0)
+        if forward is not None:
+            forward.stop(drain=0)
         raise StartupError(f"cannot listen: {e.strerror or e}") from None
 
     ports = [s._server.sockets[0].getsockname()[1] for s in sites]  # type: ignore[union-attr]
     ready = f"otlp_http={cfg.host}:{ports[0]} otlp_grpc={cfg.host}:{grpc_port}"
     if query_runner:
         ready += f" query=http://{cfg.query_host}:{ports[1]}/"
-    print(f"meshlens collector ready {ready} store={redact(opened.store.url)} spool={cfg.spool_dir}",
-          flush=True)
+    forwarding = redact(forward.url) if forward is not None else "off"
+    print(f"meshlens collector ready {ready} store={redact(opened.store.url)} spool={cfg.spool_dir} "
+          f"forward={forwarding}", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -108,7 +119,11 @@ async def serve(cfg: CollectorConfig, opened: Opened) -> None:
     await runner.cleanup()
     if query_runner:
         await query_runner.cleanup()
-    await loop.run_in_executor(None, ingest.stop)
+    # Both drains at once: the spool into the store, the forward queue to its endpoint (bounded, shorter).
+    drains = [loop.run_in_executor(None, ingest.stop)]
+    if forward is not None:
+        drains.append(loop.run_in_executor(None, forward.stop))
+    await asyncio.gather(*drains)
     opened.store.close()
     print("meshlens collector stopped", file=sys.stderr, flush=True)
 

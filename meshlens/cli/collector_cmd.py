@@ -13,6 +13,9 @@ EPILOG = """examples:
   meshlens collector --store clickhouse://default:secret@ch1:9000/meshlens --host 0.0.0.0
   meshlens collector --store 'http://ch1:8123/?database=meshlens&cluster=prod'
   MESHLENS_STORE=chdb:/data/meshlens meshlens collector --config collector.yaml
+  meshlens collector --forward-otlp http://tempo:4318 --forward-queue-spans 200000
+      also send every accepted span (OTLP's, and the sidecars' calls with trace
+      context) to Tempo, Jaeger or an OpenTelemetry Collector by OTLP/HTTP
 
 every option can also be given as MESHLENS_<OPTION> (e.g. MESHLENS_OTLP_HTTP_PORT=14318)
 or in the --config YAML file (otlp_http_port: 14318); flags win over the environment,
