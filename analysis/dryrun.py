@@ -270,3 +270,24 @@ def _disagreement(p: Policy, n: int) -> list[str]:
     if p.word == "would_eject" and "ejections" in e and not e["ejections"]:
         return ["DISAGREES: the recommendation expected no ejection; dry-run would have ejected"]
     return []
+
+
+def services_in_dry_run(scope: Scope) -> list[tuple[str, int]]:
+    """Services with calls in dry-run in the window, most calls first."""
+    rows = scope.store.query_rows(f"SELECT toString(dst_service) AS s, count() AS n FROM {scope.calls()} "
+                                  f"WHERE mode = 'dry-run' GROUP BY s ORDER BY n DESC, s")
+    return [(s, int(n)) for s, n in rows]
+
+
+def words_over_time(scope: Scope, service: str, bucket_s: int = 10) -> Any:
+    """Per `bucket_s` and dry-run word: the calls to `service` carrying it (a DataFrame: t, word, n), beside
+    the calls per bucket in each mode (word = 'calls in MODE')."""
+    words = f"""SELECT toStartOfInterval(time, INTERVAL {int(bucket_s)} SECOND) AS t, word, count() AS n FROM (
+  SELECT *, arrayJoin(arrayDistinct(arrayMap(w -> splitByChar(':', w)[1], splitByChar(',', toString(action)))))
+         AS word FROM {scope.calls()} WHERE dst_service = {quote(service)} AND action != '')
+GROUP BY t, word
+UNION ALL
+SELECT toStartOfInterval(time, INTERVAL {int(bucket_s)} SECOND) AS t, concat('calls in ', toString(mode)) AS word,
+       count() AS n FROM {scope.calls()} WHERE dst_service = {quote(service)} GROUP BY t, word
+ORDER BY t, word"""
+    return scope.frame(words)
