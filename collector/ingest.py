@@ -5,7 +5,8 @@ it returns once the rows are in the spool, which is what "accepted" means, or
 at once for a batch whose id the spool already took (collector/spool.py). One
 background thread seals segments (on size or age) and inserts them oldest
 first. When the store fails, the segment stays in the spool and the thread
-backs off; when it returns, the backlog drains in order.
+backs off; when it returns, the backlog drains in order. Spans, once spooled, are
+also handed to the forwarder when --forward-otlp is set (collector/forward.py).
 
 Backpressure, as producers see it:
   - the backlog passes `max_backlog_bytes` while the store is up: we are behind

@@ -398,14 +398,14 @@ def send_sdk_spans(col: CollectorProcess, service: str, count: int) -> None:
     provider.shutdown()
 
 
-def calls_batch(n: int) -> bytes:
+def calls_batch(n: int, batch_id: str | None = None) -> bytes:
     return batch_format.encode({
         "time": [time.time_ns() + i for i in range(n)], "duration_ns": [2_000_000] * n,
         "observer": ["client"] * n, "src_service": ["frontend"] * n, "dst_service": ["checkout"] * n,
         "protocol": ["http/1.1"] * n, "method": ["GET"] * n, "path": [f"/items/{i}" for i in range(n)],
         "status": [200] * n, "trace_id": [f"{i + 1:032x}" for i in range(n)],
         "span_id": [f"{i + 1:016x}" for i in range(n)], "attributes": [{"seq": str(i)} for i in range(n)],
-    })
+    }, batch_id)
 
 
 def refusing_port() -> socket.socket:
@@ -432,14 +432,18 @@ def test_spans_accepted_by_a_arrive_in_b_as_they_were_stored_in_a(tmp_path: Path
         assert "forward=off" in b.ready_line
         assert f"forward={b.base}/v1/traces" in a.ready_line
         send_sdk_spans(a, "orders", 3)
-        assert post(f"{a.base}/v1/calls", calls_batch(4), batch_format.CONTENT_TYPE) == 200
+        batch = calls_batch(4, "producer-1")
+        assert post(f"{a.base}/v1/calls", batch, batch_format.CONTENT_TYPE) == 200
+        assert post(f"{a.base}/v1/calls", batch, batch_format.CONTENT_TYPE) == 200  # a resend: not forwarded again
         stored_in_a = wait_spans(a, 10, "10 spans in A")
         assert wait_spans(b, 10, "10 spans in B") == stored_in_a
         names = {(r[7], r[5], r[6]) for r in stored_in_a}  # ServiceName, SpanName, SpanKind
         assert names == {("orders", "GET /orders/{id}", "Server"), ("orders", "lookup", "Internal"),
                          ("frontend", "GET", "Client")}
+        wait_until(lambda: metric(a, "meshlens_collector_forward_queue_spans") == 0, "A's queue empty")
         assert metric(a, "meshlens_collector_forward_spans_total") == 10
         assert metric(a, "meshlens_collector_forward_dropped_spans_total") == 0
+        assert query(b, "SELECT count() FROM meshlens.otel_traces") == [(10,)]
 
 
 def test_while_b_is_down_a_keeps_accepting_and_b_gets_the_spans_once_it_is_up(tmp_path: Path) -> None:
