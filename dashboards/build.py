@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from meshlens.dashboards import JSON_DIR
+from meshlens.dashboards.dryrun import dryrun
 from meshlens.dashboards.mesh import edge, overview, service
 from meshlens.dashboards.readiness import readiness
 from meshlens.dashboards.selfmon import selfmon
 from meshlens.dashboards.traces import traces
 
-BUILDERS: tuple[Callable[[], dict[str, Any]], ...] = (overview, service, edge, traces, readiness, selfmon)
+BUILDERS: tuple[Callable[[], dict[str, Any]], ...] = (overview, service, edge, dryrun, traces, readiness,
+                                                       selfmon)
 
 
 def build_all() -> dict[str, dict[str, Any]]:

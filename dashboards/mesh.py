@@ -1,8 +1,10 @@
-"""The traffic dashboards over `calls`: mesh overview, service detail, edge detail."""
+"""The traffic dashboards over `calls`: mesh overview, service detail, edge detail (these two marked with the
+control plane's changes to the service, or to the callee: dashboards/annotations.py)."""
 from __future__ import annotations
 
 from typing import Any
 
+from meshlens.dashboards.annotations import change_annotations
 from meshlens.dashboards.model import (FORMAT_TABLE, FORMAT_TIME_SERIES, Panel, Row, clickhouse_datasource_var,
                               custom_var, dashboard, database_var, override, query_var, sql_target)
 from meshlens.dashboards.sql import (BUCKET, CALLEE, CALLER, CALLER_SIDE, CALLS, FAILED, MS, PER_SECOND, ROUTE, SERVICE_SIDE,
@@ -211,7 +213,8 @@ GROUP BY callee ORDER BY calls DESC""", overrides=RED_OVERRIDES + [override("tls
 SELECT DISTINCT {CALLEE} AS service FROM {CALLS} WHERE {WINDOW} ORDER BY service""".strip())
     return dashboard("meshlens-service", "meshlens / Service detail",
                      "One service: per-route latency quantiles and heatmap, status codes, callers, callees, mode.",
-                     [clickhouse_datasource_var(), database_var(), svc, observer_var()], items)
+                     [clickhouse_datasource_var(), database_var(), svc, observer_var()], items,
+                     annotations=change_annotations("'${service}'"))
 
 
 def _heat_bucket(i: int) -> str:
@@ -267,4 +270,5 @@ ORDER BY duration_ns DESC LIMIT 50""", w=24, h=10,
     return dashboard("meshlens-edge", "meshlens / Edge detail",
                      "One caller -> callee edge: rate, latency, status codes, each observer's view, routes, "
                      "slow calls.",
-                     [clickhouse_datasource_var(), database_var(), src, dst, observer_var()], items)
+                     [clickhouse_datasource_var(), database_var(), src, dst, observer_var()], items,
+                     annotations=change_annotations("'${dst}'"))

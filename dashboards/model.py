@@ -86,6 +86,15 @@ def sql_target(sql: str, fmt: int, ref: str = "A") -> dict[str, Any]:
             "rawSql": sql.strip(), "refId": ref}
 
 
+def sql_annotation(name: str, sql: str, color: str) -> dict[str, Any]:
+    """An annotation query on the ClickHouse datasource, in the plugin's shape (a SQL target, table format).
+
+    Grafana maps its result by column name (standardAnnotationSupport): `time`, `title`, `text`, and `tags`,
+    which it splits on commas."""
+    return {"datasource": dict(CLICKHOUSE), "enable": True, "hide": False, "iconColor": color, "name": name,
+            "target": sql_target(sql, FORMAT_TABLE, "annotation")}
+
+
 def prom_target(expr: str, legend: str = "", ref: str = "A") -> dict[str, Any]:
     return {"datasource": dict(PROMETHEUS), "editorMode": "code", "expr": expr, "legendFormat": legend or "__auto",
             "range": True, "refId": ref}
@@ -163,7 +172,9 @@ def layout(items: list[Panel | Row]) -> list[dict[str, Any]]:
 
 def dashboard(uid: str, title: str, description: str, variables: list[dict[str, Any]],
               items: list[Panel | Row], *, tags: tuple[str, ...] = (), time_from: str = "now-1h",
-              links: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+              links: list[dict[str, Any]] | None = None,
+              annotations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The whole dashboard; `annotations` are shown after Grafana's own (alerts and hand-made ones)."""
     return {
         "uid": uid, "title": title, "description": description, "tags": ["meshlens", *tags],
         "editable": True, "graphTooltip": 1, "id": None, "fiscalYearStartMonth": 0, "liveNow": False,
@@ -171,7 +182,8 @@ def dashboard(uid: str, title: str, description: str, variables: list[dict[str, 
         "timepicker": {}, "timezone": "utc", "version": 1, "weekStart": "",
         "annotations": {"list": [{"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
                                   "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
-                                  "name": "Annotations & Alerts", "type": "dashboard"}]},
+                                  "name": "Annotations & Alerts", "type": "dashboard"},
+                                 *(annotations or [])]},
         "links": links if links is not None else [
             {"asDropdown": True, "icon": "external link", "includeVars": False, "keepTime": True,
              "tags": ["meshlens"], "title": "meshlens", "type": "dashboards"}],

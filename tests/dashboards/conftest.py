@@ -1,7 +1,11 @@
 """A store with traffic for the dashboards: the demo's (fixture `demo_store`) when it exists, else our own.
 
-Our own: a real `meshlens collector` subprocess fed calls (CallRecorder) and
-OTLP spans (the OpenTelemetry SDK exporter); its query endpoint is the URL.
+Our own (`own_store`): a real `meshlens collector` subprocess fed calls (CallRecorder),
+OTLP spans (the OpenTelemetry SDK exporter) and the control plane's changes (POST
+/v1/changes); its query endpoint is the URL. The demo runs no control plane, so
+what needs every mode and `mesh_changes` (the dry-run dashboard, the annotations)
+always runs on our own. One change reaches the table twice, as when a second
+collector is shipped the same trail: readers must see it once.
 MESHLENS_TEST_DASHBOARDS_OWN_DATA=1 uses our own even when the demo fixture exists;
 MESHLENS_TEST_DASHBOARDS_STORE=URL uses any store already serving traffic (a collector's query endpoint).
 """
@@ -16,7 +20,7 @@ import pytest
 
 from meshlens.collector.stores import Store, connect
 from tests.collector_process import CollectorProcess
-from tests.dashboards.traffic import N_PER_EDGE, send_calls, send_spans
+from tests.dashboards.traffic import N_PER_EDGE, changes, send_calls, send_changes, send_spans
 from tests.waiting import PATIENCE_S
 
 
@@ -25,6 +29,8 @@ class PanelStore:
     url: str
     store: Store
     source: str
+    now_ns: int = 0
+    """When our own traffic was made (its times are relative to it); 0 for the demo's or a given store."""
 
 
 def _wait_rows(store: Store, table: str, n: int, timeout: float = PATIENCE_S) -> None:
@@ -56,13 +62,28 @@ def panel_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
             yield PanelStore(demo.url, store, "demo")
             store.close()
             return
-    collector = CollectorProcess(tmp_path_factory.mktemp("dashboards-collector"))
-    with collector:
-        sent = send_calls(collector.base)
+    yield request.getfixturevalue("own_store")
+
+
+@pytest.fixture(scope="session")
+def own_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PanelStore]:
+    workdir = tmp_path_factory.mktemp("dashboards-collector")
+    now_ns = time.time_ns()
+    trail = changes(now_ns)
+    with CollectorProcess(workdir / "first", f"chdb:{workdir / 'store'}") as collector:
+        sent = send_calls(collector.base, now_ns)
         spans = send_spans(collector.base)
+        assert send_changes(collector.base, trail) == {"accepted": len(trail), "duplicates": 0}
         store = connect(collector.query_url)
         _wait_rows(store, "calls", sent)
         _wait_rows(store, "otel_traces", spans)
-        assert sent >= N_PER_EDGE
-        yield PanelStore(collector.query_url, store, "own")
+        _wait_rows(store, "mesh_changes", len(trail))
+        store.close()
+    assert sent >= N_PER_EDGE
+    # A second collector over the same store, its spool new: it has not seen the change, and stores it again.
+    with CollectorProcess(workdir / "second", f"chdb:{workdir / 'store'}") as collector:
+        assert send_changes(collector.base, trail[-2:-1]) == {"accepted": 1, "duplicates": 0}
+        store = connect(collector.query_url)
+        _wait_rows(store, "mesh_changes", len(trail) + 1)
+        yield PanelStore(collector.query_url, store, "own", now_ns)
         store.close()

@@ -47,6 +47,22 @@ def run(store: Store, sql: str, variables: dict[str, Variable], tr: TimeRange) -
     return store.query_arrow(expand(sql, variables, tr))
 
 
+def describe(store: Store, sql: str) -> dict[str, str]:
+    """Column name -> ClickHouse type of a query's result."""
+    return {r[0]: r[1] for r in store.query_rows(f"DESCRIBE ({sql})")}
+
+
+def analysis_scope(store: Store, tr: TimeRange) -> Any:
+    """analysis' Scope over the panels' time range (whole seconds, as $__timeFilter has it)."""
+    from datetime import datetime, timezone
+
+    from meshlens.analysis.scope import open_scope
+    from meshlens.analysis.window import Window
+
+    return open_scope(store, Window(datetime.fromtimestamp(tr.from_ms // 1000, timezone.utc),
+                                    datetime.fromtimestamp(tr.to_ms // 1000 + 1, timezone.utc)))
+
+
 def resolve_variables(store: Store, dash: dict[str, Any], tr: TimeRange,
                       pick: dict[str, str] | None = None) -> dict[str, Variable]:
     """Each variable's current value, in order, as Grafana resolves them on load.

@@ -53,6 +53,9 @@ def test_first_run_creates_everything(grafana: FakeGrafana, capsys: pytest.Captu
         "/api/health", "/api/org", "/api/plugins/grafana-clickhouse-datasource/settings"]
     saved = [r.body for r in st.requests if r.path == "/api/dashboards/db"]
     assert all(b["overwrite"] is True for b in saved)
+    marked = st.dashboards["meshlens-dryrun"]["dashboard"]["annotations"]["list"]
+    assert [a["name"] for a in marked] == ["Annotations & Alerts", "Mode switches", "Policy changes",
+                                           "Automatic rollbacks"]
 
 
 def test_second_run_updates_in_place(grafana: FakeGrafana, capsys: pytest.CaptureFixture[str]) -> None:
@@ -63,7 +66,8 @@ def test_second_run_updates_in_place(grafana: FakeGrafana, capsys: pytest.Captur
     assert "updated datasource meshlens-clickhouse" in out and "kept folder meshlens" in out
     st = grafana.state
     writes = [(r.method, r.path) for r in st.requests[first:] if r.method != "GET"]
-    assert writes == [("PUT", "/api/datasources/uid/meshlens-clickhouse")] + [("POST", "/api/dashboards/db")] * 6
+    assert writes == ([("PUT", "/api/datasources/uid/meshlens-clickhouse")]
+                      + [("POST", "/api/dashboards/db")] * len(UIDS))
     assert len(st.datasources) == 1 and len(st.folders) == 1 and sorted(st.dashboards) == UIDS
     assert all(d["version"] == 2 for d in st.dashboards.values())
     assert st.datasources["meshlens-clickhouse"]["version"] == 2

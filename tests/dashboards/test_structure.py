@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from meshlens.analysis import mtls, retries, route_stats, scope, timeouts, window
-from meshlens.dashboards import JSON_DIR, load_all, readiness, sql
+from meshlens.dashboards import JSON_DIR, dryrun, load_all, readiness, sql
 from meshlens.dashboards.build import build_all, render
 from meshlens.dashboards.model import CLICKHOUSE_PLUGIN, PANEL_FORMATS, QUERY_TYPE, SCHEMA_VERSION
 from tests.dashboards.runner import panels
@@ -20,6 +20,18 @@ VAR_REF = re.compile(r"\$(\w+)|\[\[(\w+?)(?::\w+)?\]\]|\$\{(\w+)(?:\.[^:^}]+)?(?
 NO_ARG_MACROS = ("$__interval_s", "$__fromTime", "$__toTime", "$__fromTime_ms", "$__toTime_ms")
 
 
+def annotation_queries(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """The dashboard's own annotation queries (not Grafana's built-in one)."""
+    return [a for a in d["annotations"]["list"] if not a.get("builtIn")]
+
+
+def sql_texts(d: dict[str, Any]) -> list[str]:
+    """Every SQL text Grafana sends for the dashboard: panels', variables' and annotations'."""
+    texts = [t.get("rawSql", "") + t.get("expr", "") for p in panels(d) for t in p.get("targets", [])]
+    texts += [v["query"]["rawSql"] for v in d["templating"]["list"] if v["type"] == "query"]
+    return texts + [a["target"]["rawSql"] for a in annotation_queries(d)]
+
+
 def test_committed_json_is_the_builders_output() -> None:
     built = build_all()
     assert sorted(built) == sorted(p.stem for p in JSON_DIR.glob("*.json"))
@@ -28,7 +40,7 @@ def test_committed_json_is_the_builders_output() -> None:
 
 
 def test_the_expected_dashboards() -> None:
-    assert UIDS == ["meshlens-edge", "meshlens-overview", "meshlens-readiness", "meshlens-self",
+    assert UIDS == ["meshlens-dryrun", "meshlens-edge", "meshlens-overview", "meshlens-readiness", "meshlens-self",
                     "meshlens-service", "meshlens-traces"]
     assert len({d["title"] for d in DASHBOARDS.values()}) == len(DASHBOARDS)
 
@@ -70,6 +82,7 @@ def test_every_datasource_is_a_datasource_variable_of_its_type(uid: str) -> None
     refs = [p["datasource"] for p in panels(d) if p["type"] != "row"]
     refs += [t["datasource"] for p in panels(d) for t in p.get("targets", [])]
     refs += [v["datasource"] for v in d["templating"]["list"] if v["type"] == "query"]
+    refs += [r for a in annotation_queries(d) for r in (a["datasource"], a["target"]["datasource"])]
     assert refs
     for ref in refs:
         m = re.fullmatch(r"\$\{(\w+)\}", ref["uid"])
@@ -81,9 +94,7 @@ def test_every_datasource_is_a_datasource_variable_of_its_type(uid: str) -> None
 def test_every_referenced_variable_exists(uid: str) -> None:
     d = DASHBOARDS[uid]
     defined = {v["name"] for v in d["templating"]["list"]}
-    texts = [p.get("title", "") for p in panels(d)]
-    texts += [t.get("rawSql", "") + t.get("expr", "") for p in panels(d) for t in p.get("targets", [])]
-    texts += [v["query"]["rawSql"] for v in d["templating"]["list"] if v["type"] == "query"]
+    texts = [p.get("title", "") for p in panels(d)] + sql_texts(d)
     used = {next(g for g in m.groups() if g) for text in texts for m in VAR_REF.finditer(text)}
     missing = {u for u in used if not BUILTIN.fullmatch(u)} - defined
     assert not missing
@@ -107,6 +118,9 @@ def test_formats_fit_panel_types(uid: str) -> None:
             assert t["queryType"] == QUERY_TYPE[t["format"]]
         refs = [t["refId"] for t in p.get("targets", [])]
         assert len(refs) == len(set(refs))
+    for a in annotation_queries(DASHBOARDS[uid]):  # Grafana reads an annotation's result as a table
+        t = a["target"]
+        assert (t["editorType"], t["format"], t["queryType"]) == ("sql", 1, "table") and t["rawSql"].strip()
 
 
 def test_the_traces_dashboard_uses_the_trace_format() -> None:
@@ -118,14 +132,12 @@ def test_the_traces_dashboard_uses_the_trace_format() -> None:
 @pytest.mark.parametrize("uid", UIDS)
 def test_macros_without_arguments_are_closed_by_a_parenthesis(uid: str) -> None:
     """sqlutil takes the text up to the next '(...)' as a macro's arguments unless ')' comes first."""
-    for p in panels(DASHBOARDS[uid]):
-        for t in p.get("targets", []):
-            sql_text = t.get("rawSql", "")
-            for macro in NO_ARG_MACROS:
-                for m in re.finditer(re.escape(macro) + r"\b", sql_text):
-                    rest = sql_text[m.end():]
-                    first = re.search(r"[()]", rest)
-                    assert first is not None and first.group() == ")", (p["title"], macro)
+    for sql_text in sql_texts(DASHBOARDS[uid]):
+        for macro in NO_ARG_MACROS:
+            for m in re.finditer(re.escape(macro) + r"\b", sql_text):
+                rest = sql_text[m.end():]
+                first = re.search(r"[()]", rest)
+                assert first is not None and first.group() == ")", (sql_text[:80], macro)
 
 
 def test_sql_constants_match_analysis() -> None:
@@ -140,6 +152,15 @@ def test_sql_constants_match_analysis() -> None:
     assert readiness.TIMEOUT_HEADROOM == timeouts.HEADROOM
     assert readiness.TRANSIENT == route_stats.TRANSIENT_SQL
     assert readiness.IDEMPOTENT_METHODS == retries.IDEMPOTENT_METHODS
+
+
+def test_the_callee_words_are_the_inbound_policies_words() -> None:
+    """dashboards/dryrun.py counts these on the callee's row: the words proxy/policies.py's Authorization and
+    RateLimit and the PeerAuthentication check write, enforced and in dry-run (proxy/chain.py WOULD)."""
+    from meshlens.proxy.chain import WOULD
+
+    inbound = ("denied", "rate_limited", "refused_plaintext")
+    assert set(dryrun.CALLEE_WORDS) == {*inbound, *(WOULD[a] for a in inbound), "audited"}
 
 
 def test_every_calls_query_picks_one_observer_or_shows_them_apart() -> None:
