@@ -12,6 +12,7 @@ from meshlens.dashboards.annotations import COLORS
 from meshlens.dashboards.model import CLICKHOUSE, FORMAT_TABLE
 from tests.dashboards.macros import expand
 from tests.dashboards.runner import describe, resolve_variables, run, time_range
+from tests.dashboards.traffic import RESHIPPED
 
 DASHBOARDS = load_all()
 NAMES = ["Mode switches", "Policy changes", "Automatic rollbacks"]
@@ -122,6 +123,7 @@ def test_a_change_before_the_range_is_not_marked(own_store) -> None:
 def test_a_change_stored_twice_is_marked_once(own_store) -> None:
     """A second collector stored revision 14 again (tests/dashboards/conftest.py): the rows stay two until
     ClickHouse merges their parts, and the marks are one."""
+    assert RESHIPPED == 14
     rows = own_store.store.query_rows("SELECT count() FROM meshlens.mesh_changes WHERE revision = 14")
     assert rows == [(2,)], "both copies are still in the table (the parts have not merged)"
     got = texts(own_store, "meshlens-dryrun", "Mode switches", service="payments")
