@@ -2,7 +2,8 @@
 callers, against what was expected of it and what observe measured before.
 
 In dry-run every policy decides on every call and only writes its word (`would_timeout`, `would_retry`,
-...; proxy/chain.py): the calls themselves went as in observe. So the report reads, per word, how many
+...; proxy/chain.py): the calls themselves went as in observe. Each word is read where it is written:
+traffic policies' on the caller's sidecar's rows, inbound ones' (INBOUND) on the service's own. So the report reads, per word, how many
 calls carry it and a few of them, and estimates the calls as the caller would have had them enforced:
 
 - `would_timeout`, `would_reject_overflow`, `would_refuse_plaintext`, `would_no_route`: the call fails
@@ -26,15 +27,18 @@ from meshlens.analysis.evidence import wilson
 from meshlens.analysis.mode_figures import Figures, by_mode
 from meshlens.analysis.proposal import OBSERVED, evidence_of
 from meshlens.analysis.scope import FAILED_SQL, HEALTHY_SQL, NoData, Scope, open_scope
-from meshlens.analysis.window import Window, quote
+from meshlens.analysis.window import SERVICE_SIDE, Window, quote
 from meshlens.collector.stores import Store
 
 __all__ = ["DryRunReport", "dryrun_report"]
 
 EXAMPLES = 3
-# Words whose call the caller would have seen fail, enforced.
-FAILS = ("would_timeout", "would_reject_overflow", "would_refuse_plaintext", "would_no_route")
+# Words whose call the caller would have seen fail, enforced (written by the caller's sidecar).
+FAILS = ("would_timeout", "would_reject_overflow", "would_no_route")
 REFUSES = {"would_deny": 403, "would_rate_limit": 429}
+# Words the called service's own sidecar writes (its inbound policies): read on its rows, the caller's
+# sidecar never sees them.
+INBOUND = ("would_deny", "would_rate_limit", "would_refuse_plaintext")
 
 
 @dataclass(frozen=True)
@@ -108,11 +112,22 @@ def _expected_text(p: Policy) -> str:
     return "-"
 
 
+def _calls(scope: Scope, word: str) -> str:
+    """The calls a word is counted on: the service's own sidecar's rows for its inbound words, else the
+    caller's (one observer per edge either way)."""
+    return scope.calls(SERVICE_SIDE) if word in INBOUND else scope.calls()
+
+
 def _words_sql(scope: Scope, service: str) -> str:
-    return f"""SELECT word, count() AS n, countIf({FAILED_SQL}) AS failed FROM (
+    inbound = "[" + ", ".join(quote(w) for w in INBOUND) + "]"
+
+    def side(calls: str, keep: str) -> str:
+        return f"""SELECT word, count() AS n, countIf({FAILED_SQL}) AS failed FROM (
   SELECT *, arrayJoin(arrayDistinct(arrayMap(w -> splitByChar(':', w)[1], splitByChar(',', toString(action)))))
-         AS word FROM {scope.calls()} WHERE dst_service = {quote(service)} AND mode = 'dry-run' AND action != '')
-WHERE startsWith(word, 'would_') GROUP BY word ORDER BY n DESC"""
+         AS word FROM {calls} WHERE dst_service = {quote(service)} AND mode = 'dry-run' AND action != '')
+WHERE startsWith(word, 'would_') AND {keep} GROUP BY word"""
+    return (f"SELECT * FROM ({side(scope.calls(), f'NOT has({inbound}, word)')} UNION ALL "
+            f"{side(scope.calls(SERVICE_SIDE), f'has({inbound}, word)')}) ORDER BY n DESC, word")
 
 
 def _has(word: str) -> str:
@@ -148,7 +163,7 @@ def _examples(scope: Scope, service: str, words: list[str]) -> dict[str, list[di
     out: dict[str, list[dict[str, Any]]] = {}
     for word in words:
         rows = scope.store.query_rows(f"""SELECT toString(toDateTime64(time, 3)), caller, toString(method), path, status,
-       duration_ns / 1e6, instance FROM {scope.calls()}
+       duration_ns / 1e6, instance FROM {_calls(scope, word)}
 WHERE dst_service = {quote(service)} AND mode = 'dry-run' AND {_has(word)} ORDER BY time DESC LIMIT {EXAMPLES}""")
         out[word] = [{"time": t, "caller": c, "method": m, "path": p, "status": int(s), "duration_ms": float(d),
                       "instance": i} for t, c, m, p, s, d, i in rows]
@@ -194,11 +209,14 @@ def _estimate(scope: Scope, service: str, dry: Figures, expected: dict[str, dict
        countIf({_has('would_retry')} AND {FAILED_SQL} AND NOT ({fails})) AS retried_failed,
        countIf({_has('would_eject')} AND {FAILED_SQL} AND NOT {_has('would_retry')} AND NOT ({fails})) AS ejected_failed,
        countIf(NOT {_has('would_eject')}) AS kept, countIf(NOT {_has('would_eject')} AND {FAILED_SQL}) AS kept_failed,
-       {", ".join(f"countIf({_has(w)}) AS {w}" for w in REFUSES)},
        quantileExact(0.5)(if({_has('would_timeout')}, {cap}, duration_ns)) AS p50,
        quantileExact(0.99)(if({_has('would_timeout')}, {cap}, duration_ns)) AS p99
 FROM {scope.calls()} WHERE dst_service = {quote(service)} AND mode = 'dry-run'"""
-    newly, retried, ejected, kept, kept_failed, deny, limit, p50, p99 = scope.store.query_rows(sql)[0]
+    newly, retried, ejected, kept, kept_failed, p50, p99 = scope.store.query_rows(sql)[0]
+    plaintext, deny, limit = scope.store.query_rows(f"""SELECT countIf({_has('would_refuse_plaintext')} AND {HEALTHY_SQL}),
+       {", ".join(f"countIf({_has(w)})" for w in REFUSES)}
+FROM {scope.calls(SERVICE_SIDE)} WHERE dst_service = {quote(service)} AND mode = 'dry-run'""")[0]
+    newly = int(newly) + int(plaintext)  # a plaintext connection STRICT closes: the call fails
     retry = expected.get("would_retry")
     if retry and retry["transient_failures"]:
         p_recover = retry["recovered_share"]

@@ -25,6 +25,7 @@ TRANSIENT = 0.02        # 503s, in both modes
 SLOW_OBSERVE = 0.001    # calls over the timeout while observed (what the recommendation saw)
 SLOW_DRY = 0.05         # and in dry-run: the service got slower since
 TIMEOUT_S = 0.5
+DENIED = 40             # every 40th call in dry-run: would_deny, on the server's rows only
 WINDOW = Window(T0 - timedelta(minutes=1), T0 + timedelta(hours=1))
 
 
@@ -51,7 +52,12 @@ def store_dir(tmp_path_factory):
     s.use_database()
     rng = np.random.default_rng(7)
     for mode, slow, offset in (("observe", SLOW_OBSERVE, 0), ("dry-run", SLOW_DRY, N * 0.1 + 10)):
-        s.insert("meshlens.calls", to_table("calls", _rows(rng, mode, slow, offset)), f"dryrun-{mode}")
+        rows = _rows(rng, mode, slow, offset)
+        s.insert("meshlens.calls", to_table("calls", rows), f"dryrun-{mode}")
+        # payment's own sidecar saw the same calls; its AuthorizationPolicy would deny every DENIED-th one
+        rows |= {"observer": ["server"] * N, "action": [
+            "would_deny" if mode == "dry-run" and i % DENIED == 0 else "" for i in range(N)]}
+        s.insert("meshlens.calls", to_table("calls", rows), f"dryrun-{mode}-server")
     s.close()  # the CLI's test opens it in its own process
     return path
 
@@ -83,7 +89,9 @@ def stored_vs(cut_share: float, transient: int, recovered: float) -> dict:
 def test_a_timeout_tighter_than_the_calls_now_is_said_to_disagree_and_to_fail_more_calls(store):
     r = dryrun_report(store, WINDOW, "payment", [stored_vs(0.0, int(N * TRANSIENT), N * TRANSIENT * 0.98)])
     words = {p.word: p for p in r.policies}
-    assert set(words) == {"would_timeout", "would_retry"}
+    assert set(words) == {"would_timeout", "would_retry", "would_deny"}
+    assert words["would_deny"].n == N // DENIED and r.refused == {"would_deny": N // DENIED, "would_rate_limit": 0}
+    assert r.dry_run.n == N  # one observer per edge: the caller's rows
     t = words["would_timeout"]
     assert t.failed == 0 and abs(t.share - SLOW_DRY * (1 - TRANSIENT)) < 0.01 and len(t.examples) == 3
     assert t.examples[0]["status"] == 200 and t.examples[0]["duration_ms"] == pytest.approx(800, abs=1)
