@@ -8,7 +8,15 @@
                               ?force=true: past the readiness gate (control/gate.py; also on PUT /v1/modes)
     DELETE /v1/resources/{kind}/{name}                                   {"revision": r}
     GET    /v1/modes[/{service}]                     {"revision": r, "modes": {service: mode}}
-    PUT    /v1/modes/{service}  {"mode": M, "reason": "..."}             {"revision": r, "action": ...}
+    PUT    /v1/modes/{service}  {"mode": M, "reason": "...", "guard": {...}}   {"revision": r, "action": ...}
+                              guard (with "enforce" only): enforce watched against dry-run's calls, and switched
+                              back by itself if it made them worse (control/guard.py); every field optional:
+                              {"window": "5m", "interval": "5s", "min_calls": 100, "max_error_increase": 1 (pp),
+                              "max_p99_ratio": 1.5, "min_p99_increase": "5ms"}; 409 naming what is missing
+                              (no --calls-store, not in dry-run, too few calls); the answer has "guard": its state
+    GET    /v1/guards[/{service}]                    {"revision": r, "guards": [...]}: each guard's settings,
+                              baseline, last figures in enforce, time left, and outcome (running, passed,
+                              rolled-back, inconclusive, cancelled) with why
     GET    /v1/history[?kind=K&name=N&service=S&limit=L]   {"revision": r, "entries": [...]}
     GET    /v1/watch?after=R[&timeout=S]             {"revision": r}: answered once the revision passes R
     GET    /v1/snapshot?service=S&instance=I&version=V[&timeout=T]   a sidecar's long poll (control/distribution.py)
@@ -36,18 +44,19 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
 
-from meshlens.policy.resources import (KINDS, MODES, Resource, ResourceError, check_references, mode_resource,
-                                        parse_documents)
+from meshlens.policy.resources import (CONTROL_PLANE_KINDS, KINDS, MODES, Resource, ResourceError, check_references,
+                                        mode_resource, parse_documents)
 from meshlens.control.auth import Tokens
 from meshlens.control.ca import CA, MAX_CSR_BYTES, ROTATION_STEPS, CAError
 from meshlens.control.distribution import Sidecars, Snapshots
-from meshlens.control import console, rotation
+from meshlens.control import console, guard, rotation
 from meshlens.control.rotation import RotationRefused, check_step, trust_resource
 from meshlens.control.store import Change, Store, StoreUnavailable
 from meshlens.policy.trust import fingerprint
@@ -72,7 +81,10 @@ def build_app(store: Store, tokens: Tokens | None = None, ca: CA | None = None,
     app["tokens"] = tokens
     app["ca"] = ca
     app["calls_store"] = calls_store
-    """Where the readiness gate reads the recorded calls (control/gate.py)."""
+    """Where the readiness gate and the guards read the recorded calls (control/gate.py, control/guard.py)."""
+    app["guards"] = guard.GuardRunner(store, calls_store)
+    app.on_startup.append(_start_guards)
+    app.on_cleanup.append(_stop_guards)
     app["sidecars"] = Sidecars()
     app["snapshots"] = Snapshots()
     app["certificates"] = {"issued": 0, "refused": 0}
@@ -87,6 +99,8 @@ def build_app(store: Store, tokens: Tokens | None = None, ca: CA | None = None,
         web.get("/v1/modes", _modes),
         web.get("/v1/modes/{service}", _modes),
         web.put("/v1/modes/{service}", _set_mode),
+        web.get("/v1/guards", _guards),
+        web.get("/v1/guards/{service}", _guards),
         web.get("/v1/history", _history),
         web.get("/v1/watch", _watch),
         web.get("/v1/snapshot", _snapshot),
@@ -316,37 +330,91 @@ async def _modes(request: web.Request) -> web.Response:
 
 
 async def _set_mode(request: web.Request) -> web.Response:
+    shape = 'expected a JSON body {"mode": ..., "reason": ..., "guard": {...} (optional)}'
     try:
         body = json.loads(await request.read())
     except (ValueError, UnicodeDecodeError):
-        raise _Refused(400, 'expected a JSON body {"mode": ..., "reason": ...}') from None
-    if not isinstance(body, dict) or set(body) - {"mode", "reason"} or "mode" not in body:
-        raise _Refused(400, 'expected a JSON body {"mode": ..., "reason": ...}')
+        raise _Refused(400, shape) from None
+    if not isinstance(body, dict) or set(body) - {"mode", "reason", "guard"} or "mode" not in body:
+        raise _Refused(400, shape)
     mode, reason = body["mode"], body.get("reason", "")
     if mode not in MODES:
-        raise _Refused(400, f"unknown mode {mode!r} (known: {', '.join(MODES)})")
+        raise _Refused(400, f"unknown mode {mode!r} (known: {', '.join(MODES)})"[:300])
     if not isinstance(reason, str):
         raise _Refused(400, "reason must be a string")
+    settings = None
+    if "guard" in body:
+        if mode != "enforce":
+            raise _Refused(400, f"a guard watches a switch to enforce, not to {mode}")
+        try:
+            settings = guard.read_settings(body["guard"])
+        except guard.GuardError as e:
+            raise _Refused(400, str(e)) from None
     service = request.match_info["service"]
     try:
         res = mode_resource(service, mode)
     except ResourceError:
         raise _Refused(400, f"{service!r} is not a service name (lowercase letters, digits, '-' and '.')") from None
-    store = _store(request)
+    store, change = _store(request), _change(request, reason)
     await _check_modes(store, [res], "")
+    watched = await _begin_guard(request, service, settings, change) if settings is not None else None
     before = await store.list()
     await _gate(request, before, [r for r in before if r.key != res.key] + [res])
-    [(stored, action)] = await store.put([res], _change(request, reason))
+    runner: guard.GuardRunner = request.app["guards"]
+    if watched is not None:  # read again just before the write: the baseline took a while
+        if await guard.mode_of(store, service) != "dry-run":
+            raise _Refused(409, f"the mode of {service} changed while its baseline was read; nothing changed")
+        resources = [res, watched]
+    else:  # a hand switch ends a running guard, in the same change
+        resources = [res, *await runner.ended_by_hand(service, mode, change)]
+    [(stored, action), *more] = await store.put(resources, change)
+    runner.wake()
     if action != "unchanged":
-        log.info("mode set service=%s mode=%s revision=%d", service, mode, stored.revision)
-    return web.json_response({"revision": stored.revision, "action": action, "service": service, "mode": mode})
+        log.info("mode set service=%s mode=%s guarded=%s revision=%d", service, mode, watched is not None,
+                 stored.revision)
+    out = {"revision": stored.revision, "action": action, "service": service, "mode": mode}
+    if watched is not None:
+        out["guard"] = guard.status(more[0][0], None, time.time())
+    return web.json_response(out)
+
+
+async def _begin_guard(request: web.Request, service: str, settings: guard.Settings, change: Change) -> Resource:
+    try:
+        return await guard.begin(_store(request), request.app["calls_store"], service, settings, change)
+    except guard.GuardRefused as e:
+        raise _Refused(409, str(e)) from None
+    except guard.CallsUnreadable as e:
+        raise _Refused(503, f"{e}; nothing changed") from None
+
+
+async def _guards(request: web.Request) -> web.Response:
+    store, runner = _store(request), request.app["guards"]
+    service = request.match_info.get("service")
+    if service is None:
+        found = await store.list(guard.KIND)
+    else:
+        one = await store.get(guard.KIND, service)
+        if one is None:
+            raise _Refused(404, f"no guard for {service!r} (meshlens mode set {service} enforce --guard)"[:300])
+        found = [one]
+    now = time.time()
+    return web.json_response({"revision": await store.revision(),
+                              "guards": [guard.status(r, runner.progress_of(r), now) for r in found]})
+
+
+async def _start_guards(app: web.Application) -> None:
+    app["guards"].start()
+
+
+async def _stop_guards(app: web.Application) -> None:
+    await app["guards"].stop()
 
 
 async def _history(request: web.Request) -> web.Response:
     q = request.query
     kind = q.get("kind")
-    if kind is not None and kind not in KINDS and kind != rotation.KIND:
-        raise _Refused(400, f"unknown kind {kind!r} (known: {', '.join(KINDS + (rotation.KIND,))})")
+    if kind is not None and kind not in KINDS + CONTROL_PLANE_KINDS:
+        raise _Refused(400, f"unknown kind {kind!r} (known: {', '.join(KINDS + CONTROL_PLANE_KINDS)})"[:300])
     try:
         limit = int(q.get("limit", "100"))
     except ValueError:

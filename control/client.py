@@ -98,10 +98,16 @@ class ControlClient:
         return self.request("DELETE", f"/v1/resources/{urllib.parse.quote(kind)}/{urllib.parse.quote(name)}",
                             reason=reason)
 
-    def set_mode(self, service: str, mode: str, reason: str, force: bool = False) -> dict[str, Any]:
-        return self.request("PUT", f"/v1/modes/{urllib.parse.quote(service)}",
-                            json.dumps({"mode": mode, "reason": reason}).encode(),
+    def set_mode(self, service: str, mode: str, reason: str, force: bool = False,
+                 guard: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`guard`: its settings (control/guard.py; {} for the defaults): enforce, switched back to dry-run by the
+        control plane if it makes the calls worse."""
+        body = {"mode": mode, "reason": reason, **({"guard": guard} if guard is not None else {})}
+        return self.request("PUT", f"/v1/modes/{urllib.parse.quote(service)}", json.dumps(body).encode(),
                             headers={"Content-Type": "application/json"}, query={"force": "true"} if force else None)
+
+    def guards(self, service: str | None = None) -> dict[str, Any]:
+        return self.request("GET", "/v1/guards" + (f"/{urllib.parse.quote(service)}" if service else ""))
 
     def modes(self, service: str | None = None) -> dict[str, Any]:
         return self.request("GET", "/v1/modes" + (f"/{urllib.parse.quote(service)}" if service else ""))

@@ -27,6 +27,9 @@ CONTROL_EPILOG = """examples:
   meshlens control --ca-cert intermediate-chain.pem --ca-key intermediate-key.pem
       workload certificates signed by your own CA (else a root made at first start;
       `meshlens ca rotate` rotates that one)
+  meshlens control --calls-store http://127.0.0.1:8123/
+      reads the collector's calls: STRICT mTLS checked against who still calls in plaintext,
+      and guarded switches to enforce judged (meshlens mode set S enforce --guard)
   meshlens control --collector http://127.0.0.1:4318
       every change also becomes a row of the collector's mesh_changes, for dashboards to mark;
       what changed while the collector was away is shipped once it is back
@@ -40,11 +43,28 @@ CLIENT_EPILOG = """examples:
   meshlens get virtualservice
   meshlens get vs production/payment-service -o yaml
   meshlens mode set payment-service dry-run --reason "try the retry policy"
+  meshlens mode set payment-service enforce --guard --reason "back to dry-run by itself if it hurts"
   meshlens mode get
   meshlens history payment-service
   meshlens status
   meshlens delete destinationrule default/payment-service --reason "rolled back"
 
+All take --control URL (or MESHLENS_CONTROL; default http://127.0.0.1:15010)."""
+
+MODE_SET_EPILOG = """examples:
+  meshlens mode set payment-service dry-run --reason "try the retry policy"
+  meshlens mode set payment-service enforce --guard --reason "retries, judged"
+      enforce, watched by the control plane for 5m against the last 5m of dry-run's calls,
+      and switched back to dry-run by itself if the error rate rose by more than 1 percentage
+      point (with its 95% interval above dry-run's) or p99 by more than 1.5x (and 5 ms)
+  meshlens mode set cart enforce --guard --window 15m --max-error-increase 0.5 \\
+      --max-p99-ratio 1.2 --min-calls 500 --wait --reason "the new timeout"
+      follow it to its end: exit 0 passed, 1 rolled back, 3 unjudged (too few calls) or cancelled
+  meshlens mode guard cart
+      where a guard stands: its baseline, the figures so far, the time left, its outcome
+
+A guard needs the service in dry-run, `meshlens control --calls-store URL`, and at least
+--min-calls calls in dry-run over the window; else it is refused and nothing changes.
 All take --control URL (or MESHLENS_CONTROL; default http://127.0.0.1:15010)."""
 
 # kubectl's habit: kinds by name, lowercase, plural or short.
@@ -84,9 +104,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ca-trust", metavar="PEM", help="with --ca-cert: more roots to trust (a rotation of your root: "
                                                      "the new one before it signs, the old one after)")
     p.add_argument("--calls-store", metavar="URL", default=os.environ.get("MESHLENS_STORE"),
-                   help="where the readiness gate reads recorded calls before STRICT mTLS is enforced: a collector's "
-                        "query endpoint (http://HOST:8123/) or ClickHouse (default: MESHLENS_STORE, else none: such "
-                        "a change needs --force)")
+                   help="where the readiness gate reads recorded calls before STRICT mTLS is enforced, and guards "
+                        "judge a switch to enforce: a collector's query endpoint (http://HOST:8123/) or ClickHouse "
+                        "(default: MESHLENS_STORE, else none: such a change needs --force, and guards are refused)")
     p.add_argument("--cert-lifetime", default="24h", metavar="DURATION",
                    help="of workload certificates (default 24h, Istio's; sidecars renew at half of it; at least 10s)")
     p.add_argument("--trust-domain", default="cluster.local",
@@ -132,19 +152,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c = client("mode", "set or show each service's mode: observe, dry-run, enforce",
                "observe: traffic untouched, every call recorded; dry-run: every policy evaluated and what it would "
                "have done recorded; enforce: policies applied. A service's mode governs the policies for calls to it.")
-    msub = c.add_subparsers(dest="mode_command", metavar="set|get", required=True)
-    s = msub.add_parser("set", help="switch a service's mode (audited)", epilog=CLIENT_EPILOG, formatter_class=fmt,
-                        description="Switch the mode of calls to a service; the change is stored and audited.")
+    msub = c.add_subparsers(dest="mode_command", metavar="set|get|guard", required=True)
+    s = msub.add_parser("set", help="switch a service's mode (audited)", epilog=MODE_SET_EPILOG, formatter_class=fmt,
+                        description="Switch the mode of calls to a service; the change is stored and audited. With "
+                                    "--guard, a switch to enforce is watched by the control plane and switched back "
+                                    "to dry-run by itself if it made the service's calls worse.")
     s.add_argument("service")
     s.add_argument("mode", choices=["observe", "dry-run", "enforce"])
     s.add_argument("--reason", required=True, help="why, for the history (required: a mode switch is a decision)")
     s.add_argument("--force", action="store_true", help="past the readiness gate: enforce STRICT mTLS even on a service whose callers still send plaintext")
+    s.add_argument("--guard", action="store_true",
+                   help="enforce watched against dry-run's calls, and switched back to dry-run if it made them worse")
+    s.add_argument("--window", metavar="DURATION",
+                   help="with --guard: how long enforce is watched, and how far back dry-run's calls are its "
+                        "baseline (default 5m)")
+    s.add_argument("--interval", metavar="DURATION", help="with --guard: how often the figures are read (default 5s)")
+    s.add_argument("--min-calls", type=int, metavar="N",
+                   help="with --guard: calls needed in each mode to judge (default 100)")
+    s.add_argument("--max-error-increase", type=float, metavar="PP",
+                   help="with --guard: percentage points of error rate enforce may add (default 1)")
+    s.add_argument("--max-p99-ratio", type=float, metavar="R",
+                   help="with --guard: how many times dry-run's p99 enforce's may be (default 1.5) ...")
+    s.add_argument("--min-p99-increase", metavar="DURATION",
+                   help="with --guard: ... and by how much at least before it counts (default 5ms)")
+    s.add_argument("--wait", action="store_true",
+                   help="with --guard: follow it to its end; exit 0 passed, 1 rolled back, 3 unjudged or cancelled")
     s.set_defaults(run=run_mode_set)
     g = msub.add_parser("get", help="show the mode of every service, or of one", epilog=CLIENT_EPILOG,
                         formatter_class=fmt, description="Show the mode of every service in the mesh, or of one.")
     g.add_argument("service", nargs="?")
     g.set_defaults(run=run_mode_get)
-    for m in (s, g):
+    w = msub.add_parser("guard", help="where each guarded switch to enforce stands", epilog=MODE_SET_EPILOG,
+                        formatter_class=fmt, description="Every guard (or one service's): its baseline in dry-run, "
+                                                         "the figures in enforce so far, the time left, what rolls "
+                                                         "it back, and its outcome with why.")
+    w.add_argument("service", nargs="?")
+    w.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    w.set_defaults(run=run_mode_guard)
+    for m in (s, g, w):
         m.add_argument("--control", metavar="URL", default=argparse.SUPPRESS,
                        help="the control plane (default: MESHLENS_CONTROL, else http://127.0.0.1:15010)")
         m.add_argument("--token", default=argparse.SUPPRESS, help="bearer token (default: MESHLENS_TOKEN)")
@@ -346,10 +391,92 @@ def run_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+_GUARD_FLAGS = {"window": "--window", "interval": "--interval", "min_calls": "--min-calls",
+                "max_error_increase": "--max-error-increase", "max_p99_ratio": "--max-p99-ratio",
+                "min_p99_increase": "--min-p99-increase"}
+# --wait's exit codes: passed, rolled back, anything else (unjudged, cancelled).
+_GUARD_EXIT = {"passed": 0, "rolled-back": 1}
+_GUARD_EXIT_OTHER = 3
+
+
 def run_mode_set(args: argparse.Namespace) -> int:
-    out = _call(_client(args).set_mode, args.service, args.mode, args.reason, force=args.force)
+    settings = {k: getattr(args, k) for k in _GUARD_FLAGS if getattr(args, k) is not None}
+    if not args.guard:
+        given = [_GUARD_FLAGS[k] for k in settings] + (["--wait"] if args.wait else [])
+        if given:
+            raise UserError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with --guard")
+    elif args.mode != "enforce":
+        raise UserError(f"--guard watches a switch to enforce, not to {args.mode}")
+    client = _client(args)
+    out = _call(client.set_mode, args.service, args.mode, args.reason, force=args.force,
+                guard=settings if args.guard else None)
     state = "unchanged" if out["action"] == "unchanged" else f"set (revision {out['revision']})"
-    print(f"{out['service']}: {out['mode']} {state}")
+    if "guard" not in out:
+        print(f"{out['service']}: {out['mode']} {state}")
+        return 0
+    g = out["guard"]
+    print(f"{out['service']}: {out['mode']} {state}, guarded for {g['window']}")
+    print(f"baseline (dry-run, the last {g['window']}): {g['baseline_text']}")
+    print(f"back to dry-run by itself {g['rolls_back_if']}")
+    if not args.wait:
+        print(f"follow it: meshlens mode guard {out['service']}")
+        return 0
+    return _follow(client, out["service"], g["started"], g["settings"]["interval_s"])
+
+
+def _follow(client: Any, service: str, started: float, interval: float) -> int:
+    """Print each new reading of the guard until it ends; its outcome's exit code."""
+    from meshlens.control.client import ControlError
+
+    checked, away = None, False
+    while True:
+        try:
+            [g] = client.guards(service)["guards"]
+        except ControlError as e:
+            if e.status:
+                raise UserError(str(e)) from None
+            if not away:  # a control plane restarted mid-guard resumes it: wait for it
+                print(f"  {e}; still waiting", file=sys.stderr, flush=True)
+            away = True
+            time.sleep(1.0)
+            continue
+        away = False
+        if g["started"] != started:
+            raise UserError(f"{service}'s guard was replaced by another (meshlens mode guard {service})")
+        if g["outcome"] != "running":
+            print(g["why"], flush=True)
+            return _GUARD_EXIT.get(g["outcome"], _GUARD_EXIT_OTHER)
+        if g["checked_at"] != checked:
+            checked = g["checked_at"]
+            elapsed = g["settings"]["window_s"] - g["time_left_s"]
+            said = (f"enforce {g['enforce_text']}" if g["enforce_text"] else "no calls in enforce yet") + \
+                (f"; {g['needs_calls']:,} more to judge" if g["needs_calls"] else "")
+            print(f"  {elapsed:.0f}s of {g['window']}: {said}" + (f" ({g['error']})" if g["error"] else ""),
+                  flush=True)
+        time.sleep(min(max(interval, 0.2), 5.0))
+
+
+def run_mode_guard(args: argparse.Namespace) -> int:
+    out = _call(_client(args).guards, args.service)
+    if args.output == "json":
+        print(json.dumps(out["guards"] if args.service is None else out["guards"][0], indent=2))
+        return 0
+    if not out["guards"]:
+        print("no guard was ever started (meshlens mode set SERVICE enforce --guard)", file=sys.stderr)
+    for g in out["guards"]:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(g["started"]))
+        left = f", {g['time_left_s']:.0f}s left of {g['window']}" if g["outcome"] == "running" else ""
+        print(f"{g['service']}: {g['outcome']}{left} (started {when} by {g['who']}"
+              + (f": {g['reason']})" if g["reason"] else ")"))
+        print(f"  baseline  dry-run, the {g['window']} before: {g['baseline_text']}")
+        print(f"  enforce   since the switch: {g['enforce_text'] or 'no calls read yet'}"
+              + (f"; {g['needs_calls']:,} more to judge" if g["needs_calls"] else ""))
+        if g["outcome"] == "running":
+            print(f"  rolls back {g['rolls_back_if']}")
+        if g["error"]:
+            print(f"  calls store: {g['error']}")
+        if g["why"]:
+            print(f"  {g['why']}")
     return 0
 
 
@@ -388,7 +515,10 @@ def run_status(args: argparse.Namespace) -> int:
 def run_history(args: argparse.Namespace) -> int:
     if not 1 <= args.limit <= 1000:
         raise UserError(f"--limit must be 1 to 1000, got {args.limit}")
-    kind = None if not args.kind else "TrustBundle" if args.kind.lower() == "trustbundle" else _kind(args.kind)
+    from meshlens.policy.resources import CONTROL_PLANE_KINDS
+
+    ours = {k.lower(): k for k in CONTROL_PLANE_KINDS}
+    kind = None if not args.kind else ours.get(args.kind.lower()) or _kind(args.kind)
     entries = _call(_client(args).history, kind, None, args.limit, args.service)["entries"]
     if args.output == "json":
         print(json.dumps(entries, indent=2))
@@ -399,6 +529,8 @@ def run_history(args: argparse.Namespace) -> int:
         if e["kind"] == "TrustBundle":
             spec = (e["after"] or {}).get("spec", {})
             what = f"trust: {len(spec.get('roots', []))} root(s), rotation {spec.get('rotation', 'none')}"
+        if e["kind"] == "Guard":
+            what = f"guard of {e['name']}: {((e['after'] or {}).get('spec') or {}).get('outcome', 'deleted')}"
         if e["kind"] == "Mode":
             before = (e["before"] or {}).get("spec", {}).get("mode", "observe")
             after = (e["after"] or {}).get("spec", {}).get("mode", "observe")

@@ -11,6 +11,12 @@ Kinds (Istio's APIs under any of the versions Istio serves, plus meshlens' own):
     LocalRateLimit         meshlens.io/v1alpha1    (Istio has no API for it; Envoy's token bucket)
     Mode                   meshlens.io/v1alpha1    a service's mode: observe, dry-run or enforce
 
+Kinds the control plane writes itself and nobody applies (CONTROL_PLANE_KINDS, meshlens.io/v1alpha1):
+
+    TrustBundle            the CA's roots, in every snapshot (meshlens/policy/trust.py, control/rotation.py)
+    Guard                  a guarded switch to enforce: its baseline, bounds and outcome (control/guard.py);
+                           in no snapshot: sidecars have nothing to do with it
+
 A document is checked here for what makes it a resource (apiVersion, kind, a name, a
 `spec` mapping; a Mesh through meshlens.mesh), and every error names the source, the
 document's number and its line. What each kind's spec means is checked by its own
@@ -24,8 +30,8 @@ from typing import Any
 
 from meshlens.mesh import CONTROL_MODES
 
-__all__ = ["API_VERSIONS", "KINDS", "MODES", "Resource", "ResourceError", "check_references", "mode_resource", "read_document",
-           "parse_documents"]
+__all__ = ["API_VERSIONS", "CONTROL_PLANE_KINDS", "KINDS", "MODES", "Resource", "ResourceError", "check_references",
+           "mode_resource", "read_document", "parse_documents"]
 
 MODES = CONTROL_MODES
 
@@ -42,6 +48,7 @@ API_VERSIONS: dict[str, tuple[str, ...]] = {
     "Mode": _OURS,
 }
 KINDS: tuple[str, ...] = tuple(API_VERSIONS)
+CONTROL_PLANE_KINDS: tuple[str, ...] = ("TrustBundle", "Guard")
 # Kubernetes' names: a DNS-1123 subdomain (lowercase alphanumerics, '-' and '.'), 253 characters at most.
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _TOP = {"apiVersion", "kind", "metadata", "spec"}
@@ -167,6 +174,9 @@ def _resource(doc: Any, where: str, lines: dict[tuple[Any, ...], int] | None = N
     if "kind" not in doc and set(doc) == {"services"}:  # mesh.yaml as people have it
         doc = {"apiVersion": _OURS[0], "kind": "Mesh", "metadata": {"name": "mesh"}, "spec": doc}
     kind = doc.get("kind")
+    if kind in CONTROL_PLANE_KINDS:
+        how = "meshlens ca rotate" if kind == "TrustBundle" else "meshlens mode set SERVICE enforce --guard"
+        raise ResourceError(f"{where}: a {kind} is written by the control plane only ({how}), never applied")
     if kind not in API_VERSIONS:
         raise ResourceError(f"{where}: unknown kind {kind!r} (known: {', '.join(KINDS)})")
     version = doc.get("apiVersion")

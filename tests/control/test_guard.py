@@ -1,0 +1,281 @@
+"""Guarded enforcement (control/guard.py): the judgement as transcripts (figures in, verdict out), then end to end
+with real parts: a collector (chdb) recording the sidecars' calls, a control plane reading them back through
+`--calls-store` and shipping its changes to the collector, an upstream app, web's sidecar calling api's sidecar,
+both following the control plane. Loads are paced and bounded; every decision waits on counts of calls."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from meshlens.analysis.mode_figures import Figures
+from meshlens.control.guard import GuardError, Settings, judge, read_settings, rule
+from tests.app_thread import AppThread
+from tests.collector_process import CollectorProcess
+from tests.control.processes import ControlProcess
+from tests.control.test_control_cli import cli, http
+from tests.proxy.conftest import free_port
+from tests.proxy.processes import ProxyProcess
+from tests.proxy.test_policies import apply, config, follow, mode_doc, request
+from tests.proxy.test_rotation import PacedLoad
+from tests.waiting import wait_until
+
+# -- the judgement ------------------------------------------------------------------------------------------
+
+BASE = Figures("dry-run", 1520, 6, 0.012, 0.048)  # 0.4% failed, p99 48 ms
+
+
+@pytest.mark.parametrize("now, breach", [
+    (Figures("enforce", 406, 127, 0.010, 0.011), "error rate 31.3% (n=406) in enforce against 0.4% (n=1,520) in "
+                                                 "dry-run, beyond +1pp and dry-run's 95% interval (up to 0.9%)"),
+    (Figures("enforce", 406, 2, 0.012, 0.049), None),  # the same
+    (Figures("enforce", 406, 0, 0.012, 0.030), None),  # better
+    (Figures("enforce", 100, 2, 0.012, 0.048), None),  # +1.6pp, but 2 of 100 is within dry-run's reach
+    (Figures("enforce", 5000, 60, 0.012, 0.048), None),  # +0.8pp: significant, and within the bound
+    (Figures("enforce", 5000, 75, 0.012, 0.048), "error rate 1.5% (n=5,000) in enforce against 0.4% (n=1,520) in "
+                                                 "dry-run, beyond +1pp and dry-run's 95% interval (up to 0.9%)"),
+    (Figures("enforce", 406, 2, 0.012, 0.120), "p99 120.0 ms (n=406) in enforce against 48.0 ms (n=1,520) in "
+                                               "dry-run, beyond 1.5x and +5 ms"),
+    (Figures("enforce", 406, 2, 0.012, 0.071), None),  # 1.48x
+])
+def test_what_rolls_back_and_what_does_not(now, breach):
+    assert judge(BASE, now, Settings()) == breach
+
+
+def test_a_fast_services_jitter_is_not_a_p99_breach():
+    fast = Figures("dry-run", 500, 0, 0.0004, 0.0010)
+    assert judge(fast, Figures("enforce", 500, 0, 0.0005, 0.0040), Settings()) is None  # 4x, but +3 ms
+    assert judge(fast, Figures("enforce", 500, 0, 0.0005, 0.0070), Settings()).startswith("p99 7.0 ms")
+    assert judge(fast, Figures("enforce", 500, 0, 0.0005, 0.0040), Settings(min_p99_increase_ms=2)) is not None
+
+
+def test_the_rule_says_the_figures_that_would_roll_back():
+    assert rule(BASE, Settings()) == ("with at least 100 calls in enforce: an error rate above 1.4% (+1pp) with its "
+                                      "95% interval above dry-run's (up to 0.9%), or p99 above 72.0 ms (1.5x, and at "
+                                      "least +5 ms)")
+
+
+@pytest.mark.parametrize("body, error", [
+    ([], "guard must be a JSON object, e.g. {"),
+    ({"windw": "5m"}, "guard: unknown field(s) 'windw' (known: window, interval, min_calls, max_error_increase, "
+                      "max_p99_ratio, min_p99_increase)"),
+    ({"window": "5 minutes"}, "guard.window: '5 minutes' is not a duration (e.g. 30s, 1m30s, 100ms)"),
+    ({"window": 300}, "guard.window: 300 is not a duration"),
+    ({"window": "0s"}, "guard.window must be 1s to 24h, not '0s'"),
+    ({"window": "25h"}, "guard.window must be 1s to 24h, not '25h'"),
+    ({"interval": "1ms"}, "guard.interval must be 100ms to 5m, not '1ms'"),
+    ({"window": "10s", "interval": "30s"}, "guard.interval (30s) must be at most the window (10s)"),
+    ({"min_calls": 5}, "guard.min_calls must be a whole number from 10 to 1000000, not 5"),
+    ({"min_calls": 100.0}, "guard.min_calls must be a whole number from 10 to 1000000, not 100.0"),
+    ({"min_calls": True}, "guard.min_calls must be a whole number from 10 to 1000000, not True"),
+    ({"max_error_increase": -1}, "guard.max_error_increase must be a number from 0 to 100 (percentage points)"),
+    ({"max_error_increase": "1"}, "guard.max_error_increase must be a number from 0 to 100"),
+    ({"max_error_increase": float("nan")}, "guard.max_error_increase must be a number from 0 to 100"),
+    ({"max_p99_ratio": 0.9}, "guard.max_p99_ratio must be a number from 1 to 100 (times the baseline's p99)"),
+    ({"max_p99_ratio": float("inf")}, "guard.max_p99_ratio must be a number from 1 to 100"),
+    ({"min_p99_increase": "2m"}, "guard.min_p99_increase must be 0s to 1m, not '2m'"),
+])
+def test_bad_settings_are_refused_in_one_line(body, error):
+    with pytest.raises(GuardError) as e:
+        read_settings(body)
+    assert str(e.value).startswith(error) and "\n" not in str(e.value)
+
+
+def test_settings_as_given_and_their_defaults():
+    assert read_settings({}) == Settings(300.0, 5.0, 100, 1.0, 1.5, 5.0)
+    assert read_settings({"window": "1m30s", "interval": "500ms", "min_calls": 20, "max_error_increase": 0,
+                          "max_p99_ratio": 2, "min_p99_increase": "0s"}) == Settings(90.0, 0.5, 20, 0.0, 2.0, 0.0)
+
+
+# -- the parts ----------------------------------------------------------------------------------------------
+
+# A route timeout below the app's real latency: dry-run says it would time out every call; enforce does it.
+TIMEOUT_VS = """apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api}
+spec:
+  hosts: [api]
+  http:
+  - timeout: 10ms
+    route: [{destination: {host: api}}]
+"""
+# Retries over the app's transient 503s (no backoff to speak of, so that a retried call is barely slower).
+RETRY_VS = """apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api}
+spec:
+  hosts: [api]
+  http:
+  - retries: {attempts: 2, retryOn: 5xx, backoff: 1ms}
+    route: [{destination: {host: api}}]
+"""
+MIN_CALLS = 20
+
+
+class Api(AppThread):
+    """api's instance: every `fail_every`-th request answered 503 at once, the others 200 after `delay_s`."""
+
+    def __init__(self, delay_s: float, fail_every: int = 0) -> None:
+        self.delay_s, self.fail_every = delay_s, fail_every
+        self.requests = 0
+        self._lock = threading.Lock()
+        super().__init__(self._app)
+
+    def _app(self) -> web.Application:
+        async def any_path(request: web.Request) -> web.Response:
+            with self._lock:
+                self.requests += 1
+                fail = self.fail_every and self.requests % self.fail_every == 0
+            if fail:
+                return web.Response(status=503, text="transient")
+            await asyncio.sleep(self.delay_s)
+            return web.Response(text="api")
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", any_path)
+        return app
+
+
+@pytest.fixture(scope="module")
+def collector(tmp_path_factory: pytest.TempPathFactory):
+    col = CollectorProcess(tmp_path_factory.mktemp("collector")).start()
+    yield col
+    col.stop()
+
+
+class World:
+    """A control plane reading the collector's calls (on a port kept across restarts), api's instance and sidecar,
+    web's sidecar; api in dry-run under `policy`."""
+
+    def __init__(self, tmp_path: Path, collector: CollectorProcess, app: Api, policy: str) -> None:
+        self.tmp_path, self.collector = tmp_path, collector
+        self.app = app.start()
+        self.proxies: list[ProxyProcess] = []
+        self.control = ControlProcess(tmp_path / "control", free_port(), None, *self.control_args).start()
+        try:
+            inbound = free_port()
+            mesh = json.dumps({"services": {"web": {}, "api": {"instances": [f"127.0.0.1:{inbound}"]}}})
+            revision = apply(self.control, tmp_path, mesh, policy, mode_doc("api", "dry-run"))
+            record = ("--collector", f"{collector.base}/v1/calls")
+            self.api = self._proxy("api", *record, "--app-port", str(self.app.port), "--inbound-port", str(inbound))
+            self.web = self._proxy("web", *record)
+            for p in self.proxies:
+                follow(p, revision)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def control_args(self) -> tuple[str, ...]:
+        return ("--calls-store", self.collector.query_url, "--collector", self.collector.base)
+
+    def _proxy(self, service: str, *args: str) -> ProxyProcess:
+        p = ProxyProcess(self.tmp_path / service, None, service, *args, control=self.control.url).start()
+        self.proxies.append(p)
+        return p
+
+    def restart_control(self) -> None:
+        self.control.stop()
+        self.control = ControlProcess(self.tmp_path / "control", self.control.port, None, *self.control_args).start()
+
+    def close(self) -> None:
+        for p in reversed(self.proxies):
+            p.stop()
+        self.control.stop()
+        self.app.stop()
+
+    # -- what the record and the control plane say --
+
+    def calls(self, mode: str, within_s: float = 3600.0) -> int:
+        """Calls to api in `mode` recorded by web's sidecar (its client side) in the last `within_s` seconds."""
+        return self.query(f"SELECT count() FROM meshlens.calls WHERE dst_service = 'api' AND observer = 'client' "
+                          f"AND mode = '{mode}' AND time >= now64(9) - toIntervalMillisecond({int(within_s * 1000)})"
+                          )[0][0]
+
+    def query(self, sql: str) -> list[tuple]:
+        from meshlens.collector.stores import connect
+
+        store = connect(self.collector.query_url)
+        try:
+            return store.query_rows(sql)
+        finally:
+            store.close()
+
+    def guard(self) -> dict:
+        status, out = http(self.control, "GET", "/v1/guards/api")
+        assert status == 200, out
+        return out["guards"][0]
+
+    def history(self) -> list[dict]:
+        return json.loads(cli(self.control, "history", "api", "-o", "json").stdout)
+
+    def mode(self) -> str:
+        return http(self.control, "GET", "/v1/modes/api")[1]["modes"]["api"]
+
+    def sidecar_modes(self) -> tuple[str, str]:
+        """api's mode as web's sidecar applies it to its calls, and as api's own sidecar has it."""
+        return config(self.web)["destinations"]["api"]["mode"], config(self.api)["mode"]
+
+
+def guard_flags(window: str, *more: str) -> tuple[str, ...]:
+    return ("mode", "set", "api", "enforce", "--guard", "--window", window, "--interval", "0.5s", "--min-calls",
+            str(MIN_CALLS), *more)
+
+
+def baseline_in(world: World, load: PacedLoad, within_s: float) -> None:
+    """Wait until the last `within_s` seconds hold the calls a guard needs, as the guard will count them."""
+    wait_until(lambda: world.calls("dry-run", within_s) >= MIN_CALLS + 5, "the baseline's calls in dry-run")
+
+
+def test_a_policy_that_hurts_is_rolled_back_by_the_control_plane_with_the_figures_audited(tmp_path, collector):
+    world = World(tmp_path, collector, Api(delay_s=0.05), TIMEOUT_VS)
+    try:
+        with PacedLoad(world.web.outbound) as load:
+            baseline_in(world, load, 60)
+            assert set(load.statuses) == {200}  # dry-run: every call would time out, and succeeds
+            [(actions,)] = world.query("SELECT groupUniqArray(toString(action)) FROM meshlens.calls WHERE "
+                                       "dst_service = 'api' AND observer = 'client' AND mode = 'dry-run'")
+            assert actions == ["would_timeout"]
+            out = cli(world.control, *guard_flags("2m", "--wait", "--reason", "the 10 ms timeout"))
+            lines = out.stdout.splitlines()
+            assert out.returncode == 1, out.stderr  # --wait: rolled back
+            assert lines[0].startswith("api: enforce set (revision ") and lines[0].endswith(", guarded for 2m")
+            assert lines[1].startswith("baseline (dry-run, the last 2m): 0.00% failed (n=")
+            assert lines[2].startswith(f"back to dry-run by itself with at least {MIN_CALLS} calls in enforce: an "
+                                       f"error rate above 1.0% (+1pp) with its 95% interval above dry-run's (up to ")
+            why = lines[-1]
+            assert re.fullmatch(r"guard: error rate 100\.0% \(n=\d+\) in enforce against 0\.0% \(n=\d+\) in dry-run, "
+                                r"beyond \+1pp and dry-run's 95% interval \(up to \d+\.\d%\); back to dry-run", why), why
+            # the sidecars get the rollback as any mode change, and calls succeed again
+            wait_until(lambda: world.sidecar_modes() == ("dry-run", "dry-run"), "the sidecars back in dry-run")
+            after = len(load.statuses) + 1  # the request in flight may have started under enforce
+            load.requests_after(10)
+        assert set(load.statuses[after:]) == {200} and 504 in load.statuses
+        assert world.mode() == "dry-run"
+        # the switch: the Mode and the Guard in one change; the rollback: both again, by meshlens-guard, with the figures
+        *_, on_mode, on_guard, back_mode, back_guard = world.history()
+        assert [(e["kind"], e["reason"]) for e in (on_mode, on_guard)] == [("Mode", "the 10 ms timeout"),
+                                                                  ("Guard", "the 10 ms timeout")]
+        assert on_guard["after"]["spec"]["outcome"] == "running" and on_guard["who"] == on_mode["who"] != "meshlens-guard"
+        assert [(e["kind"], e["who"], e["reason"]) for e in (back_mode, back_guard)] == [
+            ("Mode", "meshlens-guard", why), ("Guard", "meshlens-guard", why)]
+        assert back_guard["revision"] - back_mode["revision"] == on_guard["revision"] - on_mode["revision"] in (0, 1)
+        assert (back_mode["before"]["spec"], back_mode["after"]["spec"]) == ({"mode": "enforce"}, {"mode": "dry-run"})
+        assert back_guard["after"]["spec"]["outcome"] == "rolled-back"
+        g = world.guard()
+        assert (g["outcome"], g["why"], g["time_left_s"], g["enforce"]["failed"]) == (
+            "rolled-back", why, 0.0, g["enforce"]["n"])
+        assert g["enforce"]["n"] >= MIN_CALLS and g["baseline"]["failed"] == 0 and g["baseline"]["n"] >= MIN_CALLS
+        # the audit trail reaches mesh_changes, so that dashboards mark the rollback
+        rows = wait_until(lambda: world.query("SELECT who, from_mode, to_mode, reason FROM meshlens.mesh_changes FINAL "
+                                              "WHERE service = 'api' AND kind = 'Mode' AND who = 'meshlens-guard'"),
+                          "the rollback in mesh_changes")
+        assert rows == [("meshlens-guard", "enforce", "dry-run", why)]
+    finally:
+        world.close()
