@@ -469,7 +469,7 @@ def run_mode_guard(args: argparse.Namespace) -> int:
         print(f"{g['service']}: {g['outcome']}{left} (started {when} by {g['who']}"
               + (f": {g['reason']})" if g["reason"] else ")"))
         print(f"  baseline  dry-run, the {g['window']} before: {g['baseline_text']}")
-        print(f"  enforce   since the switch: {g['enforce_text'] or 'no calls read yet'}"
+        print(f"  enforce   since the switch: {g['enforce_text'] or 'no calls yet'}"
               + (f"; {g['needs_calls']:,} more to judge" if g["needs_calls"] else ""))
         if g["outcome"] == "running":
             print(f"  rolls back {g['rolls_back_if']}")

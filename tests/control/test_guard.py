@@ -142,9 +142,10 @@ class Api(AppThread):
         return app
 
 
-@pytest.fixture(scope="module")
-def collector(tmp_path_factory: pytest.TempPathFactory):
-    col = CollectorProcess(tmp_path_factory.mktemp("collector")).start()
+@pytest.fixture
+def collector(tmp_path: Path):
+    """One a test: each test's calls to api are all the store holds, so that no baseline holds another test's."""
+    col = CollectorProcess(tmp_path / "collector").start()
     yield col
     col.stop()
 
@@ -279,3 +280,131 @@ def test_a_policy_that_hurts_is_rolled_back_by_the_control_plane_with_the_figure
         assert rows == [("meshlens-guard", "enforce", "dry-run", why)]
     finally:
         world.close()
+
+
+# A fault that really hurts latency, and nothing else: every call delayed 100 ms in enforce.
+DELAY_VS = """apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api}
+spec:
+  hosts: [api]
+  http:
+  - fault: {delay: {fixedDelay: 100ms, percentage: {value: 100}}}
+    route: [{destination: {host: api}}]
+"""
+
+
+def put_mode(world: World, body: dict) -> tuple[int, dict]:
+    return http(world.control, "PUT", "/v1/modes/api", json.dumps(body).encode())
+
+
+def test_a_policy_that_makes_p99_worse_is_rolled_back_on_p99(tmp_path, collector):
+    world = World(tmp_path, collector, Api(delay_s=0.0), DELAY_VS)
+    try:
+        with PacedLoad(world.web.outbound) as load:
+            baseline_in(world, load, 60)
+            status, out = put_mode(world, {"mode": "enforce", "reason": "the delay", "guard": {
+                "window": "2m", "interval": "0.5s", "min_calls": MIN_CALLS}})
+            assert status == 200 and out["guard"]["outcome"] == "running", out
+            g = wait_until(lambda: (g := world.guard())["outcome"] != "running" and g, "the guard's end")
+        assert g["outcome"] == "rolled-back" and world.mode() == "dry-run"
+        assert re.fullmatch(r"guard: p99 1\d\d\.\d ms \(n=\d+\) in enforce against \d+\.\d ms \(n=\d+\) in dry-run, "
+                            r"beyond 1\.5x and \+5 ms; back to dry-run", g["why"]), g["why"]
+        assert g["enforce"]["failed"] == 0 and set(load.statuses) == {200}  # slower, never failed
+    finally:
+        world.close()
+
+
+def test_a_policy_that_helps_passes_and_stays_enforced(tmp_path, collector):
+    world = World(tmp_path, collector, Api(delay_s=0.02, fail_every=4), RETRY_VS)
+    try:
+        with PacedLoad(world.web.outbound) as load:
+            baseline_in(world, load, 8)  # the window is 10 s: the baseline is read over the 10 s before the switch
+            assert 503 in load.statuses  # dry-run: the retry would have been made, and was not
+            # A retried call is one more round trip: the p99 bound is loosened so that this machine's tail (two shared
+            # cores) cannot decide; p99 is judged in the test above.
+            out = cli(world.control, *guard_flags("10s", "--max-p99-ratio", "3", "--min-p99-increase", "50ms",
+                                                  "--wait", "--reason", "retries over transient 503s"))
+        assert out.returncode == 0, out.stdout + out.stderr  # --wait: passed
+        why = out.stdout.splitlines()[-1]
+        assert re.fullmatch(r"guard: passed: error rate 0\.0% \(n=\d+\) in enforce against 2\d\.\d% \(n=\d+\) in "
+                            r"dry-run, p99 \d+\.\d ms against \d+\.\d ms, within the bounds for 10s; stays enforce",
+                            why), why
+        g = world.guard()
+        assert g["outcome"] == "passed" and g["enforce"]["n"] >= MIN_CALLS
+        assert g["enforce"]["error_rate"] < g["baseline"]["error_rate"]
+        assert world.mode() == "enforce" and world.sidecar_modes() == ("enforce", "enforce")
+        *_, switch, started, passed = world.history()
+        assert (switch["kind"], switch["after"]["spec"]["mode"], switch["reason"]) == (
+            "Mode", "enforce", "retries over transient 503s")
+        assert (started["kind"], started["after"]["spec"]["outcome"]) == ("Guard", "running")
+        assert (passed["kind"], passed["who"], passed["reason"], passed["after"]["spec"]["outcome"]) == (
+            "Guard", "meshlens-guard", why, "passed")
+        load.statuses.clear()
+        with PacedLoad(world.web.outbound) as load:  # still enforced: the retries hide every 503
+            load.requests_after(20)
+        assert set(load.statuses) == {200}
+    finally:
+        world.close()
+
+
+GUARD_BODIES = st.one_of(
+    st.dictionaries(st.sampled_from(["window", "interval", "min_calls", "max_error_increase", "max_p99_ratio",
+                                     "min_p99_increase", "windw", "", "\n"]),
+                    st.one_of(st.none(), st.booleans(), st.integers(-10**7, 10**7), st.floats(allow_nan=True),
+                              st.text(max_size=12), st.sampled_from(["5m", "0s", "1ms", "25h", "1m", "5ms", "2m"]),
+                              st.lists(st.integers(), max_size=2)), max_size=4),
+    st.none(), st.text(max_size=10), st.integers(), st.lists(st.text(max_size=3), max_size=2))
+
+
+def test_refused_in_one_line_with_nothing_changed_bad_settings_and_no_calls_store(tmp_path):
+    mesh = json.dumps({"services": {"web": {}, "api": {"instances": ["127.0.0.1:9"]}}})
+    with ControlProcess(tmp_path / "control") as control:  # reads no calls
+        apply(control, tmp_path, mesh, mode_doc("api", "dry-run"))
+        history = cli(control, "history", "-o", "json").stdout
+
+        def refused(*flags: str) -> str:
+            out = cli(control, "mode", "set", "api", "enforce", *flags, "--reason", "x")
+            assert out.returncode == 2 and out.stdout == "" and out.stderr.count("\n") == 1, out
+            return out.stderr.strip()
+
+        assert refused("--guard") == ("meshlens mode: a guard judges recorded calls, and this control plane reads "
+                                      "none (start it with --calls-store URL); nothing changed")
+        assert refused("--guard", "--window", "5 min") == \
+            "meshlens mode: guard.window: '5 min' is not a duration (e.g. 30s, 1m30s, 100ms)"
+        assert refused("--guard", "--max-p99-ratio", "0.5") == ("meshlens mode: guard.max_p99_ratio must be a number "
+                                                                "from 1 to 100 (times the baseline's p99), not 0.5")
+        assert refused("--guard", "--min-calls", "3") == \
+            "meshlens mode: guard.min_calls must be a whole number from 10 to 1000000, not 3"
+        assert refused("--guard", "--max-error-increase", "nan").startswith(
+            "meshlens mode: guard.max_error_increase must be a number from 0 to 100")
+        assert refused("--window", "5m", "--wait") == "meshlens mode: --window, --wait go with --guard"
+        out = cli(control, "mode", "set", "api", "observe", "--guard", "--reason", "x")
+        assert (out.returncode, out.stderr) == (2, "meshlens mode: --guard watches a switch to enforce, not to observe\n")
+        for body, error in [({"mode": "dry-run", "guard": {}}, "a guard watches a switch to enforce, not to dry-run"),
+                            ({"mode": "enforce", "guard": {"window": "5m", "extra": 1}}, "guard: unknown field(s) "
+                             "'extra' (known: window, interval, min_calls, max_error_increase, max_p99_ratio, "
+                             "min_p99_increase)"),
+                            ({"mode": "enforce", "gaurd": {}}, 'expected a JSON body {"mode": ..., "reason": ..., '
+                                                               '"guard": {...} (optional)}')]:
+            assert http(control, "PUT", "/v1/modes/api", json.dumps(body).encode()) == (400, {"error": error})
+        # the Guard is the control plane's own: applied, it is refused
+        out = cli(control, "apply", "-f", "-", stdin="apiVersion: meshlens.io/v1alpha1\nkind: Guard\nmetadata: "
+                                                     "{name: api}\nspec: {outcome: passed}\n")
+        assert (out.returncode, out.stderr) == (2, "meshlens apply: stdin document 1 (line 1): a Guard is written by "
+                                                   "the control plane only (meshlens mode set SERVICE enforce "
+                                                   "--guard), never applied\n")
+        assert http(control, "GET", "/v1/guards/api") == (404, {"error": "no guard for 'api' (meshlens mode set api "
+                                                                         "enforce --guard)"})
+        assert http(control, "GET", "/v1/guards") == (200, {"revision": json.loads(history)[-1]["revision"],
+                                                             "guards": []})
+
+        @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+        @given(guard=GUARD_BODIES, mode=st.sampled_from(["enforce", "dry-run", "observe", "Enforce"]))
+        def fuzz(guard, mode):
+            status, out = http(control, "PUT", "/v1/modes/api", json.dumps({"mode": mode, "guard": guard}).encode())
+            assert status in (400, 409) and set(out) == {"error"} and "\n" not in out["error"], (guard, status, out)
+
+        fuzz()
+        assert cli(control, "history", "-o", "json").stdout == history  # nothing changed by any of it
+        assert http(control, "GET", "/v1/modes/api")[1]["modes"] == {"api": "dry-run"}
