@@ -6,7 +6,7 @@
     GET /v1/console/services/{service}              its mode, instances, sidecars, the policies naming it (YAML)
     GET /v1/console/services/{service}/traffic?window=15m
                                                     its calls' edges, recommendations with evidence and what-if,
-                                                    mTLS readiness
+                                                    mTLS readiness, the dry-run report
     GET /v1/console/tail?after=NS&service=S&status=5xx&limit=100
                                                     the newest calls after the cursor (control/console/tail.py)
 
@@ -29,9 +29,10 @@ from meshlens.control.console.policies import naming
 from meshlens.control.console.tail import tail
 from meshlens.mesh import Mesh, MeshError, parse
 
-__all__ = ["CALLS", "routes"]
+__all__ = ["CALLS", "DRYRUN_KINDS", "routes"]
 
 CALLS = web.AppKey("console_calls", CallsReader)
+DRYRUN_KINDS = ("VirtualService", "DestinationRule", "PeerAuthentication")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -97,7 +98,7 @@ async def _map(request: web.Request) -> web.Response:
         sidecars[s["service"]] = sidecars.get(s["service"], 0) + 1
     try:
         drawn = await request.app[CALLS].read(lambda store: service_map(store, window))
-        calls = {"state": "ok", "message": f"{drawn['n']} calls in {drawn['window']}"}
+        calls = {"state": "ok", "message": f"{drawn['n']:,} call records (all observers) in {drawn['window']}"}
     except NoData as e:
         drawn, calls = {"edges": [], "services": []}, {"state": "none", "message": str(e)}
     except CallsUnavailable as e:
@@ -124,19 +125,25 @@ async def _service(request: web.Request) -> web.Response:
         "revision": await store.revision(),
         "instances": [{"address": i.address, "labels": i.labels} for i in svc.instances],
         "sidecars": [s for s in request.app["sidecars"].listed() if s["service"] == name],
-        "policies": naming(await store.list(), svc),
+        "policies": [{k: v for k, v in p.items() if k != "doc"} for p in naming(await store.list(), svc)],
     })
 
 
 async def _traffic(request: web.Request) -> web.Response:
     name = params.service(request.match_info["service"])
     text, window = params.window(request.query)
+    mesh = await _mesh(request)
+    svc = mesh.services.get(name) if mesh is not None else None
+    # the dry-run report compares with the what-if kept in the service's traffic and mTLS documents
+    stored = [p["doc"] for p in naming(await request.app["store"].list(), svc)
+              if p["kind"] in DRYRUN_KINDS and p["in_force"]] if svc is not None else []
     try:
-        found: dict[str, Any] = await request.app[CALLS].read(lambda store: service_traffic(store, window, name))
+        found: dict[str, Any] = await request.app[CALLS].read(
+            lambda store: service_traffic(store, window, name, stored))
     except (NoData, UnknownService) as e:
         return web.json_response({"window": text, "calls": {"state": "none", "message": str(e)}})
-    return web.json_response({"window": text, "calls": {"state": "ok", "message": f"{found['n']} calls in "
-                                                                                  f"{found['window']}"}, **found})
+    said = f"{found['n']:,} call records (all observers) in {found['window']}"
+    return web.json_response({"window": text, "calls": {"state": "ok", "message": said}, **found})
 
 
 async def _tail(request: web.Request) -> web.Response:

@@ -5,7 +5,8 @@ The map is analysis' service graph (one observer per edge, the rule every analys
 each service placed by depth, callers before callees; a caller is *unmeshed* when no sidecar of its own recorded
 its calls (no `client` row from it: only the callee's sidecar, the tap or spans saw them), as analysis/mtls.py
 tells meshed callers from the others. A service's page adds its recommendations, each with the what-if of its
-policy replayed on the same calls (analysis/whatif.py), and its mTLS readiness.
+policy replayed on the same calls (analysis/whatif.py), its mTLS readiness and its dry-run report
+(analysis/dryrun.py).
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import math
 from typing import Any, Iterable
 
 from meshlens.analysis import graph
+from meshlens.analysis.dryrun import dryrun_report
 from meshlens.analysis.evidence import Recommendation
 from meshlens.analysis.mtls import readiness
 from meshlens.analysis.recommend import analyze, recommend, summary
-from meshlens.analysis.scope import Scope, open_scope
+from meshlens.analysis.scope import NoData, Scope, open_scope
 from meshlens.analysis.whatif import breaker_whatif, retry_whatif, timeout_whatif
 from meshlens.analysis.window import Window
 from meshlens.collector.stores import Store
@@ -61,17 +63,22 @@ def levels(pairs: Iterable[tuple[str, str]]) -> dict[str, int]:
     return {s: level(s, frozenset()) for s in sorted(callers)}
 
 
-def service_traffic(store: Store, window: Window, service: str) -> dict[str, Any]:
-    """Calls to and from `service`, its recommendations with evidence and what-if, and its mTLS readiness.
-    Raises analysis' NoData or UnknownService when the window holds none of its calls."""
+def service_traffic(store: Store, window: Window, service: str, stored: list[dict[str, Any]]) -> dict[str, Any]:
+    """Calls to and from `service`, its recommendations with evidence and what-if, its mTLS readiness, and its
+    dry-run report against `stored` (its policy documents: the what-if kept with each) or, without calls in dry-run,
+    why there is none. Raises analysis' NoData or UnknownService when the window holds none of its calls."""
     scope = open_scope(store, window, service)
     edges = _edges(graph.edges(scope))
     report = recommend(store, window, service, scope=scope, paths=False)
     recs = [{**jsonable(r.as_dict()), "summary": summary(r), "whatif": _whatif(scope, r)}
             for r in report.recommendations]
     ready = [jsonable(r.as_dict()) for r in readiness(scope) if r.service == service]
+    try:
+        dryrun: Any = jsonable(dryrun_report(store, window, service, stored, scope).as_dict())
+    except NoData as e:
+        dryrun = str(e)
     return {"window": scope.label(), "n": scope.n, "edges": edges, "recommendations": recs,
-            "readiness": ready[0] if ready else None}
+            "readiness": ready[0] if ready else None, "dryrun": dryrun}
 
 
 def _edges(frame: Any) -> list[dict[str, Any]]:

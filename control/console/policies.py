@@ -19,19 +19,27 @@ from meshlens.policy.security import ROOT_NAMESPACE
 __all__ = ["POLICY_KINDS", "naming"]
 
 POLICY_KINDS = ("VirtualService", "DestinationRule", "PeerAuthentication", "AuthorizationPolicy", "LocalRateLimit")
+_ONE_A_HOST = ("VirtualService", "DestinationRule")
 
 
 def naming(resources: list[Resource], service: Service) -> list[dict[str, Any]]:
-    """The policies among `resources` that apply to `service`, each with why, its revision and its YAML."""
+    """The policies among `resources` that apply to `service`: each with why, whether sidecars use it, its revision,
+    its document and its YAML."""
     labels = {"app": service.name}
     for inst in service.instances:
         labels.update(inst.labels)
     out = []
+    first: dict[str, str] = {}
     for r in sorted(resources, key=lambda r: (POLICY_KINDS.index(r.kind) if r.kind in POLICY_KINDS else 99, r.name)):
         why = _why(r, service.name, service.namespace, labels) if r.kind in POLICY_KINDS else None
-        if why:
-            out.append({"kind": r.kind, "name": r.name, "revision": r.revision, "why": why,
-                        "yaml": yaml.safe_dump(r.doc, sort_keys=False, allow_unicode=True)})
+        if not why:
+            continue
+        # one of each a host: sidecars use the first by namespace/name (proxy/policies.py), as Istio uses one
+        in_force = r.kind not in _ONE_A_HOST or first.setdefault(r.kind, r.name) == r.name
+        if not in_force:
+            why += f"; not in force: sidecars use {first[r.kind]}, the first by namespace/name"
+        out.append({"kind": r.kind, "name": r.name, "revision": r.revision, "why": why, "in_force": in_force,
+                    "doc": r.doc, "yaml": yaml.safe_dump(r.doc, sort_keys=False, allow_unicode=True)})
     return out
 
 

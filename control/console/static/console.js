@@ -25,23 +25,29 @@ export function go(view, arg, query) {
   location.hash = "#/" + view + (arg ? "/" + encodeURIComponent(arg) : "") + q;
 }
 
+let shown = 0;  // which show() is the latest: an earlier one still waiting on the API draws into a detached element
+
 async function show() {
   if (leave) leave();
   leave = null;
+  const mine = ++shown;
   const r = route();
   for (const a of document.querySelectorAll("[data-nav]")) {
     a.classList.toggle("active", a.dataset.nav === r.view);
   }
-  main.replaceChildren();
+  const el = document.createElement("div");
+  main.replaceChildren(el);
   const views = {map: renderMap, service: renderService, tail: renderTail};
   const view = views[r.view];
   if (!view) {
-    main.append(message("error", "no such view " + JSON.stringify(r.view) + ": the console has #/map, "
-                                 + "#/service/NAME and #/tail"));
+    el.append(message("error", "no such view " + JSON.stringify(r.view) + ": the console has #/map, "
+                               + "#/service/NAME and #/tail"));
     return;
   }
   document.title = (r.arg || r.view) + " · meshlens";
-  leave = await view(main, r, go) || null;
+  const stop = await view(el, r, go) || null;
+  if (mine === shown) leave = stop;
+  else if (stop) stop();  // replaced while it drew: its polling ends with it
 }
 
 // Who the page asks as: the token's name and role, or that this control plane takes no tokens.

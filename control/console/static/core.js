@@ -67,7 +67,7 @@ export function message(kind, text) {
 }
 
 export function card(title, ...body) {
-  return h("section", {class: "card"}, h("h2", {}, title), ...body);
+  return h("section", {class: "card"}, title ? h("h2", {}, title) : null, ...body);
 }
 
 export function table(headers, rows, attrs = {}) {
@@ -85,6 +85,8 @@ export const fmt = {
   pct: (x) => x === null || x === undefined ? "–" : (100 * x).toFixed(x < 0.001 && x > 0 ? 2 : 1) + "%",
   ms: (x) => x === null || x === undefined ? "–" : x >= 100 ? x.toFixed(0) + " ms" : x.toPrecision(2) + " ms",
   count: (x) => x === null || x === undefined ? "–" : Number(x).toLocaleString("en"),
+  // a figure of unknown meaning: four significant digits are enough to read it
+  any: (x) => typeof x === "number" && !Number.isInteger(x) ? String(Number(x.toPrecision(4))) : String(x),
   time: (unixSeconds) => new Date(unixSeconds * 1000).toISOString().replace("T", " ").replace(/\.\d+Z$/, "Z"),
   clock: (ms) => new Date(ms).toISOString().slice(11, 23),
 };

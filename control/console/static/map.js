@@ -68,10 +68,11 @@ function draw(services, edges, linked) {
       refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto-start-reverse", class: "arrow-" + k},
       s("path", {d: "M0,0 L10,5 L0,10 z"})))));
   const labels = s("g", {class: "edge-labels"});
-  for (const e of edges) {
+  const drawn = edges.filter((e) => at.has(e.caller) && at.has(e.callee));
+  const ports = spread(drawn, at);
+  for (const e of drawn) {
     const a = at.get(e.caller), b = at.get(e.callee);
-    if (!a || !b) continue;
-    const {d, mid} = path(a, b);
+    const {d, mid} = path(a, b, ports.get(e));
     const cls = "edge edge-" + health(e) + (e.caller_meshed ? "" : " edge-unmeshed");
     svg.append(s("path", {d, class: cls, "marker-end": `url(#arrow-${health(e)})`},
                  s("title", {}, `${e.caller} → ${e.callee}: ${fmt.count(e.n)} calls seen by ${e.observer}, `
@@ -87,8 +88,28 @@ function draw(services, edges, linked) {
   return svg;
 }
 
-function path(a, b) {
-  const x1 = a.x + NODE_W, y1 = a.y + NODE_H / 2, x2 = b.x, y2 = b.y + NODE_H / 2;
+// Where each edge leaves its caller's box and enters its callee's: spread along the side, in the order of the boxes
+// at the other end, so that edges into one service do not meet in one point.
+function spread(edges, at) {
+  const out = new Map(edges.map((e) => [e, {}]));
+  const side = (key, other, end) => {
+    const by = new Map();
+    for (const e of edges) {
+      if (!by.has(e[key])) by.set(e[key], []);
+      by.get(e[key]).push(e);
+    }
+    for (const [name, list] of by) {
+      list.sort((p, q) => at.get(p[other]).y - at.get(q[other]).y);
+      list.forEach((e, i) => { out.get(e)[end] = at.get(name).y + NODE_H * (i + 1) / (list.length + 1); });
+    }
+  };
+  side("caller", "callee", "y1");
+  side("callee", "caller", "y2");
+  return out;
+}
+
+function path(a, b, port) {
+  const x1 = a.x + NODE_W, y1 = port.y1, x2 = b.x, y2 = port.y2;
   if (a === b) {  // a service calling itself: a loop over its box
     const cx = a.x + NODE_W / 2;
     return {d: `M${cx - 20},${a.y} C${cx - 40},${a.y - 40} ${cx + 40},${a.y - 40} ${cx + 20},${a.y}`,

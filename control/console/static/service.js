@@ -42,9 +42,10 @@ export async function renderService(main, route, go) {
   grid.append(card("Mode", modeForm(svc, refresh)),
               card("Sidecars", sidecars, instanceList(svc.instances)));
   main.append(grid);
+  main.append(h("div", {class: "grid"}, card("History", history),
+                card("Policies naming " + name, policyList(svc.policies))));
   const traffic = h("div", {id: "traffic"});
   main.append(traffic);
-  main.append(card("Policies naming " + name, policyList(svc.policies)), card("History", history));
   await showHistory(history, name);
   await renderTraffic(traffic, name, win, (w) => go("service", name, new URLSearchParams({window: w})));
   // sidecars report the mode they apply within a poll: show it as it comes

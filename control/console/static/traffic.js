@@ -17,9 +17,11 @@ export async function renderTraffic(el, name, win, onWindow) {
     t.edges.map((e) => [e.caller, e.callee, e.observer, fmt.count(e.n), fmt.rate(e.rate_per_s),
                         fmt.pct(e.error_rate), fmt.ms(e.p50_ms), fmt.ms(e.p99_ms), fmt.ms(e.p999_ms)]),
     {class: "edges"}));
-  const recs = t.recommendations.slice().sort((a, b) => (b.policy ? 1 : 0) - (a.policy ? 1 : 0));
-  el.append(card(`Recommendations (${recs.filter((r) => r.policy).length} of ${recs.length} recommend a change)`,
-                 recs.length ? recs.map(recommendation) : h("p", {class: "muted"}, "None for this window.")));
+  const change = t.recommendations.filter((r) => r.policy), none = t.recommendations.filter((r) => !r.policy);
+  el.append(card(`Recommendations (${change.length} of ${t.recommendations.length} recommend a change)`,
+    change.length ? change.map(recommendation) : h("p", {class: "muted"}, "No change recommended for this window."),
+    none.length ? h("details", {class: "no-change"}, h("summary", {}, `${none.length} with no change (why, for each)`),
+                    none.map(recommendation)) : null));
   el.append(card("mTLS readiness", readiness(t.readiness)));
   if (t.dryrun !== undefined) el.append(card("Dry-run report", renderDryRun(t.dryrun)));
 }
@@ -44,7 +46,7 @@ function recommendation(r) {
 
 export function figures(obj) {
   const rows = Object.entries(obj || {}).map(([k, v]) => [k, typeof v === "object" && v !== null
-    ? h("code", {}, JSON.stringify(v)) : String(v)]);
+    ? h("code", {}, JSON.stringify(v)) : fmt.any(v)]);
   return rows.length ? table(["figure", "value"], rows, {class: "figures"}) : h("p", {class: "muted"}, "no figures");
 }
 
