@@ -242,6 +242,10 @@ def test_the_map_shows_each_edges_figures_and_marks_the_caller_without_a_sidecar
     expect(direct).to_contain_text("server")  # seen only by api's own sidecar
     expect(direct.locator("td").nth(3)).to_have_text(f"{sent['direct']:,}")
     shot(page, "1-map")
+    asked = sum("/v1/console/map?" in u for u in page.asked)
+    page.click("form.window button")  # the same window again: read again
+    wait_until(lambda: sum("/v1/console/map?" in u for u in page.asked) > asked, "the map read again")
+    expect(label).to_be_visible()
     page.locator('svg.map a:has(g.node[data-service="api"])').click()
     expect(page.locator("h1")).to_contain_text("api")
     expect(page).to_have_url(re.compile(r"#/service/api$"))
@@ -335,17 +339,23 @@ def test_the_live_tail_shows_calls_as_they_come_and_filters_by_status(world, pag
         wait_until(lambda: int(rows.first.get_attribute("data-t")) > int(newest), "newer calls on top of the tail")
         expect(rows.filter(has_text="503").first).to_be_visible()
         shot(page, "1-all")
+        page.click("#tail-pause")
+        expect(page.locator(".tail-state")).to_have_text(re.compile(r"^paused: \d+ calls shown$"))
+        newest = rows.first.get_attribute("data-t")
+        page.click("#tail-pause")  # resumed: asks at once, and newer calls come on top
+        expect(page.locator("#tail-pause")).to_have_text("Pause")
+        wait_until(lambda: int(rows.first.get_attribute("data-t")) > int(newest), "newer calls after resuming")
         page.select_option("select[name=status]", "5xx")
         expect(page).to_have_url(re.compile(r"#/tail\?status=5xx$"))
-        expect(rows.first).to_be_visible()
+        expect(page.locator(".tail-state")).to_contain_text("status 5xx")  # the filtered view's own answer
         wait_until(lambda: rows.count() >= 2, "two 5xx calls in the tail")
         statuses = rows.locator("td.status").all_inner_texts()
         assert statuses and set(statuses) == {"503"}
-        expect(page.locator(".tail-state")).to_contain_text("status 5xx")
         shot(page, "2-5xx")
         page.fill("input[name=service]", "web")
         page.select_option("select[name=status]", "2xx")
         expect(page).to_have_url(re.compile(r"#/tail\?service=web&status=2xx$"))
+        expect(page.locator(".tail-state")).to_contain_text("to or from web, status 2xx")
         expect(rows.first).to_be_visible()
         callers = set(rows.locator("td:nth-child(3)").all_inner_texts())
         assert callers == {"web"} and set(rows.locator("td.status").all_inner_texts()) == {"200"}
@@ -664,3 +674,45 @@ def test_figures_are_json_a_browser_reads():
                     "t": pd.Timestamp("2026-01-02T03:04:05Z"), "arr": np.array([1, 2])})
     assert got == {"a": 3, "b": None, "c": [0.5, None], "4": True, "t": "2026-01-02T03:04:05+00:00", "arr": [1, 2]}
     json.loads(json.dumps(got, allow_nan=False))
+
+
+def test_the_map_and_a_services_figures_follow_generated_traffic_of_known_truth(tmp_path):
+    """The reads the page shows, straight over analysis: tests/analysis/traffic.py's calls, whose truth is fixed."""
+    from meshlens.collector.stores.embedded import EmbeddedStore
+    from meshlens.control.console.figures import service_map, service_traffic
+    from tests.analysis import traffic as gt
+
+    store = EmbeddedStore(tmp_path / "chdb")
+    try:
+        gt.generate(store)
+        drawn = service_map(store, gt.WINDOW)
+        json.dumps(drawn, allow_nan=False)
+        services = {s["name"]: s for s in drawn["services"]}
+        assert {n for n, s in services.items() if s["caller"] and not s["meshed"]} == gt.UNMESHED
+        assert services["frontend"]["meshed"] and (services["frontend"]["level"], services["catalog"]["level"],
+                                                   services["inventory"]["level"]) == (0, 1, 2)
+        [edge] = [e for e in drawn["edges"] if (e["caller"], e["callee"]) == ("frontend", "catalog")]
+        assert (edge["n"], edge["observer"], edge["caller_meshed"]) == (gt.CATALOG_N, "client", True)
+        assert all(not e["caller_meshed"] for e in drawn["edges"] if e["caller"] in gt.UNMESHED)
+
+        catalog = service_traffic(store, gt.WINDOW, "catalog", [])
+        json.dumps(catalog, allow_nan=False)
+        recs = {r["kind"]: r for r in catalog["recommendations"] if r["policy"]}
+        cut = recs["timeout"]["whatif"]
+        assert (cut["n"], cut["cut"], cut["cut_ok"]) == (gt.CATALOG_N, 0, 0)  # no healthy call is that slow
+        assert cut["says"] == f"0 of {gt.CATALOG_N} calls would have been cut at 140 ms, 0 of them calls that " \
+                              f"succeeded"
+        retried = recs["retry"]["whatif"]
+        assert retried["recovered_lo"] <= retried["recovered"] <= retried["recovered_hi"] <= \
+            retried["transient_failures"]
+        assert catalog["readiness"]["verdict"] == "STRICT-ready"
+        assert catalog["dryrun"].startswith("no calls to catalog in dry-run")
+
+        inventory = service_traffic(store, gt.WINDOW, "inventory", [])
+        [outlier] = [r for r in inventory["recommendations"] if r["kind"] == "outlier"]
+        replay = outlier["whatif"]
+        tripped = {i["instance"] for i in replay["instances"] if i["trips"]}
+        assert tripped == {gt.BAD_INSTANCE} == set(outlier["policy"]["eject"])
+        assert replay["rejected"] == sum(i["rejected"] for i in replay["instances"]) > 0
+    finally:
+        store.close()

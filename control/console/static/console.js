@@ -20,9 +20,11 @@ function route() {
   return {view: parts[0] || "map", arg, query: new URLSearchParams(q || "")};
 }
 
-export function go(view, arg, query) {
+function go(view, arg, query) {
   const q = query && [...query.keys()].length ? "?" + query.toString() : "";
-  location.hash = "#/" + view + (arg ? "/" + encodeURIComponent(arg) : "") + q;
+  const next = "#/" + view + (arg ? "/" + encodeURIComponent(arg) : "") + q;
+  if (location.hash === next) show();  // the same view asked again (Apply, Filter): read it again
+  else location.hash = next;
 }
 
 let shown = 0;  // which show() is the latest: an earlier one still waiting on the API draws into a detached element

@@ -37,7 +37,8 @@ export async function renderTail(main, route, go) {
   pause.addEventListener("click", () => {
     paused = !paused;
     pause.textContent = paused ? "Resume" : "Pause";
-    if (!paused) poll();
+    if (paused) state.replaceChildren(message("info", `paused: ${shown.size} calls shown`));
+    else poll();
   });
 
   async function poll() {
@@ -48,14 +49,13 @@ export async function renderTail(main, route, go) {
     if (service) q.set("service", service);
     if (status) q.set("status", status);
     const got = await api("/v1/console/tail?" + q);
-    if (stopped) return;
+    if (stopped || paused) return;  // paused while it asked: the answer waits for Resume
     if (!got.ok) {
       state.replaceChildren(message("error", got.data.error));
     } else {
       add(got.data.calls);
       state.replaceChildren(message("info", `${shown.size} calls shown` + (service ? ` to or from ${service}` : "")
-        + (status ? `, status ${status}` : "") + (paused ? " (paused)" : "; updated every "
-        + POLL_MS / 1000 + " s")));
+        + (status ? `, status ${status}` : "") + `; updated every ${POLL_MS / 1000} s`));
     }
     if (!got.ok && got.status === 400) return;  // a bad filter stays bad: no asking again
     timer = setTimeout(poll, POLL_MS);
