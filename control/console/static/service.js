@@ -140,8 +140,10 @@ async function showHistory(el, name) {
 function change(e) {
   const what = e.kind + " " + e.name;
   if (e.kind === "Mode") {
-    const from = e.before?.spec?.mode || "observe", to = e.after?.spec?.mode || "observe";
-    return [h("span", {}, "mode "), modeBadge(from), " → ", modeBadge(to), e.action === "deleted" ? " (deleted)" : ""];
+    const to = e.after?.spec?.mode || "observe";
+    if (!e.before) return [h("span", {}, "mode set: "), modeBadge(to)];  // observe until then, by default
+    return [h("span", {}, "mode "), modeBadge(e.before.spec.mode), " → ", modeBadge(to),
+            e.action === "deleted" ? " (deleted)" : ""];
   }
   return what + " " + e.action;
 }
