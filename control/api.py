@@ -84,6 +84,7 @@ def build_app(store: Store, tokens: Tokens | None = None, ca: CA | None = None,
     """Where the readiness gate and the guards read the recorded calls (control/gate.py, control/guard.py)."""
     app["guards"] = guard.GuardRunner(store, calls_store)
     app.on_startup.append(_start_guards)
+    app.on_shutdown.append(_release_long_polls)
     app.on_cleanup.append(_stop_guards)
     app["sidecars"] = Sidecars()
     app["snapshots"] = Snapshots()
@@ -400,6 +401,12 @@ async def _guards(request: web.Request) -> web.Response:
     now = time.time()
     return web.json_response({"revision": await store.revision(),
                               "guards": [guard.status(r, runner.progress_of(r), now) for r in found]})
+
+
+async def _release_long_polls(app: web.Application) -> None:
+    """Stopping, once the listener is closed: the long polls that came in since the process was told to stop (while
+    it shipped its last changes) are answered now, else the runner would wait up to their timeout for them."""
+    app["store"].release_waiters()
 
 
 async def _start_guards(app: web.Application) -> None:

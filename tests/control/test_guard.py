@@ -408,3 +408,118 @@ def test_refused_in_one_line_with_nothing_changed_bad_settings_and_no_calls_stor
         fuzz()
         assert cli(control, "history", "-o", "json").stdout == history  # nothing changed by any of it
         assert http(control, "GET", "/v1/modes/api")[1]["modes"] == {"api": "dry-run"}
+
+
+def test_too_little_traffic_or_not_in_dry_run_is_refused_a_hand_switch_cancels_too_few_calls_is_unjudged(
+        tmp_path, collector):
+    world = World(tmp_path, collector, Api(delay_s=0.0), RETRY_VS)
+    try:
+        # too little traffic to judge: one line, nothing changed
+        assert [request(world.web.outbound, "api", f"/few/{i}")[0] for i in range(5)] == [200] * 5
+        wait_until(lambda: world.calls("dry-run") == 5, "the five calls recorded")  # each seen by both sidecars
+        history = world.history()
+        out = cli(world.control, *guard_flags("1m", "--reason", "too soon"))
+        assert (out.returncode, out.stderr) == (2, f"meshlens mode: api: 5 calls in dry-run in the last 1m, a guard "
+                                                   f"needs {MIN_CALLS} to judge; leave it in dry-run longer; nothing "
+                                                   f"changed\n")
+        assert world.history() == history and world.mode() == "dry-run"
+        # not in dry-run
+        assert cli(world.control, "mode", "set", "api", "observe", "--reason", "x").returncode == 0
+        history = world.history()
+        out = cli(world.control, *guard_flags("1m", "--reason", "from observe"))
+        assert (out.returncode, out.stderr) == (2, "meshlens mode: api is in observe, not dry-run: a guard judges "
+                                                   "enforce against the calls of dry-run (meshlens mode set api "
+                                                   "dry-run first); nothing changed\n")
+        assert world.history() == history and world.mode() == "observe"
+
+        # a hand switch during the guard cancels it, in the same change
+        assert cli(world.control, "mode", "set", "api", "dry-run", "--reason", "x").returncode == 0
+        with PacedLoad(world.web.outbound) as load:
+            baseline_in(world, load, 50)
+        out = cli(world.control, *guard_flags("2m", "--reason", "watch it"))  # no calls now: nothing to judge
+        assert out.returncode == 0 and out.stdout.splitlines()[-1] == "follow it: meshlens mode guard api", out
+        g = wait_until(lambda: (g := world.guard())["checked_at"] and g, "the guard's first look")
+        assert (g["outcome"], g["enforce_text"], g["needs_calls"], g["error"]) == ("running", None, MIN_CALLS, "")
+        shown = cli(world.control, "mode", "guard", "api").stdout.splitlines()
+        assert re.fullmatch(r"api: running, \d+s left of 2m \(started \S+Z by \S+: watch it\)", shown[0]), shown
+        assert shown[1].startswith("  baseline  dry-run, the 2m before: 0.00% failed (n=")
+        assert shown[2:] == [f"  enforce   since the switch: no calls yet; {MIN_CALLS} more to judge",
+                             f"  rolls back {g['rolls_back_if']}"]
+        out = cli(world.control, "mode", "set", "api", "observe", "--reason", "by hand")
+        assert out.returncode == 0, out.stderr
+        *_, mode, ended = world.history()
+        user = mode["who"]
+        assert (mode["kind"], mode["after"]["spec"], ended["kind"], ended["who"], ended["reason"]) == (
+            "Mode", {"mode": "observe"}, "Guard", user, "by hand")
+        assert ended["revision"] - mode["revision"] in (0, 1)  # one change (SQLite numbers each entry)
+        assert ended["after"]["spec"]["outcome"] == "cancelled"
+        assert world.guard()["why"] == f"guard: cancelled: api set to observe by {user}"
+        # ... and so does a Mode applied (the guard sees it at its next look), the baseline still in the window
+        assert cli(world.control, "mode", "set", "api", "dry-run", "--reason", "x").returncode == 0
+        assert cli(world.control, *guard_flags("2m", "--reason", "again")).returncode == 0
+        apply(world.control, tmp_path, mode_doc("api", "observe"))
+        g = wait_until(lambda: (g := world.guard())["outcome"] != "running" and g, "the guard seeing the apply")
+        assert (g["outcome"], g["why"]) == ("cancelled", "guard: cancelled: the mode of api is observe now, not enforce")
+        assert world.history()[-1]["who"] == "meshlens-guard"
+
+        # the window over with too few calls in enforce: unjudged, said so, and the mode stays enforce
+        assert cli(world.control, "mode", "set", "api", "dry-run", "--reason", "x").returncode == 0
+        with PacedLoad(world.web.outbound) as load:
+            baseline_in(world, load, 5)
+        out = cli(world.control, *guard_flags("6s", "--wait", "--reason", "nobody calls"))
+        assert out.returncode == 3, out.stdout + out.stderr
+        assert out.stdout.splitlines()[-1] == (f"guard: inconclusive: 0 calls in enforce in 6s, {MIN_CALLS} needed to "
+                                               f"judge; stays enforce, unjudged")
+        assert world.mode() == "enforce" and world.guard()["outcome"] == "inconclusive"
+        assert world.history()[-1]["who"] == "meshlens-guard"
+    finally:
+        world.close()
+
+
+def test_a_control_plane_restarted_mid_guard_resumes_it(tmp_path, collector):
+    world = World(tmp_path, collector, Api(delay_s=0.05), TIMEOUT_VS)
+    try:
+        with PacedLoad(world.web.outbound) as load:
+            baseline_in(world, load, 60)
+        # nobody calls: nothing can be judged before the control plane is stopped
+        out = cli(world.control, *guard_flags("2m", "--reason", "across a restart"))
+        assert out.returncode == 0, out.stderr
+        before = world.guard()
+        world.restart_control()
+        g = wait_until(lambda: (g := world.guard())["checked_at"] and g, "the resumed guard's first look")
+        assert (g["outcome"], g["started"], g["baseline"]) == ("running", before["started"], before["baseline"])
+        with PacedLoad(world.web.outbound) as load:
+            g = wait_until(lambda: (g := world.guard())["outcome"] != "running" and g, "the resumed guard's end")
+        assert g["outcome"] == "rolled-back" and g["why"].startswith("guard: error rate 100.0%")
+        assert world.mode() == "dry-run"
+        assert [e["reason"] for e in world.history() if e["who"] == "meshlens-guard" and e["kind"] == "Mode"] == \
+            [g["why"]]
+        wait_until(lambda: world.sidecar_modes() == ("dry-run", "dry-run"), "the sidecars back in dry-run")
+    finally:
+        world.close()
+
+
+def test_the_calls_store_away_during_a_guard_is_said_and_rolls_nothing_back_and_back_it_is_judged(tmp_path):
+    # Ports kept across the collector's restart: the sidecars record to it, the control plane reads from it.
+    ports = ("--otlp-http-port", str(free_port()), "--query-port", str(free_port()))
+    collector = CollectorProcess(tmp_path / "collector", None, *ports).start()
+    world = World(tmp_path, collector, Api(delay_s=0.05), TIMEOUT_VS)
+    try:
+        with PacedLoad(world.web.outbound) as load:
+            baseline_in(world, load, 60)
+        assert cli(world.control, *guard_flags("2m", "--reason", "the store goes away")).returncode == 0
+        collector.stop()
+        with PacedLoad(world.web.outbound) as load:  # every call fails in enforce, and the figures cannot be read
+            g = wait_until(lambda: (g := world.guard())["error"] and g, "the guard saying it cannot read the calls")
+            assert g["error"].startswith(f"cannot read the calls at {collector.query_url}: ")
+            assert "\n" not in g["error"] and g["outcome"] == "running"
+            shown = cli(world.control, "mode", "guard", "api").stdout.splitlines()
+            assert f"  calls store: {g['error']}" in shown
+            load.requests_after(MIN_CALLS * 2)
+            assert world.guard()["outcome"] == "running" and world.mode() == "enforce"  # missing figures: no rollback
+            collector = CollectorProcess(tmp_path / "collector", None, *ports).start()  # the sidecars resend theirs
+            g = wait_until(lambda: (g := world.guard())["outcome"] != "running" and g, "the guard judging again")
+        assert g["outcome"] == "rolled-back" and g["error"] == "" and world.mode() == "dry-run"
+    finally:
+        world.close()
+        collector.stop()
