@@ -77,3 +77,5 @@ def test_the_wheel_holds_every_source_file(wheel: zipfile.ZipFile) -> None:
     assert want - names == set(), "a package is missing from pyproject.toml's [tool.setuptools] packages"
     dashboards = {n for n in names if n.startswith("meshlens/dashboards/json/") and n.endswith(".json")}
     assert len(dashboards) == len(list((ROOT / "dashboards" / "json").glob("*.json"))) > 0
+    console = {n.rsplit("/", 1)[1] for n in names if n.startswith("meshlens/control/console/static/")}
+    assert console == {p.name for p in (ROOT / "control" / "console" / "static").iterdir()}  # the page's files
