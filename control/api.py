@@ -13,11 +13,14 @@
                               back by itself if it made them worse (control/guard.py); every field optional:
                               {"window": "5m", "interval": "5s", "min_calls": 100, "max_error_increase": 1 (pp),
                               "max_p99_ratio": 1.5, "min_p99_increase": "5ms"}; 409 naming what is missing
-                              (no --calls-store, not in dry-run, too few calls); the answer has "guard": its state
+                              (no --calls-store, not in dry-run, too few calls), 503 when the calls cannot be
+                              read; the answer has "guard": its state. A switch away from enforce by hand ends
+                              a running guard (cancelled) in the same change
     GET    /v1/guards[/{service}]                    {"revision": r, "guards": [...]}: each guard's settings,
                               baseline, last figures in enforce, time left, and outcome (running, passed,
                               rolled-back, inconclusive, cancelled) with why
     GET    /v1/history[?kind=K&name=N&service=S&limit=L]   {"revision": r, "entries": [...]}
+                              (K: a kind, or one the control plane writes: TrustBundle, Guard)
     GET    /v1/watch?after=R[&timeout=S]             {"revision": r}: answered once the revision passes R
     GET    /v1/snapshot?service=S&instance=I&version=V[&timeout=T]   a sidecar's long poll (control/distribution.py)
     POST   /v1/status   {"service", "instance", "version", "ack", "error", "mode"}   its ACK or NACK

@@ -49,14 +49,13 @@ from meshlens.control.store import Change, Store, StoreUnavailable
 from meshlens.policy.resources import Resource, mode_resource
 from meshlens.policy.spec import duration_s
 
-__all__ = ["KIND", "OUTCOMES", "SETTLE_S", "WHO", "CallsUnreadable", "GuardError", "GuardRefused", "GuardRunner",
+__all__ = ["KIND", "SETTLE_S", "WHO", "CallsUnreadable", "GuardError", "GuardRefused", "GuardRunner",
            "Settings", "begin", "judge", "read_settings", "rule", "status"]
 
 log = logging.getLogger("meshlens.control")
 
 KIND = "Guard"
 WHO = "meshlens-guard"
-OUTCOMES = ("running", "passed", "rolled-back", "inconclusive", "cancelled")
 # The calls of a window's last seconds reach the store a second or two after they are made (the sidecars'
 # recorders batch them, the collector flushes about once a second): a window is judged this long after its end.
 SETTLE_S = 5.0
@@ -264,8 +263,8 @@ def read_figures(url: str, service: str, since: float, until: float) -> dict[str
     except (NoData, UnknownService):
         return {}
     except StoreError as e:
-        raise CallsUnreadable(f"cannot read the calls at {url}: {str(e).splitlines()[0][:300] if str(e) else e}") \
-            from None
+        said = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        raise CallsUnreadable(f"cannot read the calls at {url}: {said}") from None
     finally:
         store.close()
 

@@ -154,11 +154,13 @@ class World:
     """A control plane reading the collector's calls (on a port kept across restarts), api's instance and sidecar,
     web's sidecar; api in dry-run under `policy`."""
 
-    def __init__(self, tmp_path: Path, collector: CollectorProcess, app: Api, policy: str) -> None:
-        self.tmp_path, self.collector = tmp_path, collector
+    def __init__(self, tmp_path: Path, collector: CollectorProcess, app: Api, policy: str,
+                 store: str | None = None) -> None:
+        """`store`: the control plane's (an etcd:// URL), else a SQLite file of its own."""
+        self.tmp_path, self.collector, self.store = tmp_path, collector, store
         self.app = app.start()
         self.proxies: list[ProxyProcess] = []
-        self.control = ControlProcess(tmp_path / "control", free_port(), None, *self.control_args).start()
+        self.control = ControlProcess(tmp_path / "control", free_port(), store, *self.control_args).start()
         try:
             inbound = free_port()
             mesh = json.dumps({"services": {"web": {}, "api": {"instances": [f"127.0.0.1:{inbound}"]}}})
@@ -183,7 +185,8 @@ class World:
 
     def restart_control(self) -> None:
         self.control.stop()
-        self.control = ControlProcess(self.tmp_path / "control", self.control.port, None, *self.control_args).start()
+        self.control = ControlProcess(self.tmp_path / "control", self.control.port, self.store,
+                                      *self.control_args).start()
 
     def close(self) -> None:
         for p in reversed(self.proxies):
@@ -523,3 +526,28 @@ def test_the_calls_store_away_during_a_guard_is_said_and_rolls_nothing_back_and_
     finally:
         world.close()
         collector.stop()
+
+
+def test_over_etcd_a_guard_started_through_one_replica_rolls_back_once_and_every_replica_sees_it(tmp_path, collector):
+    from tests.control.etcd_cluster import EtcdCluster
+
+    cluster = EtcdCluster(tmp_path / "etcd", members=1).start()
+    world = other = None
+    try:
+        world = World(tmp_path, collector, Api(delay_s=0.05), TIMEOUT_VS, cluster.url)  # the sidecars follow this one
+        other = ControlProcess(tmp_path / "other", 0, cluster.url, *world.control_args).start()
+        with PacedLoad(world.web.outbound) as load:
+            baseline_in(world, load, 60)
+            out = cli(other, *guard_flags("2m", "--reason", "through the other replica"))
+            assert out.returncode == 0, out.stderr
+            g = wait_until(lambda: (g := world.guard())["outcome"] != "running" and g, "the guard's end")
+        assert g["outcome"] == "rolled-back" and http(other, "GET", "/v1/guards/api")[1]["guards"][0]["why"] == g["why"]
+        rollbacks = [e for e in world.history() if e["kind"] == "Mode" and e["who"] == "meshlens-guard"]
+        assert [(e["after"]["spec"]["mode"], e["reason"]) for e in rollbacks] == [("dry-run", g["why"])]
+        wait_until(lambda: world.sidecar_modes() == ("dry-run", "dry-run"), "the sidecars back in dry-run")
+    finally:
+        if other is not None:
+            other.stop()
+        if world is not None:
+            world.close()
+        cluster.stop()
