@@ -276,6 +276,9 @@ def test_a_policy_that_hurts_is_rolled_back_by_the_control_plane_with_the_figure
         assert (g["outcome"], g["why"], g["time_left_s"], g["enforce"]["failed"]) == (
             "rolled-back", why, 0.0, g["enforce"]["n"])
         assert g["enforce"]["n"] >= MIN_CALLS and g["baseline"]["failed"] == 0 and g["baseline"]["n"] >= MIN_CALLS
+        # the Guard is the control plane's: no sidecar's snapshot carries it
+        status, snap = http(world.control, "GET", "/v1/snapshot?service=web&instance=probe&version=&timeout=0")
+        assert status == 200 and snap["modes"] == {"api": "dry-run"} and "Guard" not in json.dumps(snap)
         # the audit trail reaches mesh_changes, so that dashboards mark the rollback
         rows = wait_until(lambda: world.query("SELECT who, from_mode, to_mode, reason FROM meshlens.mesh_changes FINAL "
                                               "WHERE service = 'api' AND kind = 'Mode' AND who = 'meshlens-guard'"),
@@ -457,6 +460,9 @@ def test_too_little_traffic_or_not_in_dry_run_is_refused_a_hand_switch_cancels_t
         assert ended["revision"] - mode["revision"] in (0, 1)  # one change (SQLite numbers each entry)
         assert ended["after"]["spec"]["outcome"] == "cancelled"
         assert world.guard()["why"] == f"guard: cancelled: api set to observe by {user}"
+        table = cli(world.control, "history", "api").stdout.splitlines()
+        assert table[-2].endswith(f"  {user}  mode of api: enforce -> observe  (by hand)")
+        assert table[-1].endswith(f"  {user}  guard of api: cancelled  (by hand)")
         # ... and so does a Mode applied (the guard sees it at its next look), the baseline still in the window
         assert cli(world.control, "mode", "set", "api", "dry-run", "--reason", "x").returncode == 0
         assert cli(world.control, *guard_flags("2m", "--reason", "again")).returncode == 0
