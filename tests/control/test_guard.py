@@ -477,6 +477,9 @@ def test_too_little_traffic_or_not_in_dry_run_is_refused_a_hand_switch_cancels_t
             baseline_in(world, load, 5)
         out = cli(world.control, *guard_flags("6s", "--wait", "--reason", "nobody calls"))
         assert out.returncode == 3, out.stdout + out.stderr
+        progress = out.stdout.splitlines()[3:-1]  # --wait shows each look (every 0.5 s over 6 s + SETTLE_S)
+        assert progress and all(re.fullmatch(rf"  \d+s of 6s: no calls in enforce yet; {MIN_CALLS} more to judge", line)
+                                for line in progress), progress
         assert out.stdout.splitlines()[-1] == (f"guard: inconclusive: 0 calls in enforce in 6s, {MIN_CALLS} needed to "
                                                f"judge; stays enforce, unjudged")
         assert world.mode() == "enforce" and world.guard()["outcome"] == "inconclusive"
