@@ -83,10 +83,11 @@ def changes_url(url: str) -> str:
 
 
 def service_of_change(kind: str, name: str, doc: dict[str, Any] | None) -> str:
-    """The service a resource is about: a Mode's own, the ones its hosts name (Istio's rules, comma-separated
-    when several), a LocalRateLimit's, the app label a selector picks; '' for the mesh or no selector."""
+    """The service a resource is about: a Mode's or a Guard's own, the ones its hosts name (Istio's rules,
+    comma-separated when several), a LocalRateLimit's, the app label a selector picks; '' for the mesh or no
+    selector."""
     spec = (doc or {}).get("spec") or {}
-    if kind == "Mode":
+    if kind in ("Mode", "Guard"):
         return name
     if kind == "LocalRateLimit":
         return spec.get("service") or name

@@ -223,6 +223,7 @@ def test_a_collector_url_that_names_no_changes_endpoint_is_refused_in_one_line(u
 
 @pytest.mark.parametrize("kind, name, spec, service", [
     ("Mode", "web", {"mode": "dry-run"}, "web"),
+    ("Guard", "web", {"service": "web"}, "web"),
     ("Mesh", "mesh", {"services": {"web": {}}}, ""),
     ("VirtualService", "production/pay", {"hosts": ["pay"]}, "pay"),
     ("VirtualService", "production/pay", {"hosts": ["pay.production.svc.cluster.local", "web.default", "pay"]},
