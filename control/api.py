@@ -1,6 +1,8 @@
 """The control plane's HTTP API (aiohttp): resources, modes and their history, as JSON.
 
     GET    /healthz                                  ok
+    GET    /console/                                 the web console's page and its assets, no token needed: its
+                              scripts read GET /v1/console/... with the user's token (control/console/endpoints.py)
     GET    /v1/resources[?kind=K]                    {"revision": r, "items": [resource, ...]}
     GET    /v1/resources/{kind}/{name}               resource            (name: namespace/name for Istio's kinds)
     POST   /v1/apply          body: YAML, or JSON {"files": [...]}      {"revision": r, "results": [...]}

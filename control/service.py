@@ -45,7 +45,8 @@ async def serve(store: Store, host: str, port: int, tokens: Tokens | None = None
         shipper.start()
     print(f"meshlens control ready listen={host}:{bound} store={store.url} revision={await store.revision()} "
           f"tls={'on' if tls else 'off'} tokens={len(tokens) if tokens else 'off'} "
-          f"collector={shipper.url if shipper else 'off'} ca={ca.trust_domain if ca else 'off'}", flush=True)
+          f"collector={shipper.url if shipper else 'off'} ca={ca.trust_domain if ca else 'off'} "
+          f"console={'https' if tls else 'http'}://{_url_host(host)}:{bound}/console/", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -76,3 +77,9 @@ def server_tls(cert: str, key: str) -> ssl.SSLContext:
     except (ssl.SSLError, OSError) as e:
         raise ValueError(f"cannot use certificate {cert} with key {key}: {getattr(e, 'reason', None) or e}") from None
     return ctx
+
+
+def _url_host(host: str) -> str:
+    """The listen address as a URL's host: an IPv6 address in brackets, a wildcard as loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"[{host}]" if ":" in host else host

@@ -34,7 +34,8 @@ CONTROL_EPILOG = """examples:
       every change also becomes a row of the collector's mesh_changes, for dashboards to mark;
       what changed while the collector was away is shipped once it is back
 
-Without --tokens it listens on loopback only. Every change is validated before it is
+Open http://127.0.0.1:15010/console/ for the service map, each service's mode and the live tail
+(with --calls-store). Without --tokens it listens on loopback only. Every change is validated before it is
 stored, gets a revision, and is audited (with tokens, under the token's name)."""
 
 CLIENT_EPILOG = """examples:
