@@ -6,7 +6,7 @@ store (analysis, clickhouse-connect, Grafana).
 
 For fast iteration, set MESHLENS_TEST_DEMO_STORE to the directory of an existing
 demo store (for example /tmp/demo-store, made by
-`meshlens demo --duration 60 --any-ports --store chdb:/tmp/demo-store`): the demo
+`meshlens demo --duration 90 --any-ports --store chdb:/tmp/demo-store > /tmp/demo-store.out`): the demo
 is not run; the directory is copied to a temporary one (so several sessions can
 share it and none changes it) and served from there. `.output` is then the text of
 `DIR.out` when that file exists (the demo's stdout saved next to the store), else ''.
@@ -25,9 +25,12 @@ import pytest
 
 from tests.collector_process import CollectorProcess
 
-# Long enough for every recommendation the demo promises (the analysis' sample minimums).
-DEMO_DURATION_S = 60
-# The demo's start (chdb schema, 16 processes) and end (flush, analysis) around the load; generous on 2 busy cores.
+# Observe takes 45 s of it (every recommendation's sample minimum, meshlens/demo/phases.py); the other phases
+# share the rest: at 90, 11 s of dry-run, 22 s of enforce (the guards judge ~600 calls each), 11 s of mTLS.
+# At 60 they get 15 s between them, and a guard judging ~150 calls rolls back on one slow call as often as not.
+DEMO_DURATION_S = 90
+# The demo's start (chdb schema, 18 processes), its commands and the guards' end between the phases, and its end
+# (flush) around the load; generous on 2 busy cores.
 DEMO_TIMEOUT_S = DEMO_DURATION_S + 420
 ENV_REUSE = "MESHLENS_TEST_DEMO_STORE"
 
@@ -41,7 +44,7 @@ class DemoStore:
     store_path: Path
     """The chdb directory the collector serves."""
     output: str
-    """The demo's stdout (progress lines, recommendations, where to look next)."""
+    """The demo's stdout (progress lines, each phase's commands and figures, where to look next)."""
     reused: bool = False
     """True when the store came from MESHLENS_TEST_DEMO_STORE rather than a run in this session."""
     demo_returncode: int | None = None

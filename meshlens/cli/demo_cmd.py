@@ -1,4 +1,5 @@
-"""`meshlens demo`: the whole story on one machine — a small shop with faults, recorded, then recommendations."""
+"""`meshlens demo`: the whole story on one machine — a small shop with faults observed, the recommendations
+tried in dry-run, enforced under a guard, measured before and after, then mTLS."""
 from __future__ import annotations
 
 import argparse
@@ -15,29 +16,44 @@ MAX_RATE = 100.0  # the machine also runs ~16 processes of the demo; beyond this
 
 EPILOG = """examples:
   meshlens demo
-      3 minutes of traffic into a fresh embedded store under ~/.local/share/meshlens/demo/,
-      collector on 4318 (OTLP/HTTP), 4317 (OTLP/gRPC) and 8123 (queries), then the recommendations
+      3 minutes into a fresh embedded store under ~/.local/share/meshlens/demo/: observe 60s,
+      dry-run 30s, enforce 60s, mTLS 30s; collector on 4318 (OTLP/HTTP), 4317 (OTLP/gRPC) and
+      8123 (queries), control plane and its console on 15010
   meshlens demo --duration 60 --any-ports --store chdb:/tmp/demo-store
-      one minute (enough for every recommendation), free ports, a chosen store directory
+      one minute (observe 45s, enough for every recommendation; the other phases short), free ports,
+      a chosen store directory
   meshlens demo --keep-running
-      after the recommendations, keep the collector serving queries (Grafana, notebooks) until Ctrl-C
+      at the end, keep the collector (Grafana, notebooks) and the control plane (its console, the
+      history of every change) up until Ctrl-C
 
-what runs: the collector; frontend, catalog, cart, payment and three inventory instances
-(aiohttp, OpenTelemetry-instrumented), each behind its own `meshlens proxy` sidecar;
-shoppers through an ingress sidecar; a legacy `reports` job calling catalog with no sidecar;
-`meshlens tap` on lo when this user may capture (root or CAP_NET_RAW).
-faults: payment has a slow tail, inventory-3 answers 503 now and then, and catalog's
+the story: observe (every call recorded, the three faults visible, then the recommendations);
+`meshlens recommend --apply` puts them in dry-run, and `meshlens dryrun report` says what they
+would have done; inventory and payment (cart's calls) go to enforce with
+`meshlens mode set S enforce --guard`, and the shoppers' failure rate and p99 are measured before
+and after; `meshlens mtls readiness` names the caller that blocks STRICT for catalog, the
+readiness gate refuses it there, and STRICT on payment leaves cart's identity on every call.
+--duration scales the phases.
+
+what runs: the collector; the control plane (the mesh's CA, reading the calls for its gate and
+guards); frontend, catalog, cart, payment and three inventory instances (aiohttp,
+OpenTelemetry-instrumented), each behind its own `meshlens proxy` sidecar following the control
+plane, mTLS between them; shoppers through an ingress sidecar; a legacy `reports` job calling
+catalog with no sidecar; `meshlens tap` on lo when this user may capture (root or CAP_NET_RAW).
+faults: payment has a slow tail, inventory-3 answers 503 now and then (in runs), and catalog's
 GET /items/{id}/reviews always fails. Ctrl-C stops everything; no process is left behind."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run a sample shop behind sidecars, with faults, and show the recommendations",
-                       description="Run the collector, a small shop of instrumented services behind sidecars, the "
-                                   "tap and a load with known faults; show what each observer recorded, then the "
-                                   "recommendations that name the faults.",
+    p = sub.add_parser("demo", help="a sample shop behind sidecars, with faults: observe, recommend, dry-run, "
+                                    "enforce, mTLS",
+                       description="Run the collector, the control plane, a small shop of instrumented services "
+                                   "behind sidecars, the tap and a load with known faults; observe it, store the "
+                                   "recommendations as dry-run, enforce them under a guard, measure the shoppers' "
+                                   "failures and p99 before and after, then turn STRICT mTLS on where no one breaks.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=positive("seconds"), default=DEFAULT_DURATION, metavar="SECONDS",
-                   help=f"seconds of load (default {DEFAULT_DURATION:g}; 60 is enough for every recommendation)")
+                   help=f"seconds of load, shared by the four phases (default {DEFAULT_DURATION:g}; 60 is the shortest "
+                        "that gives every recommendation)")
     p.add_argument("--store", metavar="chdb:PATH",
                    help="embedded store directory (default: a new one, ~/.local/share/meshlens/demo/TIMESTAMP, kept)")
     p.add_argument("--rate", type=positive("requests/s"), default=DEFAULT_RATE, metavar="N",
@@ -47,11 +63,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--otlp-grpc-port", type=port(0), default=4317, metavar="PORT", help="OTLP/gRPC (default 4317)")
     p.add_argument("--query-port", type=port(0), default=8123, metavar="PORT",
                    help="ClickHouse HTTP query endpoint (default 8123)")
+    p.add_argument("--control-port", type=port(0), default=15010, metavar="PORT",
+                   help="the control plane and its console (default 15010)")
     p.add_argument("--any-ports", action="store_true",
-                   help="free ports for the collector too (when another collector runs, and in tests)")
+                   help="free ports for the collector and the control plane too (when others run, and in tests)")
     p.add_argument("--no-tap", action="store_true", help="no wire observer, even when capture is permitted")
     p.add_argument("--keep-running", action="store_true",
-                   help="after the recommendations, keep the collector serving queries until Ctrl-C")
+                   help="at the end, keep the collector serving queries and the control plane its console until "
+                        "Ctrl-C")
     p.set_defaults(run=run)
 
 
@@ -80,10 +99,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.rate > MAX_RATE:
         raise UserError(f"--rate is at most {MAX_RATE:g} requests/s, got {args.rate:g}")
-    ports = (0, 0, 0) if args.any_ports else (args.otlp_http_port, args.otlp_grpc_port, args.query_port)
+    ports = (0, 0, 0, 0) if args.any_ports else (args.otlp_http_port, args.otlp_grpc_port, args.query_port,
+                                                 args.control_port)
     cfg = DemoConfig(duration=args.duration, store_path=store_path(args.store), otlp_http_port=ports[0],
-                     otlp_grpc_port=ports[1], query_port=ports[2], rate=args.rate, tap=not args.no_tap,
-                     keep_running=args.keep_running)
+                     otlp_grpc_port=ports[1], query_port=ports[2], control_port=ports[3], rate=args.rate,
+                     tap=not args.no_tap, keep_running=args.keep_running)
     try:
         return Demo(cfg).run()
     except ChildFailed as e:

@@ -4,8 +4,9 @@
         an open-loop arrival process: two thirds checkouts, one third product pages,
         sent to frontend through the ingress sidecar; at most MAX_IN_FLIGHT at once
     python -m meshlens.demo.load reports --target http://127.0.0.1:P --peer catalog --collector URL
-        GET /items/{id} straight to catalog's inbound port, plaintext, no sidecar of its own:
-        the caller that mTLS readiness must name before STRICT can be turned on
+        GET /items/{id} straight to catalog's inbound port, plaintext, no sidecar of its own,
+        a new connection each (as a batch job's client opens them): the caller that mTLS
+        readiness must name before STRICT can be turned on
 
 The faults themselves live in the services (meshlens.demo.shop); the load only
 has to be steady enough that every one of them reaches the analysis' sample
@@ -105,7 +106,11 @@ async def reports(args: argparse.Namespace, stop: asyncio.Event, load: Load) -> 
         return args.peer if (host, port) == (target.host, target.port) else ""
 
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    async with aiohttp.ClientSession(timeout=timeout, trace_configs=[client_trace_config(provider, peer_of)]) as s:
+    # A sidecar decides what STRICT does to a connection when it opens: on a connection of its own each call meets
+    # the PeerAuthentication in force when it is made (noted would_refuse_plaintext in dry-run, refused enforced).
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector,
+                                     trace_configs=[client_trace_config(provider, peer_of)]) as s:
         async for _ in arrivals(REPORTS_RATE, stop, rng):
             await _send(load, s, "GET", f"{args.target.rstrip('/')}/items/{rng.randrange(1, ITEMS)}")
     provider.shutdown()

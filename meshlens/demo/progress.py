@@ -49,14 +49,15 @@ class Progress:
     def due(self) -> bool:
         return time.monotonic() >= self._next
 
-    def show(self, elapsed: float, note: str = "") -> None:
+    def show(self, elapsed: float, phase: str = "") -> None:
+        """`elapsed` seconds of the whole `duration`, in `phase`."""
         self._next = time.monotonic() + self.interval
         try:
             self.last = observer_counts(self.url)
             text = f"calls recorded: {format_counts(self.last)}"
         except OSError as e:
             text = f"calls recorded: (query endpoint not answering: {e})"
-        self.line.show(f"[{_clock(elapsed)}/{_clock(self.duration)}] {text}{note}")
+        self.line.show(f"[{_clock(elapsed)}/{_clock(self.duration)}{' ' + phase if phase else ''}] {text}")
 
     def done(self) -> None:
         self.line.done()

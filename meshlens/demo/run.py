@@ -1,6 +1,8 @@
-"""The demo from start to end: collector, sidecars, shop, tap, load, progress, recommendations, cleanup."""
+"""The demo from start to end: collector, control plane, sidecars, shop, tap, load, the phases (story.py),
+cleanup."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -9,16 +11,26 @@ import sys
 import tempfile
 import threading
 import time
+import http.client
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
-from meshlens.demo import topology
+from meshlens.collector.stores import StoreError
+from meshlens.control.client import ControlClient, ControlError
+from meshlens.demo import phases, topology
+from meshlens.demo.commands import Commands
+from meshlens.demo.phases import Phase
 from meshlens.demo.progress import Progress, format_counts, observer_counts
+from meshlens.demo.story import Stage, Story
 from meshlens.demo.supervisor import ChildFailed, Interrupted, Supervisor, free_ports
 
 COLLECTOR_READY = re.compile(r"meshlens collector ready otlp_http=\S+:(\d+) otlp_grpc=\S+:(\d+) query=(\S+)")
 PROXY_READY = re.compile(r"meshlens proxy ready service=\S+ .*outbound=\S+:(\d+)")
+PROXY_ADMIN = re.compile(r"admin=\S+:(\d+)")
+CONTROL_READY = re.compile(r"meshlens control ready listen=\S+:(\d+)")
 SHOP_READY = re.compile(r"meshlens demo shop ready")
 LOAD_READY = re.compile(r"meshlens demo load ready")
 TAP_READY = re.compile(r"meshlens tap capturing")
@@ -28,6 +40,9 @@ COLLECTOR_START_S = 120.0
 FLUSH_S = "0.5"
 SETTLE_MAX_S = 30.0
 SIDECAR_DRAIN_S = "5"
+# A sidecar asks the control plane's CA for its certificate once it is up: calls before that would be plaintext
+# (and the readiness gate would count them for 24 h), so the load waits for every certificate.
+IDENTITY_MAX_S = 60.0
 CAP_NET_RAW = 13  # linux/capability.h
 
 
@@ -40,6 +55,7 @@ class DemoConfig:
     otlp_http_port: int = 4318
     otlp_grpc_port: int = 4317
     query_port: int = 8123
+    control_port: int = 15010
     rate: float = 40.0
     tap: bool = True
     keep_running: bool = False
@@ -70,7 +86,13 @@ class Demo:
         self.instances = topology.shop_instances()
         self.query_url = ""
         self.otlp_base = ""
+        self.control_url = ""
         self.interrupted = ""
+        self.admin_ports: dict[str, int] = {}
+        self.plan = phases.plan(cfg.duration)
+        self.clock = 0.0
+        """Seconds of the phases' load so far (commands between them are not counted)."""
+        self.progress: Progress | None = None
 
     def say(self, text: str = "") -> None:
         self.out.write(text + "\n")
@@ -83,13 +105,14 @@ class Demo:
         ok = False
         try:
             self._start()
-            self._load()
+            self._story()
             self._finish()
             ok = True
             if self.stop.is_set():  # a signal during the analysis: it finished, nothing more is started
                 return 130
             if self.cfg.keep_running:
-                self.say(f"\nthe collector keeps serving queries at {self.query_url} (Ctrl-C stops it)")
+                self.say(f"\nthe collector keeps serving queries at {self.query_url}, the console at "
+                         f"{self.console_url} (Ctrl-C stops them)")
                 self.stop.wait()
             return 0
         except Interrupted:
@@ -136,32 +159,42 @@ class Demo:
         self.query_url = c.ready.group(3)
         self.say(f"collector   otlp_http={self.otlp_base} otlp_grpc=127.0.0.1:{c.ready.group(2)} "
                  f"query={self.query_url}")
+        self._start_control()
 
         ports = free_ports(2 * len(self.instances))
         for inst, (app, inbound) in zip(self.instances, zip(ports[::2], ports[1::2])):
             inst.app_port, inst.inbound_port = app, inbound
         mesh = topology.write_mesh(self.workdir / "mesh.yaml", self.instances)
+        self._apply_mesh(mesh)
         calls_url = f"{self.otlp_base}/v1/calls"
+        (self.workdir / "snapshots").mkdir()
 
         def sidecar(name: str, service: str, extra: list[str]) -> int:
             child = self.sup.start(f"sidecar-{name}", [
-                "meshlens.cli.main", "proxy", "--service", service, "--mesh", str(mesh), "--outbound-port", "0",
+                "meshlens.cli.main", "proxy", "--service", service, "--control", self.control_url,
+                "--snapshot-cache", str(self.workdir / "snapshots" / f"{name}.json"), "--outbound-port", "0",
                 "--admin-port", "0", "--metrics-port", "0", "--collector", calls_url,
                 "--drain-timeout", SIDECAR_DRAIN_S, *extra], PROXY_READY)
             assert child.ready is not None
+            admin = PROXY_ADMIN.search(child.ready.string)
+            assert admin is not None
+            self.admin_ports[name] = int(admin.group(1))
             return int(child.ready.group(1))
 
         for inst in self.instances:
             inst.outbound_port = sidecar(inst.name, inst.service, ["--app-port", str(inst.app_port),
                                                                    "--inbound-port", str(inst.inbound_port),
                                                                    "--inbound-host", "127.0.0.1"])
+        ingress_out = sidecar(topology.INGRESS, topology.INGRESS, ["--inbound-port", "-1"])
+        self._await_identities()
+        for inst in self.instances:
             self.sup.start(f"app-{inst.name}", [
                 "meshlens.demo.shop", "--service", inst.service, "--instance", inst.name,
                 "--port", str(inst.app_port), "--outbound", f"http://127.0.0.1:{inst.outbound_port}",
                 "--collector", self.otlp_base, *inst.shop_flags], SHOP_READY)
-        ingress_out = sidecar(topology.INGRESS, topology.INGRESS, ["--inbound-port", "-1"])
         names = ", ".join(f"{i.name}" for i in self.instances)
-        self.say(f"shop        {names}: each behind its own sidecar")
+        self.say(f"shop        {names}: each behind its own sidecar, which follows the control plane and "
+                 f"speaks mTLS to the others")
         self.say(f"work dir    {self.workdir}: mesh.yaml and a log per process (removed at the end)")
         self.say(f"callers     shoppers via the {topology.INGRESS} sidecar -> frontend; "
                  f"{topology.UNMESHED} (no sidecar) -> catalog, plaintext")
@@ -174,6 +207,48 @@ class Demo:
         self.sup.start(f"load-{topology.UNMESHED}", [
             "meshlens.demo.load", "reports", "--target", f"http://127.0.0.1:{catalog.inbound_port}",
             "--peer", "catalog", "--collector", self.otlp_base], LOAD_READY)
+
+    def _start_control(self) -> None:
+        """The control plane: the mesh's CA, reading the calls for its gate and guards, shipping its changes."""
+        c = self.sup.start("control", [
+            "meshlens.cli.main", "control", "--port", str(self.cfg.control_port),
+            "--store", f"sqlite:{self.workdir / 'control.db'}", "--ca-dir", str(self.workdir / "ca"),
+            "--calls-store", self.query_url, "--collector", self.otlp_base], CONTROL_READY)
+        assert c.ready is not None
+        self.control_url = f"http://127.0.0.1:{c.ready.group(1)}"
+        self.say(f"control     {self.control_url}: the mesh, the policies and each service's mode; the mesh's CA")
+        self.say(f"console     {self.console_url}")
+
+    @property
+    def console_url(self) -> str:
+        return f"{self.control_url}/console"
+
+    def _apply_mesh(self, mesh: Path) -> None:
+        try:
+            ControlClient(self.control_url).apply([(mesh.name, mesh.read_text())], "meshlens demo: the shop")
+        except ControlError as e:
+            raise ChildFailed(f"the control plane refused the shop's mesh: {e}") from None
+
+    def _await_identities(self) -> None:
+        """Until every sidecar holds its certificate (its /config says so)."""
+        deadline = time.monotonic() + IDENTITY_MAX_S
+        waiting = dict(self.admin_ports)
+        while waiting:
+            for name, port in list(waiting.items()):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10) as resp:
+                        identity = json.loads(resp.read()).get("identity") or {}
+                except (OSError, ValueError):
+                    identity = {}
+                if identity.get("state") == "valid":
+                    del waiting[name]
+            if not waiting:
+                return
+            self._check_children()
+            if time.monotonic() > deadline:
+                raise ChildFailed(f"no certificate from the control plane after {IDENTITY_MAX_S:g}s for "
+                                  f"{', '.join(sorted(waiting))} (log {self.workdir / 'control.log'})")
+            self._wait(0.2)
 
     def _start_tap(self, mesh: Path, calls_url: str) -> None:
         if not self.cfg.tap:
@@ -194,33 +269,57 @@ class Demo:
             return
         self.say("wire        tap on lo, the sidecars' inbound ports")
 
-    # -- load -----------------------------------------------------------------------------------
+    # -- the phases -----------------------------------------------------------------------------
 
-    def _load(self) -> None:
+    def _story(self) -> None:
         cfg = self.cfg
-        self.say(f"load        {cfg.rate:g} requests/s for {cfg.duration:g}s (Ctrl-C stops everything)")
-        progress = Progress(self.query_url, cfg.duration, self.out)
-        start = time.monotonic()
+        commands = Commands(self.sup, self.out, self.query_url, self.control_url)
+        shares = ", ".join(f"{p.name} {p.seconds:.0f}s" for p in self.plan)
+        self.say(f"load        {cfg.rate:g} requests/s for {cfg.duration:g}s: {shares} (Ctrl-C stops everything)")
+        self.say(f"commands    run as you would, with {commands.environment()}")
+        known = {i.service for i in self.instances} | {topology.INGRESS, topology.UNMESHED}
+        story = Story(Stage(self.out, commands, ControlClient(self.control_url), self.query_url, self.workdir,
+                            self._hold, self._wait, {i.name: i.inbound_port for i in self.instances}, known))
+        observe, dry_run, enforce, mtls = self.plan
+        self.progress = Progress(self.query_url, cfg.duration, self.out)
         try:
-            while (elapsed := time.monotonic() - start) < cfg.duration:
+            observed = story.observe(observe)
+            story.enforce(enforce, story.dry_run(dry_run, observed))
+            story.mtls(mtls)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException, StoreError) as e:
+            raise ChildFailed(f"the store at {self.query_url} did not answer: {getattr(e, 'reason', e)}") from None
+
+    def _hold(self, phase: Phase, until: Callable[[], bool] | None = None, longest: float = 0.0) -> tuple[float, float]:
+        """The load runs for the phase's seconds (then until `until()`, at most `longest` more), with progress."""
+        assert self.progress is not None
+        start_wall, start = time.time(), time.monotonic()
+        try:
+            while True:
+                elapsed = time.monotonic() - start
+                if elapsed >= phase.seconds and (until is None or elapsed >= phase.seconds + longest or until()):
+                    break
                 self._check_children()
-                if progress.due():
-                    progress.show(elapsed)
-                self._wait(min(0.5, max(0.0, cfg.duration - elapsed)))
-            progress.show(cfg.duration)
+                if self.progress.due():
+                    self.progress.show(self.clock + elapsed, phase.name)
+                left = phase.seconds - elapsed
+                self._wait(min(0.5, left) if left > 0 else 0.5)
+            self.progress.show(self.clock + elapsed, phase.name)
         finally:
-            progress.done()
+            self.progress.done()
+        self.clock += elapsed
+        return start_wall, time.time()
 
     # -- end ------------------------------------------------------------------------------------
 
     def _finish(self) -> None:
+        self.say("")
         self.say("stopping the load, the shop and the sidecars; waiting for the collector to store the last calls")
         self.sup.stop(["load"])
         self.sup.stop(["app", "sidecar", "tap"])
+        if not self.cfg.keep_running:
+            self.sup.stop(["control"])
         counts = self._settle()
         self.say(f"recorded    {format_counts(counts)}")
-        self.say("")
-        self._recommend()
         self._next_steps()
 
     def _settle(self) -> dict[str, int]:
@@ -236,30 +335,6 @@ class Demo:
                 return counts
             last = counts
             self._wait(4 * float(FLUSH_S))
-
-    def _recommend(self) -> None:
-        """Analysis in-process, against the query endpoint, as any reader of the store would."""
-        from meshlens.analysis.recommend import recommend
-        from meshlens.analysis.scope import NoData
-        from meshlens.collector.stores import StoreError, connect
-
-        from meshlens.demo import summary
-
-        store = connect(self.query_url)
-        try:
-            store.use_database()
-            report = recommend(store)
-        except NoData as e:
-            self.say(f"no recommendations: {e}")
-            return
-        except StoreError as e:
-            raise ChildFailed(f"the analysis could not read the store at {self.query_url}: {e}") from None
-        finally:
-            store.close()
-        known = {i.service for i in self.instances} | {topology.INGRESS, topology.UNMESHED}
-        instances = {f"127.0.0.1:{i.inbound_port}": i.name for i in self.instances}  # as mesh.yaml lists them
-        summary.write(report, known, self._reader_url(), self.out, instances)
-        self.out.flush()
 
     def _reader_url(self) -> str:
         """Where readers find the store after the demo: its collector with --keep-running, else a plain one."""
@@ -281,3 +356,8 @@ class Demo:
         self.say(f"  notebooks       MESHLENS_STORE={q} jupyter lab notebooks/")
         self.say(f"  Grafana         meshlens dashboards provision --grafana-url http://127.0.0.1:3000 --store {q}")
         self.say(f"  as Istio YAML   meshlens recommend --store {q} --format yaml")
+        changes = "SELECT time, who, kind, name, from_mode, to_mode, reason FROM mesh_changes FINAL ORDER BY time"
+        self.say(f"  every change    meshlens query --store {q} \"{changes}\"")
+        if self.cfg.keep_running:
+            self.say(f"  the console     {self.console_url}  (until Ctrl-C)")
+            self.say(f"  its history     meshlens history --control {self.control_url}")

@@ -5,7 +5,8 @@
     cart      POST /cart/checkout -> inventory GET /stock/{sku}, then payment POST /charge
     catalog   GET /items/{id}; GET /items/{id}/reviews always answers 503 (its backend is gone)
     payment   POST /charge; --slow-share of calls take --slow-seconds (the slow tail)
-    inventory GET /stock/{sku}; --error-share of calls answer 503, independently (a flaky instance)
+    inventory GET /stock/{sku}; --error-share of calls answer 503, in runs of --error-run on average (a flaky
+              instance: its stock database stalls now and then)
 
 Calls to other services go through the sidecar's outbound listener as an HTTP
 forward proxy (`http://catalog/items/7` via --outbound). Run as
@@ -40,6 +41,8 @@ class Shop:
         self.args = args
         self.session = session
         self.rng = random.Random()
+        self.failing = False
+        """inventory: whether the last call answered 503 (failures come in runs)."""
 
     async def work(self) -> None:
         lo, hi = WORK_S[self.args.service]
@@ -108,7 +111,9 @@ class Shop:
 
     async def stock(self, request: web.Request) -> web.Response:
         await self.work()
-        if self.rng.random() < self.args.error_share:
+        again, start = fail_chances(self.args.error_share, self.args.error_run)
+        self.failing = self.rng.random() < (again if self.failing else start)
+        if self.failing:
             return web.json_response({"error": "stock database busy"}, status=503)
         return web.json_response({"sku": int(request.match_info["id"]), "available": True})
 
@@ -121,6 +126,16 @@ class Shop:
             "inventory": [web.get("/stock/{id}", self.stock)],
         }
         return table[self.args.service]
+
+
+def fail_chances(share: float, run: float | None) -> tuple[float, float]:
+    """(P(fail | the last call failed), P(fail | it did not)): failures `share` of the calls, independent (`run`
+    None), else in runs of `run` calls on average (a two-state chain). Outlier detection ejects on consecutive
+    failures: runs are what it sees of an instance going bad, where independent failures rarely line up."""
+    if run is None or share >= 1:
+        return share, share
+    again = 1 - 1 / run
+    return again, min(1.0, share * (1 - again) / (1 - share))
 
 
 def _seconds_range(text: str) -> tuple[float, float]:
@@ -140,6 +155,13 @@ def _share(text: str) -> float:
     return value
 
 
+def _run(text: str) -> float:
+    value = float(text)
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"a run is 1 call or more on average, got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m meshlens.demo.shop", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,6 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slow-share", type=_share, default=0.0, help="payment: share of calls in the slow tail")
     p.add_argument("--slow-seconds", type=_seconds_range, default=(0.8, 1.5), help="payment: MIN,MAX of the tail")
     p.add_argument("--error-share", type=_share, default=0.0, help="inventory: share of calls answered 503")
+    p.add_argument("--error-run", type=_run, default=None,
+                   help="inventory: calls a run of failures lasts on average (default: failures independent)")
     return p.parse_args(argv)
 
 

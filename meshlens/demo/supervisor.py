@@ -27,6 +27,8 @@ log = logging.getLogger("meshlens.demo")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Time a child gets between SIGTERM and SIGKILL: sidecars and the collector drain and flush in this.
 STOP_TIMEOUT = 15.0
+# A command the demo runs to its end (`meshlens recommend --apply`, ...): seconds of work on a busy machine.
+COMMAND_TIMEOUT = 120.0
 
 
 class ChildFailed(RuntimeError):
@@ -87,6 +89,15 @@ def _ephemeral_low() -> int:
         return 32768  # Linux's default
 
 
+@dataclass(frozen=True)
+class Finished:
+    """A command run to its end: its exit code and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
 @dataclass
 class Child:
     """One supervised process: its name, command, log file, and the process once started."""
@@ -126,11 +137,8 @@ class Supervisor:
         """Run `python -m ARGS` until a stdout (or stderr) line matches `ready`; the rest goes to a log file."""
         child = Child(name, [sys.executable, "-m", *args], self.workdir / f"{name}.log")
         child._log = open(child.log_path, "ab")
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHLENS_", "OTEL_"))}
-        full_env.update(env or {})
-        full_env.setdefault("PYTHONUNBUFFERED", "1")
         child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=child._log, env=full_env, process_group=0,
+                                      stderr=child._log, env=self._env(env), process_group=0,
                                       preexec_fn=_child_setup, close_fds=True)
         self.children.append(child)
         log.debug("started name=%s pid=%d", name, child.pid)
@@ -189,8 +197,40 @@ class Supervisor:
         except (OSError, ValueError):
             pass
 
+    def run(self, name: str, args: list[str], timeout: float = COMMAND_TIMEOUT,
+            env: dict[str, str] | None = None) -> Finished:
+        """Run `python -m ARGS` to its end, as a child like the others (its own group, dies with the demo, stopped
+        by `stop()`); Interrupted when the stop event is set first, ChildFailed past `timeout`."""
+        out_path = self.workdir / f"{name}.out"
+        child = Child(name, [sys.executable, "-m", *args], self.workdir / f"{name}.log")
+        child._log = open(child.log_path, "wb")  # its stderr
+        with open(out_path, "wb") as out:
+            child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=child._log,
+                                          env=self._env(env), process_group=0, preexec_fn=_child_setup,
+                                          close_fds=True)
+        self.children.append(child)
+        log.debug("started name=%s pid=%d", name, child.pid)
+        deadline = time.monotonic() + timeout
+        try:
+            while child.proc.poll() is None:
+                if self.stop_event.wait(0.1):
+                    raise Interrupted()
+                if time.monotonic() > deadline:
+                    raise ChildFailed(f"{name} did not finish in {timeout:g}s (log {child.log_path})")
+        finally:
+            self.stop([name])
+        return Finished(child.proc.returncode, out_path.read_text(errors="replace"),
+                        child.log_path.read_text(errors="replace"))
+
+    @staticmethod
+    def _env(extra: dict[str, str] | None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHLENS_", "OTEL_"))}
+        env.update(extra or {})
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
     def dead(self) -> list[Child]:
-        """Children that exited on their own."""
+        """Children that exited on their own (commands run to their end are not children any more)."""
         return [c for c in self.children if c.proc is not None and c.proc.poll() is not None]
 
     def stop(self, names: list[str] | None = None, timeout: float = STOP_TIMEOUT) -> None:

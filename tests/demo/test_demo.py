@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,7 @@ def test_the_demo_output_names_the_faults(demo_store: DemoStore) -> None:
         pytest.skip("reused store without its DIR.out")
     lines = demo_store.output.splitlines()
     table = lines[next(i for i, ln in enumerate(lines) if ln.startswith("recommendations for the shop")):]
+    table = table[:table.index("")]  # the table ends where the next phase's lines begin
 
     def row(*words: str) -> str:
         found = [ln for ln in table if all(re.search(rf"(^|\s){re.escape(w)}(\s|$)", ln) for w in words)]
@@ -94,6 +96,7 @@ def test_the_demo_output_names_the_faults(demo_store: DemoStore) -> None:
     assert "persistent" in row("retry", "frontend", "catalog", "/items/{id}/reviews")
     assert "reports" in row("mtls", "catalog")
     assert any(ln.startswith("  query endpoint") for ln in lines)
+    assert any(ln.startswith("  every change") and "mesh_changes" in ln for ln in lines)
 
 
 # -- what was recorded --------------------------------------------------------------------------
@@ -143,7 +146,8 @@ def test_no_process_left_behind_after_the_demo(demo_store: DemoStore) -> None:
     if demo_store.reused:
         pytest.skip("the demo did not run in this session")
     pids = _started_pids(demo_store.demo_stderr)
-    assert len(pids) >= 16, demo_store.demo_stderr[-2000:]  # collector, 8 sidecars, 7 apps, 2 callers (+ tap)
+    # collector, control plane, 8 sidecars, 7 apps, 2 callers (+ tap), and the commands of each phase
+    assert len(pids) >= 25, demo_store.demo_stderr[-2000:]
     assert [name for pid, name in pids.items() if _running(pid)] == []
 
 
@@ -172,7 +176,7 @@ def test_a_signal_during_the_load_stops_everything(tmp_path: Path, sig: signal.S
     try:
         out = _until_load_runs(proc)
         children = _descendants(proc.pid)
-        assert len(children) >= 16, out
+        assert len(children) >= 17, out  # collector, control plane, 8 sidecars, 7 apps, 2 callers
         time.sleep(2)
         proc.send_signal(sig)
         rest, err = proc.communicate(timeout=120)
@@ -194,6 +198,7 @@ def test_a_signal_during_the_load_stops_everything(tmp_path: Path, sig: signal.S
     (["--rate", "1000"], "--rate is at most 100"),
     (["--store", "http://127.0.0.1:8123/"], "--store must be chdb:PATH"),
     (["--query-port", "70000"], "port must be 0..65535"),
+    (["--control-port", "-1"], "port must be 0..65535"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ])
 def test_bad_flags_give_one_line_errors(args: list[str], message: str) -> None:
@@ -250,24 +255,30 @@ def test_children_stop_on_their_own_when_the_demo_is_killed(tmp_path: Path) -> N
     assert [pid for pid in children if _running(pid)] == []
 
 
-def test_keep_running_serves_queries_until_ctrl_c(tmp_path: Path) -> None:
+def test_keep_running_serves_queries_and_the_console_until_ctrl_c(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLENS_")}
     proc = subprocess.Popen([sys.executable, "-m", "meshlens.cli.main", "demo", "--duration", "3", "--any-ports",
                              "--no-tap", "--rate", "5", "--keep-running", "--store", f"chdb:{tmp_path / 'store'}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None
-        url = ""
+        url, console, seen = "", "", []
         for line in proc.stdout:
-            m = re.search(r"keeps serving queries at (\S+)", line)
+            seen.append(line)
+            if line.startswith("console ") and not console:
+                console = line.split()[1]
+            m = re.search(r"keeps serving queries at (\S+), the console at (\S+)", line)
             if m:
                 url = m.group(1)
+                assert m.group(2) == console
                 break
-        assert url
+        assert url and console, "".join(seen)
         children = _descendants(proc.pid)
-        assert len(children) == 1  # only the collector is left
+        assert len(children) == 2  # only the collector and the control plane are left
         [(n,)] = rows(url, "SELECT count() FROM calls WHERE src_service = 'ingress'")
         assert n > 0
+        with urllib.request.urlopen(console, timeout=30) as resp:
+            assert resp.status == 200 and "html" in resp.headers["Content-Type"]
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
