@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import quote
 
 from meshlens.policy.resources import Resource
-from meshlens.control.store import AuditEntry, Change, Store, StoreUnavailable, StoreURLError
+from meshlens.control.store import AuditEntry, Change, Stale, Store, StoreUnavailable, StoreURLError
 
 __all__ = ["EtcdStore"]
 
@@ -174,16 +174,24 @@ class EtcdStore(Store):
 
     # -- changes ------------------------------------------------------------------------------------
 
-    async def put(self, resources: list[Resource], change: Change) -> list[tuple[Resource, str]]:
+    async def put(self, resources: list[Resource], change: Change,
+                  expect: dict[tuple[str, str], int] | None = None) -> list[tuple[Resource, str]]:
         for _ in range(MAX_CONFLICT_RETRIES):
-            done = await self._call(lambda c: self._try_put(c, resources, change))
+            done = await self._call(lambda c: self._try_put(c, resources, change, expect or {}))
             if done is not None:
                 return done
         raise StoreUnavailable(f"the resources kept changing under this change ({MAX_CONFLICT_RETRIES} tries)")
 
-    async def _try_put(self, c: Any, resources: list[Resource], change: Change) -> list[tuple[Resource, str]] | None:
+    async def _try_put(self, c: Any, resources: list[Resource], change: Change,
+                       expect: dict[tuple[str, str], int]) -> list[tuple[Resource, str]] | None:
         tx = c.transactions
         compare, ops, plan = [], [], []
+        for (kind, name), revision in expect.items():
+            key = _key(kind, name)
+            now = await c.get(key)
+            if now is None or now.mod_revision != revision:
+                raise Stale(f"{kind} {name} changed since revision {revision}")
+            compare.append(tx.mod(key) == revision)  # and still so when the transaction runs
         for res in resources:
             key = _key(res.kind, res.name)
             old = await c.get(key)

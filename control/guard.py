@@ -28,11 +28,10 @@ What the guard last read is kept in memory (`GET /v1/guards`), not in the store:
 stored change moves the revision each sidecar's snapshot is versioned by. So a guard
 writes twice: with its switch, and with its outcome.
 
-An outcome is written only when the stored Guard is still the one judged (same revision,
-still running), read just before the write: atomic on SQLite (one process; nothing
-between the read and the write yields), a narrow window on etcd, where two replicas judging
-at the same moment may each write their outcome (the Mode's rollback is stored once: the
-second finds it done and writes nothing for it).
+An outcome is written only if the stored Guard is still the one judged, and a rollback only
+if the Mode is still the enforce it read: a compare-and-set (`Store.put`'s `expect`, one
+SQLite transaction or one etcd transaction comparing both revisions), so that two replicas
+judging at the same moment write one outcome, and a hand switch in between is never undone.
 """
 from __future__ import annotations
 
@@ -45,7 +44,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from meshlens.analysis.mode_figures import Figures
-from meshlens.control.store import Change, Store, StoreUnavailable
+from meshlens.control.store import Change, Stale, Store, StoreUnavailable
 from meshlens.policy.resources import Resource, mode_resource
 from meshlens.policy.spec import duration_s
 
@@ -425,13 +424,19 @@ class GuardRunner:
         if res is None or res.revision != judged.revision:
             return  # ended or started again meanwhile (a hand switch, another replica)
         resources = [_ended(res, outcome, why, enforce)]
+        expect = {(KIND, service): res.revision}
         if outcome == "rolled-back":
-            mode = await mode_of(self.store, service)
+            stored_mode = await self.store.get("Mode", service)
+            mode = stored_mode.doc["spec"]["mode"] if stored_mode is not None else "observe"
             if mode != "enforce":
                 why = f"guard: cancelled: the mode of {service} is {mode} now, not enforce"
                 resources = [_ended(res, "cancelled", why, enforce)]
             else:
                 resources.insert(0, mode_resource(service, "dry-run"))
-        await self.store.put(resources, Change(WHO, why))
+                expect[("Mode", service)] = stored_mode.revision
+        try:
+            await self.store.put(resources, Change(WHO, why), expect)
+        except Stale:
+            return  # ended, switched or judged meanwhile (a hand switch, another replica): nothing written
         level = logging.WARNING if outcome == "rolled-back" else logging.INFO
         log.log(level, "guard ended service=%s outcome=%s why=%s", service, resources[-1].doc["spec"]["outcome"], why)

@@ -29,7 +29,7 @@ from typing import Any
 
 from meshlens.policy.resources import Resource
 
-__all__ = ["AuditEntry", "Change", "SqliteStore", "Store", "StoreURLError", "StoreUnavailable", "default_store_url",
+__all__ = ["AuditEntry", "Change", "Stale", "SqliteStore", "Store", "StoreURLError", "StoreUnavailable", "default_store_url",
            "open_store"]
 
 
@@ -130,7 +130,12 @@ class Store:
         replicas may both ship)."""
         raise NotImplementedError
 
-    async def put(self, resources: list[Resource], change: Change) -> list[tuple[Resource, str]]:
+    async def put(self, resources: list[Resource], change: Change,
+                  expect: dict[tuple[str, str], int] | None = None) -> list[tuple[Resource, str]]:
+        """Store every resource, all or none: each with its action (created, configured, unchanged).
+
+        `expect`: (kind, name) -> the revision it was read at; if one is stored at another revision now
+        (or gone), nothing is stored and Stale is raised: a compare-and-set for a decision made on a read."""
         raise NotImplementedError
 
     async def delete(self, kind: str, name: str, change: Change) -> int | None:
@@ -140,6 +145,10 @@ class Store:
         raise NotImplementedError
 
     def release_waiters(self) -> None: ...
+
+
+class Stale(Exception):
+    """A resource a change was decided on was changed meanwhile (Store.put's `expect`)."""
 
 
 class StoreUnavailable(Exception):
@@ -238,12 +247,16 @@ class SqliteStore(Store):
 
     # -- changes -----------------------------------------------------------------------------------
 
-    async def put(self, resources: list[Resource], change: Change) -> list[tuple[Resource, str]]:
-        """Store every resource, all or none: each with its action (created, configured, unchanged)."""
+    async def put(self, resources: list[Resource], change: Change,
+                  expect: dict[tuple[str, str], int] | None = None) -> list[tuple[Resource, str]]:
         out: list[tuple[Resource, str]] = []
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
+            for (kind, name), revision in (expect or {}).items():
+                now = db.execute("SELECT revision FROM resources WHERE kind = ? AND name = ?", (kind, name)).fetchone()
+                if now is None or now[0] != revision:
+                    raise Stale(f"{kind} {name} changed since revision {revision}")
             for res in resources:
                 old = db.execute("SELECT doc, revision FROM resources WHERE kind = ? AND name = ?",
                                  (res.kind, res.name)).fetchone()

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from meshlens.policy.resources import ResourceError, mode_resource, parse_documents
-from meshlens.control.store import Change, SqliteStore, StoreUnavailable, StoreURLError, open_store
+from meshlens.control.store import Change, SqliteStore, Stale, StoreUnavailable, StoreURLError, open_store
 from tests.control.etcd_cluster import EtcdCluster
 
 MESH = "services:\n  pay: {}\n  web: {}\n"
@@ -74,6 +74,19 @@ def test_the_same_document_again_changes_nothing_and_writes_no_entry(store):
     [(res, action)] = store.put(parse_documents(VS, "vs.yaml"), Change("ana"))
     assert (action, res.revision, store.revision(), len(store.history())) == ("unchanged", first.revision,
                                                                               first.revision, 1)
+
+
+def test_a_change_decided_on_a_read_is_stored_only_if_what_was_read_is_unchanged(store):
+    """Store.put's `expect`: a compare-and-set (the guard's rollback), on both stores."""
+    [(mode, _)] = store.put([mode_resource("pay", "enforce")], Change("ana"))
+    [(later, _)] = store.put([mode_resource("pay", "observe")], Change("bo", "by hand, meanwhile"))
+    with pytest.raises(Stale, match="Mode pay changed since revision"):
+        store.put([mode_resource("pay", "dry-run")], Change("meshlens-guard"), {("Mode", "pay"): mode.revision})
+    with pytest.raises(Stale):
+        store.put([mode_resource("pay", "dry-run")], Change("meshlens-guard"), {("Mode", "gone"): 1})
+    assert store.get("Mode", "pay").doc["spec"]["mode"] == "observe" and store.revision() == later.revision
+    [(done, action)] = store.put([mode_resource("pay", "dry-run")], Change("g"), {("Mode", "pay"): later.revision})
+    assert action == "configured" and done.revision > later.revision
 
 
 def test_an_update_and_a_delete_are_audited_from_and_to(store):
