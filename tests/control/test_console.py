@@ -323,6 +323,26 @@ def test_a_read_token_is_denied_the_switch_and_a_write_token_makes_it_audited_an
     expect(dryrun.locator("ul.findings li").first).to_be_visible()  # the report's sentences, first
     dryrun.scroll_into_view_if_needed()
     shot(page, "6-dry-run-report")
+
+    def guarded(window: str) -> None:
+        page.check('#mode-form input[value="enforce"]')
+        expect(page.locator("#mode-guard-line")).to_be_visible()
+        page.check("#mode-guard")
+        page.fill("#mode-guard-window", window)
+        page.fill("#mode-reason", "enforce, guarded")
+        page.click("#mode-form button[type=submit]")
+        expect(page.locator("#mode-confirm")).to_contain_text(f"Guarded for {window}")
+        page.click("#mode-apply")
+
+    guarded("5 minutes")  # bad input: the API's one line on the page
+    expect(page.locator("#mode-answer .msg-error")).to_have_text(re.compile(
+        r"^refused \(400\): guard\.window: '5 minutes' is not a duration"))
+    guarded("5m")  # a dozen calls in dry-run: too few to judge, nothing changed
+    expect(page.locator("#mode-answer .msg-error")).to_have_text(re.compile(
+        r"^refused \(409\): api: \d+ calls in dry-run in the last 5m, a guard needs 100 to judge"))
+    expect(page.locator("#mode-now")).to_have_text("dry-run")
+    shot(page, "7-guard-refused")
+    assert ask(control, "/v1/modes/api")[1]["modes"] == {"api": "dry-run"}
     assert cli(control, "mode", "set", "api", "observe", "--reason", "back", token=WRITE).returncode == 0
 
 

@@ -63,10 +63,22 @@ function modeForm(svc, refresh) {
                                 placeholder: "why: it goes into the history with your name"});
   const choices = MODES.map((m) => h("label", {class: "choice"},
     h("input", {type: "radio", name: "mode", value: m, checked: m === svc.mode}), " ", m));
+  // enforce may be guarded: the control plane switches it back to dry-run by itself if it makes calls worse
+  const guarded = h("input", {type: "checkbox", id: "mode-guard", name: "guard"});
+  const guardWindow = h("input", {type: "text", id: "mode-guard-window", name: "guard-window", value: "5m",
+                                  size: 6, "aria-label": "guard window"});
+  const guard = h("p", {class: "guard", id: "mode-guard-line"},
+    h("label", {}, guarded, " guarded: back to dry-run by itself if enforce makes the calls worse, within "),
+    guardWindow);
   const form = h("form", {id: "mode-form", class: "mode-form", novalidate: true},
-    h("fieldset", {}, h("legend", {}, "Switch to"), choices),
+    h("fieldset", {}, h("legend", {}, "Switch to"), choices), guard,
     h("label", {for: "mode-reason"}, "Reason"), reason,
     h("button", {type: "submit"}, "Review the change…"));
+  const showGuard = () => {
+    guard.hidden = form.querySelector("input[name=mode]:checked")?.value !== "enforce";
+  };
+  form.addEventListener("change", showGuard);
+  showGuard();
   form.addEventListener("submit", (e) => {
     e.preventDefault();
     answer.replaceChildren();
@@ -75,22 +87,30 @@ function modeForm(svc, refresh) {
     if (!mode) return answer.append(message("error", "choose a mode: observe, dry-run or enforce"));
     if (mode === svc.mode) return answer.append(message("error", `${svc.name} is in ${mode} already`));
     if (!why) return answer.append(message("error", "a reason is required: say why, for the history"));
+    const window = mode === "enforce" && guarded.checked ? guardWindow.value.trim() : "";
+    if (mode === "enforce" && guarded.checked && !window) {
+      return answer.append(message("error", "a guard needs a window, e.g. 5m"));
+    }
     confirm.replaceChildren(
       h("p", {}, "Switch ", h("strong", {}, svc.name), " from ", modeBadge(svc.mode), " to ", modeBadge(mode), "?"),
       h("p", {class: "muted"}, "In " + mode + ", " + WHAT[mode] + ". Its callers' sidecars and its own apply "
                                + "this on their next poll."),
+      window ? h("p", {}, "Guarded for " + window + ": judged against its dry-run calls of the " + window
+                          + " before, and switched back to dry-run by the control plane if worse.") : "",
       h("p", {}, "Reason: ", h("q", {}, why)),
-      h("button", {type: "button", class: "primary", id: "mode-apply", onclick: () => apply(mode, why)},
+      h("button", {type: "button", class: "primary", id: "mode-apply", onclick: () => apply(mode, why, window)},
         `Switch ${svc.name} to ${mode}`), " ",
       h("button", {type: "button", onclick: () => { confirm.hidden = true; }}, "Cancel"));
     confirm.hidden = false;
   });
-  async function apply(mode, why) {
+  async function apply(mode, why, window) {
     confirm.hidden = true;
-    const got = await api("/v1/modes/" + encodeURIComponent(svc.name), {method: "PUT", body: {mode, reason: why}});
+    const body = window ? {mode, reason: why, guard: {window}} : {mode, reason: why};
+    const got = await api("/v1/modes/" + encodeURIComponent(svc.name), {method: "PUT", body});
     if (got.ok) {
+      const guardText = got.data.guard ? `; guarded for ${window}` : "";
       answer.replaceChildren(message("ok", `${svc.name} is now in ${got.data.mode} (revision ${got.data.revision}, `
-                                           + `${got.data.action})`));
+                                           + `${got.data.action}${guardText})`));
       reason.value = "";
       svc.mode = got.data.mode;
       now.replaceChildren(...nowLine());
