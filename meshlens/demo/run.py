@@ -30,7 +30,7 @@ from meshlens.demo.supervisor import ChildFailed, Interrupted, Supervisor, free_
 COLLECTOR_READY = re.compile(r"meshlens collector ready otlp_http=\S+:(\d+) otlp_grpc=\S+:(\d+) query=(\S+)")
 PROXY_READY = re.compile(r"meshlens proxy ready service=\S+ .*outbound=\S+:(\d+)")
 PROXY_ADMIN = re.compile(r"admin=\S+:(\d+)")
-CONTROL_READY = re.compile(r"meshlens control ready listen=\S+:(\d+)")
+CONTROL_READY = re.compile(r"meshlens control ready listen=\S+:(\d+) .*console=(\S+)")
 SHOP_READY = re.compile(r"meshlens demo shop ready")
 LOAD_READY = re.compile(r"meshlens demo load ready")
 TAP_READY = re.compile(r"meshlens tap capturing")
@@ -87,6 +87,7 @@ class Demo:
         self.query_url = ""
         self.otlp_base = ""
         self.control_url = ""
+        self.console_url = ""
         self.interrupted = ""
         self.admin_ports: dict[str, int] = {}
         self.plan = phases.plan(cfg.duration)
@@ -216,12 +217,9 @@ class Demo:
             "--calls-store", self.query_url, "--collector", self.otlp_base], CONTROL_READY)
         assert c.ready is not None
         self.control_url = f"http://127.0.0.1:{c.ready.group(1)}"
+        self.console_url = c.ready.group(2)
         self.say(f"control     {self.control_url}: the mesh, the policies and each service's mode; the mesh's CA")
         self.say(f"console     {self.console_url}")
-
-    @property
-    def console_url(self) -> str:
-        return f"{self.control_url}/console"
 
     def _apply_mesh(self, mesh: Path) -> None:
         try:
