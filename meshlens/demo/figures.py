@@ -15,7 +15,7 @@ from meshlens.analysis.window import Window
 from meshlens.demo import topology
 from meshlens.demo.progress import query
 
-__all__ = ["Calls", "Inventory", "Span", "before_after", "identities", "inventory", "plaintext_noted", "shoppers"]
+__all__ = ["Calls", "Inventory", "Span", "before_after", "identities", "inventory", "shoppers"]
 
 
 @dataclass(frozen=True)
@@ -120,12 +120,6 @@ def inventory_row(mode: str, inv: Inventory) -> tuple:
     would = " (would)" if mode == "dry-run" else ""
     return (mode, f"{inv.n:,}", f"{inv.failed / inv.n if inv.n else 0:.1%}", f"{inv.retried:,}{would}",
             f"{inv.ejections:,}{would}", f"{inv.flaky_share:.0%}")
-
-
-def plaintext_noted(url: str, span: Span, service: str) -> int:
-    """Calls to `service` its sidecar noted would_refuse_plaintext (STRICT in dry-run)."""
-    return int(query(url, f"SELECT count() FROM calls WHERE observer = 'server' AND dst_service = '{service}' "
-                          f"AND {_has('would_refuse_plaintext')} AND {span.where()} FORMAT TSV"))
 
 
 def identities(url: str, span: Span, service: str) -> list[tuple[str, bool, str, int]]:

@@ -23,8 +23,8 @@ AFTER_OBSERVE = (("dry-run", 0.25), ("enforce", 0.5), ("mTLS", 0.25))
 SAYS = {
     "observe": "every service in observe: the sidecars, the tap and the apps' spans record every call; "
                "nothing is changed",
-    "dry-run": "the recommended policies stored in the control plane and their services put in dry-run: "
-               "each policy decides on every call and only notes what it would have done",
+    "dry-run": "the recommended policies of inventory and payment (the calls cart makes) stored in the control "
+               "plane, both put in dry-run: each policy decides on every call and only notes what it would have done",
     "enforce": "inventory and payment in enforce, each guarded by the control plane: cart's calls to them are "
                "retried, ejected from inventory-3, timed; back to dry-run by itself if that made them worse",
     "mTLS": "who blocks STRICT mTLS, the readiness gate refusing it there, and STRICT where no one does",
