@@ -236,7 +236,8 @@ class Story:
         self.s.commands.run("apply", "-f", str(path), "--reason", f"STRICT mTLS for {' and '.join(strict)}")
         self.s.commands.run("mode", "set", "catalog", "enforce", "--reason", "STRICT mTLS for catalog")
         if self._strict_enforced(["payment"]):
-            self.say("payment     STRICT enforced: only mTLS callers are served")
+            self.say(f"payment     STRICT enforced{' since its switch to enforce' if 'payment' not in strict else ''}: "
+                     f"only mTLS callers are served")
         else:
             self.say(f"payment     in {self._modes().get('payment', 'observe')}, not enforce: STRICT is only noted "
                      f"on its plaintext calls (would_refuse_plaintext)")

@@ -167,7 +167,8 @@ def test_readiness_names_reports_for_catalog_and_the_gate_refuses_strict_there(d
 
 def test_strict_on_payment_leaves_carts_identity_on_every_call_and_refuses_plaintext(demo_store: DemoStore) -> None:
     text = "\n".join(phase_lines(output(demo_store), "mTLS"))
-    assert "payment     STRICT enforced: only mTLS callers are served" in text
+    assert re.search(r"^payment {5}STRICT enforced( since its switch to enforce)?: only mTLS callers are served$",
+                     text, re.M)
     assert "plaintext   to payment's sidecar, as a caller with no sidecar would send it: closed with no answer" in text
     seen = rows(demo_store.url, """SELECT tls, peer_identity, error, count() FROM calls
         WHERE observer = 'server' AND dst_service = 'payment' AND mode = 'enforce' AND time > (SELECT min(time)
