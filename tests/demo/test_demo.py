@@ -128,6 +128,13 @@ def test_spans_land_in_otel_traces_as_one_trace_per_request(demo_store: DemoStor
 
 # -- processes ----------------------------------------------------------------------------------
 
+def demo_env(tmp_path: Path) -> dict[str, str]:
+    """No MESHLENS_* settings; the demo's work dir under `tmp_path`: a demo killed, or failing, leaves it (its logs)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLENS_")}
+    env["TMPDIR"] = str(tmp_path)
+    return env
+
+
 def _started_pids(stderr: str) -> dict[int, str]:
     return {int(m.group(2)): m.group(1) for m in re.finditer(r"msg=started name=(\S+) pid=(\d+)", stderr)}
 
@@ -168,7 +175,7 @@ def _descendants(root: int) -> set[int]:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_the_load_stops_everything(tmp_path: Path, sig: signal.Signals) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLENS_")}
+    env = demo_env(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "meshlens.cli.main", "--log-level", "debug", "demo",
                              "--duration", "600", "--any-ports", "--no-tap", "--rate", "5",
                              "--store", f"chdb:{tmp_path / 'store'}"],
@@ -219,7 +226,8 @@ def test_a_busy_port_is_one_line_and_leaves_nothing_running(tmp_path: Path) -> N
         port = busy.getsockname()[1]
         done = subprocess.run([sys.executable, "-m", "meshlens.cli.main", "demo", "--duration", "5", "--no-tap",
                                "--otlp-http-port", "0", "--otlp-grpc-port", "0", "--query-port", str(port),
-                               "--store", f"chdb:{tmp_path / 'store'}"], capture_output=True, text=True, timeout=180)
+                               "--store", f"chdb:{tmp_path / 'store'}"], capture_output=True, text=True, timeout=180,
+                              env=demo_env(tmp_path))
     assert done.returncode == 2
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("meshlens demo: collector exited") and "cannot listen" in line
@@ -238,7 +246,7 @@ def _until_load_runs(proc: subprocess.Popen) -> str:
 
 def test_children_stop_on_their_own_when_the_demo_is_killed(tmp_path: Path) -> None:
     """The safety net: SIGKILL leaves the demo no chance to clean up; PR_SET_PDEATHSIG stops the children."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLENS_")}
+    env = demo_env(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "meshlens.cli.main", "demo", "--duration", "600", "--any-ports",
                              "--no-tap", "--rate", "5", "--store", f"chdb:{tmp_path / 'store'}"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
@@ -256,7 +264,7 @@ def test_children_stop_on_their_own_when_the_demo_is_killed(tmp_path: Path) -> N
 
 
 def test_keep_running_serves_queries_and_the_console_until_ctrl_c(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHLENS_")}
+    env = demo_env(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "meshlens.cli.main", "demo", "--duration", "3", "--any-ports",
                              "--no-tap", "--rate", "5", "--keep-running", "--store", f"chdb:{tmp_path / 'store'}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
