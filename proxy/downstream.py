@@ -429,6 +429,27 @@ class Downstream(asyncio.Protocol):
             self._pass("tls", head)
         return None
 
+    def peer_authentication_changed(self, mtls: str, mode_of: str | None) -> None:
+        """A snapshot changed the inbound PeerAuthentication under this open connection, not mTLS: one still
+        sniffing is judged by the new one; a plaintext one that STRICT now refuses is drained, enforced (what is
+        in flight finishes, then it closes, as Envoy drains the connections of a filter chain an update took
+        away), and its next calls say would_refuse_plaintext in dry-run; one no longer under STRICT is left
+        alone from its next call."""
+        self.mtls, self.mtls_mode_of = mtls, mode_of
+        if self.sniffing:
+            return
+        if mtls != "STRICT" or mode_of is None:
+            self.mtls_note = ""
+        elif mode_of != "enforce":
+            self.mtls_note = "would_refuse_plaintext"
+        elif not self.closing:
+            self.mtls_note = ""
+            self.proxy.stats["downstream_cx_plaintext_drained"] += 1
+            if self.tunnel is not None:  # passed through or upgraded: no exchange boundary to wait for
+                self.tunnel.close("closed")
+            else:
+                self.drain()
+
     def _strict_refuses(self, protocol: str) -> bool:
         """Inbound under a STRICT PeerAuthentication, what is not mTLS: enforced, the connection is refused (True:
         recorded and closed, as Envoy closes a connection no filter chain matches); in dry-run it goes on, each of

@@ -98,7 +98,7 @@ class Proxy:
             "downstream_cx_mtls": 0, "downstream_cx_tls_refused": 0, "downstream_cx_plaintext_refused": 0,
             "downstream_cx_tls_unfinished": 0, "downstream_cx_tls_hello_invalid": 0,
             "downstream_cx_tls_record_error": 0, "upstream_cx_mtls": 0, "upstream_cx_mtls_resumed": 0,
-            "upstream_cx_identity_refused": 0,
+            "upstream_cx_identity_refused": 0, "downstream_cx_plaintext_drained": 0,
         }
         self.pool = Pool(self.stats)
         self.metrics = Metrics()
@@ -197,6 +197,11 @@ class Proxy:
         self.router.update(mesh, service)
         self.router.set_policies(policies if policies.outbound or policies.inbound else None)
         self.desired_mode = str(modes.get(service.name, "observe"))
+        if "inbound" in self.ports:
+            mtls, mode_of = self.inbound_mtls()
+            for conn in list(self.conns):
+                if conn.inbound and conn.tls is None:
+                    conn.peer_authentication_changed(mtls, mode_of)
         return self.desired_mode
 
     # -- what exchanges ask of the process ---------------------------------------------------------

@@ -144,6 +144,37 @@ def test_strict_refuses_plaintext_when_enforced_and_says_it_would_in_dry_run(wor
         assert row == {"action": "would_refuse_plaintext", "mode": "dry-run", "tls": False}
 
 
+def test_a_plaintext_connection_open_before_strict_says_it_would_be_refused_then_is_drained(world, collector):
+    """STRICT is judged on a connection's first bytes; a keep-alive one opened before it is judged again by the
+    snapshot that brings it: its calls say would_refuse_plaintext in dry-run, and enforced it is drained."""
+    import http.client
+
+    control, api, web, app, tmp_path = world
+    conn = http.client.HTTPConnection("127.0.0.1", api.inbound, timeout=30)
+
+    def get(path: str) -> int:
+        conn.request("GET", path, headers={"Host": "api"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+
+    try:
+        assert get("/before") == 200  # PERMISSIVE: plaintext served
+        for mode in ("dry-run", "enforce"):
+            follow(api, apply(control, tmp_path, mesh(api.inbound), STRICT, mode_doc("api", mode), flags=("--force",)))
+            if mode == "dry-run":
+                assert get("/kept-alive") == 200
+                [row] = recorded_calls(collector.query_url, f"observer_id = '{config(api)['observer_id']}' AND path = "
+                                       "'/kept-alive'", 1, columns=("action", "mode", "tls"))
+                assert row == {"action": "would_refuse_plaintext", "mode": "dry-run", "tls": False}
+        wait_until(lambda: stats(api)["downstream_cx_plaintext_drained"] == 1, "the plaintext connection drained")
+        with pytest.raises((http.client.HTTPException, OSError)):
+            get("/after")
+        assert app.arrived["/after"] == 0
+    finally:
+        conn.close()
+
+
 def client_cert(tmp_path: Path, ca_dir: Path | None, identity: str, now_offset_h: float = 0, hours: float = 1):
     """A client certificate for `identity`: from the control plane's CA (`ca_dir`), or from a CA of its own."""
     import datetime as dt
