@@ -290,11 +290,13 @@ def _disagreement(p: Policy, n: int) -> list[str]:
     return []
 
 
-def services_in_dry_run(scope: Scope) -> list[tuple[str, int]]:
-    """Services with calls in dry-run in the window, most calls first."""
-    rows = scope.store.query_rows(f"SELECT toString(dst_service) AS s, count() AS n FROM {scope.calls()} "
-                                  f"WHERE mode = 'dry-run' GROUP BY s ORDER BY n DESC, s")
-    return [(s, int(n)) for s, n in rows]
+def services_in_dry_run(scope: Scope) -> list[tuple[str, int, int]]:
+    """Services with calls in dry-run in the window: (service, calls, calls a policy would have acted on), those
+    with the most such calls first (a service in dry-run with no policy has nothing to report)."""
+    rows = scope.store.query_rows(f"""SELECT toString(dst_service) AS s, count() AS n,
+       countIf(position(toString(action), 'would_') > 0) AS acted FROM {scope.calls()}
+WHERE mode = 'dry-run' GROUP BY s ORDER BY acted DESC, n DESC, s""")
+    return [(s, int(n), int(acted)) for s, n, acted in rows]
 
 
 def words_over_time(scope: Scope, service: str, bucket_s: int = 10) -> Any:
