@@ -2,9 +2,9 @@
 
 Our own (`own_store`): a real `meshlens collector` subprocess fed calls (CallRecorder),
 OTLP spans (the OpenTelemetry SDK exporter) and the control plane's changes (POST
-/v1/changes); its query endpoint is the URL. The demo runs no control plane, so
-what needs every mode and `mesh_changes` (the dry-run dashboard, the annotations)
-always runs on our own. One change reaches the table twice, as when a second
+/v1/changes); its query endpoint is the URL. What needs every mode and
+`mesh_changes` with known counts (the dry-run dashboard, the annotations) always runs on
+our own: its exact figures are planned, the demo's are what its run made. One change reaches the table twice, as when a second
 collector is shipped the same trail: readers must see it once.
 MESHLENS_TEST_DASHBOARDS_OWN_DATA=1 uses our own even when the demo fixture exists;
 MESHLENS_TEST_DASHBOARDS_STORE=URL uses any store already serving traffic (a collector's query endpoint).

@@ -13,7 +13,7 @@ from tests.dashboards.runner import (Target, analysis_scope, clickhouse_targets,
 
 DASHBOARDS = load_all()
 TARGETS = clickhouse_targets(DASHBOARDS)
-# Dashboards that need calls in every mode, which only our own traffic has (the demo runs no control plane):
+# Dashboards checked against calls in every mode with planned counts, which only our own traffic has:
 # their panels run on `own_store`, each with the variables picked here.
 OWN_TRAFFIC = {"meshlens-dryrun": {"service": "payments"}}
 # Panels whose emptiness is a finding, not a failure: a mesh may have no unmeshed caller.
