@@ -5,7 +5,10 @@ Per connection the first client bytes are sniffed (`meshlens.protocols.sniff`):
 - `http/1.1`: both streams drive an `Http1Tracker`; each `Exchange` is one call.
 - `tls`: a `HelloParser` per direction reads SNI, versions and ALPN; the
   connection is one call of protocol `tls` with its bytes and lifetime.
-- `h2` (the cleartext preface): one `h2` call for the connection.
+- `h2` (the cleartext preface): an `H2Tracker` follows it; each stream is one call, `grpc`
+  (route `/package.Service/Method`) when its content-type is application/grpc*, else `h2`. A
+  connection the tracker gives up on (HPACK undecodable: a capture begun mid-connection, a
+  gap, malformed frames, a limit passed) is one `h2` call with `h2.undecoded` saying why.
 - anything else, a server that speaks first, or bytes lost before the protocol
   was known: one `tcp` call with its bytes each way and its lifetime.
 
@@ -29,6 +32,8 @@ from meshlens.collector.record import Call
 from meshlens.mesh import RECORDED_PROTOCOL, Mesh
 from meshlens.protocols.errors import PeerError
 from meshlens.protocols.exchange import Exchange, TunnelClosed
+from meshlens.protocols.h2_tracker import H2Exchange, H2Tracker, looks_like_h2
+from meshlens.protocols.h2_tracker import State as H2State
 from meshlens.protocols.http1_tracker import Http1Tracker, State
 from meshlens.protocols.trace_context import parse_traceparent as _traceparent_fields
 from meshlens.protocols.sniff import SNIFF_MAX_BYTES, sniff
@@ -88,7 +93,7 @@ class _Flow:
         self.head = b""  # first client bytes, while sniffing
         self.held: list[tuple[str, bytes, int]] = []  # (direction, bytes, t) seen while sniffing
         self.held_bytes = 0
-        self.tracker: Http1Tracker | None = None
+        self.tracker: Http1Tracker | H2Tracker | None = None
         self.hellos: list[HelloParser | None] = [None, None]
         self.client_hello: ClientHello | None = None
         self.server_hello: ServerHello | None = None
@@ -156,6 +161,12 @@ class CallBuilder:
                 events = e.events
             if events:
                 self._http_events(f, events)
+        elif proto == "h2":
+            tr = f.tracker
+            if tr.state is not H2State.CLOSED:
+                events = tr.feed_request(data, t) if direction == "c2s" else tr.feed_response(data, t)
+                for ex in events:
+                    self._h2_call(f, ex)
         elif proto == "tls":
             self._tls(f, direction, data)
         elif not proto:
@@ -168,6 +179,8 @@ class CallBuilder:
             f.probe += data[:MIDSTREAM_PROBE_BYTES]
             if _HTTP1_MARK.search(f.probe):
                 self._decide(f, "http/1.1")
+            elif looks_like_h2(data):  # whole frames: h2, whose HPACK state began before the capture
+                self._decide(f, "h2")
             elif len(f.probe) >= 2 * MIDSTREAM_PROBE_BYTES or f.held_bytes > MAX_SNIFF_HOLD:
                 self._decide(f, "tcp")
             return
@@ -191,6 +204,8 @@ class CallBuilder:
         f.held_bytes = 0
         if proto == "http/1.1":
             f.tracker = Http1Tracker(midstream=f.midstream)
+        elif proto == "h2":
+            f.tracker = H2Tracker(midstream=f.midstream)
         elif proto == "tls" and not f.midstream:  # (declared tls) seen midstream, its hellos are gone
             f.hellos = [HelloParser("client"), HelloParser("server")]
         else:
@@ -235,6 +250,9 @@ class CallBuilder:
             events = f.tracker.gap("request" if direction == "c2s" else "response", nbytes, t)
             if events:
                 self._http_events(f, events)
+        elif f.proto == "h2":
+            for ex in f.tracker.gap("request" if direction == "c2s" else "response", nbytes, t):
+                self._h2_call(f, ex)
         elif f.proto == "tls":
             f.hellos = [None, None]  # a hello cut by a gap cannot be parsed
 
@@ -252,6 +270,14 @@ class CallBuilder:
                 if events:
                     self._http_events(f, events)
             return
+        if f.proto == "h2":
+            tr = f.tracker
+            for ex in tr.close(end, {"rst": "reset", "fin": "truncated"}.get(reason, "closed")):
+                self._h2_call(f, ex)
+            if not tr.undecoded:
+                return  # every stream was a call
+            if tr.peer_error:
+                self.stats.protocol_errors += 1
         self._connection_call(f, reason, end)
 
     # -- calls ---------------------------------------------------------------
@@ -321,6 +347,36 @@ class CallBuilder:
             call.error = {"protocol_error": "protocol_error", "reset": "reset"}.get(ex.error, "incomplete")
         self._emit(call)
 
+    def _h2_call(self, f: _Flow, ex: H2Exchange) -> None:
+        start = ex.request_start_ns or ex.response_end_ns
+        call = self._base(f, "grpc" if ex.grpc else "h2", start, max(0, ex.response_end_ns - start))
+        call.authority, call.path, call.status = ex.authority, ex.path, ex.status
+        # gRPC: the method path is the method and the route, as the record and OTLP spans name it
+        call.method = ex.path if ex.grpc else ex.method
+        if ex.grpc:
+            call.route = ex.path
+            call.grpc_status = ex.grpc_status
+        call.request_bytes, call.response_bytes = ex.request_body_bytes, ex.response_body_bytes
+        call.trace_id, call.span_id = parse_traceparent(ex.traceparent)
+        attrs = call.attributes
+        attrs["h2.stream_id"] = str(ex.stream_id)
+        if ex.grpc_message:
+            attrs["grpc.message"] = ex.grpc_message
+        if ex.response_start_ns and start:
+            attrs["ttfb_ns"] = str(max(0, ex.response_start_ns - start))
+        if ex.x_request_id:
+            attrs["x_request_id"] = ex.x_request_id
+        if ex.reset_code:
+            attrs["h2.reset"] = ex.reset_code
+        if ex.reset_by:  # Envoy's DR (downstream remote reset) and UR (upstream remote reset)
+            attrs["h2.reset_by"] = ex.reset_by
+            call.response_flags = "DR" if ex.reset_by == "client" else "UR"
+        if ex.incomplete:
+            attrs["incomplete"] = ex.error or "true"
+            call.error = {"protocol_error": "protocol_error", "reset": "reset", "goaway": "refused"}.get(
+                ex.error, "incomplete")
+        self._emit(call)
+
     def _connection_call(self, f: _Flow, reason: str, end: int) -> None:
         call = self._base(f, f.proto, f.start, max(0, end - f.start))
         call.request_bytes, call.response_bytes = f.c2s_bytes, f.s2c_bytes
@@ -328,7 +384,9 @@ class CallBuilder:
         attrs["close"] = reason
         if f.midstream:
             attrs["midstream"] = "true"
-        if f.proto == "tls":
+        if f.proto == "h2":
+            attrs["h2.undecoded"] = f.tracker.undecoded
+        elif f.proto == "tls":
             call.tls = True
             if f.client_hello is not None:
                 call.authority = f.client_hello.sni or ""

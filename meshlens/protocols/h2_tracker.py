@@ -177,6 +177,7 @@ class H2Tracker:
         # per connection
         self.state = State.PREFACE
         self.undecoded = ""
+        self.peer_error = False  # the peers broke the protocol or passed a limit (not a capture's loss)
         self.client = _Side(True)
         self.server = _Side(False)
         self.events: list[H2Exchange] = []  # of the current call
@@ -253,6 +254,7 @@ class H2Tracker:
                 self._move(State.FRAMES)
             self._frames(side, data, t)
         except _GiveUp as e:
+            self.peer_error = True
             self._give_up(str(e), t)
         return events
 
