@@ -6,7 +6,7 @@
 set -euo pipefail
 
 PACKAGES=(clickhouse-server clickhouse-client libpcap0.8 tshark nginx wrk iptables tcpdump curl iproute2 etcd-server etcd-client
-  chromium)  # chromium: the console's browser tests (Playwright drives it; it never downloads one)
+  chromium nghttp2-client)  # nghttp2-client: h2load, for the tap's h2c tests; chromium: the console's browser tests (Playwright drives it; it never downloads one)
 LOG=/tmp/meshlens-install-system.log
 POLICY=/usr/sbin/policy-rc.d
 

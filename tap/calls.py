@@ -185,8 +185,8 @@ class CallBuilder:
                 self._decide(f, "tcp")
             return
         if direction == "s2c":
-            if not f.head:  # the server spoke first: not HTTP, TLS or h2
-                self._decide(f, "tcp")
+            if not f.head and not looks_like_h2(b"".join(d for dr, d, _ in f.held if dr == "s2c")):
+                self._decide(f, "tcp")  # the server spoke first: not HTTP or TLS, nor an h2 server's SETTINGS
             elif f.held_bytes > MAX_SNIFF_HOLD:
                 self._decide(f, "tcp")
             return
