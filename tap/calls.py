@@ -74,7 +74,7 @@ class TapStats:
     calls: int = 0
     incomplete_calls: int = 0
     protocol_errors: int = 0
-    """Malformed HTTP/1 or TLS bytes (the parser resynchronised or gave up on the hello)."""
+    """Malformed HTTP/1, TLS or HTTP/2 bytes (the parser resynchronised, or gave up on the hello or the connection)."""
 
 
 class _Flow:
@@ -274,8 +274,8 @@ class CallBuilder:
             tr = f.tracker
             for ex in tr.close(end, {"rst": "reset", "fin": "truncated"}.get(reason, "closed")):
                 self._h2_call(f, ex)
-            if not tr.undecoded:
-                return  # every stream was a call
+            if tr.opened and not tr.undecoded:
+                return  # every stream was a call; a connection without any is one call, its bytes not lost
             if tr.peer_error:
                 self.stats.protocol_errors += 1
         self._connection_call(f, reason, end)
@@ -385,7 +385,8 @@ class CallBuilder:
         if f.midstream:
             attrs["midstream"] = "true"
         if f.proto == "h2":
-            attrs["h2.undecoded"] = f.tracker.undecoded
+            if f.tracker.undecoded:
+                attrs["h2.undecoded"] = f.tracker.undecoded
         elif f.proto == "tls":
             call.tls = True
             if f.client_hello is not None:

@@ -183,6 +183,7 @@ class H2Tracker:
         self.events: list[H2Exchange] = []  # of the current call
         self.streams: dict[int, _Stream] = {}  # open streams, oldest first
         self.highest = {True: 0, False: 0}  # highest stream id each side (client?) opened
+        self.opened = 0  # streams opened
         self.goaway = ""  # 'client CODE' or 'server CODE' once a GOAWAY was seen
         self._preface = 0  # client preface bytes read
         self._block_t = 0  # when the header block being read began
@@ -459,6 +460,7 @@ class H2Tracker:
             if name in headers:
                 setattr(ex, attr, text(name))
         stream = self.streams[sid] = _Stream(ex)
+        self.opened += 1
         return stream
 
     # -- endings --------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import h2.config
 import h2.connection
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from meshlens.collector.record import Call
 from meshlens.mesh import parse as parse_mesh
@@ -125,3 +127,37 @@ def test_malformed_frames_after_good_streams() -> None:
     calls = capture(conv(Flow(), wire))
     assert [(c.protocol, c.path, c.error) for c in calls] == [("h2", "/good", ""), ("h2", "", "")]
     assert calls[1].attributes["h2.undecoded"].startswith("FRAME_SIZE_ERROR")
+
+
+def _transcript() -> list[tuple[int, bytes]]:
+    conv_ = Conversation()
+    for i in range(3):
+        conv_.call(f"/pkg.S/M{i}", body=b"\0\0\0\0\1q", answer=b"\0\0\0\0\1a", trailers=[("grpc-status", "0")],
+                   grpc=True)
+    return conv_.wire
+
+
+WIRE = _transcript()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, len(WIRE) - 1), st.integers(0, 1 << 16), st.binary(min_size=1, max_size=8)),
+                max_size=5))
+def test_mutated_h2_captures_never_crash_and_the_next_connection_decodes(mutations: list) -> None:
+    wire = [(d, bytearray(b)) for d, b in WIRE]
+    for which, at, value in mutations:
+        data = wire[which][1]
+        data[at % len(data):at % len(data) + len(value)] = value
+    broken = conv(Flow(client_port=40001), [(d, bytes(b)) for d, b in wire])
+    good = conv(Flow(client_port=40002), WIRE)
+    calls = capture(broken + good)
+    assert [(c.path, c.grpc_status) for c in calls if c.src_port == 40002] == [(f"/pkg.S/M{i}", 0) for i in range(3)]
+    assert any(c.src_port == 40001 for c in calls)  # the broken connection is recorded, whatever it became
+
+
+def test_a_connection_without_streams_is_one_call_with_its_bytes() -> None:
+    wire = Conversation().wire  # preface and SETTINGS each way, their ACKs, no request
+    calls = capture(conv(Flow(), wire))
+    assert [(c.protocol, c.path, c.request_bytes, c.response_bytes, c.error, "h2.undecoded" in c.attributes)
+            for c in calls] == [("h2", "", sum(len(b) for d, b in wire if d == 0),
+                                 sum(len(b) for d, b in wire if d == 1), "", False)]
