@@ -117,7 +117,7 @@ class _Side:
     """One direction's reader: its buffer, the frame being skipped, its header block, its HPACK table."""
 
     __slots__ = ("client", "buf", "buf_t", "skip", "skip_stream", "skip_end", "block", "block_stream",
-                 "block_end", "block_promise", "decoder", "max_frame")
+                 "block_end", "block_promise", "block_t", "decoder", "max_frame")
 
     def __init__(self, client: bool) -> None:
         self.client = client
@@ -130,18 +130,18 @@ class _Side:
         self.block_stream = 0
         self.block_end = False
         self.block_promise = 0  # promised stream id when the block is a PUSH_PROMISE's
+        self.block_t = 0  # when the block's first frame began
         self.decoder = Decoder(max_header_list_size=MAX_HEADER_LIST_BYTES)
         self.decoder.max_allowed_table_size = _DEFAULT_TABLE_SIZE
         self.max_frame = _DEFAULT_MAX_FRAME  # as the other side announced
 
 
 class _Stream:
-    __slots__ = ("ex", "final", "request_ended")
+    __slots__ = ("ex", "final")
 
     def __init__(self, ex: H2Exchange) -> None:
         self.ex = ex
         self.final = False  # the final response head was read: the next HEADERS are trailers
-        self.request_ended = False
 
 
 def looks_like_h2(data: bytes) -> bool:
@@ -160,7 +160,6 @@ def looks_like_h2(data: bytes) -> bool:
         i += 9 + length
         frames += 1
     return frames > 0 and i == n
-
 
 
 class H2Tracker:
@@ -186,7 +185,6 @@ class H2Tracker:
         self.opened = 0  # streams opened
         self.goaway = ""  # 'client CODE' or 'server CODE' once a GOAWAY was seen
         self._preface = 0  # client preface bytes read
-        self._block_t = 0  # when the header block being read began
         if midstream:
             self._give_up("capture started mid-connection", 0, "")
 
@@ -329,7 +327,7 @@ class H2Tracker:
                 p = p[5:]
             side.block, side.block_stream, side.block_promise = bytearray(p), sid, promised
             side.block_end = ftype == HEADERS and bool(flags & _END_STREAM)
-            self._block_t = t0
+            side.block_t = t0
             if flags & _END_HEADERS:
                 self._block_done(side, t)
         elif ftype == CONTINUATION:
@@ -388,11 +386,9 @@ class H2Tracker:
 
     def _data_end(self, side: _Side, t: int) -> None:
         stream, side.skip_stream = side.skip_stream, None
-        if stream is not None and side.skip_end:
-            if side.client:
-                stream.request_ended = True
-            elif stream.ex.stream_id in self.streams:
-                self._finish(stream, t)
+        # the response's end is the stream's (the request's end changes nothing a call records)
+        if stream is not None and side.skip_end and not side.client and stream.ex.stream_id in self.streams:
+            self._finish(stream, t)
 
     # -- header blocks --------------------------------------------------------------------
 
@@ -412,17 +408,14 @@ class H2Tracker:
         for name, value in fields:
             headers.setdefault(bytes(name), bytes(value))
         if promised:
-            self._open(promised, headers, self._block_t, client=False)
+            self._open(promised, headers, side.block_t, client=False)
             return
-        if side.client:
-            stream = self.streams.get(sid)
-            if stream is None:
+        if side.client:  # a request head opens a stream; request trailers (or a closed stream's) add nothing
+            if sid not in self.streams:
                 if sid % 2 == 0:
                     raise _GiveUp(f"PROTOCOL_ERROR: client stream id {sid} is even")
                 if sid > self.highest[True]:
-                    stream = self._open(sid, headers, self._block_t, client=True)
-            if stream is not None and end:
-                stream.request_ended = True
+                    self._open(sid, headers, side.block_t, client=True)
             return
         stream = self.streams.get(sid)
         if stream is None:
@@ -444,7 +437,7 @@ class H2Tracker:
         if end:
             self._finish(stream, t)
 
-    def _open(self, sid: int, headers: dict[bytes, bytes], t0: int, *, client: bool) -> _Stream:
+    def _open(self, sid: int, headers: dict[bytes, bytes], t0: int, *, client: bool) -> None:
         self.highest[client] = max(self.highest[client], sid)
         if len(self.streams) >= MAX_TRACKED_STREAMS:
             oldest = next(iter(self.streams.values()))
@@ -459,9 +452,8 @@ class H2Tracker:
                            (b"x-request-id", "x_request_id")):
             if name in headers:
                 setattr(ex, attr, text(name))
-        stream = self.streams[sid] = _Stream(ex)
+        self.streams[sid] = _Stream(ex)
         self.opened += 1
-        return stream
 
     # -- endings --------------------------------------------------------------------------
 

@@ -201,6 +201,30 @@ def test_max_frame_size_as_the_peer_announced_it() -> None:
     assert [(c.path, c.response_body_bytes) for c in out] == [("/big", 100_000)]
 
 
+def request_block(enc: Encoder, path: str) -> bytes:
+    return enc.encode([(":method", "GET"), (":scheme", "http"), (":path", path), ("x-pad", path * 200)])
+
+
+def test_hpack_table_as_the_receiver_announced_it() -> None:
+    """The client's blocks are decoded under the table size the server announced, and no larger."""
+    bigger = H2Tracker()
+    bigger.feed_response(frame(4, 0, 0, struct.pack("!HI", 1, 8192)), 0)  # the server: up to 8 KiB
+    enc = Encoder()
+    enc.header_table_size = 8192  # the client uses it (a table size update opens its first block)
+    bigger.feed_request(H2_PREFACE + frame(4, 0, 0, b""), 1)
+    for i in range(4):
+        bigger.feed_request(frame(1, 0x5, 2 * i + 1, request_block(enc, f"/p{i}")), 2)
+    assert bigger.state is State.FRAMES and sorted(bigger.streams) == [1, 3, 5, 7]
+    assert [bigger.streams[7].ex.path] == ["/p3"]
+
+    default = H2Tracker()  # nothing announced: 4096, so the same update is refused
+    enc = Encoder()
+    enc.header_table_size = 8192
+    default.feed_request(H2_PREFACE + frame(4, 0, 0, b"") + frame(1, 0x5, 1, request_block(enc, "/x")), 1)
+    assert default.state is State.UNDECODED and default.undecoded.startswith("COMPRESSION_ERROR: InvalidTableSize")
+    assert default.streams == {}
+
+
 def test_too_many_streams_stay_bounded_and_rapid_resets_are_calls() -> None:
     tr = H2Tracker()
     enc = Encoder()
@@ -293,3 +317,15 @@ def test_mutated_real_transcripts_never_raise_and_later_connections_decode(mutat
     calls = [c for i, (client, data) in enumerate(REAL)
              for c in (fresh.feed_request(data, i) if client else fresh.feed_response(data, i))]
     assert [(c.path, c.grpc_status) for c in calls] == [(f"/pkg.S/M{i}", 0) for i in range(3)]
+
+
+def test_a_pushed_stream_is_a_call_with_the_promised_request() -> None:
+    p = Peers()
+    sid = p.request("/page")
+    pushed = p.server.get_next_available_stream_id()
+    p.server.push_stream(sid, pushed, [(":method", "GET"), (":scheme", "http"), (":authority", "api"),
+                                       (":path", "/style.css")])
+    p.respond(sid, body=b"<html>")
+    p.respond(pushed, body=b"body{}")
+    assert [summary(c) for c in p.calls] == [(1, "GET", "/page", 200, -1, "", 0, 6, ""),
+                                            (2, "GET", "/style.css", 200, -1, "", 0, 6, "")]
