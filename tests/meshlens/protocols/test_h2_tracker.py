@@ -329,3 +329,43 @@ def test_a_pushed_stream_is_a_call_with_the_promised_request() -> None:
     p.respond(pushed, body=b"body{}")
     assert [summary(c) for c in p.calls] == [(1, "GET", "/page", 200, -1, "", 0, 6, ""),
                                             (2, "GET", "/style.css", 200, -1, "", 0, 6, "")]
+
+
+_ops = st.lists(st.tuples(st.sampled_from(["open", "head", "data", "end", "trailers", "rst_c", "rst_s", "goaway",
+                                           "ping"]), st.integers(0, 20)), max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_ops)
+def test_every_stream_opened_is_one_call_whatever_the_order(ops: list[tuple[str, int]]) -> None:
+    """Well-formed frames in any order the protocol allows or not: one exchange per stream, exactly."""
+    tr, c_enc, s_enc = H2Tracker(), Encoder(), Encoder()
+    out = tr.feed_request(H2_PREFACE + frame(4, 0, 0, b""), 0) + tr.feed_response(frame(4, 0, 0, b""), 0)
+    opened: list[int] = []
+    for t, (op, n) in enumerate(ops, 1):
+        sid = 2 * n + 1
+        if op == "open":
+            if opened and sid <= max(opened):
+                continue  # a stream id is used once, upwards
+            opened.append(sid)
+            data = frame(1, 0x4, sid, c_enc.encode([(":method", "GET"), (":path", f"/s{sid}")]))
+        elif op == "head":
+            data = frame(1, 0x4, sid, s_enc.encode([(":status", "200"), ("content-type", "application/grpc")]))
+        elif op == "data":
+            data = frame(0, 0, sid, b"d" * n)
+        elif op == "end":
+            data = frame(0, 0x1, sid, b"")
+        elif op == "trailers":
+            data = frame(1, 0x5, sid, s_enc.encode([("grpc-status", str(n % 17))]))
+        elif op in ("rst_c", "rst_s"):
+            data = frame(3, 0, sid, struct.pack("!I", n % 14))
+        elif op == "goaway":
+            data = frame(7, 0, 0, struct.pack("!II", sid, 0))
+        else:
+            data = frame(6, 0, 0, b"12345678")
+        client = op in ("open", "rst_c")
+        out += tr.feed_request(data, t) if client else tr.feed_response(data, t)
+    out += tr.close(len(ops) + 1)
+    assert tr.undecoded == ""
+    assert sorted(c.stream_id for c in out) == sorted(opened)
+    assert all(c.path == f"/s{c.stream_id}" for c in out)
