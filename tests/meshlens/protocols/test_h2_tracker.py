@@ -6,7 +6,6 @@ import tracemalloc
 
 import h2.config
 import h2.connection
-import h2.events
 import pytest
 from hpack import Encoder
 from hypothesis import HealthCheck, given, settings
