@@ -25,8 +25,9 @@ ROOT = Path(__file__).parents[2]
 MARKER = b"MESHLENS-END-OF-CAPTURE"
 H2LOAD_REQUESTS = 120  # on 2 connections, 4 streams in flight each: a count, not a rate
 
-pytestmark = pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump is not installed: "
-                                "run scripts/install-system.sh")
+pytestmark = pytest.mark.skipif(shutil.which("tcpdump") is None or shutil.which("tshark") is None,
+                                reason="tcpdump or tshark (the capture, the cross-check) is not installed: "
+                                       "run scripts/install-system.sh")
 
 
 class Capture:
@@ -71,10 +72,8 @@ def tap_calls(pcap: Path, tmp_path: Path) -> list[dict]:
     return [c for c in calls if c["protocol"] in ("h2", "grpc")]
 
 
-def tshark_paths(pcap: Path, port: int) -> collections.Counter | None:
-    """The request paths tshark decodes from the file (its own HPACK), None without tshark."""
-    if shutil.which("tshark") is None:
-        return None
+def tshark_paths(pcap: Path, port: int) -> collections.Counter:
+    """The request paths tshark decodes from the file (its own HPACK)."""
     r = subprocess.run(["tshark", "-r", str(pcap), "-d", f"tcp.port=={port},http2", "-Y", "http2.headers.path",
                         "-T", "fields", "-e", "http2.headers.path"], capture_output=True, text=True,
                        timeout=PATIENCE_S)
@@ -172,7 +171,7 @@ def test_grpc_calls_match_the_client_call_for_call(grpc_server: int, tmp_path: P
     stream = next(c for c in calls if c["path"] == "/demo.Greeter/Stream")
     assert stream["response_bytes"] == 3 * (5 + 6) and stream["request_bytes"] == 5 + 10
     assert all(c["dst_port"] == grpc_server for c in calls)
-    assert tshark_paths(pcap, grpc_server) in (None, collections.Counter(c["path"] for c in calls))
+    assert tshark_paths(pcap, grpc_server) == collections.Counter(c["path"] for c in calls)
 
 
 def test_capture_begun_mid_connection_is_one_h2_call(grpc_server: int, tmp_path: Path) -> None:
@@ -214,8 +213,8 @@ http {{
 
 @pytest.fixture
 def nginx_h2c(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    if shutil.which("nginx") is None or shutil.which("curl") is None:
-        pytest.skip("nginx or curl is not installed: run scripts/install-system.sh")
+    if shutil.which("nginx") is None or shutil.which("curl") is None or shutil.which("h2load") is None:
+        pytest.skip("nginx, curl or h2load (nghttp2-client) is not installed: run scripts/install-system.sh")
     d, port = tmp_path / "nginx", free_port()
     (d / "tmp").mkdir(parents=True)
     (d / "nginx.conf").write_text(NGINX_CONF.format(d=d, port=port))
@@ -260,13 +259,10 @@ def test_curl_and_h2load_against_nginx_h2c(nginx_h2c: tuple[Path, int], tmp_path
             r = subprocess.run(["curl", "-sS", "-o", "/dev/null", "--http2-prior-knowledge", *extra, url],
                                capture_output=True, text=True, timeout=PATIENCE_S)
             assert r.returncode == 0, r.stderr
-        fixed = 4
-        expected = fixed
-        if shutil.which("h2load") is not None:
-            r = subprocess.run(["h2load", "-n", str(H2LOAD_REQUESTS), "-c", "2", "-m", "4", f"{base}/load"],
-                               capture_output=True, text=True, timeout=PATIENCE_S)
-            assert f"{H2LOAD_REQUESTS} succeeded" in r.stdout, r.stdout + r.stderr
-            expected += H2LOAD_REQUESTS
+        r = subprocess.run(["h2load", "-n", str(H2LOAD_REQUESTS), "-c", "2", "-m", "4", f"{base}/load"],
+                           capture_output=True, text=True, timeout=PATIENCE_S)
+        assert f"{H2LOAD_REQUESTS} succeeded" in r.stdout, r.stdout + r.stderr
+        expected = 4 + H2LOAD_REQUESTS
         log = served(d / "access.log", expected)
         cap.stop()
     calls = tap_calls(pcap, tmp_path)
@@ -275,5 +271,5 @@ def test_curl_and_h2load_against_nginx_h2c(nginx_h2c: tuple[Path, int], tmp_path
     assert {(c["protocol"], c["error"]) for c in calls} == {("h2", "")}
     assert next(c for c in calls if c["path"] == "/a")["response_bytes"] == 3
     assert next(c for c in calls if c["path"] == "/teapot")["response_bytes"] == len("short and stout")
-    assert tshark_paths(pcap, port) in (None, collections.Counter(
-        c["path"] + ("?q=1" if c["path"] == "/a" else "") for c in calls))
+    assert tshark_paths(pcap, port) == collections.Counter(
+        c["path"] + ("?q=1" if c["path"] == "/a" else "") for c in calls)
