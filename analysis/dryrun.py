@@ -108,7 +108,8 @@ def _expected_text(p: Policy) -> str:
     if "transient_failures" in e:
         return f"{e['transient_share']:.2%} transient failures, ~{e['recovered_share']:.0%} of them recovered"
     if "ejections" in e:
-        return f"{e['ejections']} ejection(s) of {', '.join(e.get('ejections_by_instance') or {}) or 'none'}"
+        ejected = [i["instance"] for i in e.get("instances") or () if i["trips"]]
+        return f"{e['ejections']} ejection(s) of {', '.join(ejected) or 'none'}"
     return "-"
 
 

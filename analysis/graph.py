@@ -1,6 +1,8 @@
 """The traffic model: service graph edges, per-route breakdown and time series, aggregated in SQL."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pandas as pd
 
 from meshlens.analysis.evidence import quantile_confidence
@@ -72,3 +74,22 @@ def downstream_depth(pairs) -> dict[str, int]:
 
     services = set(out) | {c for cs in out.values() for c in cs}
     return {s: depth(s, frozenset()) for s in services}
+
+
+def call_levels(pairs: Iterable[tuple[str, str]]) -> dict[str, int]:
+    """Each service's column in a drawing of the graph (the notebooks', the console's map): 0 for one nobody calls,
+    else one past its deepest caller; a cycle is cut where it closes, so each service of a loop still gets a
+    column. Sorted walks: the same graph is drawn the same way every time."""
+    callers: dict[str, set[str]] = {}
+    for a, b in pairs:
+        callers.setdefault(a, set())
+        if a != b:
+            callers.setdefault(b, set()).add(a)
+    memo: dict[str, int] = {}
+
+    def level(s: str, path: frozenset[str]) -> int:
+        if s not in memo:
+            memo[s] = max((1 + level(c, path | {s}) for c in sorted(callers[s]) if c not in path), default=0)
+        return memo[s]
+
+    return {s: level(s, frozenset()) for s in sorted(callers)}

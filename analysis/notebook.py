@@ -17,6 +17,7 @@ import pandas as pd
 
 from meshlens.collector.stores import Store, connect, reader_store_url, redact
 
+from meshlens.analysis.graph import call_levels
 from meshlens.analysis.scope import NoData, Scope, open_scope
 from meshlens.analysis.window import Window, parse_duration
 
@@ -72,24 +73,6 @@ class Notebook:
             yield
         except NoData as e:
             print(f"{title}: not enough data — {e}")
-
-
-def call_levels(pairs) -> dict[str, int]:
-    """Each service's column in the drawing: 0 for services nobody calls, else one more than its deepest caller
-    (cycles are cut)."""
-    callers: dict[str, set[str]] = {}
-    for a, b in pairs:
-        callers.setdefault(a, set())
-        if a != b:
-            callers.setdefault(b, set()).add(a)
-    memo: dict[str, int] = {}
-
-    def level(s: str, seen: frozenset[str]) -> int:
-        if s not in memo:
-            memo[s] = max((1 + level(c, seen | {s}) for c in callers[s] if c not in seen), default=0)
-        return memo[s]
-
-    return {s: level(s, frozenset()) for s in callers}
 
 
 def draw_service_graph(edges: pd.DataFrame, ax=None, error_alert: float = 0.01):

@@ -120,5 +120,7 @@ def for_recommendation(scope: Scope, rec: Recommendation) -> dict[str, Any]:
                             gateway=not p["consecutive5xxErrors"])
         return {"n": int(df["n"].sum()), "ejections": int(df["trips"].sum()), "rejected": int(df["rejected"].sum()),
                 "rejected_failed": int(df["rejected_failed"].sum()),
-                "ejections_by_instance": {str(r.instance): int(r.trips) for r in df.itertuples() if r.trips}}
+                "instances": [{"instance": str(r.instance), "n": int(r.n), "failed": int(r.failed),
+                               "trips": int(r.trips), "rejected": int(r.rejected),
+                               "rejected_failed": int(r.rejected_failed)} for r in df.itertuples()]}
     return {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from typing import Any, Iterable
+from typing import Any
 
 from meshlens.analysis import graph
 from meshlens.analysis.dryrun import dryrun_report
@@ -20,11 +20,11 @@ from meshlens.analysis.evidence import Recommendation
 from meshlens.analysis.mtls import readiness
 from meshlens.analysis.recommend import analyze, recommend, summary
 from meshlens.analysis.scope import NoData, Scope, open_scope
-from meshlens.analysis.whatif import breaker_whatif, retry_whatif, timeout_whatif
+from meshlens.analysis.whatif import for_recommendation
 from meshlens.analysis.window import Window
 from meshlens.collector.stores import Store
 
-__all__ = ["jsonable", "levels", "service_map", "service_traffic"]
+__all__ = ["jsonable", "service_map", "service_traffic"]
 
 _EDGE_FIGURES = ("n", "rate_per_s", "errors", "error_rate", "p50_ms", "p90_ms", "p99_ms", "p999_ms")
 
@@ -36,31 +36,13 @@ def service_map(store: Store, window: Window) -> dict[str, Any]:
     edges = _edges(model.edges)
     meshed = {e["caller"] for e in edges if e["observer"] == "client"}
     names = {e["caller"] for e in edges} | {e["callee"] for e in edges}
-    depth = levels((e["caller"], e["callee"]) for e in edges)
+    depth = graph.call_levels((e["caller"], e["callee"]) for e in edges)
     callers = {e["caller"] for e in edges}
     services = [{"name": s, "level": depth.get(s, 0), "caller": s in callers, "meshed": s in meshed}
                 for s in sorted(names)]
     for e in edges:
         e["caller_meshed"] = e["caller"] in meshed
     return {"window": model.window, "n": model.n, "edges": edges, "services": services}
-
-
-def levels(pairs: Iterable[tuple[str, str]]) -> dict[str, int]:
-    """Each service's column on the map: 0 for one nobody calls, else one past its deepest caller (a cycle is cut
-    where it closes, so each service of a loop still gets a column)."""
-    callers: dict[str, set[str]] = {}
-    for a, b in pairs:
-        callers.setdefault(a, set())
-        if a != b:
-            callers.setdefault(b, set()).add(a)
-    memo: dict[str, int] = {}
-
-    def level(s: str, path: frozenset[str]) -> int:
-        if s not in memo:
-            memo[s] = max((1 + level(c, path | {s}) for c in sorted(callers[s]) if c not in path), default=0)
-        return memo[s]
-
-    return {s: level(s, frozenset()) for s in sorted(callers)}
 
 
 def service_traffic(store: Store, window: Window, service: str, stored: list[dict[str, Any]]) -> dict[str, Any]:
@@ -88,38 +70,24 @@ def _edges(frame: Any) -> list[dict[str, Any]]:
 
 
 def _whatif(scope: Scope, rec: Recommendation) -> dict[str, Any] | None:
-    """The recommended policy replayed on the calls it is for: what it would have done, in figures and a sentence."""
-    p, t = rec.policy, rec.target
-    if p is None:
+    """The recommended policy replayed on the calls it is for (the what-if `recommend --apply` stores with it),
+    with a sentence saying what it would have done."""
+    w = jsonable(for_recommendation(scope, rec))
+    p = rec.policy
+    if not w:
         return None
     if rec.kind == "timeout":
-        row = _row(timeout_whatif(scope, p["timeout_s"], t["callee"]), t)
-        if row is None:
-            return None
-        return {**row, "says": f"{row['cut']} of {row['n']} calls would have been cut at {p['timeout_s'] * 1000:g} ms, "
-                               f"{row['cut_ok']} of them calls that succeeded"}
+        return {**w, "says": f"{w['cut']} of {w['n']} calls would have been cut at {p['timeout_s'] * 1000:g} ms, "
+                             f"{w['cut_ok']} of them calls that succeeded"}
     if rec.kind == "retry":
-        row = _row(retry_whatif(scope, p["attempts"], t["callee"]), t)
-        if row is None or row["recovered"] is None:
-            return row
-        return {**row, "says": f"of {row['transient_failures']} transient failures, ~{row['recovered']:.0f} "
-                               f"({row['recovered_lo']:.0f} to {row['recovered_hi']:.0f}) would have been recovered, "
-                               f"for ~{row['retries_sent']:.0f} retries ({row['extra_load_share']:.2%} more calls)"}
-    if rec.kind == "outlier":
-        df = breaker_whatif(scope, p["consecutive5xxErrors"], callee=t["callee"])
-        trips, rejected, failed = (int(df[c].sum()) for c in ("trips", "rejected", "rejected_failed"))
-        return {"instances": jsonable(df.to_dict(orient="records")), "trips": trips, "rejected": rejected,
-                "rejected_failed": failed,
-                "says": f"{trips} ejection(s) after {p['consecutive5xxErrors']} failures in a row; {rejected} calls "
-                        f"would have gone to other instances, {failed} of them failures on the ejected one"}
-    return None
-
-
-def _row(frame: Any, target: dict[str, str]) -> dict[str, Any] | None:
-    for r in frame.to_dict(orient="records"):
-        if all(str(r.get(k)) == target.get(k) for k in ("caller", "callee", "method", "route")):
-            return jsonable(r)
-    return None
+        if w["recovered"] is None:  # no failure with calls around it to estimate from
+            return w
+        return {**w, "says": f"of {w['transient_failures']} transient failures, ~{w['recovered']:.0f} "
+                             f"({w['recovered_lo']:.0f} to {w['recovered_hi']:.0f}) would have been recovered, "
+                             f"for ~{w['retries_sent']:.0f} retries ({w['extra_load_share']:.2%} more calls)"}
+    k = p["consecutive5xxErrors"] or p["consecutiveGatewayErrors"]
+    return {**w, "says": f"{w['ejections']} ejection(s) after {k} failures in a row; {w['rejected']} calls would "
+                         f"have gone to other instances, {w['rejected_failed']} of them failures on the ejected one"}
 
 
 def jsonable(value: Any) -> Any:

@@ -96,3 +96,12 @@ def test_callers_the_recorder_could_not_name_are_named_by_ip(store, src_service,
 
     sql = f"SELECT {CALLER_SQL} FROM (SELECT {quote(src_service)} AS src_service, {quote(src_addr)} AS src_addr)"
     assert store.query_rows(sql)[0][0] == caller
+
+
+def test_call_levels_put_callers_before_callees_and_cut_cycles():
+    from meshlens.analysis.graph import call_levels
+
+    assert call_levels([("web", "api"), ("api", "db"), ("web", "db"), ("cron", "db")]) == \
+        {"web": 0, "cron": 0, "api": 1, "db": 2}
+    assert call_levels([("a", "b"), ("b", "c"), ("c", "a"), ("a", "a")]) == {"a": 2, "b": 0, "c": 1}
+    assert call_levels([]) == {}

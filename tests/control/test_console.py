@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from meshlens.control.console.calls import CallsReader, CallsUnavailable
-from meshlens.control.console.figures import jsonable, levels
+from meshlens.control.console.figures import jsonable
 from meshlens.control.console.pages import CSP, STATIC
 from meshlens.control.console.policies import naming
 from meshlens.mesh import parse
@@ -634,13 +634,6 @@ def test_a_read_past_its_deadline_is_a_504_and_keeps_its_slot_until_its_thread_e
         reader.timeout_s = PATIENCE_S
         assert await reader.read(lambda store: 2) == 2  # its thread ended: the slot is free again
     in_thread(go)
-
-
-def test_levels_put_callers_before_callees_and_cut_cycles():
-    assert levels([("web", "api"), ("api", "db"), ("web", "db"), ("cron", "db")]) == \
-        {"web": 0, "cron": 0, "api": 1, "db": 2}
-    assert levels([("a", "b"), ("b", "c"), ("c", "a"), ("a", "a")]) == {"a": 2, "b": 0, "c": 1}
-    assert levels([]) == {}
 
 
 def test_policies_name_a_service_as_sidecars_read_them():
