@@ -20,8 +20,11 @@ from meshlens.analysis.recommend import Report
 from meshlens.analysis.scope import Scope
 from meshlens.analysis.whatif import for_recommendation
 
-__all__ = ["EVIDENCE", "OBSERVED", "RECOMMENDED", "Proposal", "evidence_of", "is_recommended", "proposals"]
+__all__ = ["EVIDENCE", "KINDS", "OBSERVED", "RECOMMENDED", "Proposal", "evidence_of", "is_recommended", "proposals",
+           "stored_for"]
 
+KINDS = ("VirtualService", "DestinationRule", "PeerAuthentication")
+"""What `recommend --apply` writes for a service, each named for it."""
 RECOMMENDED = "meshlens.io/recommended"
 """Marks a document `recommend --apply` wrote (the window and sample it came from): it may replace it."""
 EVIDENCE = "meshlens.io/evidence"
@@ -159,3 +162,10 @@ def plan(props: dict[str, Proposal], stored: dict[tuple[str, str], dict[str, Any
                          for d in changed) or "policies unchanged"
         said.append(f"{service}: {what}; mode {mode}" + (f" -> {to}" if to != mode else " (kept)"))
     return Plan(docs, said)
+
+
+def stored_for(client: Any, service: str) -> list[dict[str, Any]]:
+    """The documents of KINDS named for `service` in the control plane (`client`: a ControlClient): those
+    `recommend --apply` wrote carry the evidence a dry-run report compares with."""
+    return [item["doc"] for kind in KINDS for item in client.get(kind)["items"]
+            if item["name"].rsplit("/", 1)[-1] == service]

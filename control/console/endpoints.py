@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from meshlens.analysis import proposal
 from meshlens.analysis.scope import NoData, UnknownService
 from meshlens.control.console import params
 from meshlens.control.console.calls import CallsReader, CallsUnavailable
@@ -29,10 +30,9 @@ from meshlens.control.console.policies import naming
 from meshlens.control.console.tail import tail
 from meshlens.mesh import Mesh, MeshError, parse
 
-__all__ = ["CALLS", "DRYRUN_KINDS", "routes"]
+__all__ = ["CALLS", "routes"]
 
 CALLS = web.AppKey("console_calls", CallsReader)
-DRYRUN_KINDS = ("VirtualService", "DestinationRule", "PeerAuthentication")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -136,7 +136,7 @@ async def _traffic(request: web.Request) -> web.Response:
     svc = mesh.services.get(name) if mesh is not None else None
     # the dry-run report compares with the what-if kept in the service's traffic and mTLS documents
     stored = [p["doc"] for p in naming(await request.app["store"].list(), svc)
-              if p["kind"] in DRYRUN_KINDS and p["in_force"]] if svc is not None else []
+              if p["kind"] in proposal.KINDS and p["in_force"]] if svc is not None else []
     try:
         found: dict[str, Any] = await request.app[CALLS].read(
             lambda store: service_traffic(store, window, name, stored))

@@ -341,10 +341,6 @@ def run_apply(args: argparse.Namespace) -> int:
 
 def run_diff(args: argparse.Namespace) -> int:
     """kubectl diff's habit: exit 0 when nothing would change, 1 when something would."""
-    import difflib
-
-    import yaml
-
     out = _call(_client(args).apply, _read_files(args.filename), "", True)
     changed = False
     for r in out["results"]:
@@ -352,13 +348,22 @@ def run_diff(args: argparse.Namespace) -> int:
         print(f"{label} {'would be ' + r['action'] if r['action'] != 'unchanged' else 'unchanged'}")
         for w in r["warnings"]:
             print(f"warning: {w}", file=sys.stderr)
-        if r["action"] == "unchanged":
-            continue
-        changed = True
-        before = yaml.safe_dump(r["before"], sort_keys=False).splitlines(keepends=True) if r["before"] else []
-        after = yaml.safe_dump(r["after"], sort_keys=False).splitlines(keepends=True)
-        sys.stdout.writelines(difflib.unified_diff(before, after, f"stored/{label}", f"applied/{label}"))
+        if r["action"] != "unchanged":
+            changed = True
+            write_diff(r)
     return 1 if changed else 0
+
+
+def write_diff(result: dict[str, Any]) -> None:
+    """One result of a dry-run apply (its document before and after) as a unified diff on stdout."""
+    import difflib
+
+    import yaml
+
+    label = f"{result['kind'].lower()}/{result['name']}"
+    before = yaml.safe_dump(result["before"], sort_keys=False).splitlines(keepends=True) if result["before"] else []
+    after = yaml.safe_dump(result["after"], sort_keys=False).splitlines(keepends=True)
+    sys.stdout.writelines(difflib.unified_diff(before, after, f"stored/{label}", f"applied/{label}"))
 
 
 def run_get(args: argparse.Namespace) -> int:

@@ -43,12 +43,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def stored_policies(args: argparse.Namespace, service: str) -> tuple[list[dict[str, Any]], str]:
     """The service's policy documents in the control plane, and a note when they could not be read."""
+    from meshlens.analysis.proposal import stored_for
     from meshlens.control.client import ControlClient, ControlError, control_url
 
     try:
-        client = ControlClient(control_url(args.control), token=args.token, ca=args.ca)
-        return [item["doc"] for kind in ("VirtualService", "DestinationRule", "PeerAuthentication")
-                for item in client.get(kind)["items"] if item["name"].rsplit("/", 1)[-1] == service], ""
+        return stored_for(ControlClient(control_url(args.control), token=args.token, ca=args.ca), service), ""
     except ControlError as e:
         return [], f"no what-if to compare with: {e}"
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 from typing import Any
 
@@ -14,7 +13,7 @@ SOURCE = "meshlens recommend"
 
 
 def apply_recommendations(args: argparse.Namespace) -> int:
-    from meshlens.analysis.proposal import Conflict, plan, proposals
+    from meshlens.analysis.proposal import KINDS, Conflict, plan, proposals
     from meshlens.analysis.recommend import recommend
     from meshlens.cli.analysis_cmd import _scoped
     from meshlens.control.client import ControlClient, ControlError, control_url
@@ -44,7 +43,7 @@ def apply_recommendations(args: argparse.Namespace) -> int:
 
         report, props = _scoped(args, build)
         stored = {}
-        for kind in ("VirtualService", "DestinationRule", "PeerAuthentication"):
+        for kind in KINDS:
             for item in client.get(kind)["items"]:
                 stored[(kind, item["name"])] = item["doc"]
         modes = client.modes()["modes"]
@@ -93,10 +92,8 @@ def _get(client: Any, kind: str, name: str) -> dict[str, Any] | None:
 
 
 def _print_diff(results: list[dict[str, Any]]) -> None:
+    from meshlens.cli.control_cmd import write_diff
+
     for r in results:
-        label = f"{r['kind'].lower()}/{r['name']}"
-        if r["action"] == "unchanged":
-            continue
-        before = yaml.safe_dump(r["before"], sort_keys=False).splitlines(keepends=True) if r["before"] else []
-        after = yaml.safe_dump(r["after"], sort_keys=False).splitlines(keepends=True)
-        sys.stdout.writelines(difflib.unified_diff(before, after, f"stored/{label}", f"applied/{label}"))
+        if r["action"] != "unchanged":
+            write_diff(r)
