@@ -25,7 +25,7 @@ from typing import Any
 
 from meshlens.analysis.evidence import wilson
 from meshlens.analysis.mode_figures import Figures, by_mode
-from meshlens.analysis.proposal import OBSERVED, evidence_of
+from meshlens.analysis.proposal import evidence_of, observed_of
 from meshlens.analysis.scope import FAILED_SQL, HEALTHY_SQL, NoData, Scope, open_scope
 from meshlens.analysis.window import SERVICE_SIDE, Window, quote
 from meshlens.collector.stores import Store
@@ -153,7 +153,7 @@ def dryrun_report(store: Store, window: Window, service: str, stored: list[dict[
     policies = [Policy(w, int(n), int(f), int(n) / dry.n, examples.get(w, []), expected.get(w, {}))
                 for w, n, f in words]
     estimated, refused = _estimate(scope, service, dry, expected, _timeout_s(stored))
-    observe = figures["observe"].as_dict() | {"window": scope.label()} if "observe" in figures else _stored_observe(stored)
+    observe = figures["observe"].as_dict() | {"window": scope.label()} if "observe" in figures else observed_of(stored)
     report = DryRunReport(service, scope.label(), dry, estimated, refused, policies, observe,
                           figures.get("enforce"), [])
     report.findings = _findings(report)
@@ -227,19 +227,6 @@ FROM {scope.calls(SERVICE_SIDE)} WHERE dst_service = {quote(service)} AND mode =
     failed = dry.failed + int(newly) - round(int(retried) * p_recover) - round(int(ejected) * (1 - other_fail))
     est = Figures("enforce (estimated)", dry.n, max(failed, 0), int(p50) / 1e9, int(p99) / 1e9)
     return est, {"would_deny": int(deny), "would_rate_limit": int(limit)}
-
-
-def _stored_observe(stored: list[dict[str, Any]]) -> dict[str, Any] | None:
-    import json
-
-    for doc in stored:
-        text = ((doc.get("metadata") or {}).get("annotations") or {}).get(OBSERVED)
-        if text:
-            try:
-                return json.loads(text)
-            except ValueError:
-                continue
-    return None
 
 
 def _findings(r: DryRunReport) -> list[str]:

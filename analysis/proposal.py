@@ -20,7 +20,7 @@ from meshlens.analysis.recommend import Report
 from meshlens.analysis.scope import Scope
 from meshlens.analysis.whatif import for_recommendation
 
-__all__ = ["EVIDENCE", "KINDS", "OBSERVED", "RECOMMENDED", "Proposal", "evidence_of", "is_recommended", "proposals",
+__all__ = ["EVIDENCE", "KINDS", "OBSERVED", "RECOMMENDED", "Proposal", "evidence_of", "is_recommended", "observed_of", "proposals",
            "stored_for"]
 
 KINDS = ("VirtualService", "DestinationRule", "PeerAuthentication")
@@ -104,12 +104,22 @@ def is_recommended(doc: dict[str, Any]) -> bool:
     return RECOMMENDED in ((doc.get("metadata") or {}).get("annotations") or {})
 
 
+def _annotation(doc: dict[str, Any], key: str) -> Any:
+    """One of the JSON annotations `recommend --apply` writes, read back; None when absent or not JSON."""
+    try:
+        return json.loads(doc["metadata"]["annotations"][key])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def evidence_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The recommendations a stored document carries (none for one written by hand)."""
-    try:
-        return json.loads(doc["metadata"]["annotations"][EVIDENCE])
-    except (KeyError, TypeError, ValueError):
-        return []
+    return _annotation(doc, EVIDENCE) or []
+
+
+def observed_of(docs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The service's observe figures stored with its recommended documents (the first that has them)."""
+    return next((o for o in (_annotation(d, OBSERVED) for d in docs) if o), None)
 
 
 class Conflict(ValueError):

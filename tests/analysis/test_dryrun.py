@@ -134,3 +134,10 @@ def test_the_command_reports_in_text_and_json_and_says_when_no_what_if_can_be_re
     assert "no calls in the window" in empty.stderr
     nobody = run("nobody")
     assert nobody.returncode == 2 and "no calls to or from service 'nobody'" in nobody.stderr
+
+
+def test_a_window_without_observe_takes_the_observe_figures_stored_with_the_policies(store):
+    dry_only = Window(T0 + timedelta(seconds=N * 0.1 + 5), WINDOW.until)
+    r = dryrun_report(store, dry_only, "payment", [stored_vs(0.0, 80, 78.4)])
+    assert r.observe == {"n": N, "failed": 80, "error_rate": 0.02, "p50_s": 0.02, "p99_s": 0.03}
+    assert dryrun_report(store, dry_only, "payment").observe is None
