@@ -20,8 +20,8 @@ from meshlens.protocols.http1 import MAX_PENDING_EXCHANGES, Phase, RequestHead, 
 from meshlens.protocols.sniff import sniff
 from meshlens.protocols.tls import HelloParser
 from meshlens.proxy.connect import DC, DPE, NR, LocalReply
-from meshlens.proxy.exchange import Exchange, State
-from meshlens.proxy.headers import PEER_HEADER
+from meshlens.proxy.exchange import Exchange, State, plain_response
+from meshlens.proxy.headers import PEER_HEADER, response_head
 from meshlens.proxy.mtls import MESH_ALPN, TlsServer, handshake_reason
 from meshlens.proxy.passthrough import SNIFF_TIMEOUT, Passthrough, connect_method
 from meshlens.proxy.tunnel import CLIENT, SERVER, Tunnel
@@ -157,15 +157,15 @@ class Downstream(asyncio.Protocol):
         self.write_paused = True
         if self.queue:
             up = self.queue[0].upstream
-            if up is not None and up.transport is not None:
-                up.transport.pause_reading()
+            if up is not None:
+                up.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.queue:
             up = self.queue[0].upstream
-            if up is not None and up.transport is not None:
-                up.transport.resume_reading()
+            if up is not None:
+                up.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.sniffing:
@@ -212,6 +212,8 @@ class Downstream(asyncio.Protocol):
         if ex is not None:  # Exchange.request_end, inline: once per request
             ex.request_done = True
             ex.request_bytes = body_bytes
+            if ex.upstream_h2 and ex.upstream is not None and ex.state is State.SENT:
+                ex.upstream.end_request()
             if ex.mirror_to is not None:
                 ex.send_mirror()
 
@@ -317,6 +319,16 @@ class Downstream(asyncio.Protocol):
                 self.transport.resume_reading()
 
     # -- writes -------------------------------------------------------------------------------
+
+    def write_head(self, head: object, close: bool) -> None:
+        """A response head (an HTTP/2 upstream's carries its HTTP/1.1 bytes, proxy/h2_upstream.py)."""
+        self.write(response_head(head, close))  # type: ignore[arg-type]
+
+    def write_local(self, reply: LocalReply, close: bool) -> bytes:
+        """A reply of the sidecar's own, written; returns its bytes (the exchange's `local`)."""
+        out = plain_response(reply.status, reply.text, close, reply.headers)
+        self.write(out)
+        return out
 
     def write(self, data: bytes) -> None:
         if self.corked:

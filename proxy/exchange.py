@@ -8,10 +8,13 @@ streamed back, the end. Each attempt is one try at one endpoint. Time comes from
 `env` passed in (`now_ns`, `call_later`), never from the clock directly: transcript
 tests drive an exchange with a fake environment and clock (tests/proxy/test_exchange.py).
 
-The shells feed it: `Downstream` (the client's bytes, parsed) calls `start`,
-`request_body`, `request_end`; `Upstream` calls `response_head`, `response_body`,
-`response_end`, `upstream_lost`, `upgraded`. It writes to the client through
-`conn.write` and tells the connection when it is done.
+The shells feed it: `Downstream` (the client's bytes, parsed) or one HTTP/2 stream's
+`Stream` (proxy/h2_downstream.py) calls `start`, `request_body`, `request_end`; `Upstream`
+or an HTTP/2 stream's `UpstreamStream` (proxy/h2_upstream.py) calls `response_head`,
+`response_body`, `response_end`, `upstream_lost`, `upgraded`. The exchange knows no wire
+format: the upstream writes the request (`send_request`, `send`, `end_request`), the
+client's shell the response (`write_head`, `write`, `write_local`), and it tells the
+client's shell when it is done.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from meshlens.proxy.connect import (
     URX,
     LocalReply,
 )
-from meshlens.proxy.headers import new_request_id, request_head, response_head, trace_for
+from meshlens.proxy.headers import new_request_id, trace_for
 
 if TYPE_CHECKING:
     from meshlens.protocols.http1 import RequestHead, ResponseHead
@@ -65,21 +68,26 @@ class Env:
     """What an exchange needs from its process, one per listener: the policy chain, the pool,
     connecting, balancing again for a retry, the field it adds, and the clock. Tests pass a fake."""
 
-    __slots__ = ("pool", "peer_field", "upstream_timeout", "dial", "rebalance", "cluster", "mirror")
+    __slots__ = ("pool", "peer_field", "upstream_timeout", "dial", "rebalance", "cluster", "mirror", "h2_pool")
 
     now_ns = staticmethod(time.monotonic_ns)
     wall_ns = staticmethod(time.time_ns)
 
     def __init__(self, pool: Any, peer_field: bytes, upstream_timeout: float | None,
                  dial: Callable[[tuple[str, int], Exchange], None], rebalance: Callable[[Any, tuple[Any, ...]], Any],
-                 cluster: Callable[[str], Any], mirror: Callable[[Exchange], bool] | None = None) -> None:
+                 cluster: Callable[[str], Any], mirror: Callable[[Exchange], bool] | None = None,
+                 h2_pool: Any = None) -> None:
         self.pool = pool
+        """Idle HTTP/1.1 upstream connections (proxy/pool.py)."""
+        self.h2_pool = h2_pool
+        """HTTP/2 upstream connections, each carrying many exchanges (proxy/h2_upstream.py)."""
         self.peer_field = peer_field
         """Added to every request sent upstream (outbound: x-meshlens-peer), else b''."""
         self.upstream_timeout = upstream_timeout
         """Route timeout: the whole response within this many seconds of the request, else 504 UT. None: off."""
         self.dial = dial
-        """Open a connection to an address for an exchange: calls back `connected` or `connect_failed`."""
+        """Open a connection to an address for an exchange (HTTP/2 when `upstream_h2`): calls back `connected` or
+        `connect_failed`."""
         self.rebalance = rebalance
         """The route for another attempt, avoiding the endpoints tried (the cluster picks again), or a LocalReply."""
         self.cluster = cluster
@@ -180,6 +188,16 @@ class Exchange:
     plaintext); what authorization decides on and the record's peer_identity."""
     mirror_to: tuple[str, str] | None = None
     """(service, subset) a copy of the request goes to once it is complete (a rule's mirror, enforced)."""
+    # HTTP/2 and gRPC (proxy/h2_downstream.py, proxy/h2_upstream.py)
+    protocol = "http/1.1"
+    """What the record calls it: http/1.1, h2 (an HTTP/2 stream) or grpc."""
+    upstream_h2 = False
+    """The upstream speaks HTTP/2: the client did, or the destination is declared grpc or http2."""
+    grpc_status = -1
+    """The response's grpc-status (from its trailers, or a trailers-only head; our own reply's); -1: none."""
+    grpc_message = ""
+    trailers: Any = None
+    """An HTTP/2 response's trailers, for a client's stream to end with."""
 
     def __init__(self, conn: Any, env: Any, head: RequestHead) -> None:
         self.conn = conn
@@ -267,6 +285,8 @@ class Exchange:
         """The request is complete (Downstream.on_request_end does this inline: keep the two alike)."""
         self.request_done = True
         self.request_bytes = body_bytes
+        if self.upstream_h2 and self.upstream is not None and self.state is _SENT:
+            self.upstream.end_request()  # HTTP/1.1 frames the body's end in its bytes; HTTP/2 with END_STREAM
         if self.mirror_to is not None:
             self.send_mirror()
 
@@ -281,7 +301,7 @@ class Exchange:
     def _try(self, route: Route, fresh: bool = False) -> None:
         """One attempt at `route`'s endpoint: a pooled connection (unless `fresh`), else a new one."""
         self.attempt += 1
-        up = None if fresh else self.env.pool.take(route.addr)
+        up = None if fresh else (self.env.h2_pool if self.upstream_h2 else self.env.pool).take(route.addr)
         if up is not None:
             self.reused = True
             self._send(up)
@@ -309,10 +329,8 @@ class Exchange:
         if self.state is not _QUEUED:  # the first attempt's QUEUED -> SENT is always allowed (hot path)
             self._move(_SENT)
         self.state = _SENT
-        out = request_head(self.head, self.trace, self.new_id, self.env.peer_field)
         # a first attempt sends what came while it was queued or connecting; a retry, all of it
-        body = self.pending if self.attempt == 1 else self.replay
-        up.send(out + b"".join(body) if body else out)
+        up.send_request(self, self.pending if self.attempt == 1 else self.replay)
         if self.pending:
             self.pending = None
             self.pending_bytes = 0
@@ -364,7 +382,7 @@ class Exchange:
             return
         if head.interim:
             if self.head.version == "1.1":  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client
-                self.conn.write(head.raw)
+                self.conn.write(head.raw)  # only an HTTP/1.1 upstream passes 1xx on (proxy/h2_upstream.py)
             return
         if self.try_timer is not None:
             self._cancel_try_timer()
@@ -379,7 +397,7 @@ class Exchange:
                 and head.status not in (204, 304):
             self.close_after = True  # the body ends when the upstream closes: so must the client's connection
         close = (self.close_after or self.conn.closing) and head.status != 101
-        self.conn.write(response_head(head, close))
+        self.conn.write_head(head, close)
 
     def response_body(self, data: bytes) -> None:
         if self.state is _RESPONDING:
@@ -522,11 +540,10 @@ class Exchange:
         # 400/408/431: the request stream cannot be trusted further; 508: the connection loops
         close = self.close_after or self.conn.closing or r.status in (400, 408, 431, 508)
         self.close_after = close
-        self.local = plain_response(r.status, r.text, close, r.headers)
         self.status, self.error = r.status, r.error
         if r.flags:
             self.flags = r.flags if not self.flags else self.flags + "," + r.flags
-        self.conn.write(self.local)
+        self.local = self.conn.write_local(r, close)
         self._finish()
 
     def cut(self, reply: LocalReply) -> None:

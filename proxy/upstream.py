@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from meshlens.protocols.errors import PeerError
 from meshlens.protocols.http1 import ResponseHead, ResponseReader
+from meshlens.proxy.headers import request_head
 
 if TYPE_CHECKING:
     from meshlens.proxy.exchange import Exchange
@@ -129,9 +130,23 @@ class Upstream(asyncio.Protocol):
         if ex.conn.write_paused and self.transport is not None:
             self.transport.pause_reading()
 
+    def send_request(self, ex: Exchange, body: list[bytes] | tuple[()] | None) -> None:
+        """The exchange's head, our fields spliced in, and the body bytes it holds (as the client framed them)."""
+        out = request_head(ex.head, ex.trace, ex.new_id, ex.env.peer_field)
+        self.send(out + b"".join(body) if body else out)
+
     def send(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        """The client cannot take more of the response now."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
 
     def _detach(self) -> None:
         self.exchange = None

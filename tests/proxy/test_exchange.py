@@ -12,7 +12,8 @@ from meshlens.protocols.http1 import RequestReader, ResponseReader
 from meshlens.protocols.trace_context import parse_traceparent
 from meshlens.proxy.chain import Chain, Decision, Kind
 from meshlens.proxy.connect import UC, UF, UT, URX, LocalReply, failure
-from meshlens.proxy.exchange import MAX_ATTEMPTS, MAX_REPLAY_BYTES, Exchange, State
+from meshlens.proxy.exchange import MAX_ATTEMPTS, MAX_REPLAY_BYTES, Exchange, State, plain_response
+from meshlens.proxy.headers import request_head, response_head
 from meshlens.proxy.router import Route
 
 A = Route(("10.0.0.1", 8080), "orders", "v1")
@@ -53,6 +54,10 @@ class FakeUpstream:
 
     def attach(self, ex: Exchange) -> None:
         self.exchange = ex
+
+    def send_request(self, ex: Exchange, body: Any) -> None:
+        out = request_head(ex.head, ex.trace, ex.new_id, ex.env.peer_field)
+        self.send(out + b"".join(body) if body else out)
 
     def send(self, data: bytes) -> None:
         self.sent += data
@@ -164,6 +169,14 @@ class Conn:
 
     def write(self, data: bytes) -> None:
         self.out += data
+
+    def write_head(self, head: Any, close: bool) -> None:
+        self.out += response_head(head, close)
+
+    def write_local(self, reply: LocalReply, close: bool) -> bytes:
+        out = plain_response(reply.status, reply.text, close, reply.headers)
+        self.out += out
+        return out
 
     def exchange_done(self, ex: Exchange) -> None:
         self.done.append(ex)
