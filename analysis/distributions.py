@@ -8,14 +8,18 @@ from __future__ import annotations
 import pandas as pd
 
 from meshlens.analysis.scope import Scope
+from meshlens.collector.spans import GRPC_NAMES
 
 # Histogram resolution: 10 buckets per decade (each ~26% wider than the last) resolves a p99 from a p50
 # on a log axis while keeping an edge at ~60 rows from 10 µs to 1000 s.
 BUCKETS_PER_DECADE = 10
 
-# A failed call's class: the error the observer recorded, else the 5xx status, else the 4xx family.
-ERROR_CLASS_SQL = ("multiIf(error != '', toString(error), status >= 500, toString(status), "
-                   "status >= 400, '4xx', '')")
+# A failed call's class: the error the observer recorded, else the 5xx status, else a gRPC status other than
+# OK by its name (DEADLINE_EXCEEDED is a timeout, the class a deadline the caller set is), else the 4xx family.
+_GRPC_CODES = sorted(GRPC_NAMES)
+ERROR_CLASS_SQL = ("multiIf(error != '', toString(error), status >= 500, toString(status), grpc_status = 4, 'timeout', "
+                   f"grpc_status > 0, transform(grpc_status, {_GRPC_CODES}, {[GRPC_NAMES[c] for c in _GRPC_CODES]}, "
+                   "toString(grpc_status)), status >= 400, '4xx', '')")
 
 
 def latency_histogram(scope: Scope, side: str = "either") -> pd.DataFrame:
@@ -31,7 +35,8 @@ FROM {scope.calls(side=side)} GROUP BY caller, callee, bucket ORDER BY caller, c
 
 
 def error_classes(scope: Scope, side: str = "either") -> pd.DataFrame:
-    """Per caller → callee and failure class (refused, reset, timeout, 503, 4xx, …): calls and share of the edge."""
+    """Per caller → callee and failure class (refused, reset, timeout, 503, UNAVAILABLE, 4xx, …): calls and share of
+    the edge."""
     sql = f"""SELECT caller, callee, error_class, n, total, n / total AS share
 FROM (SELECT caller, toString(dst_service) AS callee, {ERROR_CLASS_SQL} AS error_class, count() AS n,
              sum(n) OVER (PARTITION BY caller, callee) AS total

@@ -15,8 +15,9 @@ Q_NAMES: tuple[str, ...] = ("p50_ms", "p90_ms", "p99_ms", "p999_ms")
 def _stats(scope: Scope, keys: list[str], side: str) -> pd.DataFrame:
     qs = ", ".join(str(q) for q in QUANTILES)
     group = ", ".join(keys)
-    sql = f"""SELECT {group}, any(toString(observer)) AS observer, count() AS n, countIf({FAILED_SQL}) AS errors,
-       quantilesTDigest({qs})(duration_ns) AS q
+    sql = f"""SELECT {group}, any(toString(observer)) AS observer,
+       arrayStringConcat(arraySort(groupUniqArray(toString(protocol))), ',') AS protocol,
+       count() AS n, countIf({FAILED_SQL}) AS errors, quantilesTDigest({qs})(duration_ns) AS q
 FROM {scope.calls(side=side)} GROUP BY {group} ORDER BY n DESC"""
     df = scope.frame(sql)
     q = pd.DataFrame(df.pop("q").tolist(), columns=list(Q_NAMES), index=df.index) / 1e6 if len(df) else \
@@ -30,16 +31,19 @@ FROM {scope.calls(side=side)} GROUP BY {group} ORDER BY n DESC"""
 
 
 def edges(scope: Scope) -> pd.DataFrame:
-    """caller → callee with rate, error rate, p50/p90/p99/p99.9 (ms) and how far the tail can be trusted."""
+    """caller → callee with its protocols (http/1.1, grpc, ... comma-separated), rate, error rate (a gRPC call
+    answered 200 with a server error is a failure: analysis.scope.FAILED_SQL), p50/p90/p99/p99.9 (ms) and how far
+    the tail can be trusted."""
     df = _stats(scope, ["caller", "toString(dst_service) AS callee"], "either")
-    return df[["caller", "callee", "observer", "n", "rate_per_s", "errors", "error_rate", *Q_NAMES, "confidence"]]
+    return df[["caller", "callee", "protocol", "observer", "n", "rate_per_s", "errors", "error_rate", *Q_NAMES,
+               "confidence"]]
 
 
 def routes(scope: Scope) -> pd.DataFrame:
-    """The same figures per caller → callee, method and templated route."""
+    """The same figures per caller → callee, method and templated route (for gRPC both are the method path)."""
     df = _stats(scope, ["caller", "toString(dst_service) AS callee", "toString(method) AS method", "route_t AS route"],
                 "either")
-    return df[["caller", "callee", "method", "route", "observer", "n", "rate_per_s", "errors", "error_rate",
+    return df[["caller", "callee", "method", "route", "protocol", "observer", "n", "rate_per_s", "errors", "error_rate",
                *Q_NAMES, "confidence"]]
 
 

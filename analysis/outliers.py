@@ -4,10 +4,12 @@ An instance is `dst_addr:dst_port` of a destination service. Envoy ejects an
 instance after N *consecutive* errors, so that is what is measured: in
 ClickHouse, each instance's calls are put in time order and the length of
 every run of consecutive failures is counted (analysis.runs). Failures are
-what Envoy's consecutive-5xx counter sees: 5xx responses and locally
+what Envoy's consecutive-5xx counter sees: 5xx responses, gRPC server errors
+(Envoy maps a grpc-status to the HTTP status it feeds the detector, so a 200
+carrying UNAVAILABLE is a 503 to it: analysis.scope.FAILED_SQL) and locally
 originated errors (with split_external_local_origin_errors off, its default,
 connect failures, resets and timeouts count as 503/504); gateway errors are
-502/503/504 and those same local errors.
+502/503/504, UNAVAILABLE and DEADLINE_EXCEEDED, and those same local errors.
 
 Which instances are bad is decided by failure rate against their peers (an
 outlier fails OUTLIER_RATIO × the median peer and at least OUTLIER_MIN_RATE);

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from meshlens.analysis.scope import FAILED_SQL
 
-# Gateway errors for Envoy's consecutive_gateway_failure: 502/503/504 and the locally originated
-# errors it maps onto them (connect failure, reset, timeout, TLS/protocol failures).
-GATEWAY_SQL = "(status IN (502, 503, 504) OR error != '')"
+# Gateway errors for Envoy's consecutive_gateway_failure: 502/503/504, the locally originated
+# errors it maps onto them (connect failure, reset, timeout, TLS/protocol failures), and the gRPC
+# codes its outlier detector sees as 503 and 504 (UNAVAILABLE 14, DEADLINE_EXCEEDED 4: grpcToHttpStatus).
+GATEWAY_SQL = "(status IN (502, 503, 504) OR error != '' OR grpc_status IN (4, 14))"
 # Runs are counted up to this length; recommended thresholds never exceed it.
 MAX_RUN = 20
 

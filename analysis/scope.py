@@ -10,15 +10,24 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from meshlens.collector.spans import GRPC_SERVER_ERRORS
 from meshlens.collector.stores import Store
 
 from meshlens.analysis.routes import detect_rules, route_sql
 from meshlens.analysis.window import (CALLER_SIDE, CALLER_SQL, INSTANCE_SQL, EdgeObservers, Window, edge_observers_sql,
                              observer_filter, quote)
 
-# A failure as the caller sees it: no response (an error class) or a 5xx.
-FAILED_SQL = "(error != '' OR status >= 500)"
-HEALTHY_SQL = "(error = '' AND status < 500)"
+# A gRPC call is answered HTTP 200 whatever its outcome: its grpc-status says. The codes that are the server's
+# failures (OpenTelemetry's RPC conventions, collector.spans.GRPC_SERVER_ERRORS) are exactly those Envoy maps to a
+# 5xx (grpcToHttpStatus: UNKNOWN, INTERNAL, DATA_LOSS 500, UNIMPLEMENTED 501, UNAVAILABLE 503, DEADLINE_EXCEEDED
+# 504), so its outlier detection counts them too; the others (INVALID_ARGUMENT, NOT_FOUND, ...) are the caller's,
+# as a 4xx is. grpc_status is -1 on every call that is not gRPC.
+GRPC_FAILED: tuple[int, ...] = tuple(sorted(GRPC_SERVER_ERRORS))
+_GRPC_FAILED_LIST = ", ".join(map(str, GRPC_FAILED))
+# A failure as the caller sees it: no response (an error class), a 5xx, or a gRPC server error. The one
+# definition every analysis counts failures with (error rates, the graph, outliers, what-ifs, mode figures).
+FAILED_SQL = f"(error != '' OR status >= 500 OR grpc_status IN ({_GRPC_FAILED_LIST}))"
+HEALTHY_SQL = f"(error = '' AND status < 500 AND grpc_status NOT IN ({_GRPC_FAILED_LIST}))"
 
 
 class NoData(LookupError):
