@@ -92,8 +92,9 @@ class DryRunReport:
             out.append("  (no policy would have acted on any call)")
         for p in self.policies:
             for e in p.examples:
+                grpc = f" grpc-status {e['grpc_status']}" if e["grpc_status"] >= 0 else ""
                 out.append(f"    e.g. {p.word}: {e['time']} {e['caller']} {e['method']} {e['path']} -> "
-                           f"{e['status']} in {e['duration_ms']:.1f} ms ({e['instance']})")
+                           f"{e['status']}{grpc} in {e['duration_ms']:.1f} ms ({e['instance']})")
         out.append("")
         out += [f"  * {f}" for f in self.findings]
         return "\n".join(out) + "\n"
@@ -164,10 +165,10 @@ def _examples(scope: Scope, service: str, words: list[str]) -> dict[str, list[di
     out: dict[str, list[dict[str, Any]]] = {}
     for word in words:
         rows = scope.store.query_rows(f"""SELECT toString(toDateTime64(time, 3)), caller, toString(method), path, status,
-       duration_ns / 1e6, instance FROM {_calls(scope, word)}
+       grpc_status, duration_ns / 1e6, instance FROM {_calls(scope, word)}
 WHERE dst_service = {quote(service)} AND mode = 'dry-run' AND {_has(word)} ORDER BY time DESC LIMIT {EXAMPLES}""")
-        out[word] = [{"time": t, "caller": c, "method": m, "path": p, "status": int(s), "duration_ms": float(d),
-                      "instance": i} for t, c, m, p, s, d, i in rows]
+        out[word] = [{"time": t, "caller": c, "method": m, "path": p, "status": int(s), "grpc_status": int(g),
+                      "duration_ms": float(d), "instance": i} for t, c, m, p, s, g, d, i in rows]
     return out
 
 

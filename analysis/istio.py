@@ -9,6 +9,11 @@ where retrying is unsafe or useless (not idempotent, or failing persistently) ge
 explicit `attempts: 0`. Routes are matched per
 caller with `sourceLabels: {app: <caller>}`, assuming the usual `app` label.
 
+A gRPC route is its method path (`/package.Service/Method`, the `uri` matched
+exactly), with no `method` match: every gRPC call is a POST. Its retries use
+Envoy's gRPC `retryOn` words (`unavailable`) beside the HTTP ones
+(analysis.retries).
+
 Each route's `uri` match (analysis.uri_match: `exact` for a literal route, an
 RE2 regex otherwise; both compared by Envoy with the path without its query
 string) is checked against the paths recorded for that route before it is
@@ -86,9 +91,11 @@ def http_entries(callee: str, recs: list[Recommendation], paths: dict[RouteKey, 
     entries = []
     for caller, method, route in sorted(matches, key=lambda k: (k[0], k[1], precedence(k[2]), k[2])):
         kinds = by_route[(caller, method, route)]
-        entry: dict[str, Any] = {"name": f"{caller} {method} {route}",
-                                 "match": [{"uri": matches[(caller, method, route)], "method": {"exact": method},
-                                            "sourceLabels": {"app": caller}}]}
+        match: dict[str, Any] = {"uri": matches[(caller, method, route)]}
+        if not method.startswith("/"):  # a gRPC call's method is its method path, which the uri matches: its
+            match["method"] = {"exact": method}  # :method is always POST (collector.record.Call.method)
+        match["sourceLabels"] = {"app": caller}
+        entry: dict[str, Any] = {"name": f"{caller} {method} {route}", "match": [match]}
         t, rt = kinds.get("timeout"), kinds.get("retry")
         timeout = t.policy["timeout_s"] if t else None
         if rt is not None and rt.policy is None:

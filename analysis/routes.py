@@ -12,7 +12,9 @@ Two steps, both evaluated by ClickHouse:
 
 A non-empty `route` column (filled by an instrumented app) is used as it is, in the
 app framework's own template syntax (`/stock/{sku}`, `/users/:id`, …); analysis.uri_match
-turns either kind into an Istio uri match.
+turns either kind into an Istio uri match. A gRPC call's path is its method path
+(`/package.Service/Method`): it names a method, never an id, so it is its route as it
+is (a span leaves `route` empty; a service with 20 methods is no collection of ids).
 
 The template is computed in SQL on every run, once: only the shared route
 query (analysis.route_stats, or graph.routes for `analyze`) evaluates it; the
@@ -67,7 +69,7 @@ SELECT key FROM (
     SELECT concat(svc, '|', toString(pos), '|', arrayStringConcat(arraySlice(segs, 1, pos - 1), '/')) AS key,
            segs[pos] AS seg
     FROM (SELECT DISTINCT toString(dst_service) AS svc, splitByChar('/', {static_sql()}) AS segs
-          FROM calls WHERE {where} AND route = '' AND path != ''{sample})
+          FROM calls WHERE {where} AND route = '' AND path != '' AND protocol != 'grpc'{sample})
     ARRAY JOIN arrayEnumerate(segs) AS pos
     WHERE seg != '' AND seg != {quote(PARAM)})
 GROUP BY key HAVING uniqExact(seg) >= {int(minimum)} ORDER BY key"""
@@ -77,13 +79,13 @@ GROUP BY key HAVING uniqExact(seg) >= {int(minimum)} ORDER BY key"""
 def route_sql(rules: list[str]) -> str:
     """SQL expression for the templated route of a `calls` row under `rules`."""
     static = static_sql()
-    if not rules:
-        return f"if(route != '', toString(route), {static})"
-    keys = "[" + ", ".join(quote(k) for k in rules) + "]"
-    services = "(" + ", ".join(quote(k.split("|", 1)[0]) for k in sorted(set(rules))) + ")"
-    segs = f"splitByChar('/', {static})"
-    dynamic = (f"arrayStringConcat(arrayMap(i -> if(has({keys}, concat(toString(dst_service), '|', toString(i), "
-               f"'|', arrayStringConcat(arraySlice(_segs, 1, i - 1), '/'))), {quote(PARAM)}, _segs[i]), "
-               f"arrayEnumerate({segs} AS _segs)), '/')")
-    return f"if(route != '', toString(route), if(dst_service IN {services}, {dynamic}, {static}))"
-
+    templated = static
+    if rules:
+        keys = "[" + ", ".join(quote(k) for k in rules) + "]"
+        services = "(" + ", ".join(quote(k.split("|", 1)[0]) for k in sorted(set(rules))) + ")"
+        segs = f"splitByChar('/', {static})"
+        dynamic = (f"arrayStringConcat(arrayMap(i -> if(has({keys}, concat(toString(dst_service), '|', toString(i), "
+                   f"'|', arrayStringConcat(arraySlice(_segs, 1, i - 1), '/'))), {quote(PARAM)}, _segs[i]), "
+                   f"arrayEnumerate({segs} AS _segs)), '/')")
+        templated = f"if(dst_service IN {services}, {dynamic}, {static})"
+    return f"multiIf(route != '', toString(route), protocol = 'grpc', path, {templated})"
