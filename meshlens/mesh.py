@@ -7,7 +7,7 @@ nothing are recorded as `ip:port`, never dropped.
 
     services:
       catalog:
-        protocol: http            # optional: http, tcp or tls; left out, it is detected per connection
+        protocol: http            # optional: http, http2, grpc, tcp or tls; left out, it is detected
         mode: observe             # observe: dry-run and enforce are set through the control plane
         namespace: shop           # optional (default: default): the namespace of its identity
         service_account: catalog  # optional (default: the service's name)
@@ -26,8 +26,11 @@ detection from the first bytes for connections to the service's instances, in th
 and in sidecars (inbound to the service's own sidecar; outbound where the original
 destination is known, i.e. transparent mode). `http`: parsed as HTTP/1.1 (anything else
 is a protocol error); `tcp`: passed through as bytes, never parsed; `tls`: passed through
-with the ClientHello's attributes recorded. `grpc` is refused: HTTP/2 is passed through,
-not parsed, so a gRPC call could not be recorded as one.
+with the ClientHello's attributes recorded. `http2` and `grpc` say what the service's
+instances speak, not what a client sends first: connections are still detected (an
+HTTP/2 client's preface, or HTTP/1.1), and a sidecar sends every request to the service as
+HTTP/2, one stream each, whatever its client spoke (HTTP/1.1 is carried over,
+proxy/h2_upstream.py), as Istio does for a port named grpc or http2.
 
 `load_balancer` is how a caller's sidecar picks the instance of this service a request goes
 to, named as Istio's DestinationRule `trafficPolicy.loadBalancer.simple`: `ROUND_ROBIN`
@@ -54,10 +57,10 @@ from typing import Any, Literal
 
 from meshlens.yamlfile import read_yaml
 
-Protocol = Literal["http", "tcp", "tls"]
+Protocol = Literal["http", "http2", "grpc", "tcp", "tls"]
 Mode = Literal["observe"]
 LoadBalancer = Literal["ROUND_ROBIN", "LEAST_REQUEST"]
-PROTOCOLS: tuple[str, ...] = ("http", "tcp", "tls")
+PROTOCOLS: tuple[str, ...] = ("http", "http2", "grpc", "tcp", "tls")
 """What `protocol` may declare; without it the protocol is detected (meshlens.protocols.sniff)."""
 MODES: tuple[str, ...] = ("observe",)
 """The modes a mesh file may declare, and a sidecar applies, today; `dry-run` and `enforce` come with
@@ -67,12 +70,12 @@ CONTROL_MODES: tuple[str, ...] = ("observe", "dry-run", "enforce")
 (policies evaluated, what they would do recorded), enforce (policies applied)."""
 LOAD_BALANCERS: tuple[str, ...] = ("ROUND_ROBIN", "LEAST_REQUEST")
 """What `load_balancer` may name: Istio's `loadBalancer.simple` values the sidecar implements."""
-# Declared protocol -> the protocol a record names (collector/record.py PROTOCOLS).
+# Declared protocol -> the protocol a record names (collector/record.py PROTOCOLS), for those that replace
+# detection; http2 and grpc do not (see above): RECORDED_PROTOCOL.get gives None, detected.
 RECORDED_PROTOCOL: dict[str, str] = {"http": "http/1.1", "tcp": "tcp", "tls": "tls"}
+H2_PROTOCOLS = frozenset({"http2", "grpc"})
 # Values meshlens will take but cannot honour yet: refused saying so, never accepted and ignored.
 _NOT_YET = {
-    "protocol": {"grpc": "grpc cannot be honoured yet (HTTP/2 is passed through, not parsed): leave protocol "
-                         "out to have the connection detected, or declare tcp"},
     "mode": {m: f"{m} is set through the control plane (meshlens mode set SERVICE {m}), not in the mesh file"
              for m in ("dry-run", "enforce")},
     "load_balancer": {
@@ -169,6 +172,10 @@ class Mesh:
         svc, inst = found
         return svc.name, svc.subset_of(inst)
 
+    def h2_services(self) -> frozenset[str]:
+        """The services declared http2 or grpc: a sidecar's requests to them go as HTTP/2."""
+        return frozenset(name for name, svc in self.services.items() if svc.protocol in H2_PROTOCOLS)
+
     def declared_protocol(self, host: str, port: int) -> str | None:
         """The protocol declared for the service at this address, if the mesh names one that declares it."""
         found = self._by_address.get((_canonical_host(host), port))
@@ -215,7 +222,7 @@ def _service(name: str, body: Any, where: str) -> Service:
                         f"(expected: {', '.join(sorted(_SERVICE_KEYS))})")
     protocol = None  # detected per connection
     if "protocol" in body:
-        protocol = _choice(body["protocol"], PROTOCOLS, f"{where}.protocol", _NOT_YET["protocol"])
+        protocol = _choice(body["protocol"], PROTOCOLS, f"{where}.protocol", {})
     mode = _choice(body.get("mode", "observe"), MODES, f"{where}.mode", _NOT_YET["mode"])
     load_balancer = _choice(body.get("load_balancer", "ROUND_ROBIN"), LOAD_BALANCERS, f"{where}.load_balancer",
                             _NOT_YET["load_balancer"])

@@ -21,9 +21,11 @@ from meshlens.protocols.sniff import sniff
 from meshlens.protocols.tls import HelloParser
 from meshlens.proxy.connect import DC, DPE, NR, LocalReply
 from meshlens.proxy.exchange import Exchange, State, plain_response
+from meshlens.proxy.h2_downstream import H2Downstream
 from meshlens.proxy.headers import PEER_HEADER, response_head
 from meshlens.proxy.mtls import MESH_ALPN, TlsServer, handshake_reason
 from meshlens.proxy.passthrough import SNIFF_TIMEOUT, Passthrough, connect_method
+from meshlens.proxy.router import Route
 from meshlens.proxy.tunnel import CLIENT, SERVER, Tunnel
 
 if TYPE_CHECKING:
@@ -54,6 +56,9 @@ assert MAX_QUEUED < MAX_PENDING_EXCHANGES
 class Downstream(asyncio.Protocol):
     """One accepted client connection; also the consumer of its RequestReader."""
 
+    speaks_h2 = False
+    """An HTTP/1.1 client (an HTTP/2 stream's `Stream` says True)."""
+
     def __init__(self, proxy: Proxy, inbound: bool) -> None:
         # per connection
         self.proxy, self.inbound = proxy, inbound
@@ -76,6 +81,7 @@ class Downstream(asyncio.Protocol):
         self.sniffing = True  # until the first bytes tell HTTP/1.x (parsed from then on) from the rest
         self.sniffed = b""  # first bytes while they cannot tell yet
         self.tunnel: Tunnel | None = None  # the connection is a tunnel now (passthrough or upgraded)
+        self.h2: H2Downstream | None = None  # the connection speaks HTTP/2: that shell has its transport now
         self.passthrough = False
         self.client_eof = False
         self.tls: TlsServer | None = None  # mTLS terminated here (proxy/mtls.py): self.transport is its plaintext side
@@ -224,7 +230,6 @@ class Downstream(asyncio.Protocol):
         if ex.refused is not None:  # the client broke HTTP in it, or never finished its head (408)
             ex.reply(ex.refused)
             return
-        router = self.proxy.router
         peer = head.extra.get(PEER_HEADER, b"") if head.extra is not None else b""
         if head.method == "CONNECT":
             ex.close_after = True  # after a CONNECT the connection is a tunnel, or closed
@@ -232,22 +237,29 @@ class Downstream(asyncio.Protocol):
                 ex.reply(LocalReply(405, "CONNECT is served only by the outbound listener as an explicit proxy",
                                     "protocol_error", DPE))
                 return
-            route = router.outbound(head.target)
+            route = self.proxy.router.outbound(head.target)
             if isinstance(route, LocalReply):
                 ex.reply(route)
                 return
             ex.tunnel_connecting(route)
             self.proxy.loop.create_task(connect_method(self, ex))
             return
-        if self.inbound:
-            route = router.inbound(self.peer[0], peer)
-        else:
-            target = head.target
-            authority = head.host or b""
-            if target[:1] != b"/" and b"://" in target:  # RFC 9112 3.2.2: absolute-form's authority wins
-                authority = target.split(b"://", 1)[1].split(b"/", 1)[0].split(b"?", 1)[0] or authority
-            route = router.outbound(authority, peer, self.original_dst, head)
+        route = self.route(head, peer)
+        if self.proxy.h2_services and type(route) is Route and route.dst_service in self.proxy.h2_services:
+            ex.upstream_h2 = True  # declared grpc or http2: the request goes on as HTTP/2 (proxy/h2_upstream.py)
         ex.start(route)
+
+    def route(self, head: RequestHead, peer: bytes = b"") -> Route | LocalReply:
+        """Where a request goes (an HTTP/2 stream's too): inbound the app, outbound by its authority.
+        `peer`: the x-meshlens-peer it carries."""
+        router = self.proxy.router
+        if self.inbound:
+            return router.inbound(self.peer[0], peer)
+        target = head.target
+        authority = head.host or b""
+        if target[:1] != b"/" and b"://" in target:  # RFC 9112 3.2.2: absolute-form's authority wins
+            authority = target.split(b"://", 1)[1].split(b"/", 1)[0].split(b"?", 1)[0] or authority
+        return router.outbound(authority, peer, self.original_dst, head)
 
     def exchange_done(self, ex: Exchange) -> None:
         """`ex` ended, however it ended: record it, then the next request's turn (or the close)."""
@@ -299,6 +311,9 @@ class Downstream(asyncio.Protocol):
     def drain(self) -> None:
         """Graceful shutdown: finish what is in flight, then close (tunnels run until the drain timeout)."""
         if self.tunnel is not None:
+            return
+        if self.h2 is not None:
+            self.h2.drain()
             return
         self.closing = True
         if not self.queue:
@@ -512,6 +527,11 @@ class Downstream(asyncio.Protocol):
     def _pass(self, protocol: str, first: bytes) -> None:
         self.sniffing = False
         self.sniffed = b""
+        if protocol == "h2":  # HTTP/2 with prior knowledge: each stream one exchange (proxy/h2_downstream.py)
+            self._cancel_timer()
+            self.h2 = H2Downstream(self)
+            self.h2.start(first)
+            return
         self.passthrough = True
         self._cancel_timer()  # the tunnel adopts the transport: connection_lost, which would, never comes here
         Passthrough(self, protocol).start(first)

@@ -313,7 +313,8 @@ class Exchange:
     def connected(self, up: Any) -> None:
         """`env.dial` opened a connection for this attempt."""
         if self.state is not _CONNECTING or self.route is None or up.addr != self.route.addr:
-            self.env.pool.release(up)  # the exchange ended or moved on while connecting (client left, timeout)
+            # the exchange ended or moved on while connecting (client left, timeout)
+            (self.env.h2_pool if self.upstream_h2 else self.env.pool).release(up)
             return
         self._send(up)
 

@@ -79,13 +79,16 @@ class Recording:
                               req.status, req.flags or "-"), (end - req.t0) / 1e6, req.request_bytes, req.response_bytes)
         if self.recorder is None:
             return
-        row = self.row(inbound, req.t_wall, end - req.t0, src, conn.peer, route, "http/1.1", req.status,
+        row = self.row(inbound, req.t_wall, end - req.t0, src, conn.peer, route, req.protocol, req.status,
                        req.request_bytes, req.response_bytes, error, req.flags)
         trace = req.trace
         if trace:
             row[AT.trace_id], row[AT.span_id], row[AT.parent_span_id] = (
                 trace.trace_id, trace.span_id, trace.parent_span_id)
         row[AT.method], row[AT.authority], row[AT.path] = req.method, req.authority, req.path
+        if req.protocol == "grpc":  # the method path is its method and route, as the tap and OTLP spans name it
+            row[AT.method] = row[AT.route] = req.path
+            row[AT.grpc_status] = req.grpc_status
         if req.attempt > 1:
             row[AT.attempt] = req.attempt - 1  # the record's attempt counts retries: 0 for the first try
         if route is not None and route.dest is not None:
@@ -99,6 +102,8 @@ class Recording:
         attributes = {"x_request_id": req.request_id.decode("latin-1")} if req.request_id else {}
         if req.status == 101:
             attributes["upgraded"] = "true"  # the tap's attribute for an exchange that became a tunnel
+        elif req.grpc_message:
+            attributes["grpc.message"] = req.grpc_message
         row[AT.attributes] = attributes
         self.recorder.record(tuple(row))
 

@@ -16,12 +16,13 @@ import ssl
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from meshlens.mesh import RECORDED_PROTOCOL, Mesh
 from meshlens.proxy.connect import UF, LocalReply, failure, open_connection
 from meshlens.proxy.downstream import HEADER_TIMEOUT, IDLE_TIMEOUT, Downstream
 from meshlens.proxy.exchange import Env, Exchange
+from meshlens.proxy.h2_upstream import H2Pool
 from meshlens.proxy.headers import peer_field
 from meshlens.proxy.metrics import Metrics
 from meshlens.proxy.mirror import Mirrors, shadow_head
@@ -81,6 +82,9 @@ class ProxyConfig:
     observer_id: str = field(default_factory=lambda: observer_id())
 
 
+P = TypeVar("P")
+
+
 class Proxy:
     """One sidecar: its listeners, router, pool, connections, counters, metrics and recording."""
 
@@ -99,8 +103,13 @@ class Proxy:
             "downstream_cx_tls_unfinished": 0, "downstream_cx_tls_hello_invalid": 0,
             "downstream_cx_tls_record_error": 0, "upstream_cx_mtls": 0, "upstream_cx_mtls_resumed": 0,
             "upstream_cx_identity_refused": 0, "downstream_cx_plaintext_drained": 0,
+            "downstream_cx_http2_total": 0, "downstream_cx_http2_protocol_error": 0,
+            "downstream_cx_http2_premature_resets": 0, "upstream_cx_http2_total": 0, "upstream_rq_http2_reused": 0,
         }
         self.pool = Pool(self.stats)
+        self.h2_pool = H2Pool(self.stats, self.open_for)
+        self.h2_services = self.mesh.h2_services()
+        """Services declared grpc or http2: a request to one goes upstream as HTTP/2, whatever the client spoke."""
         self.metrics = Metrics()
         self.router = Router(self.mesh, self.service,
                              (config.app_host, config.app_port) if config.app_port is not None else None,
@@ -120,9 +129,9 @@ class Proxy:
         """The mode the control plane asks of this service (and, with its policies, applies)."""
         self.mirrors = Mirrors(self.stats)
         self.envs = (Env(self.pool, self.peer_field, config.upstream_timeout, self._dial, self.router.again,
-                         self.router.cluster, self._mirror),
+                         self.router.cluster, self._mirror, self.h2_pool),
                      Env(self.pool, b"", config.upstream_timeout, self._dial, self.router.again, self.router.cluster,
-                         self._mirror))
+                         self._mirror, self.h2_pool))
         """What exchanges run in, by listener: [outbound, inbound]."""
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
 
@@ -147,7 +156,7 @@ class Proxy:
             declared = self.mesh.declared_protocol(*conn.original_dst)
         else:
             return None
-        return RECORDED_PROTOCOL[declared] if declared is not None else None
+        return RECORDED_PROTOCOL.get(declared) if declared is not None else None
 
     def opened(self, conn: Downstream) -> None:
         """A new downstream connection; outbound ones learn where iptables meant to send them."""
@@ -194,6 +203,7 @@ class Proxy:
         if snap.get("trust") is not None and self.identity is not None:  # a root rotation's step (proxy/control.py)
             self.identity.trust(read_trust(snap["trust"], f"snapshot {snap.get('version')}"))
         self.mesh, self.service = mesh, service
+        self.h2_services = mesh.h2_services()
         self.router.update(mesh, service)
         self.router.set_policies(policies if policies.outbound or policies.inbound else None)
         self.desired_mode = str(modes.get(service.name, "observe"))
@@ -221,30 +231,40 @@ class Proxy:
         return identity.workload.server if identity is not None else None
 
     def _dial(self, addr: tuple[str, int], ex: Exchange) -> None:
-        self.loop.create_task(self._connect(addr, ex))
+        if ex.upstream_h2:
+            self.h2_pool.dial(addr, ex)
+        else:
+            self.loop.create_task(self._connect(addr, ex))
 
     async def _connect(self, addr: tuple[str, int], ex: Exchange) -> None:
         self.stats["upstream_cx_total"] += 1
+        up = await self.open_for(lambda: Upstream(self.pool, addr), addr, ex)
+        if isinstance(up, LocalReply):
+            ex.connect_failed(up)
+        else:
+            ex.connected(up)
+
+    async def open_for(self, protocol: Callable[[], P], addr: tuple[str, int], ex: Exchange) -> P | LocalReply:
+        """A connection to `addr` for `ex` (HTTP/1.1 or HTTP/2), with mTLS when its endpoint is meshed and the server
+        proven to be the destination service; or what its failure is answered and recorded as."""
         expected, tls = self._mtls_to(ex)
         try:
-            up = await open_connection(lambda: Upstream(self.pool, addr), addr, ex.connect_timeout, tls)
+            up = await open_connection(protocol, addr, ex.connect_timeout, tls)
         except OSError as e:
-            ex.connect_failed(failure(e))
-            return
+            return failure(e)
         if tls is not None:
-            transport = up.transport
+            transport = up.transport  # type: ignore[attr-defined]
             got = spiffe_of(transport.get_extra_info("peercert") if transport is not None else None)
             if got != expected:  # a server that is not the destination service: as if it could not be reached
                 self.stats["upstream_cx_identity_refused"] += 1
-                up.abort()
+                up.abort()  # type: ignore[attr-defined]
                 why = f"it is {got}, not {expected}" if got else f"it shows no SPIFFE id, {expected} expected"
-                ex.connect_failed(LocalReply(503, f"upstream connect error: {why}", "tls_identity", UF))
-                return
+                return LocalReply(503, f"upstream connect error: {why}", "tls_identity", UF)
             self.stats["upstream_cx_mtls"] += 1
             if transport is not None and transport.get_extra_info("ssl_object").session_reused:
                 self.stats["upstream_cx_mtls_resumed"] += 1
-            up.peer_identity = got
-        ex.connected(up)
+            up.peer_identity = got  # type: ignore[attr-defined]
+        return up
 
     def _mtls_to(self, ex: Exchange) -> tuple[str, ssl.SSLContext | None]:
         """Whether this exchange's connection is mTLS (Istio's auto mTLS: the instance's sidecar accepts it), and the
@@ -272,6 +292,7 @@ class Proxy:
 
     def _sweep(self) -> None:
         self.pool.sweep()
+        self.h2_pool.sweep()
         self.loop.call_later(1.0, self._sweep)
 
     def snapshot(self) -> dict[str, object]:
@@ -320,6 +341,7 @@ class Proxy:
         for conn in list(self.conns):
             conn.transport.abort()
         self.pool.close()
+        self.h2_pool.close()
 
 
 def ready_line(proxy: Proxy, admin_ports: dict[str, int]) -> str:

@@ -294,7 +294,7 @@ class CallBuilder:
             if self.mesh is not None:
                 service, subset = self.mesh.name_of(text, port)
                 protocol = self.mesh.declared_protocol(text, port)
-                declared = RECORDED_PROTOCOL[protocol] if protocol is not None else None
+                declared = RECORDED_PROTOCOL.get(protocol) if protocol is not None else None
             else:
                 service, subset = (f"[{text}]:{port}" if ":" in text else f"{text}:{port}"), ""
             found = self._names[key] = (text, service, subset, declared)

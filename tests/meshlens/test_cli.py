@@ -136,7 +136,7 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
     (tmp / "bad.yaml").write_text("services:\n  a: [\n")
     (tmp / "ok.yaml").write_text("services:\n  web: {}\n")
     (tmp / "dry.yaml").write_text("services:\n  catalog:\n    mode: dry-run\n")
-    (tmp / "grpc.yaml").write_text("services:\n  web:\n    protocol: grpc\n")
+    (tmp / "grpc.yaml").write_text("services:\n  web:\n    protocol: grpc2\n")
     (tmp / "retries.yaml").write_text("services:\n  web:\n    retries: 3\n")
     (tmp / "bad.pcap").write_bytes(b"not a capture file at all")
     busy = socket.socket()
@@ -197,7 +197,8 @@ ERRORS = [
      "meshlens proxy: {tmp}/dry.yaml: services.catalog.mode: dry-run is set through the control plane (meshlens "
      "mode set SERVICE dry-run), not in the mesh file"),
     (["proxy", "--service", "web", "--mesh", "{tmp}/grpc.yaml"],
-     "meshlens proxy: {tmp}/grpc.yaml: services.web.protocol: grpc cannot be honoured yet"),
+     "meshlens proxy: {tmp}/grpc.yaml: services.web.protocol: expected one of http, http2, grpc, tcp, tls, got "
+     "'grpc2'"),
     (["proxy", "--service", "web", "--mesh", "{tmp}/retries.yaml"],
      "meshlens proxy: {tmp}/retries.yaml: services.web: unknown field(s) retries"),
     (["proxy", "--service", "nope", "--mesh", "{tmp}/ok.yaml"], "meshlens proxy: no service 'nope' in the mesh (known: web)"),

@@ -55,9 +55,8 @@ def test_a_mesh_file_names_services_instances_and_subsets(tmp_path: Path) -> Non
 @pytest.mark.parametrize("doc, message", [
     ("services: [a, b]", "services: expected a mapping"),
     ("service: {}", "unknown field(s) service"),
-    ("services: {a: {protocol: quic}}", "services.a.protocol: expected one of http, tcp, tls, got 'quic'"),
-    ("services: {a: {protocol: grpc}}", "services.a.protocol: grpc cannot be honoured yet (HTTP/2 is passed "
-                                        "through, not parsed)"),
+    ("services: {a: {protocol: quic}}", "services.a.protocol: expected one of http, http2, grpc, tcp, tls, got "
+                                        "'quic'"),
     ("services: {a: {mode: on}}", "services.a.mode: expected observe, got True"),
     ("services: {catalog: {mode: dry-run}}", "services.catalog.mode: dry-run is set through the control plane "
                                              "(meshlens mode set SERVICE dry-run), not in the mesh file"),

@@ -9,9 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -19,6 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.clickhouse_server import free_port
+from tests.grpc_peers import grpc_server as serve_grpc
+from tests.grpc_peers import run_grpc_client
 from tests.waiting import PATIENCE_S, wait_until
 
 ROOT = Path(__file__).parents[2]
@@ -83,70 +83,10 @@ def tshark_paths(pcap: Path, port: int) -> collections.Counter:
 
 # -- gRPC ----------------------------------------------------------------------------------
 
-def _hello(request: bytes, context: grpc.ServicerContext) -> bytes:
-    return b"hi " + request
-
-
-def _stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-    for i in range(3):
-        yield b"part %d" % i
-
-
-def _fail(request: bytes, context: grpc.ServicerContext) -> bytes:
-    context.abort(grpc.StatusCode.NOT_FOUND, "no such user: é")  # before any message: trailers-only
-
-
-def _fail_late(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-    yield b"one"
-    context.abort(grpc.StatusCode.PERMISSION_DENIED, "stop here")  # after a message: in the trailers
-
-
-def _slow(request: bytes, context: grpc.ServicerContext) -> bytes:
-    while context.is_active():  # until the client's deadline ends the call
-        time.sleep(0.02)
-    return b""
-
-
-METHODS = {"Hello": grpc.unary_unary_rpc_method_handler(_hello),
-           "Stream": grpc.unary_stream_rpc_method_handler(_stream),
-           "Fail": grpc.unary_unary_rpc_method_handler(_fail),
-           "FailLate": grpc.unary_stream_rpc_method_handler(_fail_late),
-           "Slow": grpc.unary_unary_rpc_method_handler(_slow)}
-
-
 @pytest.fixture
 def grpc_server() -> Iterator[int]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("demo.Greeter", METHODS)])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with serve_grpc() as port:
         yield port
-    finally:
-        server.stop(grace=None).wait(PATIENCE_S)
-
-
-def run_grpc_client(port: int) -> collections.Counter:
-    """The calls of one channel (one connection), as the client saw them: (path, gRPC status code)."""
-    seen: collections.Counter = collections.Counter()
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        def call(kind: str, method: str, timeout: float = PATIENCE_S) -> None:
-            path = f"/demo.Greeter/{method}"
-            stub = channel.unary_unary(path) if kind == "unary" else channel.unary_stream(path)
-            try:
-                result = stub(b"x" * 10, timeout=timeout)
-                if kind == "stream":
-                    list(result)
-                seen[(path, 0)] += 1
-            except grpc.RpcError as e:
-                seen[(path, e.code().value[0])] += 1
-        for _ in range(3):
-            call("unary", "Hello")
-        call("stream", "Stream")
-        call("unary", "Fail")
-        call("stream", "FailLate")
-        call("unary", "Slow", timeout=1.0)
-    return seen
 
 
 def test_grpc_calls_match_the_client_call_for_call(grpc_server: int, tmp_path: Path) -> None:
