@@ -18,8 +18,10 @@ from meshlens.dashboards.sql import (BUCKET, CALLEE, CALLER, CALLS, FAILED, HEAL
 
 MTLS_MIN_N = 100  # analysis.mtls.MTLS_MIN_N: inbound calls to a service before any verdict
 TIMEOUT_HEADROOM = 1.5  # analysis.timeouts.HEADROOM
-TRANSIENT = ("(error IN ('refused', 'reset', 'connect_failure', 'connect_error') "
-             "OR status IN (502, 503, 504))")  # analysis.route_stats.TRANSIENT_SQL
+# analysis.route_stats.TRANSIENT_SQL: for gRPC only what the server did not process
+TRANSIENT = ("if(protocol = 'grpc', (error IN ('refused', 'connect_failure', 'connect_error') "
+             "OR attributes['h2.reset'] = 'REFUSED_STREAM' OR (grpc_status = 14 AND response_bytes = 0)), "
+             "(error IN ('refused', 'reset', 'connect_failure', 'connect_error') OR status IN (502, 503, 504)))")
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE")  # analysis.retries
 
 MESHED_CALLERS = f"SELECT DISTINCT {CALLER} FROM {CALLS} WHERE {WINDOW} AND observer = 'client'"

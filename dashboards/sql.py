@@ -33,9 +33,10 @@ CALLER = f"if({UNNAMED}, if(src_addr != '', src_addr, '(unknown)'), toString(src
 # Observers that see a call from outside both sidecars, and so may not know who called.
 OUTSIDE_OBSERVERS: tuple[str, ...] = ("wire", "otlp")
 CALLEE = "toString(dst_service)"
-# A failure as the caller sees it: no response (an error class) or a 5xx (analysis.scope.FAILED_SQL).
-FAILED = "(error != '' OR status >= 500)"
-HEALTHY = "(error = '' AND status < 500)"
+# A failure as the caller sees it: no response (an error class), a 5xx, or a gRPC server error under HTTP 200
+# (analysis.scope.FAILED_SQL).
+FAILED = "(error != '' OR status >= 500 OR grpc_status IN (2, 4, 12, 13, 14, 15))"
+HEALTHY = "(error = '' AND status < 500 AND grpc_status NOT IN (2, 4, 12, 13, 14, 15))"
 ROUTE = "if(route != '', toString(route), path)"
 WINDOW = "$__timeFilter(time)"
 BUCKET = "$__timeInterval(time)"
