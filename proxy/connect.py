@@ -21,7 +21,7 @@ from typing import NamedTuple, TypeVar
 from meshlens.proxy.mtls import SESSIONS, TlsClient
 
 __all__ = ["CONNECT_TIMEOUT", "DC", "DPE", "LR", "NR", "UC", "UF", "UH", "UO", "UPE", "UPSTREAM_PROTOCOL_ERROR",
-           "UPSTREAM_RESET", "UR", "URX", "UT", "LocalReply", "failure", "no_endpoint", "open_connection"]
+           "UPSTREAM_REFUSED_STREAM", "UPSTREAM_RESET", "UR", "URX", "UT", "LocalReply", "failure", "no_endpoint", "open_connection"]
 
 # Envoy's cluster connect_timeout default is 5 s (nginx proxy_connect_timeout 60 s).
 CONNECT_TIMEOUT = 5.0
@@ -69,6 +69,9 @@ class LocalReply(NamedTuple):
 
 UPSTREAM_RESET = LocalReply(503, "upstream reset the connection before responding", "reset", UC)
 UPSTREAM_PROTOCOL_ERROR = LocalReply(502, "upstream sent a malformed response", "protocol_error", UPE)
+UPSTREAM_REFUSED_STREAM = LocalReply(503, "upstream refused the stream before processing it", "refused_stream", UR)
+"""HTTP/2: the server reset the stream REFUSED_STREAM, or its GOAWAY left the stream unread (RFC 9113 8.7): safe to
+retry (retryOn refused-stream)."""
 
 
 def failure(exc: BaseException) -> LocalReply:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from meshlens.proxy.chain import Decision, Kind
 from meshlens.proxy.connect import (
     UPSTREAM_PROTOCOL_ERROR,
+    UPSTREAM_REFUSED_STREAM,
     UPSTREAM_RESET,
     UC,
     UT,
@@ -444,8 +445,9 @@ class Exchange:
 
     # -- failures -------------------------------------------------------------------------------
 
-    def upstream_lost(self, protocol_error: bool = False) -> None:
-        """The upstream connection closed or sent what is not HTTP, before the response ended."""
+    def upstream_lost(self, protocol_error: bool = False, refused: bool = False) -> None:
+        """The upstream connection closed or sent what is not HTTP, before the response ended; `refused`: an
+        HTTP/2 server refused the stream unread (REFUSED_STREAM, or above its GOAWAY)."""
         state = self.state
         if state is _DONE or state is _TUNNEL:
             return
@@ -459,13 +461,13 @@ class Exchange:
             self._finish()
             return
         if (not protocol_error and self.reused and not self.lost_retried and self.replay is not None
-                and self.route is not None and self.attempt < MAX_ATTEMPTS):
+                and self.route is not None and self.attempt < MAX_ATTEMPTS and (refused or not self.upstream_h2)):
             # Envoy's rule: a pooled connection the upstream closed before answering is retried
             # once on a fresh connection, whatever the retry policy says
             self.lost_retried = True
             self._try(self.route, fresh=True)
             return
-        self._failed(UPSTREAM_PROTOCOL_ERROR if protocol_error else UPSTREAM_RESET)
+        self._failed(UPSTREAM_REFUSED_STREAM if refused else UPSTREAM_PROTOCOL_ERROR if protocol_error else UPSTREAM_RESET)
 
     def _timed_out(self, action: str = "") -> None:
         """The whole response's time is up (the route's timeout): never retried, as in Envoy."""

@@ -112,7 +112,8 @@ class Stream:
         if self.reset:
             return
         try:
-            self.shell.h2.send_headers(self.id, response_fields(head))
+            self.shell.h2.send_headers(self.id, response_fields(head), end_stream=head.alone)
+            self.ended = head.alone
         except (ProtocolError, StreamClosedError):  # the client reset it meanwhile (its event follows)
             self.reset = True
         self.shell.dirty()

@@ -25,7 +25,7 @@ from meshlens.protocols.errors import PeerError
 from meshlens.proxy.headers import HOP_BY_HOP, PEER_HEADER, Trace
 
 __all__ = ["GRPC_DEADLINE_EXCEEDED", "GRPC_UNAVAILABLE", "H2RequestHead", "H2ResponseHead", "Fields",
-           "grpc_code_for", "grpc_timeout", "h1_response_head", "local_reply_fields", "request_fields",
+           "grpc_code_for", "grpc_timeout", "h1_response_head", "http_status_of_grpc", "local_reply_fields", "request_fields",
            "request_fields_from_h1", "request_head", "response_fields", "response_head", "trailer_block",
            "trailers_of"]
 
@@ -209,6 +209,8 @@ class H2ResponseHead:
     fields: Fields = []
     """Its fields but :status."""
     trailers: Fields | None = None
+    alone = False
+    """The response is this head alone (END_STREAM on it): a gRPC trailers-only response must stay one HEADERS."""
 
     def __repr__(self) -> str:
         return f"<H2ResponseHead {self.status} grpc={self.grpc_status}>"
@@ -277,6 +279,14 @@ def h1_response_head(head: H2ResponseHead) -> tuple[bytes, bool]:
 def trailer_block(trailers: Fields | None) -> bytes:
     """The last chunk of a chunked HTTP/1.1 body, with the trailers as its trailer section."""
     return b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers or ()) + b"\r\n"
+
+
+# Envoy's Grpc::Utility::grpcToHttpStatus: what outlier detection counts a gRPC status as.
+_HTTP_OF_GRPC = (200, 499, 500, 400, 504, 404, 409, 403, 429, 400, 409, 400, 501, 500, 503, 500, 401)
+
+
+def http_status_of_grpc(code: int) -> int:
+    return _HTTP_OF_GRPC[code] if 0 <= code < len(_HTTP_OF_GRPC) else 500
 
 
 def grpc_code_for(status: int, error: str) -> int:

@@ -221,7 +221,7 @@ class UpstreamStream:
         conn.forget(self)
         conn.dirty()
 
-    def _lost(self, protocol_error: bool = False) -> None:
+    def _lost(self, protocol_error: bool = False, refused: bool = False) -> None:
         if self.done:
             return
         ex = self.ex
@@ -229,11 +229,11 @@ class UpstreamStream:
         self.ex = None
         self.conn.forget(self)
         if ex is not None:
-            ex.upstream_lost(protocol_error)
+            ex.upstream_lost(protocol_error, refused)
 
     # -- the connection's events for it ---------------------------------------------------------------------
 
-    def on_response(self, headers: list[tuple[bytes, bytes]]) -> None:
+    def on_response(self, headers: list[tuple[bytes, bytes]], alone: bool) -> None:
         ex = self.ex
         if ex is None:
             return
@@ -243,6 +243,7 @@ class UpstreamStream:
             self._end(ErrorCodes.PROTOCOL_ERROR)
             ex.upstream_lost(protocol_error=True)
             return
+        head.alone = alone
         if not ex.conn.speaks_h2:  # an HTTP/1.1 client: the head as HTTP/1.1
             head.raw, self.chunked = h1_response_head(head)
             head.chunked = self.chunked
@@ -276,8 +277,8 @@ class UpstreamStream:
             ex.response_body(trailer_block(head.trailers))
         ex.response_end(head, self.response_bytes)
 
-    def on_reset(self) -> None:
-        self._lost()
+    def on_reset(self, code: int) -> None:
+        self._lost(refused=code == ErrorCodes.REFUSED_STREAM)
 
 
 class H2Upstream(asyncio.Protocol):
@@ -362,7 +363,7 @@ class H2Upstream(asyncio.Protocol):
                         pass
             elif kind is ResponseReceived:
                 if stream is not None:
-                    stream.on_response(event.headers)
+                    stream.on_response(event.headers, event.stream_ended is not None)
             elif kind is TrailersReceived:
                 if stream is not None:
                     stream.on_trailers(event.headers)
@@ -371,7 +372,7 @@ class H2Upstream(asyncio.Protocol):
                     stream.on_end()
             elif kind is StreamReset:
                 if stream is not None:
-                    stream.on_reset()
+                    stream.on_reset(event.error_code)
             elif kind is WindowUpdated or kind is RemoteSettingsChanged:
                 for s in list(streams.values()):
                     if s.out or (s.out_end and not s.sent_end):
@@ -384,8 +385,8 @@ class H2Upstream(asyncio.Protocol):
         self.goaway = True
         self.pool.forget(self)
         for sid, stream in list(self.streams.items()):
-            if sid > last:  # never processed: lost as a reset, which an exchange may retry
-                stream._lost()
+            if sid > last:  # never processed (RFC 9113 6.8): refused, which an exchange may retry
+                stream._lost(refused=True)
         if not self.taken:
             self.close()
 

@@ -9,7 +9,9 @@ counted by this sidecar alone, as each Envoy counts its own:
 - HTTP/1.1 carries one request a connection, so `tcp.maxConnections` bounds the requests
   sent at once; one more waits in the pending queue, up to `http.http1MaxPendingRequests`,
   and beyond that is refused at once: 503 with the `UO` flag (overflow). `http2MaxRequests`
-  bounds the requests sent at once whatever the protocol. A waiting request goes as soon
+  bounds the requests sent at once whatever the protocol. An HTTP/2 upstream carries many
+  requests a connection, so for one only `http2MaxRequests` bounds them (Envoy's
+  max_connections counts its connections, not streams). A waiting request goes as soon
   as one sent ends.
 - `http.maxRetries`: retries in progress at once; one more is not made.
 - Defaults are Istio's: every limit 2^32-1 (unlimited) unless given.
@@ -81,7 +83,7 @@ class Breaker:
     def admit(self, ex: Exchange) -> str:
         """'sent' (go now), 'pending' (wait for `ended` to let it go), or 'overflow' (refuse it)."""
         lim = self.limits
-        if self.sent < lim.max_connections and self.sent < lim.max_requests:
+        if (self.sent < lim.max_connections or ex.upstream_h2) and self.sent < lim.max_requests:
             self.sent += 1
             ex.slot = SENT
             return "sent"

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshlens.proxy.chain import Chain, Decision, Kind, note
 from meshlens.proxy.connect import UO, LocalReply
+from meshlens.proxy.h2_fields import http_status_of_grpc
 from meshlens.proxy.limits import SENT, Breaker, PoolLimits, TokenBucket
 from meshlens.proxy.outlier import Outlier, OutlierConfig
 from meshlens.proxy.retries import DEFAULT_RETRY, RetryPolicy, no_response
@@ -306,7 +307,9 @@ class Timeout:
         retry = _retry_policy(ex)
         if self.mode == "enforce":
             if rule.timeout:
-                ex.deadline(rule.timeout, "timed_out")
+                client = getattr(ex.head, "deadline", None)  # a gRPC client's own, when sooner, stays
+                if client is None or rule.timeout < client:
+                    ex.deadline(rule.timeout, "timed_out")
             ex.per_try = retry.per_try_timeout
         return None
 
@@ -351,6 +354,10 @@ class Ejection:
 
     def on_response(self, ex: Exchange, head: ResponseHead) -> None:
         status = head.status
+        if ex.protocol == "grpc" and status == 200:  # a gRPC call's result is its grpc-status, as Envoy maps it
+            if head.grpc_status < 0:
+                return  # in the trailers: counted at the end (on_end)
+            status = http_status_of_grpc(head.grpc_status)
         if status < 500:  # a success: only a count to reset (Outlier.result's common case, inline)
             route = ex.route
             ep = route.endpoint if route is not None else None
@@ -360,8 +367,12 @@ class Ejection:
         self._result(ex, status)
 
     def on_error(self, ex: Exchange, reply: LocalReply) -> None:
-        if no_response(reply):
+        if no_response(reply) or reply.error == "refused_stream":
             self._result(ex, 503)  # a local-origin failure counts as a 503 (gateway error)
+
+    def on_end(self, ex: Exchange) -> None:
+        if ex.trailers is not None and ex.protocol == "grpc" and ex.grpc_status >= 0 and not ex.error:
+            self._result(ex, http_status_of_grpc(ex.grpc_status))  # the grpc-status its trailers carried
 
 
 class Retry:
@@ -387,6 +398,9 @@ class Retry:
         policy = _retry_policy(ex)
         status = head.status
         if status < policy.lowest:
+            code = head.grpc_status  # a trailers-only gRPC answer: its status is in its head
+            if code > 0 and code in policy.grpc_codes:
+                return self._decide(ex, policy, True)
             return None
         return self._decide(ex, policy, policy.retriable_status(status))
 

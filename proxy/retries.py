@@ -17,7 +17,9 @@ Istio's semantics, with their sources:
   `connect-failure`; `retriable-4xx` (409); `refused-stream` (HTTP/2, never on HTTP/1.1);
   `retriable-status-codes` the codes listed; a bare number is a status code to retry (Istio).
   gRPC's words (cancelled, deadline-exceeded, internal, resource-exhausted, unavailable)
-  are read and match gRPC status, which HTTP/1.1 calls do not carry.
+  match the grpc-status of a response that carries it in its head (trailers-only), as
+  Envoy's x-envoy-retry-grpc-on: a status in the trailers comes after the response went
+  to the client, too late to retry. HTTP/1.1 calls carry none.
 - Backoff: Envoy's fully jittered exponential backoff, base 25 ms (`retries.backoff`
   overrides it), retry n waits a random time in [0, (2^n - 1) x base], capped at 10 x base
   (250 ms) (arch_overview/http/http_routing, "Retry semantics").
@@ -34,6 +36,8 @@ from meshlens.proxy.connect import UF, LocalReply
 __all__ = ["BACKOFF_BASE", "DEFAULT_RETRY", "RetryPolicy", "no_response"]
 
 BACKOFF_BASE = 0.025
+# Envoy's gRPC retry-on words and the status each retries.
+GRPC_RETRY_ON = {"cancelled": 1, "deadline-exceeded": 4, "resource-exhausted": 8, "internal": 13, "unavailable": 14}
 _GATEWAY = frozenset({502, 503, 504})
 # The record's error classes of a failure with no response from the upstream (proxy/connect.py, exchange.py).
 _NO_RESPONSE = frozenset({"refused", "unreachable", "reset", "timeout", "protocol_error"})
@@ -58,11 +62,14 @@ class RetryPolicy:
 
     lowest: int = field(init=False, default=1000, compare=False)
     """The lowest status it may retry (1000 when none): a status below is answered without a look."""
+    grpc_codes: frozenset[int] = field(init=False, default=frozenset(), compare=False)
+    """The gRPC status codes it retries (from its gRPC words)."""
 
     def __post_init__(self) -> None:
         low = [*self.codes, 500 if "5xx" in self.on else 1000, 502 if "gateway-error" in self.on else 1000,
                409 if "retriable-4xx" in self.on else 1000]
         object.__setattr__(self, "lowest", min(low))
+        object.__setattr__(self, "grpc_codes", frozenset(GRPC_RETRY_ON[w] for w in self.on if w in GRPC_RETRY_ON))
 
     @classmethod
     def from_spec(cls, spec: dict | None) -> RetryPolicy:
@@ -96,6 +103,8 @@ class RetryPolicy:
     def retriable_failure(self, reply: LocalReply) -> bool:
         """A failure before any response (connect failure, reset, per-try timeout, malformed response)."""
         on = self.on
+        if reply.error == "refused_stream":  # HTTP/2: the server refused the stream, or a GOAWAY left it unread
+            return bool(on & {"refused-stream", "reset", "5xx", "gateway-error"})
         if reply.flags == UF:  # refused, unreachable, or the connect timed out
             return bool(on & {"connect-failure", "5xx", "gateway-error", "reset"})
         if reply.error in _NO_RESPONSE:

@@ -189,6 +189,8 @@ class ResponseHead:
     connection = b""
     method = ""
     """The method of the request this answers ('' when unknown)."""
+    grpc_status = -1
+    """(HTTP/1.1 carries no gRPC: the sidecar's HTTP/2 heads, proxy/h2_fields.py, do.)"""
     raw = b""
     content_length_field: bytes | None = None
     transfer_encoding: bytes | None = None

@@ -1,0 +1,133 @@
+"""HTTP/2 and gRPC through two sidecars, end to end: a grpcio client -> sidecar web (outbound) -> sidecar backend
+(inbound) -> a grpcio server, and curl. Each call is one record on each side, with the method, the gRPC status
+and the trace the peers saw, call for call; an HTTP/1.1 client of a service declared grpc is carried over."""
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+import struct
+import subprocess
+
+import grpc
+import pytest
+
+from tests.collector_process import CollectorProcess
+from tests.grpc_peers import SERVICE, grpc_server, run_grpc_client
+from tests.proxy.conftest import free_port
+from tests.proxy.processes import ProxyProcess, recorded_calls
+from tests.waiting import PATIENCE_S
+
+COLUMNS = ("observer", "trace_id", "span_id", "parent_span_id", "src_service", "dst_service", "protocol", "method",
+           "route", "path", "authority", "status", "grpc_status", "request_bytes", "response_bytes", "error",
+           "response_flags", "attributes")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """collector; sidecar backend (inbound to a grpcio server); sidecar web (outbound to it, and to `legacy`, the
+    same server declared grpc, and `dead`, nothing listening)."""
+    tmp = tmp_path_factory.mktemp("h2")
+    col = CollectorProcess(tmp / "collector").start()
+    started: list[ProxyProcess] = []
+    with grpc_server() as port:
+        try:
+            url = f"{col.base}/v1/calls"
+            b = ProxyProcess(tmp / "b", json.dumps({"services": {"backend": {}}}), "backend",
+                             "--app-port", str(port), "--collector", url)
+            started.append(b.start())
+            mesh_a = {"services": {"web": {}, "backend": {"instances": [f"127.0.0.1:{b.inbound}"]},
+                                   "legacy": {"protocol": "grpc", "instances": [f"127.0.0.1:{port}"]},
+                                   "dead": {"instances": [f"127.0.0.1:{free_port()}"]}}}
+            a = ProxyProcess(tmp / "a", json.dumps(mesh_a), "web", "--collector", url)
+            started.append(a.start())
+            yield col, a, b
+        finally:
+            for p in started:
+                p.stop()
+                p.kill()
+            col.stop()
+            col.kill()
+
+
+def rows(col: CollectorProcess, where: str, n: int) -> list[dict]:
+    return recorded_calls(col.query_url, where, n, columns=COLUMNS)
+
+
+def grpc_message(payload: bytes) -> bytes:
+    """One length-prefixed gRPC message (uncompressed), as a client puts it in DATA."""
+    return struct.pack(">BI", 0, len(payload)) + payload
+
+
+def test_grpc_behind_two_sidecars_is_one_record_per_call_on_each_side_as_the_peers_saw_it(chain) -> None:
+    col, a, b = chain
+    seen = run_grpc_client(a.outbound, authority="backend")
+    slow = f"/{SERVICE}/Slow"
+    assert seen[(slow, grpc.StatusCode.DEADLINE_EXCEEDED.value[0])] == 1
+    n = sum(seen.values())
+    got = rows(col, f"dst_service = 'backend' AND path LIKE '/{SERVICE}/%'", 2 * n)
+    client = [r for r in got if r["observer"] == "client"]
+    server = [r for r in got if r["observer"] == "server"]
+    assert len(client) == len(server) == n, got
+    for side in (client, server):
+        assert {(r["protocol"], r["method"] == r["path"] == r["route"], r["authority"]) for r in side} == {
+            ("grpc", True, "backend")}
+        # the client's deadline ends Slow: its reset (DR) at both sidecars, or the server's own DEADLINE_EXCEEDED
+        done = collections.Counter((r["path"], r["grpc_status"]) for r in side if r["path"] != slow)
+        assert done == seen - collections.Counter({(slow, 4): 1})
+        late = next(r for r in side if r["path"].endswith("/FailLate"))
+        assert late["attributes"]["grpc.message"] == "stop here" and late["response_bytes"] == 5 + 3
+        fail = next(r for r in side if r["path"].endswith("/Fail"))
+        assert (fail["status"], fail["grpc_status"], fail["response_bytes"]) == (200, 5, 0)
+        assert fail["attributes"]["grpc.message"] == "no such user: é"
+        stream = next(r for r in side if r["path"].endswith("/Stream"))
+        assert (stream["request_bytes"], stream["response_bytes"]) == (5 + 10, 3 * (5 + 6))
+        (s,) = [r for r in side if r["path"] == slow]
+        assert s["grpc_status"] == 4 or (s["error"], s["response_flags"]) == ("downstream_reset", "DR"), s
+    for c in client:  # one trace across the two sidecars: the server's parent is the client's span
+        (s,) = [s for s in server if s["trace_id"] == c["trace_id"]]
+        assert s["parent_span_id"] == c["span_id"] and s["path"] == c["path"]
+        assert s["attributes"]["x_request_id"] == c["attributes"]["x_request_id"]
+
+
+def test_curl_with_prior_knowledge_is_a_grpc_call_with_its_trailers(chain) -> None:
+    col, a, _ = chain
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed: run scripts/install-system.sh")
+    out = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "--max-time", f"{PATIENCE_S:g}", "-D", "-",
+                          "-H", "content-type: application/grpc", "-H", "te: trailers", "-H", "Host: backend",
+                          "--data-binary", "@-", f"http://127.0.0.1:{a.outbound}/{SERVICE}/Hello"],
+                         input=grpc_message(b"curl"), capture_output=True, timeout=PATIENCE_S + 30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(b"HTTP/2 200") and grpc_message(b"hi curl") in out.stdout, out.stdout
+    assert b"grpc-status: 0" in out.stdout  # curl -D prints the trailers after the body
+    (r,) = rows(col, f"observer = 'client' AND path = '/{SERVICE}/Hello' AND request_bytes = 9", 1)
+    assert (r["protocol"], r["grpc_status"], r["response_bytes"]) == ("grpc", 0, 12)
+
+
+def test_an_http1_client_of_a_service_declared_grpc_goes_on_as_http2_and_gets_the_trailers_chunked(chain) -> None:
+    col, a, _ = chain
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", a.outbound, timeout=PATIENCE_S)
+    body = grpc_message(b"from http/1.1")
+    conn.request("POST", f"/{SERVICE}/Hello", body=body,
+                 headers={"Host": "legacy", "content-type": "application/grpc", "te": "trailers"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("transfer-encoding") == "chunked"
+    assert resp.read() == grpc_message(b"hi from http/1.1")
+    conn.close()
+    (r,) = rows(col, "observer = 'client' AND dst_service = 'legacy'", 1)
+    assert (r["protocol"], r["status"], r["grpc_status"], r["request_bytes"]) == ("http/1.1", 200, -1, len(body))
+
+
+def test_a_grpc_call_to_a_service_that_cannot_be_reached_is_unavailable_with_the_reason(chain) -> None:
+    col, a, _ = chain
+    with grpc.insecure_channel(f"127.0.0.1:{a.outbound}", options=[("grpc.default_authority", "dead")]) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary(f"/{SERVICE}/Hello")(b"x", timeout=PATIENCE_S)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert e.value.details().startswith("upstream connect error")
+    (r,) = rows(col, "observer = 'client' AND dst_service = 'dead'", 1)
+    assert (r["protocol"], r["status"], r["grpc_status"], r["error"], r["response_flags"]) == (
+        "grpc", 200, 14, "refused", "UF")
