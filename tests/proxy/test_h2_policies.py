@@ -1,0 +1,136 @@
+"""Policies per HTTP/2 stream, end to end: a control plane, a sidecar following it, a grpcio server that fails on
+demand, a collector. Retries on UNAVAILABLE (Istio's default retryOn), a route timeout answered as gRPC's
+DEADLINE_EXCEEDED, outlier detection counting grpc-status; dry-run says what enforce does."""
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+
+import grpc
+import pytest
+
+from tests.collector_process import CollectorProcess
+from tests.control.processes import ControlProcess
+from tests.grpc_peers import METHODS, SERVICE, grpc_server
+from tests.proxy.processes import ProxyProcess, recorded_calls
+from tests.proxy.test_policies import apply, config, follow, mode_doc
+from tests.waiting import PATIENCE_S
+
+COLUMNS = ("path", "status", "grpc_status", "attempt", "action", "error", "response_flags", "dst_port")
+
+
+class Flaky:
+    """Every other call fails UNAVAILABLE before any message (trailers-only: what a retry may act on)."""
+
+    def __init__(self) -> None:
+        self.calls = itertools.count()
+        self.lock = threading.Lock()
+
+    def __call__(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        with self.lock:
+            n = next(self.calls)
+        if n % 2 == 0:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
+        return b"ok"
+
+
+def _down(request: bytes, context: grpc.ServicerContext) -> bytes:
+    context.abort(grpc.StatusCode.UNAVAILABLE, "this instance is broken")
+
+
+@pytest.fixture(scope="module")
+def collector(tmp_path_factory):
+    with CollectorProcess(tmp_path_factory.mktemp("h2-policies") / "collector") as c:
+        yield c
+
+
+@pytest.fixture
+def control(tmp_path):
+    with ControlProcess(tmp_path / "control") as c:
+        yield c
+
+
+def grpc_mesh(*ports: int) -> str:
+    return json.dumps({"services": {"web": {}, "backend": {
+        "protocol": "grpc", "instances": [{"address": f"127.0.0.1:{p}", "labels": {"version": f"v{i}"}}
+                                          for i, p in enumerate(ports)]}}})
+
+
+def calls_of(collector: CollectorProcess, proxy: ProxyProcess, n: int) -> list[dict]:
+    me = config(proxy)["observer_id"]
+    return recorded_calls(collector.query_url, f"observer = 'client' AND observer_id = '{me}'", n, columns=COLUMNS)
+
+
+def call(port: int, method: str, n: int, timeout: float = PATIENCE_S) -> list[str]:
+    """`n` calls on one channel, one after another: the status name each ended with."""
+    out = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.default_authority", "backend")]) as ch:
+        stub = ch.unary_unary(f"/{SERVICE}/{method}")
+        for _ in range(n):
+            try:
+                stub(b"x", timeout=timeout)
+                out.append("OK")
+            except grpc.RpcError as e:
+                out.append(e.code().name)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["dry-run", "enforce"])
+def test_unavailable_is_retried_in_enforce_and_would_be_in_dry_run(tmp_path, control, collector, mode) -> None:
+    with grpc_server({**METHODS, "Flaky": grpc.unary_unary_rpc_method_handler(Flaky())}) as port:
+        revision = apply(control, tmp_path, grpc_mesh(port), mode_doc("backend", mode))
+        with ProxyProcess(tmp_path / "web", None, "web", "--collector", f"{collector.base}/v1/calls",
+                          control=control.url).start() as proxy:
+            follow(proxy, revision)
+            seen = call(proxy.outbound, "Flaky", 10)
+            rows = calls_of(collector, proxy, 10)
+    if mode == "enforce":  # each failure retried once, on Istio's default policy (retryOn has unavailable)
+        assert seen == ["OK"] * 10
+        assert [(r["grpc_status"], r["attempt"], r["action"]) for r in rows] == [(0, 1, "retried")] * 10
+    else:
+        assert seen == ["UNAVAILABLE", "OK"] * 5
+        assert [(r["grpc_status"], r["action"]) for r in rows] == [(14, "would_retry"), (0, "")] * 5
+
+
+def test_a_route_timeout_answers_deadline_exceeded_and_outliers_count_grpc_status(tmp_path, control, collector):
+    timeout_rule = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: backend}
+spec:
+  hosts: [backend]
+  http:
+    - match: [{uri: {exact: /demo.Greeter/Slow}}]
+      timeout: 0.3s
+      route: [{destination: {host: backend}}]
+    - route: [{destination: {host: backend}}]
+      retries: {attempts: 0}
+"""
+    outliers = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: backend}
+spec:
+  host: backend
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}
+"""
+    with grpc_server() as good, grpc_server({**METHODS, "Hello": grpc.unary_unary_rpc_method_handler(_down)}) as bad:
+        revision = apply(control, tmp_path, grpc_mesh(good, bad), timeout_rule, outliers,
+                         mode_doc("backend", "enforce"))
+        with ProxyProcess(tmp_path / "web", None, "web", "--collector", f"{collector.base}/v1/calls",
+                          control=control.url).start() as proxy:
+            follow(proxy, revision)
+            slow = call(proxy.outbound, "Slow", 1)
+            hello = call(proxy.outbound, "Hello", 20)
+            rows = calls_of(collector, proxy, 21)
+    assert slow == ["DEADLINE_EXCEEDED"]
+    assert (rows[0]["grpc_status"], rows[0]["error"], rows[0]["response_flags"]) == (4, "timeout", "UT")
+    # round robin: the broken instance fails every other call until its third UNAVAILABLE ejects it
+    failed = [r for r in rows[1:] if r["grpc_status"] == 14]
+    assert hello.count("UNAVAILABLE") == len(failed) == 3, hello
+    assert failed[-1]["action"] == "ejected" and {r["dst_port"] for r in failed} == {bad}
+    last = max(i for i, s in enumerate(hello) if s != "OK")
+    assert last <= 6 and hello[last + 1:] == ["OK"] * (19 - last)  # ejected: the rest go to the good one
