@@ -276,7 +276,10 @@ class H2Downstream(asyncio.Protocol):
             self.proxy.stats["downstream_cx_http2_protocol_error"] += 1
             self._close_with_error(str(e))
             return
+        transport = self.transport
         for event in events:
+            if transport.is_closing():
+                return  # closed for what an earlier frame of this read did: the rest is not acted on
             kind = type(event)
             if kind is DataReceived:
                 self._data(event)
