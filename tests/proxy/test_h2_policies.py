@@ -13,6 +13,7 @@ import pytest
 from tests.collector_process import CollectorProcess
 from tests.control.processes import ControlProcess
 from tests.grpc_peers import METHODS, SERVICE, grpc_server
+from tests.proxy.conftest import free_port
 from tests.proxy.processes import ProxyProcess, recorded_calls
 from tests.proxy.test_policies import apply, config, follow, mode_doc
 from tests.waiting import PATIENCE_S
@@ -134,3 +135,31 @@ spec:
     assert failed[-1]["action"] == "ejected" and {r["dst_port"] for r in failed} == {bad}
     last = max(i for i, s in enumerate(hello) if s != "OK")
     assert last <= 6 and hello[last + 1:] == ["OK"] * (19 - last)  # ejected: the rest go to the good one
+
+
+def test_grpc_between_meshed_sidecars_goes_over_mtls_with_each_sides_identity(tmp_path, collector) -> None:
+    from tests.proxy.test_mtls import API, WEB, with_identity
+    from tests.proxy.test_policies import stats
+
+    with grpc_server() as app, ControlProcess(tmp_path / "control") as control:
+        inbound = free_port()
+        revision = apply(control, tmp_path, json.dumps({"services": {"web": {}, "api": {"instances": [
+            {"address": f"127.0.0.1:{inbound}", "labels": {"security.istio.io/tlsMode": "istio"}}]}}}))
+        record = ("--collector", f"{collector.base}/v1/calls")
+        with ProxyProcess(tmp_path / "api", None, "api", *record, "--app-port", str(app), "--inbound-port",
+                          str(inbound), control=control.url).start() as api, \
+                ProxyProcess(tmp_path / "web", None, "web", *record, control=control.url).start() as web:
+            for p in (api, web):
+                follow(p, revision)
+                with_identity(p)
+            with grpc.insecure_channel(f"127.0.0.1:{web.outbound}", options=[("grpc.default_authority", "api")]) as ch:
+                stub = ch.unary_unary(f"/{SERVICE}/Hello")
+                assert [stub(b"%d" % i, timeout=PATIENCE_S) for i in range(3)] == [b"hi 0", b"hi 1", b"hi 2"]
+            me = {p: config(p)["observer_id"] for p in (web, api)}
+            cols = ("protocol", "grpc_status", "tls", "peer_identity")
+            client = recorded_calls(collector.query_url, f"observer_id = '{me[web]}'", 3, columns=cols)
+            server = recorded_calls(collector.query_url, f"observer_id = '{me[api]}'", 3, columns=cols)
+            assert [tuple(r.values()) for r in client] == [("grpc", 0, True, API)] * 3
+            assert [tuple(r.values()) for r in server] == [("grpc", 0, True, WEB)] * 3
+            assert stats(web)["upstream_cx_mtls"] == 1 and stats(web)["upstream_cx_http2_total"] == 1
+            assert stats(api)["downstream_cx_mtls"] == 1 and stats(api)["downstream_cx_http2_total"] == 1
