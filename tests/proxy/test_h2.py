@@ -131,3 +131,35 @@ def test_a_grpc_call_to_a_service_that_cannot_be_reached_is_unavailable_with_the
     (r,) = rows(col, "observer = 'client' AND dst_service = 'dead'", 1)
     assert (r["protocol"], r["status"], r["grpc_status"], r["error"], r["response_flags"]) == (
         "grpc", 200, 14, "refused", "UF")
+
+
+def test_a_drain_lets_the_streams_in_flight_finish_after_its_goaway(tmp_path) -> None:
+    import signal
+    import threading
+
+    arrived, release = threading.Event(), threading.Event()
+
+    def held(request: bytes, context: grpc.ServicerContext) -> bytes:
+        arrived.set()
+        release.wait(PATIENCE_S)
+        return b"finished"
+
+    from tests.grpc_peers import METHODS
+
+    with grpc_server({**METHODS, "Held": grpc.unary_unary_rpc_method_handler(held)}) as port:
+        proxy = ProxyProcess(tmp_path / "b", json.dumps({"services": {"backend": {}}}), "backend",
+                             "--app-port", str(port), "--no-record", "--drain-timeout", "60").start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{proxy.inbound}") as ch:
+                result: list = []
+                t = threading.Thread(target=lambda: result.append(ch.unary_unary(f"/{SERVICE}/Held")(
+                    b"", timeout=PATIENCE_S)))
+                t.start()
+                assert arrived.wait(PATIENCE_S)
+                proxy.proc.send_signal(signal.SIGTERM)  # GOAWAY; the held stream goes on
+                release.set()
+                t.join(PATIENCE_S)
+                assert result == [b"finished"]
+            assert proxy.proc.wait(PATIENCE_S) == 0  # and the drain ends with the last stream
+        finally:
+            proxy.kill()
