@@ -7,6 +7,17 @@ from meshlens.proxy.limits import PENDING, SENT, Breaker, PoolLimits, TokenBucke
 class Ex:
     slot = 0
     retrying = False
+    upstream_h2 = False
+
+
+class H2Ex(Ex):
+    upstream_h2 = True
+
+
+def test_http2_requests_are_bounded_by_http2_max_requests_not_connections() -> None:
+    b = Breaker(PoolLimits.from_spec({"tcp": {"maxConnections": 1}, "http": {"http2MaxRequests": 3,
+                                                                              "http1MaxPendingRequests": 1}}))
+    assert [b.admit(H2Ex()) for _ in range(5)] == ["sent", "sent", "sent", "pending", "overflow"]
 
 
 def test_beyond_max_connections_requests_wait_and_beyond_the_pending_queue_they_overflow() -> None:
