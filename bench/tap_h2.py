@@ -153,8 +153,8 @@ def make_capture(d: Path, args: argparse.Namespace) -> tuple[Path, list[int], in
             made: list[int] = []
             grpc_thread = threading.Thread(target=lambda: made.append(grpc_load(grpc_port, args.grpc_calls)))
             grpc_thread.start()
-            r = subprocess.run(["h2load", "-n", str(args.requests), "-c", str(args.connections), "-m", str(args.streams),
-                                *(f"http://127.0.0.1:{nginx_port}{p}" for p in PATHS)],
+            r = subprocess.run(["h2load", "-n", str(args.requests), "-c", str(args.connections),
+                                "-m", str(args.streams), *(f"http://127.0.0.1:{nginx_port}{p}" for p in PATHS)],
                                capture_output=True, text=True)
             grpc_thread.join()
             if f"{args.requests} done, " not in r.stdout or "0 errored, 0 timeout" not in r.stdout:
@@ -206,7 +206,8 @@ def tap_counts(parquet: Path) -> Counts:
     import pyarrow.parquet as pq
 
     rows = pq.read_table(parquet, columns=["protocol", "path", "status", "attributes"]).to_pylist()
-    streams = [r for r in rows if r["protocol"] in ("h2", "grpc") and any(k == "h2.stream_id" for k, _ in r["attributes"])]
+    streams = [r for r in rows
+               if r["protocol"] in ("h2", "grpc") and any(k == "h2.stream_id" for k, _ in r["attributes"])]
     return (len(streams), collections.Counter(r["path"] for r in streams),
             collections.Counter(r["status"] for r in streams if r["status"]))
 
@@ -223,7 +224,8 @@ def main() -> int:
     ap.add_argument("--pcap", metavar="FILE", help="read this capture instead of making one (with --port)")
     ap.add_argument("--port", type=port_type(1), action="append", default=[],
                     help="with --pcap: a TCP port whose connections are h2c (tshark decodes only those); repeatable")
-    ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it: the capture (read it again with --pcap), the tap's calls")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="work in DIR and keep it: the capture (read it again with --pcap), the tap's calls")
     args = ap.parse_args()
     if bool(args.pcap) != bool(args.port):
         sys.exit("--pcap and --port go together: tshark decodes h2c only on the ports it is told")

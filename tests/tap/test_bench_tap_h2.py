@@ -18,8 +18,9 @@ from tests.waiting import PATIENCE_S
 ROOT = Path(__file__).parents[2]
 REQUESTS, GRPC_CALLS = 40, 10  # counts, not rates: h2load's on 2 connections, 4 streams in flight each
 
-pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in ("tcpdump", "tshark", "nginx", "h2load")),
-                                reason="tcpdump, tshark, nginx or h2load is not installed: run scripts/install-system.sh")
+pytestmark = pytest.mark.skipif(
+    any(shutil.which(t) is None for t in ("tcpdump", "tshark", "nginx", "h2load")),
+    reason="tcpdump, tshark, nginx or h2load is not installed: run scripts/install-system.sh")
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
