@@ -79,11 +79,13 @@ def grpc_load(port: int, calls: int) -> int:
     """`calls` gRPC calls over GRPC_CHANNELS connections; returns how many were made."""
     import grpc
 
+    from tests.grpc_peers import SERVICE
+
     def channel_load(share: int) -> int:
         # a subchannel pool of its own: grpcio would otherwise share one connection among channels
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
-            hello, stream = ch.unary_unary("/demo.Greeter/Hello"), ch.unary_stream("/demo.Greeter/Stream")
-            fail = ch.unary_unary("/demo.Greeter/Fail")
+            hello, stream = ch.unary_unary(f"/{SERVICE}/Hello"), ch.unary_stream(f"/{SERVICE}/Stream")
+            fail = ch.unary_unary(f"/{SERVICE}/Fail")
             made = window = 0
             while made < share:
                 n = min(GRPC_WINDOW, share - made - 1)  # unary calls, then one streaming (or failing) call
@@ -108,10 +110,9 @@ def grpc_load(port: int, calls: int) -> int:
 
 def make_capture(d: Path, args: argparse.Namespace) -> tuple[Path, list[int], int]:
     """Capture h2load against nginx h2c and the gRPC mix; (the pcap, the h2c ports, streams sent)."""
-    import grpc
-
     from tests.clickhouse_server import free_port
-    from tests.tap.test_h2_live import METHODS, Capture
+    from tests.grpc_peers import METHODS, grpc_server
+    from tests.tap.test_h2_live import Capture
     from tests.waiting import wait_until
 
     class BenchCapture(Capture):
@@ -133,11 +134,6 @@ def make_capture(d: Path, args: argparse.Namespace) -> tuple[Path, list[int], in
     (d / "nginx" / "nginx.conf").write_text(NGINX_CONF.format(d=d / "nginx", port=nginx_port, big=BIG_BODY))
     nginx = subprocess.Popen(["nginx", "-c", str(d / "nginx" / "nginx.conf"), "-p", str(d / "nginx")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        "demo.Greeter", {m: METHODS[m] for m in ("Hello", "Stream", "Fail")})])
-    grpc_port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
     pcap = d / "h2c.pcap"
     try:
         def up() -> bool:
@@ -149,7 +145,8 @@ def make_capture(d: Path, args: argparse.Namespace) -> tuple[Path, list[int], in
             except OSError:
                 return False
         wait_until(up, "nginx listening")
-        with BenchCapture([nginx_port, grpc_port], pcap) as cap:
+        with grpc_server({m: METHODS[m] for m in ("Hello", "Stream", "Fail")}) as grpc_port, \
+                BenchCapture([nginx_port, grpc_port], pcap) as cap:
             made: list[int] = []
             grpc_thread = threading.Thread(target=lambda: made.append(grpc_load(grpc_port, args.grpc_calls)))
             grpc_thread.start()
@@ -166,11 +163,11 @@ def make_capture(d: Path, args: argparse.Namespace) -> tuple[Path, list[int], in
                 cap.stop()
             except AssertionError as e:  # tcpdump dropped packets, or never wrote the end marker
                 raise SystemExit(f"tcpdump: {' '.join(str(e).split())}") from None
+            ports = [nginx_port, grpc_port]
     finally:
-        server.stop(grace=None)
         nginx.terminate()
         nginx.wait()
-    return pcap, [nginx_port, grpc_port], args.requests + args.grpc_calls
+    return pcap, ports, args.requests + args.grpc_calls
 
 
 # -- the two readers -----------------------------------------------------------------------
