@@ -45,12 +45,18 @@ def _upload(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
     return b"%d" % sum(len(r) for r in requests)
 
 
+def _echo(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    yield request
+    yield request
+
+
 METHODS = {"Hello": grpc.unary_unary_rpc_method_handler(_hello),
            "Stream": grpc.unary_stream_rpc_method_handler(_stream),
            "Fail": grpc.unary_unary_rpc_method_handler(_fail),
            "FailLate": grpc.unary_stream_rpc_method_handler(_fail_late),
            "Slow": grpc.unary_unary_rpc_method_handler(_slow),
-           "Upload": grpc.stream_unary_rpc_method_handler(_upload)}
+           "Upload": grpc.stream_unary_rpc_method_handler(_upload),
+           "Echo": grpc.unary_stream_rpc_method_handler(_echo)}
 
 
 @contextmanager
