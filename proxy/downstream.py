@@ -21,11 +21,12 @@ from meshlens.protocols.sniff import sniff
 from meshlens.protocols.tls import HelloParser
 from meshlens.proxy.connect import DC, DPE, NR, LocalReply
 from meshlens.proxy.exchange import Exchange, State, plain_response
-from meshlens.proxy.h2_downstream import H2Downstream
+from meshlens.proxy.h2_downstream import H2Downstream, h2c_settings
 from meshlens.proxy.headers import PEER_HEADER, response_head
 from meshlens.proxy.mtls import MESH_ALPN, TlsServer, handshake_reason
 from meshlens.proxy.passthrough import SNIFF_TIMEOUT, Passthrough, connect_method
 from meshlens.proxy.router import Route
+from meshlens.proxy.routing import field_value
 from meshlens.proxy.tunnel import CLIENT, SERVER, Tunnel
 
 if TYPE_CHECKING:
@@ -231,6 +232,8 @@ class Downstream(asyncio.Protocol):
             ex.reply(ex.refused)
             return
         peer = head.extra.get(PEER_HEADER, b"") if head.extra is not None else b""
+        if head.upgrade and head.method != "CONNECT" and self._upgrade_h2c(ex):
+            return
         if head.method == "CONNECT":
             ex.close_after = True  # after a CONNECT the connection is a tunnel, or closed
             if self.has_destination:
@@ -535,6 +538,33 @@ class Downstream(asyncio.Protocol):
         self.passthrough = True
         self._cancel_timer()  # the tunnel adopts the transport: connection_lost, which would, never comes here
         Passthrough(self, protocol).start(first)
+
+    def _upgrade_h2c(self, ex: Exchange) -> bool:
+        """`Upgrade: h2c` (RFC 7540 3.2) on a request without a body: answered 101 here (the upgrade is this hop's),
+        and the connection is HTTP/2 from now, the request its stream 1. False: not an h2c upgrade (it goes on, and
+        an upstream may take or ignore what it asks); a bad HTTP2-Settings is refused 400."""
+        head = ex.head
+        low = head.raw.lower()
+        upgrade = field_value(head.raw, low, b"upgrade") or ""
+        if "h2c" not in [t.strip().lower() for t in upgrade.split(",")] or self.h2 is not None:
+            return False
+        if head.content_length > 0 or head.chunked:
+            return False  # a body would have to be read as HTTP/1.1 first: served as HTTP/1.1, as nginx does
+        settings = field_value(head.raw, low, b"http2-settings")
+        payload = h2c_settings(settings.encode("latin-1") if settings is not None else None)
+        if payload is None:
+            ex.close_after = True
+            ex.reply(LocalReply(400, "Upgrade: h2c needs one valid HTTP2-Settings field (RFC 7540 3.2.1)",
+                                "protocol_error", DPE))
+            return True
+        self.queue.clear()
+        self.reading = None
+        self._cancel_timer()
+        self.write(b"HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nupgrade: h2c\r\n\r\n")
+        held = self.reader.upgrade_answered(True)
+        self.h2 = H2Downstream(self)
+        self.h2.upgrade(head, payload, held)
+        return True
 
     def _sniff_expired(self) -> None:
         """Nothing sent yet: a server-first protocol, passed through if there is a destination; else idle."""

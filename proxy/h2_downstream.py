@@ -22,6 +22,8 @@ streams, more than half reset by the client within PREMATURE_RESET_SECONDS of op
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -37,18 +39,21 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError, StreamClosedError
+from hyperframe.exceptions import HyperframeError
+from hyperframe.frame import SettingsFrame
 
 from meshlens.protocols.errors import PeerError
 from meshlens.proxy.connect import DPE, LocalReply
 from meshlens.proxy.exchange import Exchange
-from meshlens.proxy.h2_connection import Connection, goaway
+from meshlens.proxy.h2_connection import CONNECTION_WINDOW, Connection, goaway
 from meshlens.proxy.h2_fields import local_reply_fields, request_head, response_fields
 from meshlens.proxy.headers import PEER_HEADER
 
 if TYPE_CHECKING:
     from meshlens.proxy.downstream import Downstream
 
-__all__ = ["DR", "PREMATURE_RESET_MIN_STREAMS", "PREMATURE_RESET_SECONDS", "STREAM_BUFFER", "H2Downstream", "Stream"]
+__all__ = ["DR", "PREMATURE_RESET_MIN_STREAMS", "PREMATURE_RESET_SECONDS", "STREAM_BUFFER", "H2Downstream", "Stream",
+           "h2c_settings"]
 
 DR = "DR"
 """Envoy's response flag: downstream remote reset (the client reset its stream)."""
@@ -267,6 +272,31 @@ class H2Downstream(asyncio.Protocol):
         if first:
             self.data_received(first)
 
+    def upgrade(self, head: Any, settings: bytes, held: bytes) -> None:
+        """After our 101 to `Upgrade: h2c`: the upgrading request is stream 1 (its request complete), `held` what
+        the client sent after it (its preface, from RFC 7540 3.5)."""
+        stats = self.proxy.stats
+        stats["downstream_cx_http2_total"] += 1
+        stats["downstream_cx_http2_upgrade"] += 1
+        self.transport.set_protocol(self)
+        h2 = self.h2
+        h2.initiate_upgrade_connection(base64.urlsafe_b64encode(settings))
+        h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.opened_streams += 1
+        stream = self.streams[1] = Stream(self, 1, False)
+        ex = stream.ex = Exchange(stream, self.conn.env, head)
+        ex.protocol, ex.upstream_h2, ex.request_done = "h2", True, True
+        conn = self.conn
+        if conn.peer_identity:
+            ex.peer_identity = conn.peer_identity
+        if conn.mtls_note:
+            ex.actions = (conn.mtls_note,)
+        peer = head.extra.get(PEER_HEADER, b"") if head.extra is not None else b""
+        ex.start(conn.route(head, peer))
+        self.dirty()
+        if held:
+            self.data_received(held)
+
     # -- asyncio --------------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
@@ -441,6 +471,22 @@ class H2Downstream(asyncio.Protocol):
                 stream.ex.abandon("protocol_error", DPE)
         self.streams.clear()
         self.transport.close()
+
+
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
+
+
+def h2c_settings(value: bytes | None) -> bytes | None:
+    """An HTTP2-Settings field's SETTINGS payload (base64url, padding optional); None when it is not one."""
+    if value is None or len(value) > 1024:
+        return None
+    try:
+        text = value.strip()  # two fields come joined by "," (field_value), which no base64url has: refused
+        payload = base64.b64decode((text + b"=" * (-len(text) % 4)).translate(_URLSAFE), validate=True)
+        SettingsFrame(0).parse_body(memoryview(payload))
+    except (binascii.Error, ValueError, HyperframeError):
+        return None
+    return payload
 
 
 class _BadHead:

@@ -103,7 +103,7 @@ class Proxy:
             "downstream_cx_tls_unfinished": 0, "downstream_cx_tls_hello_invalid": 0,
             "downstream_cx_tls_record_error": 0, "upstream_cx_mtls": 0, "upstream_cx_mtls_resumed": 0,
             "upstream_cx_identity_refused": 0, "downstream_cx_plaintext_drained": 0,
-            "downstream_cx_http2_total": 0, "downstream_cx_http2_protocol_error": 0,
+            "downstream_cx_http2_total": 0, "downstream_cx_http2_upgrade": 0, "downstream_cx_http2_protocol_error": 0,
             "downstream_cx_http2_premature_resets": 0, "upstream_cx_http2_total": 0, "upstream_rq_http2_reused": 0,
         }
         self.pool = Pool(self.stats)

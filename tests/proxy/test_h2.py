@@ -16,6 +16,7 @@ from tests.collector_process import CollectorProcess
 from tests.grpc_peers import SERVICE, grpc_server, run_grpc_client
 from tests.proxy.conftest import free_port
 from tests.proxy.processes import ProxyProcess, recorded_calls
+from tests.tap.test_h2_live import nginx_h2c  # noqa: F401  (a fixture)
 from tests.waiting import PATIENCE_S
 
 COLUMNS = ("observer", "trace_id", "span_id", "parent_span_id", "src_service", "dst_service", "protocol", "method",
@@ -178,3 +179,28 @@ def test_large_messages_both_ways_pass_intact_through_the_windows(chain) -> None
     assert (up["grpc_status"], up["request_bytes"]) == (0, 3 * (5 + (1 << 20)))
     (down,) = rows(col, f"observer = 'server' AND path = '/{SERVICE}/Echo'", 1)
     assert (down["grpc_status"], down["response_bytes"]) == (0, 2 * (5 + 1_500_000))
+
+
+def test_h2c_by_upgrade_and_http1_go_to_an_http2_only_server_as_http2(nginx_h2c, tmp_path) -> None:
+    """nginx serving h2c only, as the app of a sidecar whose service is declared http2: `curl --http2` upgrades
+    its connection to the sidecar (101 here, the request stream 1), plain HTTP/1.1 is carried over; nginx sees
+    HTTP/2 for both. A bad HTTP2-Settings is refused 400."""
+    from tests.tap.test_h2_live import served
+
+    d, port = nginx_h2c
+    mesh = {"services": {"backend": {"protocol": "http2", "instances": [f"127.0.0.1:{port}"]}}}
+    with ProxyProcess(tmp_path / "b", json.dumps(mesh), "backend", "--app-port", str(port), "--no-record").start() as b:
+        url = f"http://127.0.0.1:{b.inbound}"
+        up = subprocess.run(["curl", "-sS", "-v", "--http2", f"{url}/upgraded"], capture_output=True,
+                            timeout=PATIENCE_S)
+        assert up.stdout == b"ok\n" and b"< HTTP/1.1 101" in up.stderr and b"< HTTP/2 200" in up.stderr, up.stderr
+        plain = subprocess.run(["curl", "-sS", "-i", f"{url}/plain"], capture_output=True, timeout=PATIENCE_S)
+        assert plain.stdout.startswith(b"HTTP/1.1 200") and plain.stdout.endswith(b"\r\n\r\nok\n"), plain.stdout
+        bad = subprocess.run(["curl", "-sS", "-i", "-H", "Connection: Upgrade, HTTP2-Settings", "-H", "Upgrade: h2c",
+                              "-H", "HTTP2-Settings: not*base64", f"{url}/bad"], capture_output=True,
+                             timeout=PATIENCE_S)
+        assert bad.stdout.startswith(b"HTTP/1.1 400") and b"HTTP2-Settings" in bad.stdout, bad.stdout
+        stats = json.loads(subprocess.run(["curl", "-sS", f"http://127.0.0.1:{b.ports['admin']}/stats"],
+                                          capture_output=True, timeout=PATIENCE_S).stdout)
+        assert stats["downstream_cx_http2_upgrade"] == 1
+    assert served(d / "access.log", 2) == collections.Counter({("GET", "/upgraded", 200): 1, ("GET", "/plain", 200): 1})
