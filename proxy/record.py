@@ -104,6 +104,8 @@ class Recording:
             attributes["upgraded"] = "true"  # the tap's attribute for an exchange that became a tunnel
         elif req.grpc_message:
             attributes["grpc.message"] = req.grpc_message
+        if error == "refused_stream":  # the tap's name for it: HTTP/2 RST_STREAM's code
+            attributes["h2.reset"] = "REFUSED_STREAM"
         row[AT.attributes] = attributes
         self.recorder.record(tuple(row))
 
