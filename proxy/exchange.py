@@ -461,9 +461,10 @@ class Exchange:
             self._finish()
             return
         if (not protocol_error and self.reused and not self.lost_retried and self.replay is not None
-                and self.route is not None and self.attempt < MAX_ATTEMPTS and (refused or not self.upstream_h2)):
+                and self.route is not None and self.attempt < MAX_ATTEMPTS and not self.upstream_h2):
             # Envoy's rule: a pooled connection the upstream closed before answering is retried
-            # once on a fresh connection, whatever the retry policy says
+            # once on a fresh connection, whatever the retry policy says (HTTP/1.1: an HTTP/2 server says
+            # which streams it left unread, REFUSED_STREAM, and retryOn refused-stream decides)
             self.lost_retried = True
             self._try(self.route, fresh=True)
             return

@@ -3,18 +3,23 @@ demand, a collector. Retries on UNAVAILABLE (Istio's default retryOn), a route t
 DEADLINE_EXCEEDED, outlier detection counting grpc-status; dry-run says what enforce does."""
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import threading
 
 import grpc
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
 import pytest
 
 from tests.collector_process import CollectorProcess
 from tests.control.processes import ControlProcess
 from tests.grpc_peers import METHODS, SERVICE, grpc_server
 from tests.proxy.conftest import free_port
-from tests.proxy.processes import ProxyProcess, recorded_calls
+from tests.proxy.processes import LoopThread, ProxyProcess, recorded_calls
 from tests.proxy.test_policies import apply, config, follow, mode_doc
 from tests.waiting import PATIENCE_S
 
@@ -163,3 +168,60 @@ def test_grpc_between_meshed_sidecars_goes_over_mtls_with_each_sides_identity(tm
             assert [tuple(r.values()) for r in server] == [("grpc", 0, True, WEB)] * 3
             assert stats(web)["upstream_cx_mtls"] == 1 and stats(web)["upstream_cx_http2_total"] == 1
             assert stats(api)["downstream_cx_mtls"] == 1 and stats(api)["downstream_cx_http2_total"] == 1
+
+
+class _Refusing(asyncio.Protocol):
+    """An HTTP/2 server (h2, in the test's loop) that refuses every other stream with REFUSED_STREAM and answers
+    the rest 200 `ok`: what a server at its stream limit, or going away, does."""
+
+    def __init__(self, counter: itertools.count) -> None:
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        self.counter = counter
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport  # type: ignore[assignment]
+        self.h2.initiate_connection()
+        self.t.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for ev in self.h2.receive_data(data):
+            if isinstance(ev, h2.events.RequestReceived):
+                if next(self.counter) % 2 == 0:
+                    self.h2.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                else:
+                    self.h2.send_headers(ev.stream_id, [(b":status", b"200"), (b"content-length", b"2")])
+                    self.h2.send_data(ev.stream_id, b"ok", end_stream=True)
+            elif isinstance(ev, h2.events.DataReceived):
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        self.t.write(self.h2.data_to_send())
+
+
+@pytest.mark.parametrize("mode", ["dry-run", "enforce"])
+def test_a_refused_stream_is_retried_in_enforce_and_would_be_in_dry_run(tmp_path, control, collector, mode) -> None:
+    import http.client
+
+    loop = LoopThread()
+    server = loop.run(loop.loop.create_server(lambda: _Refusing(itertools.count()), "127.0.0.1", 0))
+    try:
+        port = server.sockets[0].getsockname()[1]
+        revision = apply(control, tmp_path, grpc_mesh(port), mode_doc("backend", mode))
+        with ProxyProcess(tmp_path / "web", None, "web", "--collector", f"{collector.base}/v1/calls",
+                          control=control.url).start() as proxy:
+            follow(proxy, revision)
+            client = http.client.HTTPConnection("127.0.0.1", proxy.outbound, timeout=PATIENCE_S)
+            seen = []
+            for _ in range(6):  # HTTP/1.1 in, HTTP/2 out (backend is declared grpc)
+                client.request("GET", "/x", headers={"Host": "backend"})
+                resp = client.getresponse()
+                seen.append((resp.status, resp.read()))
+            client.close()
+            rows = calls_of(collector, proxy, 6)
+    finally:
+        server.close()
+        loop.stop()
+    if mode == "enforce":  # Istio's default retryOn has refused-stream
+        assert seen == [(200, b"ok")] * 6
+        assert [(r["attempt"], r["action"], r["error"]) for r in rows] == [(1, "retried", "")] * 6, rows
+    else:
+        assert [s for s, _ in seen] == [503, 200] * 3
+        assert [(r["error"], r["action"]) for r in rows] == [("refused_stream", "would_retry"), ("", "")] * 3
