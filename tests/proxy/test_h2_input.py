@@ -134,3 +134,75 @@ def test_fuzzed_frames_never_stop_the_sidecar_serving(sidecar, frames) -> None:
     s.shutdown(socket.SHUT_WR)  # whatever the sidecar makes of it, it closes: a GOAWAY, or the end of the bytes
     goaway_code(s)
     still_serves(sidecar)
+
+
+def test_a_client_that_stops_reading_stops_the_server_at_a_window_not_the_sidecars_memory(tmp_path) -> None:
+    """The client opens a stream to a method that would send 64 MiB and never opens its window past the first
+    64 KiB: the sidecar stops reading the server's stream once it holds STREAM_BUFFER, so the server is held at
+    a window or two (never near the 64 messages), and the sidecar's peak memory stays far below 64 MiB; once the
+    client reads on, every byte arrives."""
+    import threading
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    from meshlens.proxy.h2_connection import STREAM_WINDOW
+    from tests.proxy.processes import rss_kb
+    from tests.waiting import wait_until
+
+    sent = [0]
+    big = b"m" * (1 << 20)
+
+    def flood(request: bytes, context: grpc.ServicerContext):
+        for _ in range(64):
+            sent[0] += 1
+            yield big
+
+    from tests.grpc_peers import METHODS
+
+    with grpc_server({**METHODS, "Flood": grpc.unary_stream_rpc_method_handler(flood)}) as port:
+        proxy = ProxyProcess(tmp_path / "b", json.dumps({"services": {"backend": {}}}), "backend",
+                             "--app-port", str(port), "--no-record").start()
+        try:
+            still_serves(proxy)  # warmed: the connection to the app, the imports of a first stream
+            before = rss_kb(proxy.proc.pid)
+            s = socket.create_connection(("127.0.0.1", proxy.inbound), timeout=PATIENCE_S)
+            c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+            c.initiate_connection()
+            c.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", f"/{SERVICE}/Flood"),
+                               (":authority", "backend"), ("content-type", "application/grpc"), ("te", "trailers")])
+            c.send_data(1, struct.pack(">BI", 0, 0), end_stream=True)
+            s.sendall(c.data_to_send())
+            got, held, ended = [0], [0], threading.Event()
+
+            def read(ack: bool) -> None:
+                while not ended.is_set() and (data := s.recv(1 << 16)):
+                    for ev in c.receive_data(data):
+                        if isinstance(ev, h2.events.DataReceived):
+                            got[0] += len(ev.data)
+                            held[0] += ev.flow_controlled_length
+                            if ack:
+                                c.acknowledge_received_data(held[0], 1)
+                                held[0] = 0
+                        elif isinstance(ev, h2.events.StreamEnded):
+                            ended.set()
+                    s.sendall(c.data_to_send())
+                    if not ack and got[0] >= 65535:
+                        return  # the client's window is shut: it reads no more
+            read(ack=False)
+            with pytest.raises(AssertionError):  # never: the server is held at the windows
+                wait_until(lambda: sent[0] >= 20, "the server sending past the windows", timeout=5)
+            assert sent[0] <= 2 + 2 * STREAM_WINDOW // len(big), sent
+            c.acknowledge_received_data(held[0], 1)  # the client reads on: its window opens again
+            held[0] = 0
+            s.sendall(c.data_to_send())
+            read(ack=True)
+            assert ended.is_set() and got[0] == 64 * (5 + len(big))
+            with open(f"/proc/{proxy.proc.pid}/status") as f:
+                peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+            assert peak - before < 24 * 1024, (before, peak)  # KiB: far from the 64 MiB sent
+            s.close()
+        finally:
+            proxy.stop()
+            proxy.kill()
