@@ -41,7 +41,7 @@ from meshlens.protocols.tls import ClientHello, HelloParser, ServerHello, hello_
 from meshlens.tap.packets import PacketDecoder
 from meshlens.tap.reassembly import Close, Conn, Data, Gap, Open, Reassembler
 
-__all__ = ["MAX_NAME_CACHE", "MAX_SNIFF_HOLD", "CallBuilder", "Tap", "TapStats", "parse_traceparent"]
+__all__ = ["MAX_NAME_CACHE", "MAX_SNIFF_HOLD", "CallBuilder", "Tap", "TapStats", "parse_traceparent", "shard_of"]
 
 # Server bytes held while the client has not yet sent enough to sniff: a
 # response cannot be larger than the request window before the request is
@@ -399,14 +399,21 @@ class CallBuilder:
         self._emit(call)
 
 
+def shard_of(sport: int, dport: int, shards: int) -> int:
+    """Which of `shards` tap processes takes a connection: the same for both directions."""
+    return (((sport + dport) * 0x9E3779B1) >> 16) % shards
+
+
 class Tap:
     """The whole pipeline: captured frames in (any supported link type), calls out to `sink`."""
 
     def __init__(self, sink: Sink, *, mesh: Mesh | None = None, observer_id: str = "tap",
                  shard: tuple[int, int] = (0, 1)) -> None:
-        """`shard` (i, n): keep only connections whose port sum is i mod n, so that n
+        """`shard` (i, n): keep only connections whose port sum, mixed, is i mod n, so that n
         processes reading the same file share its connections (both directions of a
-        connection have the same port sum)."""
+        connection have the same port sum). Mixed (Fibonacci hashing) because Linux gives
+        connect() ephemeral ports of one parity (since 4.6): the bare sum mod 2 put every
+        connection to one server port in one shard (bench/tap_h2.py)."""
         self.decoder = PacketDecoder()
         # Captures are taken on the path, so an ACK past a hole means the capture lost
         # those bytes: report the gap before the answer to them is parsed.
@@ -422,7 +429,7 @@ class Tap:
         self.last_t = t_ns
         seg = self.decoder.decode(linktype, frame)
         if seg is not None:
-            if self.shards > 1 and (seg.sport + seg.dport) % self.shards != self.shard_index:
+            if self.shards > 1 and shard_of(seg.sport, seg.dport, self.shards) != self.shard_index:
                 return
             events = self.reassembler.feed(seg, t_ns)
             if events:
