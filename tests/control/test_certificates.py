@@ -88,14 +88,15 @@ def test_a_sidecar_gets_its_identity_at_start_and_renews_it_at_half_its_life_wit
     from tests.proxy.processes import ProxyProcess
     from tests.waiting import wait_until
 
-    with ControlProcess(tmp_path / "control", 0, None, "--cert-lifetime", "20s") as control:
+    with ControlProcess(tmp_path / "control", 0, None, "--cert-lifetime", "10s") as control:
         m = tmp_path / "mesh.yaml"
         m.write_text(MESH)
         assert cli(control, "apply", "-f", str(m)).returncode == 0
         with ProxyProcess(tmp_path / "api", None, "api", "--no-record", control=control.url).start() as proxy:
             first = wait_until(lambda: (i := identity(proxy))["state"] == "valid" and i, "the first certificate")
             assert first["identity"] == "spiffe://cluster.local/ns/shop/sa/api-sa" and first["error"] == ""
-            # 20 s certificates are renewed after 8-12 s: a second one, before the first expires
+            # 10 s certificates (the shortest the control plane issues) are renewed after 4-6 s: a second one, before
+            # the first expires
             second = wait_until(lambda: (i := identity(proxy))["not_after"] != first["not_after"] and i,
                                 "the renewed certificate")
             assert second["state"] == "valid" and second["not_after"] > first["not_after"]
