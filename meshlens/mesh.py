@@ -176,6 +176,10 @@ class Mesh:
         """The services declared http2 or grpc: a sidecar's requests to them go as HTTP/2."""
         return frozenset(name for name, svc in self.services.items() if svc.protocol in H2_PROTOCOLS)
 
+    def http1_services(self) -> frozenset[str]:
+        """The services declared http: a sidecar's requests to them go as HTTP/1.1, an HTTP/2 client's too."""
+        return frozenset(name for name, svc in self.services.items() if svc.protocol == "http")
+
     def declared_protocol(self, host: str, port: int) -> str | None:
         """The protocol declared for the service at this address, if the mesh names one that declares it."""
         found = self._by_address.get((_canonical_host(host), port))

@@ -286,8 +286,8 @@ class Exchange:
         """The request is complete (Downstream.on_request_end does this inline: keep the two alike)."""
         self.request_done = True
         self.request_bytes = body_bytes
-        if self.upstream_h2 and self.upstream is not None and self.state is _SENT:
-            self.upstream.end_request()  # HTTP/1.1 frames the body's end in its bytes; HTTP/2 with END_STREAM
+        if self.upstream is not None and self.state is _SENT:
+            self.upstream.end_request()  # HTTP/2 ends with END_STREAM, a body framed by us with its last chunk
         if self.mirror_to is not None:
             self.send_mirror()
 

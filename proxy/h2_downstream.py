@@ -46,8 +46,16 @@ from meshlens.protocols.errors import PeerError
 from meshlens.proxy.connect import DPE, LocalReply
 from meshlens.proxy.exchange import Exchange
 from meshlens.proxy.h2_connection import CONNECTION_WINDOW, Connection, goaway
-from meshlens.proxy.h2_fields import local_reply_fields, request_head, response_fields
+from meshlens.proxy.h2_fields import (
+    H2ResponseHead,
+    Unchunk,
+    fields_of_h1_response,
+    local_reply_fields,
+    request_head,
+    response_fields,
+)
 from meshlens.proxy.headers import PEER_HEADER
+from meshlens.proxy.router import Route
 
 if TYPE_CHECKING:
     from meshlens.proxy.downstream import Downstream
@@ -69,11 +77,10 @@ class Stream:
     """One client stream: the connection its exchange writes to (Downstream's interface, for one stream)."""
 
     __slots__ = ("shell", "id", "ex", "paused", "unacked", "out", "out_bytes", "end", "ended", "reset",
-                 "request_bytes", "opened", "upstream_paused", "grpc")
+                 "request_bytes", "opened", "upstream_paused", "grpc", "unchunk", "corked")
 
     speaks_h2 = True
     """(Downstream's is False: an HTTP/2 upstream answers such a client in HTTP/1.1, proxy/h2_upstream.py.)"""
-    corked = False
     wbuf = ()
     write_paused = False
 
@@ -90,6 +97,8 @@ class Stream:
         self.request_bytes = 0
         self.opened = shell.loop.time()
         self.upstream_paused = False
+        self.unchunk: Unchunk | None = None  # an HTTP/1.1 upstream's chunked body, unframed for DATA
+        self.corked = False  # (an HTTP/1.1 upstream sets it: nothing here is gathered)
 
     def __repr__(self) -> str:
         return f"<Stream {self.id} {self.ex!r}>"
@@ -116,14 +125,22 @@ class Stream:
     def write_head(self, head: Any, close: bool) -> None:
         if self.reset:
             return
+        if type(head) is H2ResponseHead:
+            fields, alone = response_fields(head), head.alone
+        else:  # an HTTP/1.1 upstream (a destination declared http)
+            fields, alone = fields_of_h1_response(head), False
+            if head.chunked:
+                self.unchunk = Unchunk()
         try:
-            self.shell.h2.send_headers(self.id, response_fields(head), end_stream=head.alone)
-            self.ended = head.alone
+            self.shell.h2.send_headers(self.id, fields, end_stream=alone)
+            self.ended = alone
         except (ProtocolError, StreamClosedError):  # the client reset it meanwhile (its event follows)
             self.reset = True
         self.shell.dirty()
 
     def write(self, data: bytes) -> None:
+        if self.unchunk is not None:
+            data = self.unchunk.feed(data)
         if self.reset or not data:
             return
         self.out.append(data)
@@ -388,7 +405,10 @@ class H2Downstream(asyncio.Protocol):
             ex.request_done = True
         if head.deadline is not None:  # the client's grpc-timeout, as Istio's routes honour it (maxGrpcTimeout 0)
             ex.deadline(head.deadline, "")
-        ex.start(conn.route(head, head.extra.get(PEER_HEADER, b"") if head.extra is not None else b""))
+        route = conn.route(head, head.extra.get(PEER_HEADER, b"") if head.extra is not None else b"")
+        if type(route) is Route and route.dst_service in self.proxy.http1_services:
+            ex.upstream_h2 = False  # declared http: the request goes on as HTTP/1.1 (proxy/upstream.py)
+        ex.start(route)
 
     def _data(self, event: DataReceived) -> None:
         stream = self.streams.get(event.stream_id)

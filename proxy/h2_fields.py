@@ -27,7 +27,7 @@ from meshlens.proxy.headers import HOP_BY_HOP, PEER_HEADER, Trace
 __all__ = ["GRPC_DEADLINE_EXCEEDED", "GRPC_UNAVAILABLE", "H2RequestHead", "H2ResponseHead", "Fields",
            "grpc_code_for", "grpc_timeout", "h1_response_head", "http_status_of_grpc", "local_reply_fields", "request_fields",
            "request_fields_from_h1", "request_head", "response_fields", "response_head", "trailer_block",
-           "trailers_of"]
+           "trailers_of", "Unchunk", "h1_request_head", "fields_of_h1_response"]
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -264,6 +264,41 @@ def response_fields(head: H2ResponseHead) -> Fields:
     return [(b":status", b"%d" % head.status), *head.fields]
 
 
+def fields_of_h1_response(head: object) -> Fields:
+    """An HTTP/1.1 response head (meshlens.protocols.http1.ResponseHead) as HTTP/2 fields for an HTTP/2 client:
+    names lowercased, hop-by-hop and framing fields out (the stream frames the body)."""
+    raw: bytes = head.raw  # type: ignore[attr-defined]
+    pairs, named = [], set()
+    for line in raw[:-4].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name, value = name.strip().lower(), value.strip()
+        if name == b"connection":
+            named.update(t.strip().lower() for t in value.split(b","))
+        pairs.append((name, value))
+    drop = _NOT_FORWARDED | named
+    return [(b":status", b"%d" % head.status)] + [(n, v) for n, v in pairs if n not in drop]  # type: ignore[attr-defined]
+
+
+def h1_request_head(head: H2RequestHead, trace: Trace, new_id: bytes | None, peer_field: bytes,
+                    body_bytes: int | None) -> tuple[bytes, bool]:
+    """An HTTP/2 request as an HTTP/1.1 head for a destination declared http, and whether its body goes chunked:
+    `body_bytes` is the whole body's length when the request is complete already (None: more may come)."""
+    lines = [b"%s %s HTTP/1.1" % (head.method.encode(), head.target or b"/"), b"host: " + (head.host or b"")]
+    has_length = head.content_length >= 0
+    lines += [n + b": " + v for n, v in head.fields if n != b"te"]
+    lines.append(b"traceparent: " + trace.header())
+    if new_id is not None:
+        lines.append(b"x-request-id: " + new_id)
+    chunked = False
+    if not has_length:
+        if body_bytes is None:
+            lines.append(b"transfer-encoding: chunked")
+            chunked = True
+        elif body_bytes or head.method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            lines.append(b"content-length: %d" % body_bytes)
+    return b"\r\n".join(lines) + b"\r\n" + peer_field + b"\r\n", chunked
+
+
 def h1_response_head(head: H2ResponseHead) -> tuple[bytes, bool]:
     """The HTTP/1.1 head for a client of an HTTP/2 response, and whether its body is sent chunked (no
     content-length: the end of the stream ends the body, and trailers can follow, RFC 9112 7.1)."""
@@ -306,3 +341,42 @@ def local_reply_fields(status: int, text: str, error: str, grpc: bool, extra: Fi
     body = text.encode("utf-8", "replace") + b"\n"
     return [(b":status", b"%d" % status), (b"content-type", b"text/plain"),
             (b"content-length", b"%d" % len(body)), *extra], body
+
+
+class Unchunk:
+    """A chunked HTTP/1.1 body (already checked by the codec, meshlens.protocols.http1) to its bytes."""
+
+    __slots__ = ("buf", "left", "state")
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.left = 0
+        self.state = 0  # 0 size line, 1 data, 2 the CRLF after data, 3 trailer lines, 4 done
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self.buf + data if self.buf else data
+        out = []
+        pos = 0
+        while pos < len(buf) and self.state != 4:
+            if self.state == 1:
+                take = min(self.left, len(buf) - pos)
+                out.append(buf[pos:pos + take])
+                pos += take
+                self.left -= take
+                if not self.left:
+                    self.state = 2
+                continue
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                break
+            line = buf[pos:end]
+            pos = end + 2
+            if self.state == 0:
+                self.left = int(line.split(b";", 1)[0].strip(), 16)
+                self.state = 1 if self.left else 3
+            elif self.state == 2:
+                self.state = 0
+            elif not line:  # the empty line after the trailers
+                self.state = 4
+        self.buf = buf[pos:]
+        return b"".join(out)

@@ -50,6 +50,7 @@ from meshlens.proxy.h2_fields import (
     response_head,
     trailer_block,
     trailers_of,
+    Unchunk,
 )
 from meshlens.proxy.pool import POOL_IDLE_TIMEOUT
 
@@ -77,7 +78,7 @@ class UpstreamStream:
         self.out_bytes = 0
         self.out_end = False
         self.sent_end = False
-        self.unchunk: _Unchunk | None = None
+        self.unchunk: Unchunk | None = None
         self.chunked = False  # the response goes to an HTTP/1.1 client chunked
         self.paused = False
         self.unacked = 0
@@ -114,7 +115,7 @@ class UpstreamStream:
         else:  # an HTTP/1.1 client, a destination that speaks HTTP/2
             fields = request_fields_from_h1(head, ex.trace, ex.new_id, ex.env.peer_field)
             if head.chunked:
-                self.unchunk = _Unchunk()
+                self.unchunk = Unchunk()
         try:
             self.id = h2.get_next_available_stream_id()
             h2.send_headers(self.id, fields, end_stream=ex.request_done and not body)
@@ -499,42 +500,3 @@ class H2Pool:
             for conn in list(conns):
                 conn.close()
         self.conns.clear()
-
-
-class _Unchunk:
-    """A chunked HTTP/1.1 body (already checked by the codec, meshlens.protocols.http1) to its bytes."""
-
-    __slots__ = ("buf", "left", "state")
-
-    def __init__(self) -> None:
-        self.buf = b""
-        self.left = 0
-        self.state = 0  # 0 size line, 1 data, 2 the CRLF after data, 3 trailer lines, 4 done
-
-    def feed(self, data: bytes) -> bytes:
-        buf = self.buf + data if self.buf else data
-        out = []
-        pos = 0
-        while pos < len(buf) and self.state != 4:
-            if self.state == 1:
-                take = min(self.left, len(buf) - pos)
-                out.append(buf[pos:pos + take])
-                pos += take
-                self.left -= take
-                if not self.left:
-                    self.state = 2
-                continue
-            end = buf.find(b"\r\n", pos)
-            if end < 0:
-                break
-            line = buf[pos:end]
-            pos = end + 2
-            if self.state == 0:
-                self.left = int(line.split(b";", 1)[0].strip(), 16)
-                self.state = 1 if self.left else 3
-            elif self.state == 2:
-                self.state = 0
-            elif not line:  # the empty line after the trailers
-                self.state = 4
-        self.buf = buf[pos:]
-        return b"".join(out)

@@ -110,6 +110,8 @@ class Proxy:
         self.h2_pool = H2Pool(self.stats, self.open_for)
         self.h2_services = self.mesh.h2_services()
         """Services declared grpc or http2: a request to one goes upstream as HTTP/2, whatever the client spoke."""
+        self.http1_services = self.mesh.http1_services()
+        """Services declared http: an HTTP/2 client's request to one goes upstream as HTTP/1.1."""
         self.metrics = Metrics()
         self.router = Router(self.mesh, self.service,
                              (config.app_host, config.app_port) if config.app_port is not None else None,
@@ -203,7 +205,7 @@ class Proxy:
         if snap.get("trust") is not None and self.identity is not None:  # a root rotation's step (proxy/control.py)
             self.identity.trust(read_trust(snap["trust"], f"snapshot {snap.get('version')}"))
         self.mesh, self.service = mesh, service
-        self.h2_services = mesh.h2_services()
+        self.h2_services, self.http1_services = mesh.h2_services(), mesh.http1_services()
         self.router.update(mesh, service)
         self.router.set_policies(policies if policies.outbound or policies.inbound else None)
         self.desired_mode = str(modes.get(service.name, "observe"))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from meshlens.protocols.errors import PeerError
 from meshlens.protocols.http1 import ResponseHead, ResponseReader
+from meshlens.proxy.h2_fields import H2RequestHead, h1_request_head
 from meshlens.proxy.headers import request_head
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ class Upstream(asyncio.Protocol):
         """The server's verified SPIFFE id when this connection is mTLS (proxy/mtls.py), else ''."""
         self.idle_timeout: float | None = None
         """Its destination's idleTimeout (enforced), else None: the pool's own."""
+        self.chunking = False
+        """This request's body is framed here (an HTTP/2 client's without content-length): chunks, then the last."""
         # per exchange
         self.exchange: Exchange | None = None
 
@@ -132,12 +135,30 @@ class Upstream(asyncio.Protocol):
 
     def send_request(self, ex: Exchange, body: list[bytes] | tuple[()] | None) -> None:
         """The exchange's head, our fields spliced in, and the body bytes it holds (as the client framed them)."""
-        out = request_head(ex.head, ex.trace, ex.new_id, ex.env.peer_field)
+        head = ex.head
+        if type(head) is H2RequestHead:  # an HTTP/2 client, a destination declared http: the head as HTTP/1.1
+            length = sum(map(len, body)) if ex.request_done and body else 0 if ex.request_done else None
+            out, self.chunking = h1_request_head(head, ex.trace, ex.new_id, ex.env.peer_field, length)
+            self.transport_write(out)
+            for piece in body or ():
+                self.send(piece)
+            return
+        out = request_head(head, ex.trace, ex.new_id, ex.env.peer_field)
         self.send(out + b"".join(body) if body else out)
+
+    def transport_write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def end_request(self) -> None:
+        """The request is complete: a body framed here gets its last chunk (HTTP/1.1 clients frame their own)."""
+        if self.chunking:
+            self.chunking = False
+            self.transport_write(b"0\r\n\r\n")
 
     def send(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.write(data)
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunking and data else data)
 
     def pause_reading(self) -> None:
         """The client cannot take more of the response now."""

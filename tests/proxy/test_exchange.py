@@ -62,6 +62,9 @@ class FakeUpstream:
     def send(self, data: bytes) -> None:
         self.sent += data
 
+    def end_request(self) -> None:
+        pass
+
     def close(self) -> None:
         self.ended = "closed"
 

@@ -204,3 +204,29 @@ def test_h2c_by_upgrade_and_http1_go_to_an_http2_only_server_as_http2(nginx_h2c,
                                           capture_output=True, timeout=PATIENCE_S).stdout)
         assert stats["downstream_cx_http2_upgrade"] == 1
     assert served(d / "access.log", 2) == collections.Counter({("GET", "/upgraded", 200): 1, ("GET", "/plain", 200): 1})
+
+
+def test_an_http2_client_of_a_service_declared_http_goes_on_as_http1_and_back(tmp_path) -> None:
+    """curl speaking HTTP/2 to the outbound listener, the destination an HTTP/1.1-only aiohttp app declared http:
+    the request is carried over (a body of unknown length chunked), the response comes back as HTTP/2."""
+    from tests.proxy.processes import SampleService
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed: run scripts/install-system.sh")
+    app = SampleService().start()
+    try:
+        mesh = {"services": {"web": {}, "legacy": {"protocol": "http", "instances": [f"127.0.0.1:{app.port}"]}}}
+        with ProxyProcess(tmp_path / "a", json.dumps(mesh), "web", "--no-record").start() as a:
+            base = ["curl", "-sS", "--http2-prior-knowledge", "--max-time", f"{PATIENCE_S:g}", "-H", "Host: legacy"]
+            hello = subprocess.run([*base, "-i", f"http://127.0.0.1:{a.outbound}/hello"], capture_output=True,
+                                   timeout=PATIENCE_S + 30)
+            assert hello.stdout.startswith(b"HTTP/2 200") and hello.stdout.endswith(b"hello\n"), hello
+            body = b"b" * 300_000
+            echo = subprocess.run([*base, "-T", "-", "-X", "POST", f"http://127.0.0.1:{a.outbound}/echo"],
+                                  input=body, capture_output=True, timeout=PATIENCE_S + 30)  # stdin: no length
+            assert echo.stdout == body, (len(echo.stdout), echo.stderr)
+            chunked = subprocess.run([*base, f"http://127.0.0.1:{a.outbound}/chunked"], capture_output=True,
+                                     timeout=PATIENCE_S + 30)
+            assert chunked.stdout == b"".join(b"chunk %d\n" % i for i in range(5)), chunked  # unframed for DATA
+    finally:
+        app.stop()
