@@ -445,9 +445,9 @@ class Exchange:
 
     # -- failures -------------------------------------------------------------------------------
 
-    def upstream_lost(self, protocol_error: bool = False, refused: bool = False) -> None:
+    def upstream_lost(self, protocol_error: bool = False, refused: bool = False, goaway: bool = False) -> None:
         """The upstream connection closed or sent what is not HTTP, before the response ended; `refused`: an
-        HTTP/2 server refused the stream unread (REFUSED_STREAM, or above its GOAWAY)."""
+        HTTP/2 server refused the stream unread (REFUSED_STREAM, or above its GOAWAY: `goaway`)."""
         state = self.state
         if state is _DONE or state is _TUNNEL:
             return
@@ -460,11 +460,12 @@ class Exchange:
             self.conn.abort()
             self._finish()
             return
-        if (not protocol_error and self.reused and not self.lost_retried and self.replay is not None
-                and self.route is not None and self.attempt < MAX_ATTEMPTS and not self.upstream_h2):
+        if (not protocol_error and (goaway or self.reused and not self.upstream_h2) and not self.lost_retried
+                and self.replay is not None and self.route is not None and self.attempt < MAX_ATTEMPTS):
             # Envoy's rule: a pooled connection the upstream closed before answering is retried
-            # once on a fresh connection, whatever the retry policy says (HTTP/1.1: an HTTP/2 server says
-            # which streams it left unread, REFUSED_STREAM, and retryOn refused-stream decides)
+            # once on a fresh connection, whatever the retry policy says; so is an HTTP/2 stream a GOAWAY says
+            # was never processed (RFC 9113 8.7), even on a new connection (a server closing on a burst). A
+            # REFUSED_STREAM is the server's choice: retryOn refused-stream decides.
             self.lost_retried = True
             self._try(self.route, fresh=True)
             return

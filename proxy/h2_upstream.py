@@ -57,7 +57,11 @@ from meshlens.proxy.pool import POOL_IDLE_TIMEOUT
 if TYPE_CHECKING:
     from meshlens.proxy.exchange import Exchange
 
-__all__ = ["H2Pool", "H2Upstream", "UpstreamStream"]
+__all__ = ["ASSUMED_CONCURRENT_STREAMS", "H2Pool", "H2Upstream", "UpstreamStream"]
+
+# Streams opened on a new connection before the server's SETTINGS say how many it takes: RFC 9113 6.5.2
+# recommends servers allow at least 100; Go's HTTP/2 transport assumes 100 the same way.
+ASSUMED_CONCURRENT_STREAMS = 100
 
 
 class UpstreamStream:
@@ -222,7 +226,7 @@ class UpstreamStream:
         conn.forget(self)
         conn.dirty()
 
-    def _lost(self, protocol_error: bool = False, refused: bool = False) -> None:
+    def _lost(self, protocol_error: bool = False, refused: bool = False, goaway: bool = False) -> None:
         if self.done:
             return
         ex = self.ex
@@ -230,7 +234,7 @@ class UpstreamStream:
         self.ex = None
         self.conn.forget(self)
         if ex is not None:
-            ex.upstream_lost(protocol_error, refused)
+            ex.upstream_lost(protocol_error, refused, goaway)
 
     # -- the connection's events for it ---------------------------------------------------------------------
 
@@ -298,14 +302,20 @@ class H2Upstream(asyncio.Protocol):
         self.flushing = False
         self.idle_since = time.monotonic()
         self.waiting: list[Exchange] = []  # exchanges waiting for it to connect
+        self.settings = False  # the server's first SETTINGS arrived
 
     def __repr__(self) -> str:
         return f"<H2Upstream {self.addr} streams={len(self.streams)} closed={self.closed}>"
 
+    def limit(self) -> int:
+        """Streams it may carry at once: the server's SETTINGS_MAX_CONCURRENT_STREAMS, and until its SETTINGS
+        came, ASSUMED_CONCURRENT_STREAMS (h2 would assume no limit: a burst all on one new connection, which a
+        server closes; nginx at 2 x its 128)."""
+        return self.h2.remote_settings.max_concurrent_streams if self.settings else ASSUMED_CONCURRENT_STREAMS
+
     def room(self) -> bool:
         """Whether another stream may open here now."""
-        return not self.closed and not self.goaway and self.transport is not None and \
-            self.taken < self.h2.remote_settings.max_concurrent_streams
+        return not self.closed and not self.goaway and self.transport is not None and self.taken < self.limit()
 
     def stream(self) -> UpstreamStream:
         self.taken += 1
@@ -375,6 +385,8 @@ class H2Upstream(asyncio.Protocol):
                 if stream is not None:
                     stream.on_reset(event.error_code)
             elif kind is WindowUpdated or kind is RemoteSettingsChanged:
+                if kind is RemoteSettingsChanged:
+                    self.settings = True
                 for s in list(streams.values()):
                     if s.out or (s.out_end and not s.sent_end):
                         s.pump()
@@ -386,8 +398,8 @@ class H2Upstream(asyncio.Protocol):
         self.goaway = True
         self.pool.forget(self)
         for sid, stream in list(self.streams.items()):
-            if sid > last:  # never processed (RFC 9113 6.8): refused, which an exchange may retry
-                stream._lost(refused=True)
+            if sid > last:  # never processed (RFC 9113 6.8): tried again on another connection
+                stream._lost(refused=True, goaway=True)
         if not self.taken:
             self.close()
 
@@ -454,7 +466,7 @@ class H2Pool:
     def dial(self, addr: tuple[str, int], ex: Exchange) -> None:
         """A connection for `ex`: the one being opened to `addr`, if it will have room, else a new one."""
         conn = self.connecting.get(addr)
-        if conn is not None and len(conn.waiting) < conn.h2.remote_settings.max_concurrent_streams:
+        if conn is not None and len(conn.waiting) < conn.limit():
             conn.waiting.append(ex)
             return
         conn = H2Upstream(self, addr)

@@ -230,3 +230,15 @@ def test_an_http2_client_of_a_service_declared_http_goes_on_as_http1_and_back(tm
             assert chunked.stdout == b"".join(b"chunk %d\n" % i for i in range(5)), chunked  # unframed for DATA
     finally:
         app.stop()
+
+
+def test_a_burst_on_a_new_upstream_connection_keeps_to_the_servers_stream_limit(nginx_h2c, tmp_path) -> None:
+    """400 streams at once from four h2load connections (100 each, under the sidecar's 128), the sidecar's upstream
+    connection to nginx (128 concurrent streams, and it closes a connection that opens more than 2 x 128 at once)
+    not yet open: every request is answered 200, none lost to the server's GOAWAY."""
+    d, port = nginx_h2c
+    mesh = {"services": {"backend": {"instances": [f"127.0.0.1:{port}"]}}}
+    with ProxyProcess(tmp_path / "b", json.dumps(mesh), "backend", "--app-port", str(port), "--no-record").start() as b:
+        out = subprocess.run(["h2load", "-n", "1200", "-c", "4", "-m", "100", f"http://127.0.0.1:{b.inbound}/burst"],
+                             capture_output=True, text=True, timeout=PATIENCE_S * 2)
+    assert "1200 succeeded, 0 failed" in out.stdout and "status codes: 1200 2xx" in out.stdout, out.stdout
