@@ -184,7 +184,8 @@ class World:
         return p
 
     def restart_control(self) -> None:
-        self.control.stop()
+        """Killed (-9), then started again: a crash mid-guard leaves it only what the store holds."""
+        self.control.kill()
         self.control = ControlProcess(self.tmp_path / "control", self.control.port, self.store,
                                       *self.control_args).start()
 
