@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,10 @@ def with_identity(proxy: ProxyProcess) -> dict:
                       "the sidecar's certificate")
 
 
-@pytest.fixture
-def world(tmp_path: Path, collector: CollectorProcess):
+@contextmanager
+def mesh_world(tmp_path: Path, collector: CollectorProcess, *api_args: str):
+    """A control plane, api's instance behind its sidecar (with `api_args`), and web's sidecar, both holding their
+    certificates: (control, api, web, app, tmp_path)."""
     app = Instance("api").start()
     control = ControlProcess(tmp_path / "control", 0, None, "--calls-store", collector.query_url).start()
     inbound = free_port()
@@ -50,7 +53,7 @@ def world(tmp_path: Path, collector: CollectorProcess):
         revision = apply(control, tmp_path, mesh(inbound))
         record = ("--collector", f"{collector.base}/v1/calls")
         api = ProxyProcess(tmp_path / "api", None, "api", *record, "--app-port", str(app.port), "--inbound-port",
-                           str(inbound), control=control.url).start()
+                           str(inbound), *api_args, control=control.url).start()
         started.append(api)
         web = ProxyProcess(tmp_path / "web", None, "web", *record, control=control.url).start()
         started.append(web)
@@ -62,6 +65,12 @@ def world(tmp_path: Path, collector: CollectorProcess):
         for p in reversed(started):
             p.stop()
         app.stop()
+
+
+@pytest.fixture
+def world(tmp_path: Path, collector: CollectorProcess):
+    with mesh_world(tmp_path, collector) as w:
+        yield w
 
 
 def rows(collector: CollectorProcess, proxy: ProxyProcess, n: int, where: str = "1") -> list[dict]:

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from meshlens.proxy.mtls import MESH_ALPN
 from tests.proxy.processes import rss_kb
-from tests.proxy.test_mtls import WEB, client_cert, collector, rows, world  # noqa: F401 (fixtures)
+from tests.proxy.test_mtls import WEB, client_cert, collector, mesh_world, rows, world  # noqa: F401 (fixtures)
 from tests.proxy.test_policies import request, stats
 from tests.waiting import wait_until
 
@@ -181,16 +181,16 @@ def test_fuzzed_first_bytes_are_refused_or_passed_and_the_sidecar_keeps_serving(
     assert "Traceback" not in log, log[-3000:]
 
 
-def test_a_client_silent_after_its_hello_is_closed_at_the_header_timeout_recorded_and_counted(world, collector):
-    control, api, web, app, tmp_path = world
-    with socket.create_connection(("127.0.0.1", api.inbound), timeout=SOCKET_TIMEOUT_S) as s:
-        s.sendall(HELLOS[0])  # a mesh hello, then nothing: the sidecar answers it and waits for the rest
-        until_closed(s)  # within header_timeout (10 s), well inside the socket's timeout
-    [row] = rows(collector, api, 1, "error = 'tls_handshake'")
-    assert row["attributes"]["tls_error"] == "no handshake within header_timeout=10s", row
-    assert stats(api)["downstream_cx_tls_unfinished"] == 1 and stats(api)["downstream_cx_tls_refused"] == 0
-    still_serving(web, api)
-    settled(web, api)
+def test_a_client_silent_after_its_hello_is_closed_at_the_header_timeout_recorded_and_counted(tmp_path, collector):
+    with mesh_world(tmp_path, collector, "--header-timeout", "2") as (control, api, web, app, _):
+        with socket.create_connection(("127.0.0.1", api.inbound), timeout=SOCKET_TIMEOUT_S) as s:
+            s.sendall(HELLOS[0])  # a mesh hello, then nothing: the sidecar answers it and waits for the rest
+            until_closed(s)  # within header_timeout (2 s here), well inside the socket's timeout
+        [row] = rows(collector, api, 1, "error = 'tls_handshake'")
+        assert row["attributes"]["tls_error"] == "no handshake within header_timeout=2s", row
+        assert stats(api)["downstream_cx_tls_unfinished"] == 1 and stats(api)["downstream_cx_tls_refused"] == 0
+        still_serving(web, api)
+        settled(web, api)
 
 
 def test_a_record_cut_midway_after_the_handshake_is_recorded_and_the_sidecar_keeps_serving(world, collector):
