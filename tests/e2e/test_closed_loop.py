@@ -24,6 +24,12 @@ OBSERVED = 700    # calls in observe before recommending: past the retry analysi
 DRY_RUN = 200     # calls in dry-run before reporting
 
 
+class BriskLoad(PacedLoad):
+    """One request at a time, 5 ms apart: the counts above sooner than at PacedLoad's 20 ms."""
+
+    PACE_S = 0.005
+
+
 @pytest.fixture
 def world(tmp_path: Path):
     collector = CollectorProcess(tmp_path / "collector").start()
@@ -63,7 +69,7 @@ def calls(collector: CollectorProcess, where: str) -> int:
 def test_recommend_apply_then_dry_run_then_the_report(world):
     collector, control, web = world
     store = ("--store", collector.query_url)
-    with PacedLoad(web.outbound) as load:
+    with BriskLoad(web.outbound) as load:
         wait_until(lambda: calls(collector, "mode = 'observe'") >= OBSERVED, f"{OBSERVED} calls in observe", poll=0.5,
                    timeout=300)
         out = cli(control, "recommend", *store, "--service", "api", "--apply", "--reason", "the loop")
