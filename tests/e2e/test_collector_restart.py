@@ -33,7 +33,8 @@ from tests.waiting import PATIENCE_S, wait_until
 # The load: CONNECTIONS connections, each pausing DELAY_MS after every response (at most 1,000 requests a
 # second in all), for LOAD_S seconds; then no connection starts another request, and wrk ends WRK_S
 # seconds after it began, with nothing in flight: every request it counts is one the sidecars finished.
-CONNECTIONS, DELAY_MS, LOAD_S, WRK_S = 16, 16, 24, 30
+# LOAD_S covers the outage (its first records, KILL_AFTER_S, OUTAGE_S, the restart) with a few seconds to spare.
+CONNECTIONS, DELAY_MS, LOAD_S, WRK_S = 16, 16, 20, 24
 # Where the outage falls in the load and how long the collector stays dead: the scenario (the
 # kill KILL_AFTER_S into the load, once records flow; back OUTAGE_S later), not waits for anything.
 KILL_AFTER_S, OUTAGE_S = 4, 10
