@@ -43,6 +43,21 @@ def control(tmp_path):
         yield c
 
 
+@pytest.fixture(scope="module")
+def untouched(tmp_path_factory):
+    """One control plane for the tests that must store nothing: each checks it still holds nothing."""
+    with ControlProcess(tmp_path_factory.mktemp("untouched")) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def meshed(tmp_path_factory):
+    """One control plane holding MESH, for the bad requests: each checks its modes are still MESH's."""
+    with ControlProcess(tmp_path_factory.mktemp("meshed")) as c:
+        assert cli(c, "apply", "-f", "-", stdin=MESH).returncode == 0
+        yield c
+
+
 @pytest.fixture
 def files(tmp_path) -> tuple[Path, Path]:
     mesh, example = tmp_path / "mesh.yaml", tmp_path / "payment.yaml"
@@ -141,18 +156,18 @@ def test_a_watcher_is_answered_when_the_revision_passes_its_own(control, files):
      "meshlens mode: no service 'ghost' in the mesh (no Mesh is stored: apply one first)"),
     (("history", "--limit", "0"), None, "meshlens history: --limit must be 1 to 1000"),
 ])
-def test_cli_mistakes_are_one_line_and_exit_2_and_store_nothing(control, args, stdin, message):
-    out = cli(control, *args, stdin=stdin)
+def test_cli_mistakes_are_one_line_and_exit_2_and_store_nothing(untouched, args, stdin, message):
+    out = cli(untouched, *args, stdin=stdin)
     assert out.returncode == 2 and out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
-    assert http(control, "GET", "/v1/history")[1]["entries"] == []
+    assert http(untouched, "GET", "/v1/history")[1]["entries"] == []
 
 
-def test_an_apply_with_one_bad_document_stores_none_of_them(control, tmp_path):
+def test_an_apply_with_one_bad_document_stores_none_of_them(untouched, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(MESH + "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x}\nspec: 3\n")
-    out = cli(control, "apply", "-f", str(bad))
+    out = cli(untouched, "apply", "-f", str(bad))
     assert out.returncode == 2 and "bad.yaml document 2 (line 6): spec must be a mapping" in out.stderr
-    assert http(control, "GET", "/v1/resources")[1] == {"revision": 0, "items": []}
+    assert http(untouched, "GET", "/v1/resources")[1] == {"revision": 0, "items": []}
 
 
 def test_an_unreachable_control_plane_is_one_line():
@@ -185,12 +200,11 @@ def test_an_unreachable_control_plane_is_one_line():
      400, "expected JSON"),
     ("DELETE", "/v1/apply", None, 405, "Method Not Allowed"),
 ])
-def test_bad_requests_get_a_4xx_with_one_line_and_the_control_plane_keeps_serving(control, files, method, path, body,
-                                                                                 status, message):
-    assert cli(control, "apply", "-f", str(files[0])).returncode == 0
-    got_status, got = http(control, method, path, body)
+def test_bad_requests_get_a_4xx_with_one_line_and_the_control_plane_keeps_serving(meshed, method, path, body, status,
+                                                                                 message):
+    got_status, got = http(meshed, method, path, body)
     assert got_status == status and message in got["error"] and "\n" not in got["error"]
-    assert http(control, "GET", "/v1/modes")[1]["modes"] == {"payment-service": "observe", "web": "observe"}
+    assert http(meshed, "GET", "/v1/modes")[1]["modes"] == {"payment-service": "observe", "web": "observe"}
 
 
 def test_control_refuses_to_listen_beyond_loopback_without_tokens(tmp_path):
