@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +32,11 @@ def cli(control: ControlProcess, *args: str, token: str | None = None, ca: str |
 
 @pytest.fixture
 def tokens_file(tmp_path):
-    f = tmp_path / "tokens.yaml"
+    return write_tokens(tmp_path / "tokens.yaml")
+
+
+def write_tokens(f: Path) -> Path:
+    """A tokens file with one token of each role (WRITE, READ by its hash, SIDECAR for web)."""
     f.write_text(f"""tokens:
   - {{name: ana, token: {WRITE}, role: write}}
   - {{name: viewer, token_sha256: {hashlib.sha256(READ.encode()).hexdigest()}, role: read}}

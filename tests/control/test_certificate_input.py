@@ -16,18 +16,19 @@ from hypothesis import given, settings, strategies as st
 
 from meshlens.control.ca import MAX_CSR_BYTES
 from tests.control.processes import ControlProcess
-from tests.control.test_auth import SIDECAR, WRITE, cli, tokens_file  # noqa: F401 (fixture)
+from tests.control.test_auth import SIDECAR, WRITE, cli, write_tokens
 from tests.control.test_ca import WEB, csr
 
 MESH = "services:\n  web: {}\n  api: {namespace: shop, service_account: api-sa}\n"
 
 
-@pytest.fixture
-def control(tmp_path, tokens_file):
-    with ControlProcess(tmp_path / "control", 0, None, "--tokens", str(tokens_file)) as control:
-        m = tmp_path / "mesh.yaml"
-        m.write_text(MESH)
-        assert cli(control, "apply", "-f", str(m), token=WRITE).returncode == 0
+@pytest.fixture(scope="module")
+def control(tmp_path_factory):
+    """One control plane for every body here: each is refused and leaves it issuing, so none meets another's."""
+    tmp = tmp_path_factory.mktemp("certificate-input")
+    tokens = write_tokens(tmp / "tokens.yaml")
+    with ControlProcess(tmp / "control", 0, None, "--tokens", str(tokens)) as control:
+        assert cli(control, "apply", "-f", "-", token=WRITE, stdin=MESH).returncode == 0
         yield control
 
 
