@@ -8,7 +8,9 @@ The demo is started as soon as the session has collected a test that needs it
 (`start_early`, from tests/conftest.py), so that its minutes of paced load run while
 the tests before its first reader run; the fixture waits for it to end. Its load is
 paced, its figures are judged on calls, not on seconds: a busier machine meanwhile
-changes neither what it records nor what its tests check.
+changes neither what it records nor what its tests check. It runs with --keep-running:
+the fixture looks at what it keeps serving, ends it with a Ctrl-C (`.kept`, checked by
+tests/demo/test_demo.py), then serves the store with a collector of its own.
 
 For fast iteration, set MESHLENS_TEST_DEMO_STORE to the directory of an existing
 demo store (for example /tmp/demo-store, made by
@@ -20,18 +22,23 @@ share it and none changes it) and served from there. `.output` is then the text 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from meshlens.collector.stores import StoreError, connect
 from tests.collector_process import CollectorProcess
+from tests.waiting import PATIENCE_S
 
 # Observe takes 45 s of it (every recommendation's sample minimum, meshlens/demo/phases.py); the other phases
 # share the rest: at 90, 11 s of dry-run, 22 s of enforce (the guards judge ~600 calls each), 11 s of mTLS.
@@ -41,6 +48,7 @@ DEMO_DURATION_S = 90
 # (flush) around the load; generous on 2 busy cores.
 DEMO_TIMEOUT_S = DEMO_DURATION_S + 420
 ENV_REUSE = "MESHLENS_TEST_DEMO_STORE"
+KEEPS_SERVING = re.compile(r"keeps serving queries at (\S+), the console at (\S+)")
 
 
 @dataclass
@@ -57,10 +65,29 @@ class DemoStore:
     """True when the store came from MESHLENS_TEST_DEMO_STORE rather than a run in this session."""
     demo_returncode: int | None = None
     demo_stderr: str = field(default="", repr=False)
+    kept: KeptRunning | None = None
+    """What its --keep-running served before the Ctrl-C that ended it (None when reused)."""
 
 
-# The fixtures that read the demo's store (panel_store: unless told to use another store, tests/dashboards/conftest.py).
-READERS = ("demo_store", "panel_store")
+@dataclass
+class KeptRunning:
+    """The session's demo runs with --keep-running, so that one run also shows what that flag leaves: seen by the
+    fixture (it must end the demo before serving the store itself), checked by tests/demo/test_demo.py."""
+
+    query_url: str
+    console_url: str
+    """Both as its keeps-serving line names them."""
+    children: list[int]
+    """Its processes while it kept running."""
+    ingress_calls: int = 0
+    """Calls from the ingress in the store, read through query_url then."""
+    console_status: int = 0
+    console_type: str = ""
+    """The console page's answer then."""
+    error: str = ""
+    """Why the store or the console could not be read then ('' when both were)."""
+    left: list[int] = field(default_factory=list)
+    """Of `children`, those still running once the Ctrl-C (SIGINT) had ended the demo."""
 
 
 class DemoRun:
@@ -75,19 +102,49 @@ class DemoRun:
         with open(workdir / "demo.out", "wb") as out, open(workdir / "demo.err", "wb") as err:
             # debug: the supervisor logs each child's pid (`started name=… pid=…`), which the tests check are gone
             self.proc = subprocess.Popen([sys.executable, "-m", "meshlens.cli.main", "--log-level", "debug", "demo",
-                                          "--duration", f"{DEMO_DURATION_S:g}", "--any-ports",
+                                          "--duration", f"{DEMO_DURATION_S:g}", "--any-ports", "--keep-running",
                                           "--store", f"chdb:{self.store_path}"],
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
 
-    def wait(self) -> tuple[int, str, str]:
-        """(exit code, stdout, stderr) once it ends; killed past DEMO_TIMEOUT_S from its start."""
+    def output(self) -> str:
+        return (self.workdir / "demo.out").read_text(errors="replace")
+
+    def ended(self) -> tuple[int, str, str, KeptRunning | None]:
+        """(exit code, stdout, stderr, what it kept running) once it has ended: when it keeps running, what it
+        serves is looked at, then it is sent SIGINT as a Ctrl-C. Killed past DEMO_TIMEOUT_S from its start."""
+        deadline = self.started + DEMO_TIMEOUT_S
+        while not (m := KEEPS_SERVING.search(self.output())) and self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"meshlens demo did not end its story within {DEMO_TIMEOUT_S:g}s")
+            time.sleep(0.2)
+        kept = None
+        if m is not None and self.proc.poll() is None:
+            kept = self._look_and_interrupt(m.group(1), m.group(2))
         try:
-            self.proc.wait(max(0.0, self.started + DEMO_TIMEOUT_S - time.monotonic()))
+            self.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.stop()
-            pytest.fail(f"meshlens demo did not end within {DEMO_TIMEOUT_S:g}s")
-        out, err = ((self.workdir / name).read_text(errors="replace") for name in ("demo.out", "demo.err"))
-        return self.proc.returncode, out, err
+            pytest.fail(f"meshlens demo did not end within {DEMO_TIMEOUT_S:g}s of its start")
+        if kept is not None:
+            kept.left = [pid for pid in kept.children if running(pid)]
+        return self.proc.returncode, self.output(), (self.workdir / "demo.err").read_text(errors="replace"), kept
+
+    def _look_and_interrupt(self, query_url: str, console_url: str) -> KeptRunning:
+        kept = KeptRunning(query_url, console_url, sorted(descendants(self.proc.pid)))
+        try:
+            store = connect(query_url)
+            try:
+                [(n,)] = store.query_rows("SELECT count() FROM meshlens.calls WHERE src_service = 'ingress'")
+                kept.ingress_calls = int(n)
+            finally:
+                store.close()
+            with urllib.request.urlopen(console_url, timeout=PATIENCE_S) as resp:
+                kept.console_status, kept.console_type = resp.status, resp.headers.get("Content-Type", "")
+        except (OSError, StoreError, ValueError) as e:  # said by the test that checks it, not by every reader
+            kept.error = f"{type(e).__name__}: {e}"
+        self.proc.send_signal(signal.SIGINT)
+        return kept
 
     def stop(self) -> None:
         """SIGTERM (the demo stops its children), then SIGKILL if it has not ended in a minute."""
@@ -143,14 +200,41 @@ def _existing(path_text: str, tmp: Path) -> tuple[Path, str]:
 def demo_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoStore]:
     tmp = tmp_path_factory.mktemp("demo-store")
     reuse = os.environ.get(ENV_REUSE)
-    returncode, stderr = None, ""
+    returncode, stderr, kept = None, "", None
     if reuse:
         store_path, output = _existing(reuse, tmp)
     else:
         run = request.config.stash.get(EARLY, None) or DemoRun(tmp)  # not started early: reached by getfixturevalue only
         store_path = run.store_path
-        returncode, output, stderr = run.wait()
-        if returncode != 0:
-            pytest.fail(f"meshlens demo exited with {returncode}:\n{output[-3000:]}\n{stderr[-3000:]}")
+        returncode, output, stderr, kept = run.ended()
+        if returncode != 0 or kept is None:
+            said = "exited" if kept is None else "exited after its Ctrl-C"
+            pytest.fail(f"meshlens demo {said} with {returncode}:\n{output[-3000:]}\n{stderr[-3000:]}")
     with CollectorProcess(tmp / "collector", f"chdb:{store_path}") as collector:
-        yield DemoStore(collector.query_url, store_path, output, bool(reuse), returncode, stderr)
+        yield DemoStore(collector.query_url, store_path, output, bool(reuse), returncode, stderr, kept)
+
+
+def descendants(root: int) -> set[int]:
+    """Every process under `root` now (children, theirs, ...)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def running(pid: int) -> bool:
+    """True when `pid` is a live (non-zombie) process of the demo's (a python running meshlens)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"meshlens" in cmdline

@@ -7,14 +7,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from meshlens.analysis.recommend import recommend
 from meshlens.collector.stores import connect
-from tests.demo_store import DemoStore
+from tests.demo_store import DemoStore, descendants, running
 
 WIRE_ON = "wire        tap on lo"
 
@@ -139,38 +138,13 @@ def _started_pids(stderr: str) -> dict[int, str]:
     return {int(m.group(2)): m.group(1) for m in re.finditer(r"msg=started name=(\S+) pid=(\d+)", stderr)}
 
 
-def _running(pid: int) -> bool:
-    """True when `pid` is a live (non-zombie) process of the demo's (a python running meshlens)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"meshlens" in cmdline
-
-
 def test_no_process_left_behind_after_the_demo(demo_store: DemoStore) -> None:
     if demo_store.reused:
         pytest.skip("the demo did not run in this session")
     pids = _started_pids(demo_store.demo_stderr)
     # collector, control plane, 8 sidecars, 7 apps, 2 callers (+ tap), and the commands of each phase
     assert len(pids) >= 25, demo_store.demo_stderr[-2000:]
-    assert [name for pid, name in pids.items() if _running(pid)] == []
-
-
-def _descendants(root: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
+    assert [name for pid, name in pids.items() if running(pid)] == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -182,7 +156,7 @@ def test_a_signal_during_the_load_stops_everything(tmp_path: Path, sig: signal.S
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         out = _until_load_runs(proc)
-        children = _descendants(proc.pid)
+        children = descendants(proc.pid)
         assert len(children) >= 17, out  # collector, control plane, 8 sidecars, 7 apps, 2 callers
         time.sleep(2)
         proc.send_signal(sig)
@@ -194,7 +168,7 @@ def test_a_signal_during_the_load_stops_everything(tmp_path: Path, sig: signal.S
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     assert f"{sig.name}: stopping" in rest
-    assert [pid for pid in children if _running(pid)] == []
+    assert [pid for pid in children if running(pid)] == []
 
 
 # -- flags --------------------------------------------------------------------------------------
@@ -217,7 +191,7 @@ def test_bad_flags_give_one_line_errors(args: list[str], message: str) -> None:
     assert done.stdout == ""
 
 
-def test_a_busy_port_is_one_line_and_leaves_nothing_running(tmp_path: Path) -> None:
+def test_a_busy_port_is_one_line_and_leaves_nothingrunning(tmp_path: Path) -> None:
     import socket
 
     with socket.socket() as busy:
@@ -252,46 +226,27 @@ def test_children_stop_on_their_own_when_the_demo_is_killed(tmp_path: Path) -> N
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         out = _until_load_runs(proc)
-        children = _descendants(proc.pid)
+        children = descendants(proc.pid)
         assert len(children) >= 16, out
     finally:
         proc.kill()
         proc.wait()
     deadline = time.monotonic() + 120  # a bound on the wait, not a measurement: the collector drains first
-    while [pid for pid in children if _running(pid)] and time.monotonic() < deadline:
+    while [pid for pid in children if running(pid)] and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert [pid for pid in children if _running(pid)] == []
+    assert [pid for pid in children if running(pid)] == []
 
 
-def test_keep_running_serves_queries_and_the_console_until_ctrl_c(tmp_path: Path) -> None:
-    env = demo_env(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "meshlens.cli.main", "demo", "--duration", "3", "--any-ports",
-                             "--no-tap", "--rate", "5", "--keep-running", "--store", f"chdb:{tmp_path / 'store'}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout is not None
-        url, console, seen = "", "", []
-        for line in proc.stdout:
-            seen.append(line)
-            if line.startswith("console ") and not console:
-                console = line.split()[1]
-            m = re.search(r"keeps serving queries at (\S+), the console at (\S+)", line)
-            if m:
-                url = m.group(1)
-                assert m.group(2) == console
-                break
-        assert url and console, "".join(seen)
-        children = _descendants(proc.pid)
-        assert len(children) == 2  # only the collector and the control plane are left
-        [(n,)] = rows(url, "SELECT count() FROM calls WHERE src_service = 'ingress'")
-        assert n > 0
-        with urllib.request.urlopen(console, timeout=30) as resp:
-            assert resp.status == 200 and "html" in resp.headers["Content-Type"]
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err[-2000:]
-    assert [pid for pid in children if _running(pid)] == []
+def test_keep_running_serves_queries_and_the_console_until_ctrl_c(demo_store: DemoStore) -> None:
+    """The session's demo ran with --keep-running (tests/demo_store.py looked at it, then sent the Ctrl-C)."""
+    kept = demo_store.kept
+    if kept is None:
+        pytest.skip("the demo did not run in this session")
+    console = next(ln.split()[1] for ln in demo_store.output.splitlines() if ln.startswith("console "))
+    assert kept.console_url == console  # the one printed at the start
+    assert len(kept.children) == 2  # only the collector and the control plane are left
+    assert kept.error == ""
+    assert kept.ingress_calls > 0
+    assert kept.console_status == 200 and "html" in kept.console_type
+    assert demo_store.demo_returncode == 0, demo_store.demo_stderr[-2000:]
+    assert kept.left == []
