@@ -25,9 +25,10 @@ def start_collector(workdir: Path, *args: str) -> CollectorProcess:
     return CollectorProcess(workdir, None, *args).start()
 
 
-@pytest.fixture
-def collector(tmp_path: Path) -> Iterator[CollectorProcess]:
-    proc = start_collector(tmp_path / "collector")
+@pytest.fixture(scope="module")
+def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CollectorProcess]:
+    """One for the module: each test sends calls of its own services and reads its metrics as differences."""
+    proc = start_collector(tmp_path_factory.mktemp("collector"))
     try:
         yield proc
     finally:
@@ -101,9 +102,10 @@ def test_recorded_calls_arrive(collector: CollectorProcess, recorders) -> None:
     assert recorder.flush(timeout=PATIENCE_S)
     assert recorder.sent_calls == 25 and recorder.sent_batches >= 1
     assert recorder.dropped == {"buffer_full": 0, "collector_unavailable": 0, "rejected": 0}
-    assert wait_for_count(collector, 25) == 25
+    assert wait_for_count(collector, 25, "dst_service = 'checkout'") == 25
     rows = connect(collector.query_url).query_rows(
-        "SELECT dst_service, path, status, attributes['i'] FROM meshlens.calls ORDER BY time LIMIT 2")
+        "SELECT dst_service, path, status, attributes['i'] FROM meshlens.calls WHERE dst_service = 'checkout' "
+        "ORDER BY time LIMIT 2")
     assert rows == [("checkout", "/items/0", 200, "0"), ("checkout", "/items/1", 200, "1")]
 
 
@@ -178,7 +180,7 @@ def test_rows_arrive_exactly_as_the_same_calls_do(collector: CollectorProcess, r
     assert recorder.flush(timeout=PATIENCE_S)
 
     assert recorder.sent_calls == 24 and recorder.dropped["rejected"] == 0
-    assert wait_for_count(collector, 24) == 24
+    assert wait_for_count(collector, 24, "dst_service IN ('rows', 'as-rows')") == 24
     store = connect(collector.query_url)
     as_calls = store.query_rows(f"SELECT {ALL_COLUMNS} FROM meshlens.calls WHERE dst_service = 'rows' ORDER BY time")
     as_rows = store.query_rows(f"SELECT {ALL_COLUMNS} FROM meshlens.calls WHERE dst_service = 'as-rows' ORDER BY time")
@@ -200,7 +202,8 @@ def test_rows_and_calls_mix_in_one_batch_and_a_malformed_row_is_rejected(collect
     assert recorder.sent_calls == 3
     assert recorder.dropped == {"buffer_full": 0, "collector_unavailable": 0, "rejected": 1}
     assert wait_for_count(collector, 3, "dst_service = 'mixed'") == 3
-    paths = connect(collector.query_url).query_rows("SELECT path FROM meshlens.calls ORDER BY time")
+    paths = connect(collector.query_url).query_rows("SELECT path FROM meshlens.calls WHERE dst_service = 'mixed' "
+                                                    "ORDER BY time")
     assert paths == [("/items/0",), ("/items/1",), ("/items/3",)]
 
 
@@ -394,6 +397,7 @@ def read_message(reader) -> bytes | None:
 
 
 def test_a_batch_whose_answer_was_lost_is_resent_and_stored_once(collector: CollectorProcess, recorders) -> None:
+    received, duplicates = rows_received(collector), duplicate_batches(collector)
     relay = LossyRelay(collector.http_port, lose=1)
     relay.release.set()  # the lost answer's connection closes at once: the recorder tries again
     try:
@@ -406,8 +410,8 @@ def test_a_batch_whose_answer_was_lost_is_resent_and_stored_once(collector: Coll
         assert recorder.sent_calls == 50 and recorder.duplicate_batches == 1
         assert recorder.dropped == {"buffer_full": 0, "collector_unavailable": 0, "rejected": 0}
         # the resend never reached the spool: the rows are in it once
-        assert collector_metric(collector, "meshlens_collector_rows_received_total", 'table="calls"') == 50
-        assert "meshlens_collector_duplicate_batches_total 1.0" in metrics_text(collector)
+        assert rows_received(collector) - received == 50
+        assert duplicate_batches(collector) - duplicates == 1
         assert wait_for_count(collector, 50, "dst_service = 'resent'") == 50
     finally:
         relay.close()
@@ -453,13 +457,14 @@ def test_a_batch_accepted_before_a_kill_9_is_recognised_after_the_restart(tmp_pa
 
 def test_the_same_id_posted_twice_is_answered_duplicate_and_stored_once(collector: CollectorProcess) -> None:
     body = encode({"time": [time.time_ns() + i for i in range(3)], "dst_service": ["twice"] * 3}, "prod-1-0")
+    received, duplicates = rows_received(collector), duplicate_batches(collector)
 
     answers = [post_calls(collector, body) for _ in range(2)]
 
     assert answers[0] == (200, {"accepted": 3, "rows": 3})
     assert answers[1] == (200, {"accepted": 3, "rows": 0, "duplicate": True})
-    assert collector_metric(collector, "meshlens_collector_rows_received_total", 'table="calls"') == 3
-    assert "meshlens_collector_duplicate_batches_total 1.0" in metrics_text(collector)
+    assert rows_received(collector) - received == 3
+    assert duplicate_batches(collector) - duplicates == 1
     assert wait_for_count(collector, 3, "dst_service = 'twice'") == 3
     # another id is another batch, however alike the rows
     assert post_calls(collector, body.replace(b"prod-1-0", b"prod-1-1")) == (200, {"accepted": 3, "rows": 3})
@@ -491,6 +496,16 @@ def post_calls(proc: CollectorProcess, body: bytes) -> tuple[int, dict]:
 
 def metrics_text(proc: CollectorProcess) -> str:
     return urllib.request.urlopen(f"{proc.base}/metrics", timeout=PATIENCE_S).read().decode()
+
+
+def rows_received(proc: CollectorProcess) -> float:
+    return collector_metric(proc, "meshlens_collector_rows_received_total", 'table="calls"')
+
+
+def duplicate_batches(proc: CollectorProcess) -> float:
+    [value] = [float(ln.rsplit(" ", 1)[1]) for ln in metrics_text(proc).splitlines()
+               if ln.startswith("meshlens_collector_duplicate_batches_total ")]
+    return value
 
 
 # -- the unsent batches while the collector is away ---------------------------------------
