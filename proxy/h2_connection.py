@@ -14,6 +14,8 @@ The limits, each named with the value it takes after:
 """
 from __future__ import annotations
 
+from collections import deque
+
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -61,6 +63,22 @@ class Connection(H2Connection):
         """The preface (client) or SETTINGS (server), and the connection window opened to CONNECTION_WINDOW."""
         self.initiate_connection()
         self.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+
+    def send_within_window(self, stream_id: int, out: deque[bytes]) -> int:
+        """DATA from `out` (taken off it) as far as the stream's and the connection's windows allow, in frames
+        of at most the peer's frame size; returns the bytes sent. What is left waits for a WINDOW_UPDATE."""
+        sent = 0
+        while out:
+            window = min(self.local_flow_control_window(stream_id), self.max_outbound_frame_size)
+            if window <= 0:
+                break
+            data = out.popleft()
+            if len(data) > window:
+                out.appendleft(data[window:])
+                data = data[:window]
+            self.send_data(stream_id, data)
+            sent += len(data)
+        return sent
 
     def _receive_goaway_frame(self, frame: GoAwayFrame):  # type: ignore[no-untyped-def,override]
         event = ConnectionTerminated()

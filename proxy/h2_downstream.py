@@ -187,16 +187,8 @@ class Stream:
         h2 = shell.h2
         out = self.out
         try:
-            while out and not shell.write_paused:
-                window = min(h2.local_flow_control_window(self.id), h2.max_outbound_frame_size)
-                if window <= 0:
-                    break
-                data = out.popleft()
-                if len(data) > window:
-                    out.appendleft(data[window:])
-                    data = data[:window]
-                self.out_bytes -= len(data)
-                h2.send_data(self.id, data)
+            if not shell.write_paused:
+                self.out_bytes -= h2.send_within_window(self.id, out)
             if not out and self.end and not self.ended:
                 if self.end is True:
                     h2.end_stream(self.id)

@@ -140,6 +140,20 @@ def request_head(headers: Fields) -> H2RequestHead:
     return head
 
 
+def _h1_fields(raw: bytes) -> tuple[Fields, frozenset[bytes]]:
+    """An HTTP/1.1 head's field lines, names lowercased, and the names HTTP/2 does not carry: hop-by-hop, framing,
+    and those its Connection field names (RFC 9113 8.2.2)."""
+    pairs: Fields = []
+    named: set[bytes] = set()
+    for line in raw[:-4].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name, value = name.strip().lower(), value.strip()
+        if name == b"connection":
+            named.update(t.strip().lower() for t in value.split(b","))
+        pairs.append((name, value))
+    return pairs, _NOT_FORWARDED | named
+
+
 def _peer(peer_field: bytes) -> bytes:
     """The value of an `x-meshlens-peer: SERVICE\\r\\n` line (Env.peer_field)."""
     return peer_field[len(PEER_HEADER) + 2:-2]
@@ -159,17 +173,8 @@ def request_fields(head: H2RequestHead, trace: Trace, new_id: bytes | None, peer
 def request_fields_from_h1(head: object, trace: Trace, new_id: bytes | None, peer_field: bytes) -> Fields:
     """An HTTP/1.1 request (meshlens.protocols.http1.RequestHead) as HTTP/2 fields, for a destination that speaks
     HTTP/2: names lowercased, Host as :authority, hop-by-hop and framing fields out (RFC 9113 8.2.2)."""
-    raw: bytes = head.raw  # type: ignore[attr-defined]
-    lines = raw[:-4].split(b"\r\n")[1:]
-    named: set[bytes] = set()
-    pairs = []
-    for line in lines:
-        name, _, value = line.partition(b":")
-        name, value = name.strip().lower(), value.strip()
-        if name == b"connection":
-            named.update(t.strip().lower() for t in value.split(b","))
-        pairs.append((name, value))
-    drop = _NOT_FORWARDED | named | _OWN
+    pairs, drop = _h1_fields(head.raw)  # type: ignore[attr-defined]
+    drop |= _OWN
     authority = head.host or b""  # type: ignore[attr-defined]
     target = head.target  # type: ignore[attr-defined]
     if target[:1] != b"/" and b"://" in target:  # absolute-form: its authority and path
@@ -267,15 +272,7 @@ def response_fields(head: H2ResponseHead) -> Fields:
 def fields_of_h1_response(head: object) -> Fields:
     """An HTTP/1.1 response head (meshlens.protocols.http1.ResponseHead) as HTTP/2 fields for an HTTP/2 client:
     names lowercased, hop-by-hop and framing fields out (the stream frames the body)."""
-    raw: bytes = head.raw  # type: ignore[attr-defined]
-    pairs, named = [], set()
-    for line in raw[:-4].split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        name, value = name.strip().lower(), value.strip()
-        if name == b"connection":
-            named.update(t.strip().lower() for t in value.split(b","))
-        pairs.append((name, value))
-    drop = _NOT_FORWARDED | named
+    pairs, drop = _h1_fields(head.raw)  # type: ignore[attr-defined]
     return [(b":status", b"%d" % head.status)] + [(n, v) for n, v in pairs if n not in drop]  # type: ignore[attr-defined]
 
 

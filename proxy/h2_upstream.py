@@ -157,16 +157,8 @@ class UpstreamStream:
         if not self.id or self.done:
             return
         try:
-            while out and not conn.write_paused:
-                window = min(h2.local_flow_control_window(self.id), h2.max_outbound_frame_size)
-                if window <= 0:
-                    break
-                data = out.popleft()
-                if len(data) > window:
-                    out.appendleft(data[window:])
-                    data = data[:window]
-                self.out_bytes -= len(data)
-                h2.send_data(self.id, data)
+            if not conn.write_paused:
+                self.out_bytes -= h2.send_within_window(self.id, out)
             if not out and self.out_end and not self.sent_end:
                 self.sent_end = True
                 h2.end_stream(self.id)
