@@ -242,9 +242,10 @@ def test_the_map_shows_each_edges_figures_and_marks_the_caller_without_a_sidecar
     expect(direct).to_contain_text("server")  # seen only by api's own sidecar
     expect(direct.locator("td").nth(3)).to_have_text(f"{sent['direct']:,}")
     shot(page, "1-map")
-    asked = sum("/v1/console/map?" in u for u in page.asked)
-    page.click("form.window button")  # the same window again: read again
-    wait_until(lambda: sum("/v1/console/map?" in u for u in page.asked) > asked, "the map read again")
+    # the same window again: read again. Playwright's sync API hands over events only inside its own calls,
+    # so the re-read is waited for there, not by polling `page.asked` from here.
+    with page.expect_request(lambda r: "/v1/console/map?" in r.url):
+        page.click("form.window button")
     expect(label).to_be_visible()
     page.locator('svg.map a:has(g.node[data-service="api"])').click()
     expect(page.locator("h1")).to_contain_text("api")
