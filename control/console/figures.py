@@ -64,7 +64,8 @@ def service_traffic(store: Store, window: Window, service: str, stored: list[dic
 
 
 def _edges(frame: Any) -> list[dict[str, Any]]:
-    return [{"caller": str(r["caller"]), "callee": str(r["callee"]), "observer": str(r["observer"]),
+    return [{"caller": str(r["caller"]), "callee": str(r["callee"]), "protocol": str(r["protocol"]),
+             "observer": str(r["observer"]),
              **{k: jsonable(r[k]) for k in _EDGE_FIGURES}, "confidence": str(r["confidence"])}
             for r in frame.to_dict(orient="records")]
 

@@ -236,11 +236,12 @@ def test_the_map_shows_each_edges_figures_and_marks_the_caller_without_a_sidecar
     rows = page.locator("table.edges tbody tr")
     web_row = rows.filter(has_text=re.compile(r"^web\s*api"))
     expect(web_row).to_contain_text("client")
-    expect(web_row.locator("td").nth(3)).to_have_text(f"{sent['web']:,}")
+    expect(web_row.locator("td").nth(2)).to_have_text("http/1.1")
+    expect(web_row.locator("td").nth(4)).to_have_text(f"{sent['web']:,}")
     direct = rows.filter(has_text="127.0.0.1")
     expect(direct).to_contain_text("no sidecar")
     expect(direct).to_contain_text("server")  # seen only by api's own sidecar
-    expect(direct.locator("td").nth(3)).to_have_text(f"{sent['direct']:,}")
+    expect(direct.locator("td").nth(4)).to_have_text(f"{sent['direct']:,}")
     shot(page, "1-map")
     # the same window again: read again. Playwright's sync API hands over events only inside its own calls,
     # so the re-read is waited for there, not by polling `page.asked` from here.
@@ -252,6 +253,8 @@ def test_the_map_shows_each_edges_figures_and_marks_the_caller_without_a_sidecar
     expect(page).to_have_url(re.compile(r"#/service/api$"))
     expect(page.locator("#traffic")).to_contain_text("Recommendations")
     expect(page.locator("#traffic")).to_contain_text("mTLS readiness")
+    expect(page.locator("#traffic table.edges tbody tr").filter(has_text=re.compile(r"^web\s*api"))
+           .locator("td").nth(2)).to_have_text("http/1.1")
     expect(page.locator("#traffic .verdict")).to_have_text(re.compile(r"^blocked by 127\.0\.0\.1"))
     shot(page, "2-service")
 
@@ -706,7 +709,8 @@ def test_the_map_and_a_services_figures_follow_generated_traffic_of_known_truth(
         assert services["frontend"]["meshed"] and (services["frontend"]["level"], services["catalog"]["level"],
                                                    services["inventory"]["level"]) == (0, 1, 2)
         [edge] = [e for e in drawn["edges"] if (e["caller"], e["callee"]) == ("frontend", "catalog")]
-        assert (edge["n"], edge["observer"], edge["caller_meshed"]) == (gt.CATALOG_N, "client", True)
+        assert (edge["n"], edge["protocol"], edge["observer"], edge["caller_meshed"]) == \
+            (gt.CATALOG_N, "http/1.1", "client", True)
         assert all(not e["caller_meshed"] for e in drawn["edges"] if e["caller"] in gt.UNMESHED)
 
         catalog = service_traffic(store, gt.WINDOW, "catalog", [])

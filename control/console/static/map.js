@@ -75,7 +75,7 @@ function draw(services, edges, linked) {
     const {d, mid} = path(a, b, ports.get(e));
     const cls = "edge edge-" + health(e) + (e.caller_meshed ? "" : " edge-unmeshed");
     svg.append(s("path", {d, class: cls, "marker-end": `url(#arrow-${health(e)})`},
-                 s("title", {}, `${e.caller} → ${e.callee}: ${fmt.count(e.n)} calls seen by ${e.observer}, `
+                 s("title", {}, `${e.caller} → ${e.callee} (${e.protocol}): ${fmt.count(e.n)} calls seen by ${e.observer}, `
                                 + `p50 ${fmt.ms(e.p50_ms)}, p99 ${fmt.ms(e.p99_ms)}`)));
     const text = edgeLabel(e);
     const w = text.length * 6.3 + 10;
@@ -146,8 +146,9 @@ function node(x, y, svc, link) {
 function edgeTable(edges, linked) {
   const name = (n, meshed) => [linked.has(n) ? h("a", {href: "#/service/" + encodeURIComponent(n)}, n) : n,
                                meshed === false ? h("span", {class: "tag tag-unmeshed"}, "no sidecar") : null];
-  return table(["caller", "callee", "seen by", "calls", "rate", "errors", "p50", "p99", "p99.9", "tail confidence"],
-    edges.map((e) => [name(e.caller, e.caller_meshed), name(e.callee), e.observer, fmt.count(e.n),
+  return table(["caller", "callee", "protocol", "seen by", "calls", "rate", "errors", "p50", "p99", "p99.9",
+                "tail confidence"],
+    edges.map((e) => [name(e.caller, e.caller_meshed), name(e.callee), e.protocol, e.observer, fmt.count(e.n),
                       fmt.rate(e.rate_per_s), h("span", {class: "err-" + health(e)}, fmt.pct(e.error_rate)),
                       fmt.ms(e.p50_ms), fmt.ms(e.p99_ms), fmt.ms(e.p999_ms), e.confidence]),
     {class: "edges"});

@@ -13,8 +13,8 @@ export async function renderTraffic(el, name, win, onWindow) {
   const t = got.data;
   body.replaceChildren(message(t.calls.state === "ok" ? "info" : "warn", t.calls.message));
   if (t.calls.state !== "ok") return;
-  body.append(table(["caller", "callee", "seen by", "calls", "rate", "errors", "p50", "p99", "p99.9"],
-    t.edges.map((e) => [e.caller, e.callee, e.observer, fmt.count(e.n), fmt.rate(e.rate_per_s),
+  body.append(table(["caller", "callee", "protocol", "seen by", "calls", "rate", "errors", "p50", "p99", "p99.9"],
+    t.edges.map((e) => [e.caller, e.callee, e.protocol, e.observer, fmt.count(e.n), fmt.rate(e.rate_per_s),
                         fmt.pct(e.error_rate), fmt.ms(e.p50_ms), fmt.ms(e.p99_ms), fmt.ms(e.p999_ms)]),
     {class: "edges"}));
   const change = t.recommendations.filter((r) => r.policy), none = t.recommendations.filter((r) => !r.policy);
