@@ -22,6 +22,7 @@ from meshlens.protocols.tls import HelloParser
 from meshlens.proxy.connect import DC, DPE, NR, LocalReply
 from meshlens.proxy.exchange import Exchange, State, plain_response
 from meshlens.proxy.h2_downstream import H2Downstream, h2c_settings
+from meshlens.proxy.h2_fields import grpc_of_h1
 from meshlens.proxy.headers import PEER_HEADER, response_head
 from meshlens.proxy.mtls import MESH_ALPN, TlsServer, handshake_reason
 from meshlens.proxy.passthrough import SNIFF_TIMEOUT, Passthrough, connect_method
@@ -250,6 +251,10 @@ class Downstream(asyncio.Protocol):
         route = self.route(head, peer)
         if self.proxy.h2_services and type(route) is Route and route.dst_service in self.proxy.h2_services:
             ex.upstream_h2 = True  # declared grpc or http2: the request goes on as HTTP/2 (proxy/h2_upstream.py)
+            if grpc_of_h1(head):  # a gRPC call over HTTP/1.1: recorded and judged by its grpc-status, as over h2
+                ex.protocol = "grpc"
+                if head.deadline is not None:  # its grpc-timeout, honoured as an HTTP/2 client's
+                    ex.deadline(head.deadline, "")
         ex.start(route)
 
     def route(self, head: RequestHead, peer: bytes = b"") -> Route | LocalReply:

@@ -25,7 +25,7 @@ from meshlens.protocols.errors import PeerError
 from meshlens.proxy.headers import HOP_BY_HOP, PEER_HEADER, Trace
 
 __all__ = ["GRPC_DEADLINE_EXCEEDED", "GRPC_UNAVAILABLE", "H2RequestHead", "H2ResponseHead", "Fields",
-           "grpc_code_for", "grpc_timeout", "h1_response_head", "http_status_of_grpc", "local_reply_fields", "request_fields",
+           "grpc_code_for", "grpc_of_h1", "grpc_timeout", "h1_response_head", "http_status_of_grpc", "local_reply_fields", "request_fields",
            "request_fields_from_h1", "request_head", "response_fields", "response_head", "trailer_block",
            "trailers_of", "Unchunk", "h1_request_head", "fields_of_h1_response"]
 
@@ -152,6 +152,21 @@ def _h1_fields(raw: bytes) -> tuple[Fields, frozenset[bytes]]:
             named.update(t.strip().lower() for t in value.split(b","))
         pairs.append((name, value))
     return pairs, _NOT_FORWARDED | named
+
+
+def grpc_of_h1(head: object) -> bool:
+    """Whether an HTTP/1.1 request for a destination that speaks HTTP/2 is a gRPC call (content-type
+    application/grpc*), read once; when it is, its grpc-timeout (if one) is set as `head.deadline` in seconds, as
+    an HTTP/2 head's."""
+    grpc, deadline = False, None
+    for name, value in _h1_fields(head.raw)[0]:  # type: ignore[attr-defined]
+        if name == b"content-type":
+            grpc = value.startswith(b"application/grpc")
+        elif name == b"grpc-timeout":
+            deadline = grpc_timeout(value)
+    if grpc and deadline is not None:
+        head.deadline = deadline  # type: ignore[attr-defined]  # RequestHead.deadline
+    return grpc
 
 
 def _peer(peer_field: bytes) -> bytes:

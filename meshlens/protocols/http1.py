@@ -168,6 +168,8 @@ class RequestHead:
     """The head exactly as received (start line to the empty line)."""
     content_length_field: bytes | None = None
     transfer_encoding: bytes | None = None
+    deadline: float | None = None
+    """A gRPC call's grpc-timeout in seconds, when the sidecar sends it on as HTTP/2 (proxy/h2_fields.grpc_of_h1)."""
 
     def __repr__(self) -> str:
         return f"<RequestHead {self.method} {self.target!r} HTTP/{self.version}>"

@@ -8,6 +8,7 @@ import json
 import shutil
 import struct
 import subprocess
+from typing import Any
 
 import grpc
 import pytest
@@ -107,19 +108,33 @@ def test_curl_with_prior_knowledge_is_a_grpc_call_with_its_trailers(chain) -> No
 
 
 def test_an_http1_client_of_a_service_declared_grpc_goes_on_as_http2_and_gets_the_trailers_chunked(chain) -> None:
+    """A gRPC call over HTTP/1.1 is recorded and judged as a gRPC call: its method path as method and route, its
+    grpc-status from the trailers, its grpc-timeout honoured; a plain HTTP/1.1 request stays http/1.1."""
     col, a, _ = chain
     import http.client
 
-    conn = http.client.HTTPConnection("127.0.0.1", a.outbound, timeout=PATIENCE_S)
-    body = grpc_message(b"from http/1.1")
-    conn.request("POST", f"/{SERVICE}/Hello", body=body,
-                 headers={"Host": "legacy", "content-type": "application/grpc", "te": "trailers"})
-    resp = conn.getresponse()
-    assert resp.status == 200 and resp.getheader("transfer-encoding") == "chunked"
-    assert resp.read() == grpc_message(b"hi from http/1.1")
-    conn.close()
-    (r,) = rows(col, "observer = 'client' AND dst_service = 'legacy'", 1)
-    assert (r["protocol"], r["status"], r["grpc_status"], r["request_bytes"]) == ("http/1.1", 200, -1, len(body))
+    def call(method: str, payload: bytes, **fields: str) -> tuple[int, bytes, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", a.outbound, timeout=PATIENCE_S)
+        conn.request("POST", f"/{SERVICE}/{method}", body=grpc_message(payload),
+                     headers={"Host": "legacy", "content-type": "application/grpc", "te": "trailers", **fields})
+        resp = conn.getresponse()
+        got = resp.status, resp.read(), resp.headers
+        conn.close()
+        return got
+
+    status, body, head = call("Hello", b"from http/1.1")
+    assert (status, head.get("Transfer-Encoding")) == (200, "chunked")
+    assert body == grpc_message(b"hi from http/1.1")
+    status, body, _ = call("FailLate", b"late")
+    assert (status, body) == (200, grpc_message(b"one"))  # a message, then the status in the trailers
+    status, _, _ = call("Slow", b"", **{"grpc-timeout": "300m"})
+    assert status in (200, 504)  # the sidecar's deadline (504 UT) or the server's own (grpc-status 4)
+    got = {r["path"].rsplit("/", 1)[1]: r for r in rows(col, "observer = 'client' AND dst_service = 'legacy'", 3)}
+    hello, late, slow = got["Hello"], got["FailLate"], got["Slow"]
+    assert (hello["protocol"], hello["method"], hello["route"], hello["status"], hello["grpc_status"],
+            hello["request_bytes"]) == ("grpc", f"/{SERVICE}/Hello", f"/{SERVICE}/Hello", 200, 0, 5 + 13)
+    assert (late["grpc_status"], late["attributes"]["grpc.message"]) == (7, "stop here")
+    assert (slow["status"], slow["response_flags"]) == (504, "UT") or slow["grpc_status"] == 4, slow
 
 
 def test_a_grpc_call_to_a_service_that_cannot_be_reached_is_unavailable_with_the_reason(chain) -> None:
