@@ -22,10 +22,11 @@ from meshlens.mesh import RECORDED_PROTOCOL, Mesh
 from meshlens.proxy.connect import UF, LocalReply, failure, open_connection
 from meshlens.proxy.downstream import HEADER_TIMEOUT, IDLE_TIMEOUT, Downstream
 from meshlens.proxy.exchange import Env, Exchange
+from meshlens.proxy.h2_fields import H2RequestHead, Unchunk, h1_request_head, request_fields, request_fields_from_h1
 from meshlens.proxy.h2_upstream import H2Pool
 from meshlens.proxy.headers import peer_field
 from meshlens.proxy.metrics import Metrics
-from meshlens.proxy.mirror import Mirrors, shadow_head
+from meshlens.proxy.mirror import Mirrors, shadow_fields, shadow_head
 from meshlens.proxy.mtls import meshed, spiffe_of
 from meshlens.proxy.policies import Policies
 from meshlens.proxy.pool import Pool
@@ -288,9 +289,20 @@ class Proxy:
         if ep is None:
             self.stats["mirror_failed"] += 1
             return False
-        added = b"traceparent: " + ex.trace.header() + b"\r\n" if ex.trace else b""
+        head, trace = ex.head, ex.trace
         body = b"".join(ex.replay) if ex.replay else b""
-        return self.mirrors.send(ep.addr, shadow_head(ex.head, added) + body)
+        came_h2 = isinstance(head, H2RequestHead)
+        if service in self.h2_services or came_h2 and service not in self.http1_services:
+            if came_h2:
+                fields = request_fields(head, trace, None, b"")
+            else:  # its body as it came, framing and all: unframed for DATA
+                fields = request_fields_from_h1(head, trace, None, b"")
+                if head.chunked:
+                    body = Unchunk().feed(body)
+            return self.mirrors.send_h2(ep.addr, shadow_fields(fields), body)
+        added = b"traceparent: " + trace.header() + b"\r\n"
+        raw = h1_request_head(head, trace, None, b"", len(body))[0] if came_h2 else head.raw
+        return self.mirrors.send(ep.addr, shadow_head(raw, head.authority, added) + body)
 
     def _sweep(self) -> None:
         self.pool.sweep()

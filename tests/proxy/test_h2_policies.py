@@ -15,13 +15,14 @@ import h2.errors
 import h2.events
 import pytest
 
+from meshlens.proxy.mirror import shadow_fields
 from tests.collector_process import CollectorProcess
 from tests.control.processes import ControlProcess
 from tests.grpc_peers import METHODS, SERVICE, grpc_server
 from tests.proxy.conftest import free_port
 from tests.proxy.processes import LoopThread, ProxyProcess, recorded_calls
 from tests.proxy.test_policies import apply, config, follow, mode_doc
-from tests.waiting import PATIENCE_S
+from tests.waiting import PATIENCE_S, wait_until
 
 COLUMNS = ("path", "status", "grpc_status", "attempt", "action", "error", "response_flags", "dst_port")
 
@@ -225,3 +226,67 @@ def test_a_refused_stream_is_retried_in_enforce_and_would_be_in_dry_run(tmp_path
     else:
         assert [s for s, _ in seen] == [503, 200] * 3
         assert [(r["error"], r["action"]) for r in rows] == [("refused_stream", "would_retry"), ("", "")] * 3
+
+
+MIRRORS = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: backend}
+spec:
+  hosts: [backend]
+  http:
+  - match: [{uri: {exact: /demo.Greeter/Echo}}]
+    route: [{destination: {host: backend}}]
+    mirror: {host: plain}
+  - route: [{destination: {host: backend}}]
+    mirror: {host: shadow}
+"""
+
+
+def test_a_mirrored_copy_goes_in_the_protocol_its_service_speaks(tmp_path, control, collector) -> None:
+    """gRPC to a shadow declared grpc goes as HTTP/2, from an HTTP/2 client or an HTTP/1.1 one (its chunked body
+    unframed); to a shadow declared http as HTTP/1.1, its body sized; each with the shadow's authority."""
+    import http.client
+
+    from tests.proxy.policy_app import Instance
+    from tests.proxy.test_h2 import grpc_message
+
+    copies: list[tuple[bytes, dict]] = []
+
+    def shadow_hello(request: bytes, context: grpc.ServicerContext) -> bytes:
+        copies.append((request, dict(context.invocation_metadata())))
+        return b"the shadow's answer, never seen"
+
+    plain = Instance("plain").start()
+    try:
+        with grpc_server() as main, grpc_server({"Hello": grpc.unary_unary_rpc_method_handler(shadow_hello)}) as sh:
+            mesh = json.dumps({"services": {
+                "web": {}, "backend": {"protocol": "grpc", "instances": [f"127.0.0.1:{main}"]},
+                "shadow": {"protocol": "grpc", "instances": [f"127.0.0.1:{sh}"]},
+                "plain": {"protocol": "http", "instances": [f"127.0.0.1:{plain.port}"]}}})
+            revision = apply(control, tmp_path, mesh, MIRRORS, mode_doc("backend", "enforce"))
+            with ProxyProcess(tmp_path / "web", None, "web", "--collector", f"{collector.base}/v1/calls",
+                              control=control.url).start() as proxy:
+                follow(proxy, revision)
+                with grpc.insecure_channel(f"127.0.0.1:{proxy.outbound}",
+                                           options=[("grpc.default_authority", "backend")]) as ch:
+                    assert ch.unary_unary(f"/{SERVICE}/Hello")(b"over h2", timeout=PATIENCE_S) == b"hi over h2"
+                    echoed = list(ch.unary_stream(f"/{SERVICE}/Echo")(b"to plain", timeout=PATIENCE_S))
+                    assert echoed == [b"to plain"] * 2
+                conn = http.client.HTTPConnection("127.0.0.1", proxy.outbound, timeout=PATIENCE_S)
+                conn.request("POST", f"/{SERVICE}/Hello", body=iter([grpc_message(b"over http/1.1")]),
+                             headers={"Host": "backend", "content-type": "application/grpc", "te": "trailers"},
+                             encode_chunked=True)
+                resp = conn.getresponse()
+                assert resp.status == 200 and resp.read() == grpc_message(b"hi over http/1.1")
+                conn.close()
+                wait_until(lambda: len(copies) == 2 and plain.arrived[f"/{SERVICE}/Echo"] == 1, "the copies")
+                rows = calls_of(collector, proxy, 3)
+    finally:
+        plain.stop()
+    assert sorted(payload for payload, _ in copies) == [b"over h2", b"over http/1.1"]
+    assert all(meta.get("traceparent") for _, meta in copies)
+    assert (plain.hosts, plain.bodies) == (["backend-shadow"], [grpc_message(b"to plain")])
+    assert [r["action"] for r in rows] == ["mirrored"] * 3
+    assert shadow_fields([(b":authority", b"backend:8080"), (b"x", b"backend")]) == [
+        (b":authority", b"backend-shadow:8080"), (b"x", b"backend")]
