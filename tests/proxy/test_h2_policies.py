@@ -7,12 +7,14 @@ import asyncio
 import itertools
 import json
 import threading
+from concurrent import futures
 
 import grpc
 import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import hyperframe.frame
 import pytest
 
 from meshlens.proxy.mirror import shadow_fields
@@ -21,7 +23,7 @@ from tests.control.processes import ControlProcess
 from tests.grpc_peers import METHODS, SERVICE, grpc_server
 from tests.proxy.conftest import free_port
 from tests.proxy.processes import LoopThread, ProxyProcess, recorded_calls
-from tests.proxy.test_policies import apply, config, follow, mode_doc
+from tests.proxy.test_policies import apply, config, follow, mode_doc, stats
 from tests.waiting import PATIENCE_S, wait_until
 
 COLUMNS = ("path", "status", "grpc_status", "attempt", "action", "error", "response_flags", "dst_port")
@@ -290,3 +292,89 @@ def test_a_mirrored_copy_goes_in_the_protocol_its_service_speaks(tmp_path, contr
     assert [r["action"] for r in rows] == ["mirrored"] * 3
     assert shadow_fields([(b":authority", b"backend:8080"), (b"x", b"backend")]) == [
         (b":authority", b"backend-shadow:8080"), (b"x", b"backend")]
+
+
+class _GoingAway(asyncio.Protocol):
+    """An HTTP/2 server whose first connection, once two streams are open on it, says GOAWAY after the first and
+    answers only that one, then closes; later connections answer every stream. Each answer names its
+    connection."""
+
+    def __init__(self, connections: itertools.count) -> None:
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        self.n = next(connections)
+        self.open: list[int] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport  # type: ignore[assignment]
+        self.h2.initiate_connection()
+        self.t.write(self.h2.data_to_send())
+
+    def _answer(self, stream_id: int) -> None:
+        body = b"connection %d" % self.n
+        self.h2.send_headers(stream_id, [(b":status", b"200"), (b"content-length", b"%d" % len(body))])
+        self.h2.send_data(stream_id, body, end_stream=True)
+
+    def data_received(self, data: bytes) -> None:
+        for ev in self.h2.receive_data(data):
+            if isinstance(ev, h2.events.RequestReceived):
+                if self.n:
+                    self._answer(ev.stream_id)
+                    continue
+                self.open.append(ev.stream_id)
+                if len(self.open) == 2:  # the second: processed is the first only (RFC 9113 6.8)
+                    first = self.open[0]
+                    away = hyperframe.frame.GoAwayFrame(0)
+                    away.last_stream_id = first
+                    self.t.write(self.h2.data_to_send() + away.serialize())  # beside h2, which would close
+                    self._answer(first)
+                    self.t.write(self.h2.data_to_send())
+                    self.t.close()
+                    return
+            elif isinstance(ev, h2.events.DataReceived):
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        self.t.write(self.h2.data_to_send())
+
+
+NO_RETRIES = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: backend}
+spec:
+  hosts: [backend]
+  http:
+  - route: [{destination: {host: backend}}]
+    retries: {attempts: 0}
+"""
+
+
+def test_a_stream_an_upstream_goaway_left_unprocessed_goes_again_on_a_new_connection(tmp_path, control, collector):
+    """Not a retry of the policy's (it allows none): RFC 9113 8.7 says such a stream is safe to send again."""
+    import http.client
+
+    loop = LoopThread()
+    server = loop.run(loop.loop.create_server(lambda: _GoingAway(connections), "127.0.0.1", 0))
+    connections = itertools.count()
+    try:
+        port = server.sockets[0].getsockname()[1]
+        revision = apply(control, tmp_path, grpc_mesh(port), NO_RETRIES, mode_doc("backend", "enforce"))
+        with ProxyProcess(tmp_path / "web", None, "web", "--collector", f"{collector.base}/v1/calls",
+                          control=control.url).start() as proxy:
+            follow(proxy, revision)
+
+            def get(path: str) -> tuple[int, bytes]:
+                client = http.client.HTTPConnection("127.0.0.1", proxy.outbound, timeout=PATIENCE_S)
+                client.request("GET", path, headers={"Host": "backend"})
+                resp = client.getresponse()
+                got = resp.status, resp.read()
+                client.close()
+                return got
+
+            with futures.ThreadPoolExecutor(2) as pool:  # two streams at once on the first connection
+                seen = sorted(pool.map(get, ["/a", "/b"]))
+            rows = calls_of(collector, proxy, 2)
+            assert stats(proxy)["upstream_cx_http2_total"] == 2
+    finally:
+        server.close()
+        loop.stop()
+    assert seen == [(200, b"connection 0"), (200, b"connection 1")]
+    assert [(r["status"], r["error"]) for r in rows] == [(200, "")] * 2
